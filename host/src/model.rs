@@ -1,0 +1,252 @@
+//! The domain types every part of uet shares: run and step lifecycles, attempts and events.
+//!
+//! State transitions are checked here and nowhere else, so an illegal transition is caught as a
+//! bug in one place instead of being silently written to the state.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// A run's identifier: a number that grows with every run a state folder records.
+pub type RunId = u64;
+
+/// Where a run is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    /// Recorded, not started (or put back by `retry`/`release`).
+    Pending,
+    /// Its steps are being scheduled.
+    Running,
+    /// Every step succeeded.
+    Succeeded,
+    /// A step failed, or the run's deadline passed.
+    Failed,
+    /// Stopped on request.
+    Canceled,
+    /// Held for a person; never retried automatically.
+    Quarantined,
+}
+
+impl RunState {
+    /// True when nothing more will happen to the run without a person asking.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, RunState::Pending | RunState::Running)
+    }
+
+    /// Whether `self → next` is a legal transition.
+    pub fn can_become(self, next: RunState) -> bool {
+        use RunState::*;
+        matches!(
+            (self, next),
+            (Pending, Running)
+                | (Pending, Canceled)
+                | (Pending, Quarantined)
+                | (Running, Succeeded)
+                | (Running, Failed)
+                | (Running, Canceled)
+                | (Running, Quarantined)
+                // recovery after a crash or a graceful shutdown puts a run back in the queue
+                | (Running, Pending)
+                // `uet retry` and `uet release`
+                | (Failed, Pending)
+                | (Canceled, Pending)
+                | (Quarantined, Pending)
+        )
+    }
+
+    /// The lowercase name users see.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunState::Pending => "pending",
+            RunState::Running => "running",
+            RunState::Succeeded => "succeeded",
+            RunState::Failed => "failed",
+            RunState::Canceled => "canceled",
+            RunState::Quarantined => "quarantined",
+        }
+    }
+}
+
+/// Where a step is in its lifecycle. A step stays `running` across its attempts and the waits
+/// between them; each try has its own [`AttemptRecord`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepState {
+    /// Waiting for its dependencies or a free slot.
+    Pending,
+    /// An attempt is in flight, or the next one is due.
+    Running,
+    /// An attempt succeeded; its output is kept.
+    Succeeded,
+    /// Its last attempt failed and no attempts are left.
+    Failed,
+    /// A step it needs did not succeed, so it never ran.
+    Skipped,
+    /// Stopped by a cancel or the run's deadline.
+    Canceled,
+}
+
+impl StepState {
+    /// True when the step will not change again in this run.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, StepState::Pending | StepState::Running)
+    }
+
+    /// Whether `self → next` is a legal transition.
+    pub fn can_become(self, next: StepState) -> bool {
+        use StepState::*;
+        matches!(
+            (self, next),
+            (Pending, Running)
+                | (Pending, Skipped)
+                | (Pending, Canceled)
+                | (Running, Succeeded)
+                | (Running, Failed)
+                | (Running, Canceled)
+                // recovery re-queues a step that was in flight
+                | (Running, Pending)
+                // `uet retry` re-runs what did not succeed
+                | (Failed, Pending)
+                | (Skipped, Pending)
+                | (Canceled, Pending)
+        )
+    }
+
+    /// The lowercase name users see.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Pending => "pending",
+            StepState::Running => "running",
+            StepState::Succeeded => "succeeded",
+            StepState::Failed => "failed",
+            StepState::Skipped => "skipped",
+            StepState::Canceled => "canceled",
+        }
+    }
+}
+
+impl fmt::Display for RunState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Display for StepState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How one attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The tool finished and reported success.
+    Succeeded,
+    /// The tool finished and reported failure (non-zero exit, typed error).
+    Failed,
+    /// The attempt ran past its time limit and was killed.
+    TimedOut,
+    /// The attempt was stopped by a cancel or the run's deadline.
+    Canceled,
+    /// The tool could not be started at all (missing program, bad input).
+    Error,
+    /// The daemon stopped while the attempt was in flight; it did not finish.
+    Interrupted,
+}
+
+/// Milliseconds since the Unix epoch, the one clock format the state uses.
+pub type Millis = u64;
+
+/// Now, in [`Millis`].
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A run as the state records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// Its identifier.
+    pub id: RunId,
+    /// The workflow's `name`.
+    pub name: String,
+    /// Where it is in its lifecycle.
+    pub state: RunState,
+    /// Why it is in that state, when that needs saying (failure, quarantine, cancel).
+    pub reason: Option<String>,
+    /// The workflow file it came from.
+    pub source: String,
+    /// The workstream folder its steps run in.
+    pub workstream: String,
+    /// The validated plan, as JSON, so the run can resume without the original file.
+    pub plan: serde_json::Value,
+    /// When it was recorded.
+    pub created_at: Millis,
+    /// When it first started running.
+    pub started_at: Option<Millis>,
+    /// When it reached a terminal state.
+    pub finished_at: Option<Millis>,
+}
+
+/// A step of a run as the state records it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// The step's id in its workflow.
+    pub id: String,
+    /// Where it is in its lifecycle.
+    pub state: StepState,
+    /// How many attempts have started.
+    pub attempts: u32,
+    /// The tool that ran its latest attempt.
+    pub tool: Option<String>,
+    /// The output of its successful attempt.
+    pub output: Option<serde_json::Value>,
+    /// Why it failed, was skipped or canceled.
+    pub reason: Option<String>,
+    /// When its first attempt started.
+    pub started_at: Option<Millis>,
+    /// When it reached a terminal state.
+    pub finished_at: Option<Millis>,
+}
+
+/// One try of a step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    /// 1 for the first try.
+    pub number: u32,
+    /// The tool that ran it.
+    pub tool: String,
+    /// When it started.
+    pub started_at: Millis,
+    /// When it ended; `None` while in flight.
+    pub finished_at: Option<Millis>,
+    /// How it ended; `None` while in flight.
+    pub outcome: Option<Outcome>,
+    /// What went wrong, in words.
+    pub error: Option<String>,
+    /// Captured standard output, bounded.
+    pub stdout: String,
+    /// Captured standard error, bounded.
+    pub stderr: String,
+    /// When the next attempt is due, if one will be made.
+    pub retry_at: Option<Millis>,
+}
+
+/// One entry of a run's append-only audit trail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Position in the run's log, from 1.
+    pub seq: u64,
+    /// When it happened.
+    pub at: Millis,
+    /// The step it concerns, if any.
+    pub step: Option<String>,
+    /// What happened: `run.running`, `step.succeeded`, `attempt.started`, ...
+    pub kind: String,
+    /// Details in words.
+    pub detail: String,
+}
