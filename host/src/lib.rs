@@ -1,6 +1,12 @@
 //! uet: runs workflows dropped into watched folders, step by step, in sandboxed tools, with
 //! durable state.
 
+pub mod doc;
 pub mod model;
 pub mod process;
 pub mod store;
+pub mod template;
+pub mod tools;
+pub mod workflow;
+// pub mod engine;
+// pub mod report;

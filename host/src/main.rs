@@ -1,1 +1,281 @@
-fn main() {}
+//! The `uet` command line.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, anyhow};
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use uet::doc::Problems;
+use uet::engine::{self, Notice, RunSpec};
+use uet::model::{RunState, StepState};
+use uet::report::RunView;
+use uet::store::Store;
+use uet::tools::{TOOLS_FILE, Tools};
+use uet::workflow;
+
+/// Exit codes, as DESIGN.md fixes them.
+mod exit {
+    pub const OK: u8 = 0;
+    pub const RUN_FAILED: u8 = 1;
+    pub const INVALID: u8 = 2;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "uet",
+    version,
+    about = "Runs workflows step by step in sandboxed tools, with durable state"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one workflow in-process, to the end.
+    Run {
+        /// The workflow file (TOML or JSON).
+        file: PathBuf,
+        /// The tools file [default: tools.toml beside the workflow].
+        #[arg(long)]
+        tools: Option<PathBuf>,
+        /// The state folder [default: $UET_STATE, else $XDG_STATE_HOME/uet, else ~/.local/state/uet].
+        #[arg(long, env = "UET_STATE")]
+        state: Option<PathBuf>,
+        /// Print one JSON object instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check workflow files and print every problem.
+    Validate {
+        /// The workflow files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The tools file [default: tools.toml beside each workflow].
+        #[arg(long)]
+        tools: Option<PathBuf>,
+    },
+}
+
+/// An error that maps to an exit code; everything else is invalid input (2).
+enum Failure {
+    /// Problems in input files: printed one per line.
+    Problems(Problems),
+    /// Anything else, printed with its cause chain.
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Other(e)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Run {
+            file,
+            tools,
+            state,
+            json,
+        } => cmd_run(&file, tools.as_deref(), state, json),
+        Command::Validate { files, tools } => cmd_validate(&files, tools.as_deref()),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(Failure::Problems(p)) => {
+            eprintln!("{p}");
+            let n = p.0.len();
+            eprintln!(
+                "uet: {n} problem{}; nothing was run",
+                if n == 1 { "" } else { "s" }
+            );
+            ExitCode::from(exit::INVALID)
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("uet: {e:#}");
+            ExitCode::from(exit::INVALID)
+        }
+    }
+}
+
+fn default_state_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir).join("uet"));
+    }
+    let home = std::env::var_os("HOME").ok_or_else(|| anyhow!("no HOME: pass --state DIR"))?;
+    Ok(PathBuf::from(home).join(".local/state/uet"))
+}
+
+/// The tools file for a workflow: `--tools`, else `tools.toml` beside it.
+fn tools_path(workflow: &Path, given: Option<&Path>) -> PathBuf {
+    given
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| workflow.parent().unwrap_or(Path::new(".")).join(TOOLS_FILE))
+}
+
+fn cmd_validate(files: &[PathBuf], tools: Option<&Path>) -> Result<u8, Failure> {
+    let mut problems = Vec::new();
+    for file in files {
+        let tools_file = tools_path(file, tools);
+        let tools = if tools.is_none() && !tools_file.exists() {
+            // without a tools file the shape is still worth checking; say what was not
+            eprintln!(
+                "{}: note: no {} beside it; tool names not checked",
+                file.display(),
+                TOOLS_FILE
+            );
+            Tools::empty()
+        } else {
+            match Tools::load(&tools_file) {
+                Ok(t) => t,
+                Err(p) => {
+                    problems.extend(p.0);
+                    continue;
+                }
+            }
+        };
+        match workflow::load(file, &tools) {
+            Ok(plan) => println!(
+                "{}: ok: `{}`, {} steps",
+                file.display(),
+                plan.name,
+                plan.steps.len()
+            ),
+            Err(p) => problems.extend(p.0),
+        }
+    }
+    if problems.is_empty() {
+        Ok(exit::OK)
+    } else {
+        Err(Failure::Problems(Problems(problems)))
+    }
+}
+
+fn cmd_run(
+    file: &Path,
+    tools: Option<&Path>,
+    state: Option<PathBuf>,
+    json: bool,
+) -> Result<u8, Failure> {
+    let tools = Tools::load(&tools_path(file, tools)).map_err(Failure::Problems)?;
+    let plan = workflow::load(file, &tools).map_err(Failure::Problems)?;
+    let state_dir = match state {
+        Some(dir) => dir,
+        None => default_state_dir()?,
+    };
+    let store = Store::open(&state_dir)
+        .with_context(|| format!("cannot open the state in {}", state_dir.display()))?;
+    let source = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+    let workstream = source.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let step_ids: Vec<String> = plan.steps.iter().map(|s| s.id.clone()).collect();
+    let plan_json = serde_json::to_value(&plan).context("cannot encode the plan")?;
+    let run = store
+        .create_run(
+            &plan.name,
+            &source.to_string_lossy(),
+            &workstream.to_string_lossy(),
+            plan_json,
+            &step_ids,
+        )
+        .context("cannot record the run")?;
+
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let final_state = runtime.block_on(async {
+        let cancel = CancellationToken::new();
+        let on_signal = cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("uet: canceling (Ctrl-C again to force)…");
+                on_signal.cancel();
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            }
+        });
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let printer = tokio::spawn(async move {
+            let mut err = std::io::stderr();
+            while let Some(notice) = rx.recv().await {
+                if let Some(line) = notice_line(&notice) {
+                    let _ = writeln!(err, "{line}");
+                }
+            }
+        });
+        let spec = RunSpec {
+            run,
+            plan: &plan,
+            workstream: &workstream,
+            tools: &tools,
+        };
+        let result = engine::execute(&store, spec, cancel, (!json).then_some(tx)).await;
+        let _ = printer.await;
+        result
+    });
+    let final_state = final_state.context("the run could not be driven")?;
+    let view = RunView::load(&store, run)
+        .context("cannot read the run back")?
+        .ok_or_else(|| anyhow!("run {run} vanished from the state"))?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let _ = writeln!(out, "{}", view.to_json());
+    } else {
+        let _ = write!(out, "{}", view.to_text());
+    }
+    Ok(match final_state {
+        RunState::Succeeded => exit::OK,
+        _ => exit::RUN_FAILED,
+    })
+}
+
+/// A progress line for stderr; quiet about the routine (a step starting) unless stderr is a
+/// terminal, so logs of scripted runs stay short.
+fn notice_line(notice: &Notice) -> Option<String> {
+    match notice {
+        Notice::Step {
+            id,
+            state,
+            attempts,
+            reason,
+        } => {
+            let mark = match state {
+                StepState::Running if !std::io::stderr().is_terminal() => return None,
+                StepState::Running => "…",
+                StepState::Succeeded => "✓",
+                StepState::Failed => "✗",
+                StepState::Skipped => "-",
+                StepState::Canceled => "⊘",
+                StepState::Pending => return None,
+            };
+            let mut line = format!("{mark} {id} {state}");
+            if state.is_terminal() && *attempts > 1 {
+                line.push_str(&format!(" after {attempts} attempts"));
+            }
+            if let Some(r) = reason {
+                line.push_str(&format!(": {r}"));
+            }
+            Some(line)
+        }
+        Notice::Retry {
+            id,
+            attempt,
+            error,
+            delay,
+        } => Some(format!(
+            "↻ {id} attempt {attempt} failed ({error}); retrying in {}",
+            humantime::format_duration(std::time::Duration::from_millis(delay.as_millis() as u64))
+        )),
+    }
+}

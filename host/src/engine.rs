@@ -1,0 +1,648 @@
+//! The scheduler: runs one run's steps through the DAG to a terminal state.
+//!
+//! Every transition is written to the state before the engine acts on it. Transitions that
+//! happen together (several attempts finishing, the steps that become ready because of them) go
+//! into one write transaction, so durability costs one commit per scheduling round, not one per
+//! transition.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{Millis, Outcome, RunId, RunState, StepState, now_millis};
+use crate::process::{CommandSpec, Exit, run_command};
+use crate::store::{Change, StateError, Store};
+use crate::template;
+use crate::tools::{RetryPolicy, Tool, ToolKind, Tools};
+use crate::workflow::{Plan, Target};
+
+/// How much of an attempt's stdout/stderr the attempt record keeps; the full (bounded) stdout
+/// is the step's output, so the record needs only enough to read what happened.
+const RECORD_LIMIT: usize = 16 << 10;
+
+/// Why a run could not be driven (the run itself failing is not an error).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// The state could not be read or written.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The state holds no such run.
+    #[error("no run {0} in the state")]
+    UnknownRun(RunId),
+}
+
+/// Everything one run needs to go.
+pub struct RunSpec<'a> {
+    /// The run's id in the state.
+    pub run: RunId,
+    /// The checked workflow.
+    pub plan: &'a Plan,
+    /// The folder its steps run in.
+    pub workstream: &'a Path,
+    /// The tools that may run its steps.
+    pub tools: &'a Tools,
+}
+
+/// Something for a person to see, sent as the run goes.
+#[derive(Debug, Clone)]
+pub enum Notice {
+    /// A step changed state.
+    Step {
+        /// Its id.
+        id: String,
+        /// Its new state.
+        state: StepState,
+        /// Attempts started so far.
+        attempts: u32,
+        /// Why, when it failed, was skipped or canceled.
+        reason: Option<String>,
+    },
+    /// An attempt failed and another is due.
+    Retry {
+        /// The step.
+        id: String,
+        /// The attempt that failed.
+        attempt: u32,
+        /// What went wrong.
+        error: String,
+        /// The wait before the next.
+        delay: Duration,
+    },
+}
+
+/// How one attempt went, before it is written down.
+struct AttemptEnd {
+    index: usize,
+    number: u32,
+    outcome: Outcome,
+    output: Option<serde_json::Value>,
+    error: Option<String>,
+    retryable: bool,
+    stdout: String,
+    stderr: String,
+}
+
+enum Message {
+    Done(AttemptEnd),
+    /// A step's backoff is over.
+    Due(usize),
+}
+
+/// Drives a run to a terminal state and returns it. Steps already succeeded (a resumed run) keep
+/// their outputs and are not run again; steps found in flight are put back in the queue.
+pub async fn execute(
+    store: &Store,
+    spec: RunSpec<'_>,
+    cancel: CancellationToken,
+    notices: Option<mpsc::UnboundedSender<Notice>>,
+) -> Result<RunState, EngineError> {
+    let mut sched = Scheduler::new(store, &spec, notices)?;
+    sched.run(cancel).await
+}
+
+struct Scheduler<'a> {
+    store: &'a Store,
+    run: RunId,
+    plan: &'a Plan,
+    tools: &'a Tools,
+    workstream: PathBuf,
+    state: Vec<StepState>,
+    attempts: Vec<u32>,
+    outputs: HashMap<usize, serde_json::Value>,
+    /// Upstream steps not yet succeeded, per step.
+    waiting_on: Vec<usize>,
+    dependents: Vec<Vec<usize>>,
+    /// Ready steps: highest priority first, then file order.
+    ready: BinaryHeap<(i64, Reverse<usize>)>,
+    running: usize,
+    backing_off: usize,
+    changes: Vec<Change>,
+    notices: Option<mpsc::UnboundedSender<Notice>>,
+    rng: rand::rngs::ThreadRng,
+}
+
+impl<'a> Scheduler<'a> {
+    fn new(
+        store: &'a Store,
+        spec: &RunSpec<'a>,
+        notices: Option<mpsc::UnboundedSender<Notice>>,
+    ) -> Result<Self, EngineError> {
+        let plan = spec.plan;
+        let n = plan.steps.len();
+        let records = store.steps(spec.run)?;
+        let mut state = vec![StepState::Pending; n];
+        let mut attempts = vec![0; n];
+        let mut outputs = HashMap::new();
+        let by_id: HashMap<&str, usize> = plan.steps.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
+        for rec in records {
+            if let Some(&i) = by_id.get(rec.id.as_str()) {
+                state[i] = rec.state;
+                attempts[i] = rec.attempts;
+                if let Some(out) = rec.output {
+                    outputs.insert(i, out);
+                }
+            }
+        }
+        let mut dependents = vec![Vec::new(); n];
+        for (i, step) in plan.steps.iter().enumerate() {
+            for &d in &step.needs {
+                dependents[d].push(i);
+            }
+        }
+        Ok(Scheduler {
+            store,
+            run: spec.run,
+            plan,
+            tools: spec.tools,
+            workstream: spec.workstream.to_path_buf(),
+            state,
+            attempts,
+            outputs,
+            waiting_on: vec![0; n],
+            dependents,
+            ready: BinaryHeap::new(),
+            running: 0,
+            backing_off: 0,
+            changes: Vec::new(),
+            notices,
+            rng: rand::rng(),
+        })
+    }
+
+    async fn run(&mut self, cancel: CancellationToken) -> Result<RunState, EngineError> {
+        let run = self.store.run(self.run)?.ok_or(EngineError::UnknownRun(self.run))?;
+        if run.state.is_terminal() {
+            return Ok(run.state);
+        }
+        if run.state == RunState::Pending {
+            self.changes.push(Change::RunState {
+                run: self.run,
+                to: RunState::Running,
+                reason: None,
+            });
+        }
+        // a step found running was in flight when its last driver stopped: it goes again
+        for i in 0..self.state.len() {
+            if self.state[i] == StepState::Running {
+                self.set_step(i, StepState::Pending, Some("requeued: was in flight when uet stopped".into()), None);
+            }
+        }
+        for i in 0..self.plan.steps.len() {
+            self.waiting_on[i] = self.plan.steps[i]
+                .needs
+                .iter()
+                .filter(|&&d| self.state[d] != StepState::Succeeded)
+                .count();
+        }
+        for i in 0..self.plan.steps.len() {
+            if self.state[i] == StepState::Pending {
+                if self.plan.steps[i].needs.iter().any(|&d| matches!(self.state[d], StepState::Failed | StepState::Skipped | StepState::Canceled)) {
+                    self.skip_dependents_of_ancestor(i);
+                } else if self.waiting_on[i] == 0 {
+                    self.ready.push((self.plan.steps[i].priority, Reverse(i)));
+                }
+            }
+        }
+
+        let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+        let started = Instant::now();
+        let deadline = self.plan.timeout.map(|t| {
+            let elapsed = run.started_at.map(|s| Duration::from_millis(now_millis().saturating_sub(s))).unwrap_or_default();
+            tokio::time::Instant::now() + t.saturating_sub(elapsed)
+        });
+        let attempts_cancel = cancel.child_token();
+        let mut stop: Option<(RunState, String)> = None;
+
+        loop {
+            if stop.is_none() {
+                self.start_ready(&tx, &attempts_cancel)?;
+            } else {
+                self.commit()?;
+            }
+            if self.running == 0 && (stop.is_some() || (self.ready.is_empty() && self.backing_off == 0)) {
+                break;
+            }
+            let message = tokio::select! {
+                m = rx.recv() => m,
+                _ = cancel.cancelled(), if stop.is_none() => {
+                    stop = Some((RunState::Canceled, "canceled on request".into()));
+                    attempts_cancel.cancel();
+                    continue;
+                }
+                _ = sleep_until(deadline), if stop.is_none() => {
+                    let limit = self.plan.timeout.unwrap_or_default();
+                    stop = Some((RunState::Failed, format!("run timed out after {}", humantime::format_duration(limit))));
+                    attempts_cancel.cancel();
+                    continue;
+                }
+            };
+            let Some(first) = message else { break };
+            self.handle(first, &tx, &attempts_cancel, stop.is_some());
+            // drain what else has arrived, so it all lands in one commit
+            while let Ok(m) = rx.try_recv() {
+                self.handle(m, &tx, &attempts_cancel, stop.is_some());
+            }
+        }
+
+        let outcome = match stop {
+            Some((state, reason)) => {
+                for i in 0..self.state.len() {
+                    if !self.state[i].is_terminal() {
+                        self.set_step(i, StepState::Canceled, Some(reason.clone()), None);
+                    }
+                }
+                (state, reason)
+            }
+            None => {
+                let failed: Vec<&str> = (0..self.state.len())
+                    .filter(|&i| self.state[i] == StepState::Failed)
+                    .map(|i| self.plan.steps[i].id.as_str())
+                    .collect();
+                if failed.is_empty() {
+                    (RunState::Succeeded, format!("{} steps succeeded in {:.2?}", self.state.len(), started.elapsed()))
+                } else {
+                    (RunState::Failed, format!("failed: {}", failed.join(", ")))
+                }
+            }
+        };
+        self.changes.push(Change::RunState {
+            run: self.run,
+            to: outcome.0,
+            reason: Some(outcome.1),
+        });
+        self.commit()?;
+        Ok(outcome.0)
+    }
+
+    /// Starts ready steps up to `max_parallel`, writing their starts (and anything else pending)
+    /// in one commit before any of them runs.
+    fn start_ready(&mut self, tx: &mpsc::UnboundedSender<Message>, cancel: &CancellationToken) -> Result<(), EngineError> {
+        let mut launches = Vec::new();
+        while self.running < self.plan.max_parallel {
+            let Some((_, Reverse(i))) = self.ready.pop() else { break };
+            let step = &self.plan.steps[i];
+            let number = self.attempts[i] + 1;
+            let prepared = self.prepare(i);
+            let tool_name = match &prepared {
+                Ok((tool, _)) => tool.name.clone(),
+                Err(_) => String::from("-"),
+            };
+            if self.state[i] == StepState::Pending {
+                self.set_step(i, StepState::Running, None, None);
+            }
+            self.attempts[i] = number;
+            self.changes.push(Change::AttemptStarted {
+                run: self.run,
+                step: step.id.clone(),
+                number,
+                tool: tool_name,
+            });
+            self.running += 1;
+            launches.push((i, number, prepared));
+        }
+        self.commit()?;
+        for (index, number, prepared) in launches {
+            let tx = tx.clone();
+            let cancel = cancel.child_token();
+            match prepared {
+                Err(error) => {
+                    let _ = tx.send(Message::Done(AttemptEnd {
+                        index,
+                        number,
+                        outcome: Outcome::Error,
+                        output: None,
+                        error: Some(error),
+                        retryable: false,
+                        stdout: String::new(),
+                        stderr: String::new(),
+                    }));
+                }
+                Ok((tool, input)) => {
+                    let step = &self.plan.steps[index];
+                    let timeout = match (step.timeout, tool.timeout) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    let ctx = AttemptContext {
+                        run: self.run,
+                        step: step.id.clone(),
+                        number,
+                        workstream: self.workstream.clone(),
+                        timeout,
+                    };
+                    let tool = Arc::new(tool.clone());
+                    tokio::spawn(async move {
+                        let end = run_attempt(&tool, input, &ctx, index, cancel).await;
+                        let _ = tx.send(Message::Done(end));
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Picks the tool and fills the step's input from upstream outputs.
+    fn prepare(&self, i: usize) -> Result<(&'a Tool, serde_json::Value), String> {
+        let step = &self.plan.steps[i];
+        let tool = route(self.tools, &step.target)?;
+        let outputs = &self.outputs;
+        let by_id = |id: &str| {
+            self.plan
+                .steps
+                .iter()
+                .position(|s| s.id == id)
+                .and_then(|j| outputs.get(&j).cloned())
+        };
+        let input = template::resolve(&step.with, &by_id).map_err(|e| e.0)?;
+        Ok((tool, input))
+    }
+
+    fn handle(&mut self, message: Message, tx: &mpsc::UnboundedSender<Message>, cancel: &CancellationToken, stopping: bool) {
+        match message {
+            Message::Due(i) => {
+                self.backing_off -= 1;
+                if !stopping && self.state[i] == StepState::Running {
+                    self.ready.push((self.plan.steps[i].priority, Reverse(i)));
+                }
+            }
+            Message::Done(end) => {
+                self.running -= 1;
+                self.finish_attempt(end, tx, cancel, stopping);
+            }
+        }
+    }
+
+    fn finish_attempt(&mut self, end: AttemptEnd, tx: &mpsc::UnboundedSender<Message>, cancel: &CancellationToken, stopping: bool) {
+        let i = end.index;
+        let step = &self.plan.steps[i];
+        let id = step.id.clone();
+        let tool = route(self.tools, &step.target).ok();
+        let retries = step.retries.or(tool.and_then(|t| t.retries)).unwrap_or(0);
+        let policy: RetryPolicy = step.retry.or(tool.map(|t| t.retry)).unwrap_or_default();
+        let will_retry = end.outcome != Outcome::Succeeded
+            && end.outcome != Outcome::Canceled
+            && end.retryable
+            && !stopping
+            && end.number <= retries;
+        let delay = will_retry.then(|| policy.delay(end.number + 1, &mut self.rng));
+        let retry_at: Option<Millis> = delay.map(|d| now_millis() + d.as_millis() as u64);
+        self.changes.push(Change::AttemptFinished {
+            run: self.run,
+            step: id.clone(),
+            number: end.number,
+            outcome: end.outcome,
+            error: end.error.clone(),
+            stdout: end.stdout,
+            stderr: end.stderr,
+            retry_at,
+        });
+        match end.outcome {
+            Outcome::Succeeded => {
+                let output = end.output.unwrap_or(serde_json::Value::Null);
+                self.outputs.insert(i, output.clone());
+                self.set_step(i, StepState::Succeeded, None, Some(output));
+                for k in 0..self.dependents[i].len() {
+                    let d = self.dependents[i][k];
+                    self.waiting_on[d] -= 1;
+                    if self.waiting_on[d] == 0 && self.state[d] == StepState::Pending {
+                        self.ready.push((self.plan.steps[d].priority, Reverse(d)));
+                    }
+                }
+            }
+            _ if stopping => {}
+            Outcome::Canceled => {}
+            _ => {
+                let error = end.error.unwrap_or_else(|| "attempt failed".into());
+                if let Some(delay) = delay {
+                    self.backing_off += 1;
+                    self.notify(Notice::Retry {
+                        id,
+                        attempt: end.number,
+                        error,
+                        delay,
+                    });
+                    let tx = tx.clone();
+                    let cancel = cancel.clone();
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = cancel.cancelled() => {}
+                        }
+                        let _ = tx.send(Message::Due(i));
+                    });
+                } else {
+                    let reason = if end.number > 1 {
+                        format!("{error} (after {} attempts)", end.number)
+                    } else {
+                        error
+                    };
+                    self.set_step(i, StepState::Failed, Some(reason), None);
+                    self.skip_dependents(i);
+                }
+            }
+        }
+    }
+
+    /// Marks everything downstream of a step that did not succeed as skipped.
+    fn skip_dependents(&mut self, failed: usize) {
+        let mut todo = vec![failed];
+        while let Some(n) = todo.pop() {
+            for k in 0..self.dependents[n].len() {
+                let d = self.dependents[n][k];
+                if self.state[d] == StepState::Pending {
+                    let reason = format!("needs `{}`, which {}", self.plan.steps[n].id, self.state[n]);
+                    self.set_step(d, StepState::Skipped, Some(reason), None);
+                    todo.push(d);
+                }
+            }
+        }
+    }
+
+    /// For a resumed run: a pending step whose upstream already ended badly is skipped.
+    fn skip_dependents_of_ancestor(&mut self, i: usize) {
+        let bad = self.plan.steps[i]
+            .needs
+            .iter()
+            .copied()
+            .find(|&d| matches!(self.state[d], StepState::Failed | StepState::Skipped | StepState::Canceled));
+        if let Some(d) = bad {
+            let reason = format!("needs `{}`, which {}", self.plan.steps[d].id, self.state[d]);
+            self.set_step(i, StepState::Skipped, Some(reason), None);
+            self.skip_dependents(i);
+        }
+    }
+
+    fn set_step(&mut self, i: usize, to: StepState, reason: Option<String>, output: Option<serde_json::Value>) {
+        self.state[i] = to;
+        let id = self.plan.steps[i].id.clone();
+        self.notify(Notice::Step {
+            id: id.clone(),
+            state: to,
+            attempts: self.attempts[i],
+            reason: reason.clone(),
+        });
+        self.changes.push(Change::StepState {
+            run: self.run,
+            step: id,
+            to,
+            reason,
+            output,
+        });
+    }
+
+    fn notify(&self, notice: Notice) {
+        if let Some(tx) = &self.notices {
+            let _ = tx.send(notice);
+        }
+    }
+
+    fn commit(&mut self) -> Result<(), EngineError> {
+        if !self.changes.is_empty() {
+            let changes = std::mem::take(&mut self.changes);
+            self.store.apply(&changes)?;
+        }
+        Ok(())
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Finds the tool for a step: by name, or the first tool (in the operator's order) that has the
+/// capability.
+pub fn route<'t>(tools: &'t Tools, target: &Target) -> Result<&'t Tool, String> {
+    match target {
+        Target::Tool(name) => tools
+            .by_name(name)
+            .ok_or_else(|| format!("no tool `{name}` in {}", tools.path.display())),
+        Target::Capability(cap) => tools
+            .with_capability(cap)
+            .next()
+            .ok_or_else(|| format!("no tool has capability `{cap}` in {}", tools.path.display())),
+    }
+}
+
+struct AttemptContext {
+    run: RunId,
+    step: String,
+    number: u32,
+    workstream: PathBuf,
+    timeout: Option<Duration>,
+}
+
+async fn run_attempt(
+    tool: &Tool,
+    input: serde_json::Value,
+    ctx: &AttemptContext,
+    index: usize,
+    cancel: CancellationToken,
+) -> AttemptEnd {
+    let mut end = AttemptEnd {
+        index,
+        number: ctx.number,
+        outcome: Outcome::Error,
+        output: None,
+        error: None,
+        retryable: false,
+        stdout: String::new(),
+        stderr: String::new(),
+    };
+    match &tool.kind {
+        ToolKind::Wasm { path } => {
+            end.error = Some(format!(
+                "tool `{}` is a WASM plugin ({}), and this build of uet runs command tools only",
+                tool.name,
+                path.display()
+            ));
+        }
+        ToolKind::Command { argv } => {
+            let argv: Result<Vec<String>, _> = argv.iter().map(|t| t.render(&input)).collect();
+            let argv = match argv {
+                Ok(argv) => argv,
+                Err(e) => {
+                    end.error = Some(format!("tool `{}`: {}", tool.name, e.0));
+                    return end;
+                }
+            };
+            let spec = CommandSpec {
+                argv,
+                cwd: ctx.workstream.clone(),
+                stdin: serde_json::to_vec(&input).unwrap_or_default(),
+                env: vec![
+                    ("UET_RUN_ID".into(), ctx.run.to_string()),
+                    ("UET_STEP_ID".into(), ctx.step.clone()),
+                    ("UET_ATTEMPT".into(), ctx.number.to_string()),
+                    ("UET_WORKSTREAM".into(), ctx.workstream.to_string_lossy().into_owned()),
+                ],
+                timeout: ctx.timeout,
+            };
+            let result = run_command(spec, cancel).await;
+            end.stdout = bounded(&result.stdout.text);
+            end.stderr = bounded(&result.stderr.text);
+            let last_err = result.stderr.text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
+            let with_stderr = |msg: String| if last_err.is_empty() { msg } else { format!("{msg}: {last_err}") };
+            match result.exit {
+                Exit::Code(0) => {
+                    end.outcome = Outcome::Succeeded;
+                    end.output = Some(parse_output(&result.stdout.text));
+                    if result.stdout.truncated {
+                        tracing::warn!(step = %ctx.step, bytes = result.stdout.total_bytes, "stdout was cut to its limit");
+                    }
+                }
+                Exit::Code(code) => {
+                    end.outcome = Outcome::Failed;
+                    end.retryable = tool.exit_codes.is_retryable(code);
+                    end.error = Some(with_stderr(format!("exited with code {code}")));
+                }
+                Exit::Signal(sig) => {
+                    end.outcome = Outcome::Failed;
+                    end.retryable = true;
+                    end.error = Some(with_stderr(format!("killed by signal {sig}")));
+                }
+                Exit::TimedOut => {
+                    end.outcome = Outcome::TimedOut;
+                    end.retryable = true;
+                    end.error = Some(format!(
+                        "timed out after {} and was killed",
+                        humantime::format_duration(ctx.timeout.unwrap_or_default())
+                    ));
+                }
+                Exit::Canceled => {
+                    end.outcome = Outcome::Canceled;
+                    end.error = Some("canceled".into());
+                }
+                Exit::SpawnFailed(e) => {
+                    end.error = Some(e);
+                }
+            }
+        }
+    }
+    end
+}
+
+/// stdout as JSON when it is JSON; otherwise its text (trimmed of the final newline).
+fn parse_output(stdout: &str) -> serde_json::Value {
+    let trimmed = stdout.trim();
+    if trimmed.is_empty() {
+        return serde_json::Value::Null;
+    }
+    serde_json::from_str(trimmed).unwrap_or_else(|_| serde_json::Value::String(stdout.trim_end_matches('\n').to_string()))
+}
+
+fn bounded(text: &str) -> String {
+    if text.len() <= RECORD_LIMIT {
+        return text.to_string();
+    }
+    let cut = (0..=RECORD_LIMIT).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    format!("{}\n[… {} more bytes]", &text[..cut], text.len() - cut)
+}

@@ -1,0 +1,520 @@
+//! The tools file (`tools.toml`): the operator's list of tools, and the router that finds the
+//! tool for a step.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::doc::{Fields, Problem, Problems, Source};
+use crate::template::{Template, TemplateError};
+
+/// The name of the tools file looked for beside a workflow.
+pub const TOOLS_FILE: &str = "tools.toml";
+
+/// Every tool of a tools file, in file order (the router prefers earlier tools).
+#[derive(Debug, Clone)]
+pub struct Tools {
+    /// The file they came from.
+    pub path: PathBuf,
+    /// The tools.
+    pub tools: Vec<Tool>,
+}
+
+/// One tool entry.
+#[derive(Debug, Clone)]
+pub struct Tool {
+    /// Its name, which steps use in `tool = "..."`.
+    pub name: String,
+    /// What runs.
+    pub kind: ToolKind,
+    /// What it can do, for steps that ask by `capability`.
+    pub capabilities: Vec<String>,
+    /// Wall-clock limit per attempt.
+    pub timeout: Option<Duration>,
+    /// Memory limit (WASM tools).
+    pub memory: Option<u64>,
+    /// Fuel limit (WASM tools).
+    pub fuel: Option<u64>,
+    /// Folders of the workstream the tool may read and write (WASM tools).
+    pub sandbox: Sandbox,
+    /// Extra attempts after the first, unless the workflow says otherwise.
+    pub retries: Option<u32>,
+    /// Delays between attempts.
+    pub retry: RetryPolicy,
+    /// Circuit breaker settings.
+    pub breaker: Breaker,
+    /// Exit codes that decide whether a retry can help (command tools).
+    pub exit_codes: ExitCodes,
+}
+
+/// What a tool runs.
+#[derive(Debug, Clone)]
+pub enum ToolKind {
+    /// A subprocess: argv templates filled from the step's input.
+    Command {
+        /// The program and its arguments, `{key}` placeholders not yet filled.
+        argv: Vec<Template>,
+    },
+    /// A WebAssembly component.
+    Wasm {
+        /// The component file, resolved against the tools file's folder.
+        path: PathBuf,
+    },
+}
+
+impl ToolKind {
+    /// `command` or `wasm`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ToolKind::Command { .. } => "command",
+            ToolKind::Wasm { .. } => "wasm",
+        }
+    }
+}
+
+/// Folders a sandboxed tool may touch, relative to the workstream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sandbox {
+    /// Readable folders.
+    pub read: Vec<String>,
+    /// Writable (and readable) folders.
+    pub write: Vec<String>,
+}
+
+/// How long to wait before the next attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryPolicy {
+    /// The delay before the second attempt; it doubles for each attempt after.
+    pub base: Duration,
+    /// The longest delay.
+    pub max: Duration,
+    /// Full jitter: pick the delay uniformly in `0..=computed`, so many clients do not retry in
+    /// step against a recovering tool.
+    pub jitter: bool,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            base: Duration::from_millis(200),
+            max: Duration::from_secs(30),
+            jitter: true,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before attempt `next` (2 for the first retry), given a random source.
+    pub fn delay(&self, next: u32, rng: &mut impl rand::Rng) -> Duration {
+        use rand::RngExt as _;
+        let exp = next.saturating_sub(2).min(31);
+        let capped = self
+            .base
+            .checked_mul(1u32 << exp)
+            .unwrap_or(self.max)
+            .min(self.max);
+        if self.jitter && !capped.is_zero() {
+            Duration::from_nanos(rng.random_range(0..=capped.as_nanos() as u64))
+        } else {
+            capped
+        }
+    }
+}
+
+/// Circuit breaker settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Breaker {
+    /// Consecutive failures that open the circuit.
+    pub failures: u32,
+    /// How long it stays open before one probe.
+    pub cool_down: Duration,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Breaker {
+            failures: 5,
+            cool_down: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Exit codes a command tool's entry lists as retryable or fatal.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExitCodes {
+    /// A retry can help (the default for codes listed in neither).
+    pub retryable: Vec<i32>,
+    /// A retry cannot help.
+    pub fatal: Vec<i32>,
+}
+
+impl ExitCodes {
+    /// Whether a failure with this exit code is worth another attempt.
+    pub fn is_retryable(&self, code: i32) -> bool {
+        if self.retryable.contains(&code) {
+            true
+        } else {
+            !self.fatal.contains(&code)
+        }
+    }
+}
+
+impl Tools {
+    /// An empty set, for validating a workflow's shape without a tools file.
+    pub fn empty() -> Self {
+        Tools {
+            path: PathBuf::new(),
+            tools: Vec::new(),
+        }
+    }
+
+    /// Reads and checks a tools file, reporting every problem at once.
+    pub fn load(path: &Path) -> Result<Tools, Problems> {
+        let bytes = std::fs::read(path).map_err(|e| {
+            Problems(vec![Problem {
+                file: path.to_path_buf(),
+                position: None,
+                message: format!("cannot read tools file: {e}"),
+            }])
+        })?;
+        Self::parse(path, &bytes)
+    }
+
+    /// Checks the text of a tools file.
+    pub fn parse(path: &Path, bytes: &[u8]) -> Result<Tools, Problems> {
+        let text = crate::workflow::decode_text(path, bytes)?;
+        let mut src = Source::new(path, text);
+        let Some(root) = src.parse() else {
+            return Err(Problems(src.into_problems()));
+        };
+        let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let mut tools = Vec::new();
+        if let Some(mut top) = Fields::new(&mut src, &root, "tools file") {
+            if let Some(list) = top.node("tools") {
+                match &list.value {
+                    crate::doc::Value::Array(items) => {
+                        for (i, item) in items.iter().enumerate() {
+                            if let Some(t) = read_tool(&mut src, item, i, &base) {
+                                tools.push((t, item.span.clone()));
+                            }
+                        }
+                    }
+                    other => src.error(
+                        &list.span,
+                        format!(
+                            "`tools` must be a list of [[tools]] tables, found {}",
+                            other.kind()
+                        ),
+                    ),
+                }
+            }
+            top.finish(&mut src, &["tools"]);
+        }
+        let mut seen = HashSet::new();
+        for (t, span) in &tools {
+            if !t.name.is_empty() && !seen.insert(t.name.as_str()) {
+                src.error(span, format!("tool `{}` is defined twice", t.name));
+            }
+        }
+        if src.has_problems() {
+            return Err(Problems(src.into_problems()));
+        }
+        Ok(Tools {
+            path: path.to_path_buf(),
+            tools: tools.into_iter().map(|(t, _)| t).collect(),
+        })
+    }
+
+    /// The tool with this name.
+    pub fn by_name(&self, name: &str) -> Option<&Tool> {
+        self.tools.iter().find(|t| t.name == name)
+    }
+
+    /// The tools that have a capability, in the order the operator listed them.
+    pub fn with_capability<'a, 'c>(
+        &'a self,
+        capability: &'c str,
+    ) -> impl Iterator<Item = &'a Tool> + use<'a, 'c> {
+        self.tools
+            .iter()
+            .filter(move |t| t.capabilities.iter().any(|c| c == capability))
+    }
+}
+
+const TOOL_KEYS: &[&str] = &[
+    "name",
+    "command",
+    "wasm",
+    "capabilities",
+    "limits",
+    "sandbox",
+    "retries",
+    "retry",
+    "breaker",
+    "exit_codes",
+    "description",
+];
+
+fn read_tool(
+    src: &mut Source<'_>,
+    node: &crate::doc::Node,
+    index: usize,
+    base: &Path,
+) -> Option<Tool> {
+    let mut f = Fields::new(src, node, crate::workflow::label_of(node, "tool", index))?;
+    let name = f.string(src, "name");
+    if name.is_none() && f.node("name").is_none() {
+        src.error(&node.span, format!("tools[{index}]: missing `name`"));
+    }
+    let label = crate::workflow::label_of(node, "tool", index);
+    f.ignore("description");
+    let command = f.strings(src, "command");
+    let wasm = f.string(src, "wasm");
+    let kind = match (command, wasm) {
+        (Some(argv), None) => {
+            if argv.is_empty() {
+                src.error(&node.span, format!("{label}: `command` is empty"));
+                None
+            } else {
+                let mut templates = Vec::new();
+                for (i, (arg, span)) in argv.into_iter().enumerate() {
+                    let arg = if i == 0 {
+                        resolve_program(&arg, base)
+                    } else {
+                        arg
+                    };
+                    match Template::parse(&arg) {
+                        Ok(t) => templates.push(t),
+                        Err(TemplateError(msg)) => {
+                            src.error(&span, format!("{label}: command argument: {msg}"))
+                        }
+                    }
+                }
+                Some(ToolKind::Command { argv: templates })
+            }
+        }
+        (None, Some((path, _))) => Some(ToolKind::Wasm {
+            path: base.join(path),
+        }),
+        (Some(_), Some(_)) => {
+            src.error(
+                &node.span,
+                format!("{label}: give either `command` or `wasm`, not both"),
+            );
+            None
+        }
+        (None, None) => {
+            src.error(
+                &node.span,
+                format!("{label}: needs `command = [...]` or `wasm = \"file.wasm\"`"),
+            );
+            None
+        }
+    };
+    let capabilities = f
+        .strings(src, "capabilities")
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(c, _)| c)
+        .collect();
+    let mut tool = Tool {
+        name: name.map(|(n, _)| n).unwrap_or_default(),
+        kind: kind.unwrap_or(ToolKind::Command { argv: Vec::new() }),
+        capabilities,
+        timeout: None,
+        memory: None,
+        fuel: None,
+        sandbox: Sandbox::default(),
+        retries: f.integer(src, "retries", 0, 100).map(|n| n as u32),
+        retry: RetryPolicy::default(),
+        breaker: Breaker::default(),
+        exit_codes: ExitCodes::default(),
+    };
+    if let Some(mut limits) = f.table(src, "limits") {
+        tool.timeout = limits.duration(src, "timeout");
+        tool.memory = limits.bytes(src, "memory");
+        tool.fuel = limits.integer(src, "fuel", 1, i64::MAX).map(|n| n as u64);
+        limits.finish(src, &["timeout", "memory", "fuel"]);
+    }
+    if let Some(mut sandbox) = f.table(src, "sandbox") {
+        for (key, list) in [
+            ("read", &mut tool.sandbox.read),
+            ("write", &mut tool.sandbox.write),
+        ] {
+            for (dir, span) in sandbox.strings(src, key).unwrap_or_default() {
+                if Path::new(&dir).is_absolute() || dir.split('/').any(|c| c == "..") {
+                    src.error(&span, format!("{label}: sandbox.{key} entry {dir:?} must stay inside the workstream (relative, no `..`)"));
+                } else {
+                    list.push(dir);
+                }
+            }
+        }
+        sandbox.finish(src, &["read", "write"]);
+    }
+    if let Some(retry) = f.table(src, "retry") {
+        tool.retry = read_retry_policy(src, retry);
+    }
+    if let Some(mut breaker) = f.table(src, "breaker") {
+        if let Some(n) = breaker.integer(src, "failures", 1, 1_000_000) {
+            tool.breaker.failures = n as u32;
+        }
+        if let Some(d) = breaker.duration(src, "cool_down") {
+            tool.breaker.cool_down = d;
+        }
+        breaker.finish(src, &["failures", "cool_down"]);
+    }
+    if let Some(mut codes) = f.table(src, "exit_codes") {
+        for (key, list) in [
+            ("retryable", &mut tool.exit_codes.retryable),
+            ("fatal", &mut tool.exit_codes.fatal),
+        ] {
+            if let Some(node) = codes.node(key) {
+                match &node.value {
+                    crate::doc::Value::Array(items) => {
+                        for item in items {
+                            match item.value {
+                                crate::doc::Value::Integer(c) if (0..=255).contains(&c) => {
+                                    list.push(c as i32)
+                                }
+                                _ => src.error(
+                                    &item.span,
+                                    format!("{label}: exit_codes.{key} holds exit codes 0-255"),
+                                ),
+                            }
+                        }
+                    }
+                    _ => src.error(
+                        &node.span,
+                        format!("{label}: exit_codes.{key} must be a list of exit codes"),
+                    ),
+                }
+            }
+        }
+        codes.finish(src, &["retryable", "fatal"]);
+    }
+    f.finish(src, TOOL_KEYS);
+    Some(tool)
+}
+
+/// Reads `retry = { base, max, jitter }`; shared by tools and workflow steps.
+pub(crate) fn read_retry_policy(src: &mut Source<'_>, mut f: Fields<'_>) -> RetryPolicy {
+    let mut policy = RetryPolicy::default();
+    if let Some(d) = f.duration(src, "base") {
+        policy.base = d;
+    }
+    if let Some(d) = f.duration(src, "max") {
+        policy.max = d;
+    }
+    if let Some(j) = f.boolean(src, "jitter") {
+        policy.jitter = j;
+    }
+    f.finish(src, &["base", "max", "jitter"]);
+    policy
+}
+
+/// A program written with a slash but relative (`./bin/lint`, `scripts/x.sh`) is the operator's
+/// own file beside the tools file; a bare name (`python3`) is looked up on PATH as usual.
+fn resolve_program(program: &str, base: &Path) -> String {
+    let p = Path::new(program);
+    if program.contains('/') && p.is_relative() && !program.contains('{') {
+        base.join(p).to_string_lossy().into_owned()
+    } else {
+        program.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Tools, Problems> {
+        Tools::parse(Path::new("/ops/tools.toml"), text.as_bytes())
+    }
+
+    #[test]
+    fn reads_a_full_entry() {
+        let tools = parse(
+            r#"
+[[tools]]
+name = "lint"
+command = ["bin/lint", "--json", "{path}"]
+capabilities = ["lint.markdown"]
+limits = { timeout = "5s" }
+retries = 2
+retry = { base = "10ms", max = "1s", jitter = false }
+breaker = { failures = 3, cool_down = "2s" }
+exit_codes = { fatal = [2] }
+
+[[tools]]
+name = "wc"
+wasm = "plugins/wc.wasm"
+sandbox = { read = ["."], write = ["out"] }
+limits = { memory = "64MiB", fuel = 1000 }
+"#,
+        )
+        .unwrap();
+        let lint = tools.by_name("lint").unwrap();
+        let ToolKind::Command { argv } = &lint.kind else {
+            panic!()
+        };
+        assert_eq!(argv[0].to_string(), "/ops/bin/lint");
+        assert_eq!(lint.timeout, Some(Duration::from_secs(5)));
+        assert_eq!(lint.breaker.failures, 3);
+        assert!(!lint.exit_codes.is_retryable(2));
+        assert!(lint.exit_codes.is_retryable(1));
+        let wc = tools.by_name("wc").unwrap();
+        assert!(
+            matches!(&wc.kind, ToolKind::Wasm { path } if path == Path::new("/ops/plugins/wc.wasm"))
+        );
+        assert_eq!(wc.memory, Some(64 << 20));
+        assert_eq!(wc.sandbox.write, vec!["out".to_string()]);
+        assert_eq!(tools.with_capability("lint.markdown").count(), 1);
+    }
+
+    #[test]
+    fn reports_every_problem() {
+        let err = parse(
+            r#"
+[[tools]]
+name = "a"
+command = ["x"]
+wasm = "y.wasm"
+
+[[tools]]
+name = "b"
+command = ["x"]
+colour = "red"
+limits = { timeout = "soon" }
+sandbox = { read = ["/etc"] }
+
+[[tools]]
+name = "b"
+"#,
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("not both"), "{text}");
+        assert!(text.contains("unknown key `colour`"), "{text}");
+        assert!(text.contains("bad duration \"soon\""), "{text}");
+        assert!(text.contains("must stay inside the workstream"), "{text}");
+        assert!(text.contains("defined twice"), "{text}");
+        assert!(
+            text.contains("tools.toml:10:1: tool `b`: unknown key `colour`"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let p = RetryPolicy {
+            base: Duration::from_millis(100),
+            max: Duration::from_millis(350),
+            jitter: false,
+        };
+        let mut rng = rand::rng();
+        let delays: Vec<_> = (2..6).map(|n| p.delay(n, &mut rng).as_millis()).collect();
+        assert_eq!(delays, vec![100, 200, 350, 350]);
+    }
+}

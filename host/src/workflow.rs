@@ -1,0 +1,750 @@
+//! Workflow files (TOML, or JSON of the same shape) read and checked into a [`Plan`].
+//!
+//! Every problem is collected before anything is reported, so a user fixes a file in one pass.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::doc::{Fields, Node, Problem, Problems, Source, Value};
+use crate::template;
+use crate::tools::{RetryPolicy, ToolKind, Tools, read_retry_policy};
+
+/// Used when a workflow does not say: enough to overlap a few slow steps without letting a wide
+/// workflow start hundreds of processes at once.
+pub const DEFAULT_MAX_PARALLEL: usize = 4;
+
+/// The debounce of a standing workflow's trigger when it does not say.
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// A checked workflow, ready to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// The workflow's name.
+    pub name: String,
+    /// The seed's metadata (`project`, `phase`, `workstream`, `description`), as written.
+    pub meta: Vec<(String, String)>,
+    /// How many steps may run at once.
+    pub max_parallel: usize,
+    /// The whole run's deadline.
+    pub timeout: Option<Duration>,
+    /// Set for a standing workflow.
+    pub trigger: Option<Trigger>,
+    /// The steps, in file order.
+    pub steps: Vec<PlanStep>,
+}
+
+/// What makes a standing workflow run again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trigger {
+    /// Globs, relative to the workstream.
+    pub watch: Vec<String>,
+    /// Quiet time after the last change before a run starts.
+    pub debounce: Duration,
+}
+
+/// One checked step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PlanStep {
+    /// Its id.
+    pub id: String,
+    /// What runs it.
+    pub target: Target,
+    /// Indices (into [`Plan::steps`]) of the steps it needs.
+    pub needs: Vec<usize>,
+    /// Its input, references not yet filled.
+    pub with: serde_json::Value,
+    /// Higher runs first among ready steps.
+    pub priority: i64,
+    /// Extra attempts after the first; `None` takes the tool's.
+    pub retries: Option<u32>,
+    /// Delays between attempts; `None` takes the tool's.
+    pub retry: Option<RetryPolicy>,
+    /// Wall-clock limit per attempt.
+    pub timeout: Option<Duration>,
+}
+
+/// How a step names what runs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// A tool by name.
+    Tool(String),
+    /// Any tool with this capability.
+    Capability(String),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Tool(t) => write!(f, "tool `{t}`"),
+            Target::Capability(c) => write!(f, "capability `{c}`"),
+        }
+    }
+}
+
+/// Reads and checks a workflow file against the operator's tools.
+pub fn load(path: &Path, tools: &Tools) -> Result<Plan, Problems> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        Problems(vec![Problem {
+            file: path.to_path_buf(),
+            position: None,
+            message: format!("cannot read workflow: {e}"),
+        }])
+    })?;
+    parse(path, &bytes, tools)
+}
+
+/// Checks a workflow's text. With [`Tools::empty`], tool and capability names are not checked.
+pub fn parse(path: &Path, bytes: &[u8], tools: &Tools) -> Result<Plan, Problems> {
+    let text = decode_text(path, bytes)?;
+    let mut src = Source::new(path, text);
+    let plan = src
+        .parse()
+        .and_then(|root| read_plan(&mut src, &root, tools));
+    match plan {
+        Some(plan) if !src.has_problems() => Ok(plan),
+        _ => Err(Problems(src.into_problems())),
+    }
+}
+
+/// The text of a file, or a problem at the first byte that is not UTF-8 (binary garbage).
+pub(crate) fn decode_text<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str, Problems> {
+    std::str::from_utf8(bytes).map_err(|e| {
+        let valid = &bytes[..e.valid_up_to()];
+        let text = std::str::from_utf8(valid).unwrap_or_default();
+        let src = Source::new(path, text);
+        Problems(vec![Problem {
+            file: path.to_path_buf(),
+            position: Some(src.position(text.len())),
+            message: "not UTF-8 text (is this a binary file?)".into(),
+        }])
+    })
+}
+
+const TOP_KEYS: &[&str] = &[
+    "name",
+    "description",
+    "project",
+    "phase",
+    "workstream",
+    "max_parallel",
+    "timeout",
+    "defaults",
+    "trigger",
+    "steps",
+];
+
+const STEP_KEYS: &[&str] = &[
+    "id",
+    "name",
+    "description",
+    "tool",
+    "capability",
+    "needs",
+    "with",
+    "priority",
+    "retries",
+    "retry",
+    "timeout",
+];
+
+/// A step as written, with the places needed for later checks.
+struct Written<'n> {
+    id: String,
+    id_span: Range<usize>,
+    node: &'n Node,
+    needs: Vec<(String, Range<usize>)>,
+    with_node: Option<&'n Node>,
+    step: PlanStep,
+}
+
+fn read_plan(src: &mut Source<'_>, root: &Node, tools: &Tools) -> Option<Plan> {
+    let mut top = Fields::new(src, root, "workflow")?;
+    let name = top.string(src, "name");
+    if name.is_none() && top.node("name").is_none() {
+        src.error_at(0, "workflow: missing `name`");
+    }
+    let mut meta = Vec::new();
+    for key in ["description", "project", "phase", "workstream"] {
+        if let Some((v, _)) = top.string(src, key) {
+            meta.push((key.to_string(), v));
+        }
+    }
+    let max_parallel = top
+        .integer(src, "max_parallel", 1, 100_000)
+        .map(|n| n as usize)
+        .unwrap_or(DEFAULT_MAX_PARALLEL);
+    let timeout = top.duration(src, "timeout");
+
+    let mut default_retries = None;
+    let mut default_timeout = None;
+    let mut default_retry = None;
+    if let Some(mut d) = top.table(src, "defaults") {
+        default_retries = d.integer(src, "retries", 0, 100).map(|n| n as u32);
+        default_timeout = d.duration(src, "timeout");
+        default_retry = d.table(src, "retry").map(|f| read_retry_policy(src, f));
+        d.finish(src, &["retries", "timeout", "retry"]);
+    }
+
+    let trigger = top.table(src, "trigger").map(|mut t| {
+        let watch: Vec<String> = t
+            .strings(src, "watch")
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|(glob, span)| match globset::Glob::new(&glob) {
+                Ok(_) => Some(glob),
+                Err(e) => {
+                    src.error(&span, format!("trigger.watch: bad glob {glob:?}: {e}"));
+                    None
+                }
+            })
+            .collect();
+        if watch.is_empty() && t.node("watch").is_none() {
+            src.error(&root.span, "trigger: missing `watch = [\"glob\", ...]`");
+        }
+        let debounce = t.duration(src, "debounce").unwrap_or(DEFAULT_DEBOUNCE);
+        t.finish(src, &["watch", "debounce"]);
+        Trigger { watch, debounce }
+    });
+
+    let mut written = Vec::new();
+    match top.node("steps") {
+        None => src.error_at(0, "workflow: no steps (add [[steps]] tables)"),
+        Some(node) => match &node.value {
+            Value::Array(items) if items.is_empty() => {
+                src.error(&node.span, "workflow: `steps` is empty")
+            }
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    if let Some(w) = read_step(src, item, i) {
+                        written.push(w);
+                    }
+                }
+            }
+            other => src.error(
+                &node.span,
+                format!(
+                    "`steps` must be a list of [[steps]] tables, found {}",
+                    other.kind()
+                ),
+            ),
+        },
+    }
+    top.finish(src, TOP_KEYS);
+
+    for w in &mut written {
+        w.step.retries = w.step.retries.or(default_retries);
+        w.step.timeout = w.step.timeout.or(default_timeout);
+        w.step.retry = w.step.retry.or(default_retry);
+    }
+    link_steps(src, &mut written);
+    check_cycles(src, &written);
+    check_references(src, &written);
+    if !tools.path.as_os_str().is_empty() {
+        check_tools(src, &written, tools);
+    }
+
+    Some(Plan {
+        name: name.map(|(n, _)| n).unwrap_or_default(),
+        meta,
+        max_parallel,
+        timeout,
+        trigger,
+        steps: written.into_iter().map(|w| w.step).collect(),
+    })
+}
+
+fn read_step<'n>(src: &mut Source<'_>, node: &'n Node, index: usize) -> Option<Written<'n>> {
+    let mut f = Fields::new(src, node, label_of(node, "step", index))?;
+    let (id, id_span) = match f.string(src, "id") {
+        Some((id, span)) => {
+            if id.is_empty()
+                || !id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                src.error(
+                    &span,
+                    format!("step id {id:?} may use only letters, digits, `_` and `-`"),
+                );
+            }
+            (id, span)
+        }
+        None => {
+            if f.node("id").is_none() {
+                src.error(&node.span, format!("steps[{index}]: missing `id`"));
+            }
+            (String::new(), node.span.clone())
+        }
+    };
+    let label = if id.is_empty() {
+        format!("steps[{index}]")
+    } else {
+        format!("step `{id}`")
+    };
+    if let Some(cmd) = f.node("command") {
+        src.error(
+            &cmd.span,
+            format!("{label}: a step cannot carry its own `command`: name a `tool` (or a `capability`) that the operator registered in tools.toml"),
+        );
+    }
+    f.ignore("name");
+    f.ignore("description");
+    let tool = f.string(src, "tool");
+    let capability = f.string(src, "capability");
+    let target = match (tool, capability) {
+        (Some((t, _)), None) => Target::Tool(t),
+        (None, Some((c, _))) => Target::Capability(c),
+        (Some(_), Some(_)) => {
+            src.error(
+                &node.span,
+                format!("{label}: give `tool` or `capability`, not both"),
+            );
+            Target::Tool(String::new())
+        }
+        (None, None) => {
+            if f.node("tool").is_none() && f.node("capability").is_none() {
+                src.error(
+                    &node.span,
+                    format!("{label}: needs `tool = \"...\"` or `capability = \"...\"`"),
+                );
+            }
+            Target::Tool(String::new())
+        }
+    };
+    let needs = f.strings(src, "needs").unwrap_or_default();
+    let with_node = f.node("with");
+    let with = match with_node {
+        Some(n) if matches!(n.value, Value::Table(_)) => {
+            // keys must be unique here too; Fields reports JSON duplicates
+            if let Some(mut w) = Fields::nested_in(src, n, &label, "with") {
+                if let Value::Table(entries) = &n.value {
+                    entries.iter().for_each(|e| w.ignore(&e.key));
+                }
+            }
+            n.to_json()
+        }
+        Some(n) => {
+            src.error(
+                &n.span,
+                format!("{label}: `with` must be a table, found {}", n.value.kind()),
+            );
+            serde_json::Value::Object(Default::default())
+        }
+        None => serde_json::Value::Object(Default::default()),
+    };
+    let priority = f
+        .integer(src, "priority", -1_000_000, 1_000_000)
+        .unwrap_or(0);
+    let retries = f.integer(src, "retries", 0, 100).map(|n| n as u32);
+    let retry = f.table(src, "retry").map(|r| read_retry_policy(src, r));
+    let timeout = f.duration(src, "timeout");
+    f.finish(src, STEP_KEYS);
+    Some(Written {
+        id: id.clone(),
+        id_span,
+        node,
+        needs,
+        with_node,
+        step: PlanStep {
+            id,
+            target,
+            needs: Vec::new(),
+            with,
+            priority,
+            retries,
+            retry,
+            timeout,
+        },
+    })
+}
+
+/// `step `id`` when the table has a string `id`, else `steps[3]`, for messages.
+pub(crate) fn label_of(node: &Node, kind: &str, index: usize) -> String {
+    let key = if kind == "step" { "id" } else { "name" };
+    if let Value::Table(entries) = &node.value {
+        if let Some(Value::String(name)) =
+            entries.iter().find(|e| e.key == key).map(|e| &e.node.value)
+        {
+            return format!("{kind} `{name}`");
+        }
+    }
+    format!("{kind}s[{index}]")
+}
+
+/// Duplicate ids and unknown `needs`; fills [`PlanStep::needs`] with indices.
+fn link_steps(src: &mut Source<'_>, written: &mut [Written<'_>]) {
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for (i, w) in written.iter().enumerate() {
+        if w.id.is_empty() {
+            continue;
+        }
+        if let Some(&first) = index.get(&w.id) {
+            let (line, _) = src.position(written[first].id_span.start);
+            src.error(
+                &w.id_span,
+                format!(
+                    "duplicate step id `{}` (first defined on line {line})",
+                    w.id
+                ),
+            );
+        } else {
+            index.insert(w.id.clone(), i);
+        }
+    }
+    for w in written.iter_mut() {
+        let mut needs = Vec::new();
+        for (need, span) in &w.needs {
+            match index.get(need) {
+                Some(_) if need == &w.id => {
+                    src.error(span, format!("step `{}` needs itself", w.id));
+                }
+                Some(&j) => {
+                    if !needs.contains(&j) {
+                        needs.push(j);
+                    }
+                }
+                None => src.error(
+                    span,
+                    format!(
+                        "step `{}` needs `{need}`, which is not a step of this workflow",
+                        w.id
+                    ),
+                ),
+            }
+        }
+        w.step.needs = needs;
+    }
+}
+
+/// Names the steps of every cycle in `needs`.
+fn check_cycles(src: &mut Source<'_>, written: &[Written<'_>]) {
+    // iterative three-colour DFS: recursion would overflow on a long chain
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        Open,
+        Done,
+    }
+    let mut mark = vec![Mark::New; written.len()];
+    for start in 0..written.len() {
+        if mark[start] != Mark::New {
+            continue;
+        }
+        let mut stack: Vec<(usize, usize)> = vec![(start, 0)];
+        mark[start] = Mark::Open;
+        while let Some(&mut (node, ref mut next)) = stack.last_mut() {
+            let needs = &written[node].step.needs;
+            if *next < needs.len() {
+                let dep = needs[*next];
+                *next += 1;
+                match mark[dep] {
+                    Mark::New => {
+                        mark[dep] = Mark::Open;
+                        stack.push((dep, 0));
+                    }
+                    Mark::Open => {
+                        let from = stack.iter().position(|&(n, _)| n == dep).unwrap_or(0);
+                        // read as "needs": a → b → a means a needs b, which needs a
+                        let mut names: Vec<&str> = stack[from..]
+                            .iter()
+                            .map(|&(n, _)| written[n].id.as_str())
+                            .collect();
+                        names.push(&written[dep].id);
+                        // report once, at the step of the cycle written first
+                        let first = stack[from..].iter().map(|&(n, _)| n).min().unwrap_or(dep);
+                        let at = written[first]
+                            .needs
+                            .first()
+                            .map(|(_, s)| s.start)
+                            .unwrap_or(written[first].id_span.start);
+                        src.error_at(at, format!("cycle in `needs`: {}", names.join(" → ")));
+                    }
+                    Mark::Done => {}
+                }
+            } else {
+                mark[node] = Mark::Done;
+                stack.pop();
+            }
+        }
+    }
+}
+
+/// `${steps.X.output...}` must name a step upstream of the one that uses it.
+fn check_references(src: &mut Source<'_>, written: &[Written<'_>]) {
+    let index: HashMap<&str, usize> = written
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.id.as_str(), i))
+        .collect();
+    for (i, w) in written.iter().enumerate() {
+        let span = w
+            .with_node
+            .map(|n| n.span.clone())
+            .unwrap_or(w.node.span.clone());
+        let (refs, errors) = template::references(&w.step.with);
+        for e in errors {
+            src.error(&span, format!("step `{}`: {}", w.id, e.0));
+        }
+        for r in refs {
+            match index.get(r.step.as_str()) {
+                None => src.error(
+                    &span,
+                    format!("step `{}`: {r} names no step of this workflow", w.id),
+                ),
+                Some(&j) if !is_upstream(written, i, j) => src.error(
+                    &span,
+                    format!(
+                        "step `{}`: {r} reads step `{}`, which is not upstream: add it to `needs`",
+                        w.id, r.step
+                    ),
+                ),
+                Some(_) => {}
+            }
+        }
+    }
+}
+
+fn is_upstream(written: &[Written<'_>], step: usize, candidate: usize) -> bool {
+    let mut seen = vec![false; written.len()];
+    let mut todo = written[step].step.needs.clone();
+    while let Some(n) = todo.pop() {
+        if n == candidate {
+            return true;
+        }
+        if !std::mem::replace(&mut seen[n], true) {
+            todo.extend(&written[n].step.needs);
+        }
+    }
+    false
+}
+
+fn check_tools(src: &mut Source<'_>, written: &[Written<'_>], tools: &Tools) {
+    for w in written {
+        let span = &w.node.span;
+        match &w.step.target {
+            Target::Tool(name) if name.is_empty() => {}
+            Target::Tool(name) => match tools.by_name(name) {
+                None => {
+                    let known: Vec<&str> = tools.tools.iter().map(|t| t.name.as_str()).collect();
+                    src.error(
+                        span,
+                        format!(
+                            "step `{}`: unknown tool `{name}` (tools in {}: {})",
+                            w.id,
+                            tools.path.display(),
+                            known.join(", ")
+                        ),
+                    );
+                }
+                Some(tool) => {
+                    if let ToolKind::Command { argv } = &tool.kind {
+                        let refs_free = w.step.with.as_object();
+                        for key in argv.iter().flat_map(|t| t.keys()) {
+                            if refs_free.is_none_or(|m| !m.contains_key(key)) {
+                                src.error(
+                                    span,
+                                    format!(
+                                        "step `{}`: tool `{name}` needs `{key}` in `with`",
+                                        w.id
+                                    ),
+                                );
+                            }
+                        }
+                    }
+                }
+            },
+            Target::Capability(cap) => {
+                if tools.with_capability(cap).next().is_none() {
+                    src.error(
+                        span,
+                        format!(
+                            "step `{}`: no tool in {} has capability `{cap}`",
+                            w.id,
+                            tools.path.display()
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn tools() -> Tools {
+        Tools::parse(
+            Path::new("/ops/tools.toml"),
+            br#"
+[[tools]]
+name = "echo"
+command = ["cat"]
+capabilities = ["text.echo"]
+
+[[tools]]
+name = "lint"
+command = ["lint", "{path}"]
+"#,
+        )
+        .unwrap()
+    }
+
+    fn check(text: &str) -> Result<Plan, String> {
+        parse(&PathBuf::from("w.toml"), text.as_bytes(), &tools()).map_err(|p| p.to_string())
+    }
+
+    #[test]
+    fn a_diamond_plans() {
+        let plan = check(
+            r#"
+name = "d"
+max_parallel = 2
+timeout = "1m"
+[defaults]
+retries = 1
+[[steps]]
+id = "a"
+tool = "echo"
+[[steps]]
+id = "b"
+capability = "text.echo"
+needs = ["a"]
+with = { x = "${steps.a.output.n}" }
+[[steps]]
+id = "c"
+tool = "echo"
+needs = ["a"]
+retries = 3
+[[steps]]
+id = "d"
+tool = "echo"
+needs = ["b", "c"]
+with = { all = "${steps.a.output}" }
+"#,
+        )
+        .unwrap();
+        assert_eq!(plan.steps.len(), 4);
+        assert_eq!(plan.steps[3].needs, vec![1, 2]);
+        assert_eq!(plan.steps[1].retries, Some(1));
+        assert_eq!(plan.steps[2].retries, Some(3));
+        assert_eq!(plan.timeout, Some(Duration::from_secs(60)));
+        assert_eq!(plan.max_parallel, 2);
+    }
+
+    #[test]
+    fn every_problem_at_once() {
+        let err = check(
+            r#"name = "bad"
+colour = "blue"
+timeout = "forever"
+[[steps]]
+id = "a"
+tool = "nope"
+command = ["rm", "-rf", "/"]
+[[steps]]
+id = "a"
+capability = "no.such"
+[[steps]]
+id = "b"
+tool = "echo"
+needs = ["ghost", "c"]
+with = { v = "${steps.c.output.x}" }
+[[steps]]
+id = "c"
+tool = "echo"
+needs = ["b"]
+[[steps]]
+id = "e"
+tool = "lint"
+"#,
+        )
+        .unwrap_err();
+        for want in [
+            "w.toml:2:1: workflow: unknown key `colour`",
+            "w.toml:3:11: workflow: `timeout`: bad duration",
+            "unknown tool `nope`",
+            "w.toml:7:11: step `a`: a step cannot carry its own `command`",
+            "w.toml:9:6: duplicate step id `a` (first defined on line 5)",
+            "no tool in /ops/tools.toml has capability `no.such`",
+            "needs `ghost`, which is not a step",
+            "cycle in `needs`: ",
+            "tool `lint` needs `path` in `with`",
+        ] {
+            assert!(err.contains(want), "missing {want:?} in:\n{err}");
+        }
+        assert!(err.contains("cycle in `needs`: b → c → b"), "{err}");
+    }
+
+    #[test]
+    fn references_must_be_upstream() {
+        let err = check(
+            r#"name = "r"
+[[steps]]
+id = "a"
+tool = "echo"
+[[steps]]
+id = "b"
+tool = "echo"
+with = { v = "${steps.a.output.x}", w = "${steps.zz.output}", q = "${nope}" }
+"#,
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("reads step `a`, which is not upstream"),
+            "{err}"
+        );
+        assert!(err.contains("bad reference"), "{err}");
+    }
+
+    #[test]
+    fn json_has_the_same_shape_and_positions() {
+        let text = "{\n  \"name\": \"j\",\n  \"steps\": [\n    {\"id\": \"a\", \"tool\": \"echo\", \"bogus\": 1}\n  ]\n}\n";
+        let err = parse(&PathBuf::from("w.json"), text.as_bytes(), &tools())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("w.json:4:33: step `a`: unknown key `bogus`"),
+            "{err}"
+        );
+        let ok = "{\"name\": \"j\", \"steps\": [{\"id\": \"a\", \"tool\": \"echo\", \"with\": {\"k\": [1, 2]}}]}";
+        let plan = parse(&PathBuf::from("w.json"), ok.as_bytes(), &tools()).unwrap();
+        assert_eq!(plan.steps[0].with["k"][1], 2);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let garbage: Vec<u8> = (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        let err = parse(&PathBuf::from("g.toml"), &garbage, &tools()).unwrap_err();
+        assert!(!err.0.is_empty());
+        for text in [
+            "",
+            "[[steps]]",
+            "steps = 3",
+            "name = 1\nsteps = [1, \"x\"]",
+            "= = =",
+        ] {
+            assert!(check(text).is_err(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_long_chain_does_not_overflow() {
+        let mut text = String::from("name = \"chain\"\n");
+        for i in 0..20_000 {
+            text.push_str(&format!("[[steps]]\nid = \"s{i}\"\ntool = \"echo\"\n"));
+            if i > 0 {
+                text.push_str(&format!("needs = [\"s{}\"]\n", i - 1));
+            }
+        }
+        assert_eq!(check(&text).unwrap().steps.len(), 20_000);
+    }
+}

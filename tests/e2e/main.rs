@@ -1,0 +1,7 @@
+//! End-to-end tests: the real `uet` binary against real workflows, tools and state files.
+
+mod util;
+
+mod run;
+mod state;
+mod validate;

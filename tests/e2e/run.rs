@@ -1,0 +1,395 @@
+//! `uet run`: scheduling, data flow, failures, retries, timeouts, routing.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::util::{Env, alive, step};
+
+/// Tools every test here can use.
+fn tools(env: &Env) {
+    env.script("bin/add", r#"printf '{"n": %d}\n' $(( $1 + 1 ))"#);
+    env.script(
+        "bin/flaky",
+        // fails until its third call: the count lives in the workstream, as a real tool's
+        // external state would
+        r#"n=$(cat .calls 2>/dev/null || echo 0); n=$((n + 1)); echo $n > .calls
+if [ "$n" -lt 3 ]; then echo "not yet ($n)" >&2; exit 1; fi
+echo '{"calls": '$n'}'"#,
+    );
+    env.script(
+        "bin/slow",
+        r#"echo "start $(date +%s%N) $1" >> parallel.log; sleep 0.3; echo "end $(date +%s%N) $1" >> parallel.log; echo '{}'"#,
+    );
+    env.write(
+        "tools.toml",
+        r#"
+[[tools]]
+name = "echo"
+command = ["cat"]
+capabilities = ["text.echo"]
+
+[[tools]]
+name = "echo-too"
+command = ["cat"]
+capabilities = ["text.echo", "text.other"]
+
+[[tools]]
+name = "add"
+command = ["bin/add", "{n}"]
+
+[[tools]]
+name = "fail"
+command = ["sh", "-c", "echo boom >&2; exit 3"]
+retry = { base = "1ms", max = "5ms" }
+
+[[tools]]
+name = "flaky"
+command = ["bin/flaky"]
+retry = { base = "10ms", max = "20ms" }
+
+[[tools]]
+name = "sleepy"
+command = ["sh", "-c", "echo $$ > {pidfile}; sleep 30 & echo $! >> {pidfile}; wait"]
+
+[[tools]]
+name = "slow"
+command = ["bin/slow", "{name}"]
+"#,
+    );
+}
+
+#[test]
+fn a_diamond_passes_data_between_steps() {
+    let env = Env::new();
+    tools(&env);
+    env.write(
+        "diamond.toml",
+        r#"
+name = "diamond"
+[[steps]]
+id = "a"
+tool = "add"
+with = { n = 1 }
+[[steps]]
+id = "b"
+tool = "add"
+needs = ["a"]
+with = { n = "${steps.a.output.n}" }
+[[steps]]
+id = "c"
+tool = "echo"
+needs = ["a"]
+with = { x = "${steps.a.output.n}" }
+[[steps]]
+id = "d"
+tool = "echo"
+needs = ["b", "c"]
+with = { b = "${steps.b.output.n}", c = "${steps.c.output.x}", msg = "b is ${steps.b.output.n}", all = "${steps.c.output}" }
+"#,
+    );
+    let (run, out) = env.run_json("diamond.toml");
+    let run = run.expect(0);
+    assert_eq!(out["state"], "succeeded", "{}", run.describe());
+    assert_eq!(step(&out, "a")["output"], json!({"n": 2}));
+    assert_eq!(step(&out, "b")["output"], json!({"n": 3}));
+    assert_eq!(
+        step(&out, "d")["output"],
+        json!({"b": 3, "c": 2, "msg": "b is 3", "all": {"x": 2}})
+    );
+    for id in ["a", "b", "c", "d"] {
+        assert_eq!(step(&out, id)["state"], "succeeded");
+        assert_eq!(step(&out, id)["attempts"], 1);
+    }
+    assert!(out["run_id"].is_u64());
+}
+
+#[test]
+fn a_failure_skips_dependents_and_spares_independent_branches() {
+    let env = Env::new();
+    tools(&env);
+    env.write(
+        "fail.toml",
+        r#"
+name = "fail"
+[[steps]]
+id = "broken"
+tool = "fail"
+[[steps]]
+id = "after"
+tool = "echo"
+needs = ["broken"]
+[[steps]]
+id = "after-after"
+tool = "echo"
+needs = ["after"]
+[[steps]]
+id = "independent"
+tool = "echo"
+with = { ok = true }
+"#,
+    );
+    let (run, out) = env.run_json("fail.toml");
+    run.expect(1);
+    assert_eq!(out["state"], "failed");
+    let broken = step(&out, "broken");
+    assert_eq!(broken["state"], "failed");
+    assert!(
+        broken["reason"]
+            .as_str()
+            .unwrap()
+            .contains("exited with code 3: boom"),
+        "{broken}"
+    );
+    assert_eq!(step(&out, "after")["state"], "skipped");
+    assert_eq!(step(&out, "after")["attempts"], 0);
+    assert_eq!(step(&out, "after-after")["state"], "skipped");
+    assert_eq!(step(&out, "independent")["state"], "succeeded");
+    assert_eq!(step(&out, "independent")["output"], json!({"ok": true}));
+}
+
+#[test]
+fn a_flaky_tool_succeeds_on_its_third_attempt() {
+    let env = Env::new();
+    tools(&env);
+    env.write(
+        "flaky.toml",
+        r#"
+name = "flaky"
+[[steps]]
+id = "try"
+tool = "flaky"
+retries = 3
+"#,
+    );
+    let (run, out) = env.run_json("flaky.toml");
+    run.expect(0);
+    let s = step(&out, "try");
+    assert_eq!(s["state"], "succeeded");
+    assert_eq!(s["attempts"], 3);
+    assert_eq!(s["output"], json!({"calls": 3}));
+}
+
+#[test]
+fn retries_run_out() {
+    let env = Env::new();
+    tools(&env);
+    env.write(
+        "out.toml",
+        r#"
+name = "out"
+[[steps]]
+id = "try"
+tool = "fail"
+retries = 2
+"#,
+    );
+    let (run, out) = env.run_json("out.toml");
+    run.expect(1);
+    let s = step(&out, "try");
+    assert_eq!(s["state"], "failed");
+    assert_eq!(s["attempts"], 3);
+    assert!(
+        s["reason"].as_str().unwrap().contains("after 3 attempts"),
+        "{s}"
+    );
+}
+
+#[test]
+fn a_step_timeout_kills_the_whole_process_tree() {
+    let env = Env::new();
+    tools(&env);
+    env.write(
+        "sleep.toml",
+        r#"
+name = "sleep"
+[[steps]]
+id = "nap"
+tool = "sleepy"
+timeout = "500ms"
+with = { pidfile = "pids" }
+"#,
+    );
+    let started = Instant::now();
+    let (run, out) = env.run_json("sleep.toml");
+    let took = started.elapsed();
+    run.expect(1);
+    // the tree sleeps 30 s; finishing far sooner shows the timeout ended it
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    let s = step(&out, "nap");
+    assert_eq!(s["state"], "failed");
+    assert!(
+        s["reason"]
+            .as_str()
+            .unwrap()
+            .contains("timed out after 500ms"),
+        "{s}"
+    );
+    let pids: Vec<i32> = env
+        .read("pids")
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 2, "the shell and its background sleep");
+    for pid in pids {
+        assert!(!alive(pid), "process {pid} outlived the timeout");
+    }
+}
+
+#[test]
+fn a_run_timeout_cancels_what_is_running() {
+    let env = Env::new();
+    tools(&env);
+    env.write(
+        "late.toml",
+        r#"
+name = "late"
+timeout = "700ms"
+[[steps]]
+id = "nap"
+tool = "sleepy"
+with = { pidfile = "pids" }
+[[steps]]
+id = "next"
+tool = "echo"
+needs = ["nap"]
+"#,
+    );
+    let started = Instant::now();
+    let (run, out) = env.run_json("late.toml");
+    run.expect(1);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(out["state"], "failed");
+    assert!(
+        out["reason"]
+            .as_str()
+            .unwrap()
+            .contains("run timed out after 700ms"),
+        "{out}"
+    );
+    assert_eq!(step(&out, "nap")["state"], "canceled");
+    assert_eq!(step(&out, "next")["state"], "canceled");
+    for pid in env
+        .read("pids")
+        .lines()
+        .map(|l| l.trim().parse::<i32>().unwrap())
+    {
+        assert!(!alive(pid), "process {pid} outlived the run");
+    }
+}
+
+#[test]
+fn max_parallel_is_honoured() {
+    let env = Env::new();
+    tools(&env);
+    let mut wf = String::from("name = \"wide\"\nmax_parallel = 2\n");
+    for i in 0..6 {
+        wf.push_str(&format!(
+            "[[steps]]\nid = \"s{i}\"\ntool = \"slow\"\nwith = {{ name = \"s{i}\" }}\n"
+        ));
+    }
+    env.write("wide.toml", &wf);
+    let (run, _) = env.run_json("wide.toml");
+    run.expect(0);
+    let mut events: Vec<(u128, i32)> = env
+        .read("parallel.log")
+        .lines()
+        .map(|l| {
+            let mut parts = l.split_whitespace();
+            let kind = parts.next().unwrap();
+            let at: u128 = parts.next().unwrap().parse().unwrap();
+            (at, if kind == "start" { 1 } else { -1 })
+        })
+        .collect();
+    assert_eq!(events.len(), 12);
+    // ends before starts at the same instant, so a hand-over is not counted as overlap
+    events.sort();
+    let (mut now, mut most) = (0, 0);
+    for (_, delta) in events {
+        now += delta;
+        most = most.max(now);
+    }
+    assert_eq!(most, 2, "at most 2 at once, and the 2 slots were used");
+}
+
+#[test]
+fn priority_orders_ready_steps() {
+    let env = Env::new();
+    tools(&env);
+    env.write(
+        "prio.toml",
+        r#"
+name = "prio"
+max_parallel = 1
+[[steps]]
+id = "low"
+tool = "slow"
+priority = 1
+with = { name = "low" }
+[[steps]]
+id = "high"
+tool = "slow"
+priority = 9
+with = { name = "high" }
+[[steps]]
+id = "mid"
+tool = "slow"
+priority = 5
+with = { name = "mid" }
+"#,
+    );
+    env.run_json("prio.toml").0.expect(0);
+    let order: Vec<String> = env
+        .read("parallel.log")
+        .lines()
+        .filter(|l| l.starts_with("start"))
+        .map(|l| l.split_whitespace().nth(2).unwrap().to_string())
+        .collect();
+    assert_eq!(order, ["high", "mid", "low"]);
+}
+
+#[test]
+fn capability_routing_picks_a_tool_that_has_it() {
+    let env = Env::new();
+    tools(&env);
+    env.write(
+        "cap.toml",
+        r#"
+name = "cap"
+[[steps]]
+id = "first"
+capability = "text.echo"
+with = { v = 1 }
+[[steps]]
+id = "only"
+capability = "text.other"
+with = { v = 2 }
+"#,
+    );
+    let (run, out) = env.run_json("cap.toml");
+    run.expect(0);
+    // both tools have text.echo: the operator's first one wins
+    assert_eq!(step(&out, "first")["tool"], "echo");
+    assert_eq!(step(&out, "first")["output"], json!({"v": 1}));
+    assert_eq!(step(&out, "only")["tool"], "echo-too");
+}
+
+#[test]
+fn the_summary_is_readable_and_progress_goes_to_stderr() {
+    let env = Env::new();
+    tools(&env);
+    env.write(
+        "two.toml",
+        "name = \"two\"\n[[steps]]\nid = \"one\"\ntool = \"echo\"\n[[steps]]\nid = \"two\"\ntool = \"fail\"\n",
+    );
+    let run = env.uet(&["run", "two.toml"]).expect(1);
+    let out = run.stdout();
+    assert!(out.starts_with("run 1 `two`: failed"), "{}", run.describe());
+    assert!(out.contains("one") && out.contains("succeeded"), "{out}");
+    assert!(
+        run.stderr()
+            .contains("✗ two failed: exited with code 3: boom"),
+        "{}",
+        run.describe()
+    );
+}

@@ -1,0 +1,96 @@
+//! The state folder: what a run leaves behind is all there when the folder is opened again.
+
+use uet::model::{Outcome, RunState, StepState};
+use uet::store::Store;
+
+use crate::util::Env;
+
+#[test]
+fn a_reopened_state_holds_the_run_steps_attempts_and_events() {
+    let env = Env::new();
+    env.write(
+        "tools.toml",
+        "[[tools]]\nname = \"echo\"\ncommand = [\"cat\"]\n\n[[tools]]\nname = \"fail\"\ncommand = [\"sh\", \"-c\", \"echo nope >&2; exit 1\"]\nretry = { base = \"1ms\" }\n",
+    );
+    env.write(
+        "w.toml",
+        r#"
+name = "kept"
+[[steps]]
+id = "hello"
+tool = "echo"
+with = { greeting = "hi" }
+[[steps]]
+id = "sad"
+tool = "fail"
+retries = 1
+[[steps]]
+id = "later"
+tool = "echo"
+needs = ["sad"]
+"#,
+    );
+    let (run, out) = env.run_json("w.toml");
+    run.expect(1);
+    let id = out["run_id"].as_u64().unwrap();
+
+    // the binary has exited; open its state as a new process would
+    let store = Store::open(&env.state).expect("the state opens again");
+    let record = store.run(id).unwrap().expect("the run is there");
+    assert_eq!(record.name, "kept");
+    assert_eq!(record.state, RunState::Failed);
+    assert!(record.started_at.is_some() && record.finished_at.is_some());
+
+    let steps = store.steps(id).unwrap();
+    let ids: Vec<&str> = steps.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["hello", "sad", "later"]);
+    assert_eq!(steps[0].state, StepState::Succeeded);
+    assert_eq!(steps[0].output, Some(serde_json::json!({"greeting": "hi"})));
+    assert_eq!(steps[1].state, StepState::Failed);
+    assert_eq!(steps[1].attempts, 2);
+    assert_eq!(steps[2].state, StepState::Skipped);
+
+    let attempts = store.attempts(id, "sad").unwrap();
+    assert_eq!(attempts.len(), 2);
+    for (n, a) in attempts.iter().enumerate() {
+        assert_eq!(a.number, n as u32 + 1);
+        assert_eq!(a.outcome, Some(Outcome::Failed));
+        assert!(a.stderr.contains("nope"), "{a:?}");
+        assert!(a.finished_at >= Some(a.started_at));
+    }
+    assert!(
+        attempts[0].retry_at.is_some(),
+        "the first failure scheduled a retry"
+    );
+    assert!(attempts[1].retry_at.is_none());
+
+    let events = store.events(id).unwrap();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"run.created"));
+    assert_eq!(kinds.last(), Some(&"run.failed"));
+    for want in [
+        "run.running",
+        "step.running",
+        "attempt.started",
+        "attempt.failed",
+        "step.succeeded",
+        "step.failed",
+        "step.skipped",
+    ] {
+        assert!(kinds.contains(&want), "no {want} in {kinds:?}");
+    }
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs,
+        (1..=events.len() as u64).collect::<Vec<_>>(),
+        "events are numbered in order"
+    );
+    drop(store);
+
+    // a second run in the same state gets the next id and leaves the first alone
+    let (_, again) = env.run_json("w.toml");
+    assert_eq!(again["run_id"].as_u64().unwrap(), id + 1);
+    let store = Store::open(&env.state).unwrap();
+    assert_eq!(store.runs().unwrap().len(), 2);
+    assert_eq!(store.events(id).unwrap(), events);
+}

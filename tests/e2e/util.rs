@@ -1,0 +1,130 @@
+//! The test harness: a temp workstream, a state folder, and the real `uet` binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A workstream folder with its own state folder, both removed at the end of the test.
+pub struct Env {
+    _dir: tempfile::TempDir,
+    /// The workstream: workflows, tools.toml and tool scripts go here.
+    pub ws: PathBuf,
+    /// The state folder every command of this env uses.
+    pub state: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ws = dir.path().join("ws");
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&ws).unwrap();
+        Env {
+            _dir: dir,
+            ws,
+            state,
+        }
+    }
+
+    /// Writes a file under the workstream (folders made as needed).
+    pub fn write(&self, rel: &str, content: &str) -> PathBuf {
+        let path = self.ws.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, content).unwrap();
+        path
+    }
+
+    /// Writes an executable shell script under the workstream.
+    pub fn script(&self, rel: &str, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.write(rel, &format!("#!/bin/sh\n{body}\n"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    pub fn read(&self, rel: &str) -> String {
+        std::fs::read_to_string(self.ws.join(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
+    }
+
+    /// `uet ARGS` in the workstream, with this env's state folder.
+    pub fn uet(&self, args: &[&str]) -> Run {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uet"));
+        cmd.args(args)
+            .current_dir(&self.ws)
+            .env("UET_STATE", &self.state)
+            .env_remove("RUST_LOG");
+        let shown = format!("uet {}", args.join(" "));
+        let output = cmd.output().expect("run uet");
+        Run {
+            shown,
+            cwd: self.ws.clone(),
+            output,
+        }
+    }
+
+    /// `uet run FILE --json`, parsed.
+    pub fn run_json(&self, file: &str) -> (Run, serde_json::Value) {
+        let run = self.uet(&["run", file, "--json"]);
+        let json = serde_json::from_slice(&run.output.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e})\n{}", run.describe()));
+        (run, json)
+    }
+}
+
+/// A finished command and what it printed.
+pub struct Run {
+    shown: String,
+    cwd: PathBuf,
+    pub output: Output,
+}
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.output.status.code().unwrap_or(-1)
+    }
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.output.stdout).into_owned()
+    }
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.output.stderr).into_owned()
+    }
+    pub fn describe(&self) -> String {
+        format!(
+            "command: {}\ncwd: {}\nexit: {:?}\n--- stdout\n{}\n--- stderr\n{}",
+            self.shown,
+            self.cwd.display(),
+            self.output.status,
+            self.stdout(),
+            self.stderr()
+        )
+    }
+    /// Asserts the exit code, printing everything when it is not the one expected.
+    pub fn expect(self, code: i32) -> Run {
+        assert_eq!(
+            self.code(),
+            code,
+            "unexpected exit code\n{}",
+            self.describe()
+        );
+        self
+    }
+}
+
+/// The step object with this id in a run's JSON.
+pub fn step<'a>(run: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
+    run["steps"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["id"] == id))
+        .unwrap_or_else(|| panic!("no step {id} in {run:#}"))
+}
+
+/// Whether a process is still alive.
+pub fn alive(pid: i32) -> bool {
+    // signal 0 checks existence; a zombie we do not own is reaped by init soon after
+    let status = Path::new(&format!("/proc/{pid}/status")).to_path_buf();
+    match std::fs::read_to_string(status) {
+        Ok(s) => !s
+            .lines()
+            .any(|l| l.starts_with("State:") && l.contains('Z')),
+        Err(_) => false,
+    }
+}
