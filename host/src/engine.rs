@@ -139,7 +139,12 @@ impl<'a> Scheduler<'a> {
         let mut state = vec![StepState::Pending; n];
         let mut attempts = vec![0; n];
         let mut outputs = HashMap::new();
-        let by_id: HashMap<&str, usize> = plan.steps.iter().enumerate().map(|(i, s)| (s.id.as_str(), i)).collect();
+        let by_id: HashMap<&str, usize> = plan
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.id.as_str(), i))
+            .collect();
         for rec in records {
             if let Some(&i) = by_id.get(rec.id.as_str()) {
                 state[i] = rec.state;
@@ -176,7 +181,10 @@ impl<'a> Scheduler<'a> {
     }
 
     async fn run(&mut self, cancel: CancellationToken) -> Result<RunState, EngineError> {
-        let run = self.store.run(self.run)?.ok_or(EngineError::UnknownRun(self.run))?;
+        let run = self
+            .store
+            .run(self.run)?
+            .ok_or(EngineError::UnknownRun(self.run))?;
         if run.state.is_terminal() {
             return Ok(run.state);
         }
@@ -190,7 +198,12 @@ impl<'a> Scheduler<'a> {
         // a step found running was in flight when its last driver stopped: it goes again
         for i in 0..self.state.len() {
             if self.state[i] == StepState::Running {
-                self.set_step(i, StepState::Pending, Some("requeued: was in flight when uet stopped".into()), None);
+                self.set_step(
+                    i,
+                    StepState::Pending,
+                    Some("requeued: was in flight when uet stopped".into()),
+                    None,
+                );
             }
         }
         for i in 0..self.plan.steps.len() {
@@ -202,7 +215,12 @@ impl<'a> Scheduler<'a> {
         }
         for i in 0..self.plan.steps.len() {
             if self.state[i] == StepState::Pending {
-                if self.plan.steps[i].needs.iter().any(|&d| matches!(self.state[d], StepState::Failed | StepState::Skipped | StepState::Canceled)) {
+                if self.plan.steps[i].needs.iter().any(|&d| {
+                    matches!(
+                        self.state[d],
+                        StepState::Failed | StepState::Skipped | StepState::Canceled
+                    )
+                }) {
                     self.skip_dependents_of_ancestor(i);
                 } else if self.waiting_on[i] == 0 {
                     self.ready.push((self.plan.steps[i].priority, Reverse(i)));
@@ -213,7 +231,10 @@ impl<'a> Scheduler<'a> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
         let started = Instant::now();
         let deadline = self.plan.timeout.map(|t| {
-            let elapsed = run.started_at.map(|s| Duration::from_millis(now_millis().saturating_sub(s))).unwrap_or_default();
+            let elapsed = run
+                .started_at
+                .map(|s| Duration::from_millis(now_millis().saturating_sub(s)))
+                .unwrap_or_default();
             tokio::time::Instant::now() + t.saturating_sub(elapsed)
         });
         let attempts_cancel = cancel.child_token();
@@ -225,7 +246,9 @@ impl<'a> Scheduler<'a> {
             } else {
                 self.commit()?;
             }
-            if self.running == 0 && (stop.is_some() || (self.ready.is_empty() && self.backing_off == 0)) {
+            if self.running == 0
+                && (stop.is_some() || (self.ready.is_empty() && self.backing_off == 0))
+            {
                 break;
             }
             let message = tokio::select! {
@@ -265,7 +288,14 @@ impl<'a> Scheduler<'a> {
                     .map(|i| self.plan.steps[i].id.as_str())
                     .collect();
                 if failed.is_empty() {
-                    (RunState::Succeeded, format!("{} steps succeeded in {:.2?}", self.state.len(), started.elapsed()))
+                    (
+                        RunState::Succeeded,
+                        format!(
+                            "{} steps succeeded in {:.2?}",
+                            self.state.len(),
+                            started.elapsed()
+                        ),
+                    )
                 } else {
                     (RunState::Failed, format!("failed: {}", failed.join(", ")))
                 }
@@ -282,10 +312,16 @@ impl<'a> Scheduler<'a> {
 
     /// Starts ready steps up to `max_parallel`, writing their starts (and anything else pending)
     /// in one commit before any of them runs.
-    fn start_ready(&mut self, tx: &mpsc::UnboundedSender<Message>, cancel: &CancellationToken) -> Result<(), EngineError> {
+    fn start_ready(
+        &mut self,
+        tx: &mpsc::UnboundedSender<Message>,
+        cancel: &CancellationToken,
+    ) -> Result<(), EngineError> {
         let mut launches = Vec::new();
         while self.running < self.plan.max_parallel {
-            let Some((_, Reverse(i))) = self.ready.pop() else { break };
+            let Some((_, Reverse(i))) = self.ready.pop() else {
+                break;
+            };
             let step = &self.plan.steps[i];
             let number = self.attempts[i] + 1;
             let prepared = self.prepare(i);
@@ -363,7 +399,13 @@ impl<'a> Scheduler<'a> {
         Ok((tool, input))
     }
 
-    fn handle(&mut self, message: Message, tx: &mpsc::UnboundedSender<Message>, cancel: &CancellationToken, stopping: bool) {
+    fn handle(
+        &mut self,
+        message: Message,
+        tx: &mpsc::UnboundedSender<Message>,
+        cancel: &CancellationToken,
+        stopping: bool,
+    ) {
         match message {
             Message::Due(i) => {
                 self.backing_off -= 1;
@@ -378,7 +420,13 @@ impl<'a> Scheduler<'a> {
         }
     }
 
-    fn finish_attempt(&mut self, end: AttemptEnd, tx: &mpsc::UnboundedSender<Message>, cancel: &CancellationToken, stopping: bool) {
+    fn finish_attempt(
+        &mut self,
+        end: AttemptEnd,
+        tx: &mpsc::UnboundedSender<Message>,
+        cancel: &CancellationToken,
+        stopping: bool,
+    ) {
         let i = end.index;
         let step = &self.plan.steps[i];
         let id = step.id.clone();
@@ -456,7 +504,8 @@ impl<'a> Scheduler<'a> {
             for k in 0..self.dependents[n].len() {
                 let d = self.dependents[n][k];
                 if self.state[d] == StepState::Pending {
-                    let reason = format!("needs `{}`, which {}", self.plan.steps[n].id, self.state[n]);
+                    let reason =
+                        format!("needs `{}`, which {}", self.plan.steps[n].id, self.state[n]);
                     self.set_step(d, StepState::Skipped, Some(reason), None);
                     todo.push(d);
                 }
@@ -466,11 +515,12 @@ impl<'a> Scheduler<'a> {
 
     /// For a resumed run: a pending step whose upstream already ended badly is skipped.
     fn skip_dependents_of_ancestor(&mut self, i: usize) {
-        let bad = self.plan.steps[i]
-            .needs
-            .iter()
-            .copied()
-            .find(|&d| matches!(self.state[d], StepState::Failed | StepState::Skipped | StepState::Canceled));
+        let bad = self.plan.steps[i].needs.iter().copied().find(|&d| {
+            matches!(
+                self.state[d],
+                StepState::Failed | StepState::Skipped | StepState::Canceled
+            )
+        });
         if let Some(d) = bad {
             let reason = format!("needs `{}`, which {}", self.plan.steps[d].id, self.state[d]);
             self.set_step(i, StepState::Skipped, Some(reason), None);
@@ -478,7 +528,13 @@ impl<'a> Scheduler<'a> {
         }
     }
 
-    fn set_step(&mut self, i: usize, to: StepState, reason: Option<String>, output: Option<serde_json::Value>) {
+    fn set_step(
+        &mut self,
+        i: usize,
+        to: StepState,
+        reason: Option<String>,
+        output: Option<serde_json::Value>,
+    ) {
         self.state[i] = to;
         let id = self.plan.steps[i].id.clone();
         self.notify(Notice::Step {
@@ -582,15 +638,32 @@ async fn run_attempt(
                     ("UET_RUN_ID".into(), ctx.run.to_string()),
                     ("UET_STEP_ID".into(), ctx.step.clone()),
                     ("UET_ATTEMPT".into(), ctx.number.to_string()),
-                    ("UET_WORKSTREAM".into(), ctx.workstream.to_string_lossy().into_owned()),
+                    (
+                        "UET_WORKSTREAM".into(),
+                        ctx.workstream.to_string_lossy().into_owned(),
+                    ),
                 ],
                 timeout: ctx.timeout,
             };
             let result = run_command(spec, cancel).await;
             end.stdout = bounded(&result.stdout.text);
             end.stderr = bounded(&result.stderr.text);
-            let last_err = result.stderr.text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
-            let with_stderr = |msg: String| if last_err.is_empty() { msg } else { format!("{msg}: {last_err}") };
+            let last_err = result
+                .stderr
+                .text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            let with_stderr = |msg: String| {
+                if last_err.is_empty() {
+                    msg
+                } else {
+                    format!("{msg}: {last_err}")
+                }
+            };
             match result.exit {
                 Exit::Code(0) => {
                     end.outcome = Outcome::Succeeded;
@@ -636,13 +709,17 @@ fn parse_output(stdout: &str) -> serde_json::Value {
     if trimmed.is_empty() {
         return serde_json::Value::Null;
     }
-    serde_json::from_str(trimmed).unwrap_or_else(|_| serde_json::Value::String(stdout.trim_end_matches('\n').to_string()))
+    serde_json::from_str(trimmed)
+        .unwrap_or_else(|_| serde_json::Value::String(stdout.trim_end_matches('\n').to_string()))
 }
 
 fn bounded(text: &str) -> String {
     if text.len() <= RECORD_LIMIT {
         return text.to_string();
     }
-    let cut = (0..=RECORD_LIMIT).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    let cut = (0..=RECORD_LIMIT)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
     format!("{}\n[… {} more bytes]", &text[..cut], text.len() - cut)
 }

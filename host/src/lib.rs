@@ -2,11 +2,11 @@
 //! durable state.
 
 pub mod doc;
+pub mod engine;
 pub mod model;
 pub mod process;
+pub mod report;
 pub mod store;
 pub mod template;
 pub mod tools;
 pub mod workflow;
-// pub mod engine;
-// pub mod report;

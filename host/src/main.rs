@@ -170,6 +170,9 @@ fn cmd_run(
     state: Option<PathBuf>,
     json: bool,
 ) -> Result<u8, Failure> {
+    if !file.is_file() {
+        return Err(anyhow!("{}: no such workflow file", file.display()).into());
+    }
     let tools = Tools::load(&tools_path(file, tools)).map_err(Failure::Problems)?;
     let plan = workflow::load(file, &tools).map_err(Failure::Problems)?;
     let state_dir = match state {

@@ -1,1 +1,223 @@
+//! The command adapter: one attempt of a step as a subprocess.
+//!
+//! The child runs in its own process group so that a timeout or a cancel can kill everything it
+//! started, and its output is read as it comes, keeping only a bounded part, so neither a full
+//! pipe nor a flood of output can stall or exhaust the host.
 
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+/// stdout is the step's output and is kept in the state: 1 MiB is far more than any JSON result
+/// a step should hand on, and small enough to hold many attempts in memory at once.
+pub const STDOUT_LIMIT: usize = 1 << 20;
+
+/// stderr is kept for people reading a failure; its end is where the error usually is, so the
+/// last 64 KiB are kept.
+pub const STDERR_LIMIT: usize = 64 << 10;
+
+/// After the process exits, how long to keep reading pipes that something outside its process
+/// group (a `setsid` daemon) may still hold open.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(1);
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct CommandSpec {
+    /// The program and its arguments, already filled in.
+    pub argv: Vec<String>,
+    /// The folder it runs in (the workstream).
+    pub cwd: PathBuf,
+    /// Written to its stdin, then closed (the step input as JSON).
+    pub stdin: Vec<u8>,
+    /// Added to the inherited environment.
+    pub env: Vec<(String, String)>,
+    /// Wall-clock limit.
+    pub timeout: Option<Duration>,
+}
+
+/// How the process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal ended it.
+    Signal(i32),
+    /// It ran past its timeout and its process group was killed.
+    TimedOut,
+    /// It was canceled and its process group was killed.
+    Canceled,
+    /// It could not be started.
+    SpawnFailed(String),
+}
+
+/// One captured stream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Captured {
+    /// What was kept, as text (invalid UTF-8 replaced).
+    pub text: String,
+    /// True when more was written than was kept.
+    pub truncated: bool,
+    /// Everything the stream carried, in bytes.
+    pub total_bytes: u64,
+}
+
+/// The end of one command attempt.
+#[derive(Debug, Clone)]
+pub struct CommandResult {
+    /// How it ended.
+    pub exit: Exit,
+    /// Its stdout: the first [`STDOUT_LIMIT`] bytes.
+    pub stdout: Captured,
+    /// Its stderr: the last [`STDERR_LIMIT`] bytes.
+    pub stderr: Captured,
+    /// How long it ran.
+    pub duration: Duration,
+}
+
+/// Runs a command to its end, its timeout or a cancel.
+pub async fn run_command(spec: CommandSpec, cancel: CancellationToken) -> CommandResult {
+    let started = Instant::now();
+    let failed = |msg: String| CommandResult {
+        exit: Exit::SpawnFailed(msg),
+        stdout: Captured::default(),
+        stderr: Captured::default(),
+        duration: started.elapsed(),
+    };
+    let Some(program) = spec.argv.first() else {
+        return failed("empty command".into());
+    };
+    let mut cmd = Command::new(program);
+    cmd.args(&spec.argv[1..])
+        .current_dir(&spec.cwd)
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => return failed(format!("cannot start `{program}`: {e}")),
+    };
+    let pgid = child.id().map(|id| id as i32);
+
+    let stdin = child.stdin.take();
+    let input = spec.stdin;
+    let feed = async move {
+        if let Some(mut stdin) = stdin {
+            // a child that exits or closes stdin early is not an error of ours
+            let _ = stdin.write_all(&input).await;
+            let _ = stdin.shutdown().await;
+        }
+    };
+    let stdout = tokio::spawn(capture(child.stdout.take(), STDOUT_LIMIT, Keep::Head));
+    let stderr = tokio::spawn(capture(child.stderr.take(), STDERR_LIMIT, Keep::Tail));
+
+    let deadline = async {
+        match spec.timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    // fed from its own task: a grandchild that inherited stdin and never reads it must not
+    // keep us waiting once the child itself has exited
+    let feeder = tokio::spawn(feed);
+    let exit = tokio::select! {
+        status = child.wait() => match status {
+            Ok(status) => {
+                use std::os::unix::process::ExitStatusExt;
+                match (status.code(), status.signal()) {
+                    (Some(code), _) => Exit::Code(code),
+                    (None, Some(sig)) => Exit::Signal(sig),
+                    (None, None) => Exit::Code(-1),
+                }
+            }
+            Err(e) => Exit::SpawnFailed(format!("cannot wait for `{program}`: {e}")),
+        },
+        _ = deadline => Exit::TimedOut,
+        _ = cancel.cancelled() => Exit::Canceled,
+    };
+    feeder.abort();
+    // the leader is done (or must be): nothing it started may outlive the attempt
+    if let Some(pgid) = pgid {
+        kill_group(pgid);
+    }
+    if matches!(exit, Exit::TimedOut | Exit::Canceled) {
+        let _ = child.kill().await;
+    }
+    let stdout = drain(stdout).await;
+    let stderr = drain(stderr).await;
+    CommandResult {
+        exit,
+        stdout,
+        stderr,
+        duration: started.elapsed(),
+    }
+}
+
+fn kill_group(pgid: i32) {
+    // SAFETY: kill(2) with a negative pid signals a process group; no memory is involved.
+    unsafe {
+        libc::kill(-pgid, libc::SIGKILL);
+    }
+}
+
+async fn drain(task: tokio::task::JoinHandle<Captured>) -> Captured {
+    let abort = task.abort_handle();
+    match tokio::time::timeout(DRAIN_AFTER_EXIT, task).await {
+        Ok(Ok(captured)) => captured,
+        _ => {
+            abort.abort();
+            Captured {
+                text: String::new(),
+                truncated: true,
+                total_bytes: 0,
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Keep {
+    Head,
+    Tail,
+}
+
+/// Reads a stream to its end, keeping at most `limit` bytes of its head or tail.
+async fn capture(stream: Option<impl AsyncRead + Unpin>, limit: usize, keep: Keep) -> Captured {
+    let Some(mut stream) = stream else {
+        return Captured::default();
+    };
+    let mut kept: Vec<u8> = Vec::new();
+    let mut total: u64 = 0;
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        total += n as u64;
+        match keep {
+            Keep::Head => {
+                let room = limit.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+            }
+            Keep::Tail => {
+                kept.extend_from_slice(&buf[..n]);
+                if kept.len() > limit {
+                    let cut = kept.len() - limit;
+                    kept.drain(..cut);
+                }
+            }
+        }
+    }
+    Captured {
+        text: String::from_utf8_lossy(&kept).into_owned(),
+        truncated: total > kept.len() as u64,
+        total_bytes: total,
+    }
+}

@@ -59,14 +59,17 @@ impl RunView {
 
     /// A summary for a person: the run's line, then a line per step.
     pub fn to_text(&self) -> String {
-        let mut out = format!("run {} `{}`: {}", self.run.id, self.run.name, self.run.state);
+        let mut out = format!(
+            "run {} `{}`: {}",
+            self.run.id, self.run.name, self.run.state
+        );
         if let Some(ms) = duration_ms(self.run.started_at, self.run.finished_at) {
             out.push_str(&format!(" in {}", seconds(ms)));
         }
-        if let Some(reason) = &self.run.reason {
-            if !self.run.state.eq(&crate::model::RunState::Succeeded) {
-                out.push_str(&format!(" ({reason})"));
-            }
+        if let Some(reason) = &self.run.reason
+            && self.run.state != crate::model::RunState::Succeeded
+        {
+            out.push_str(&format!(" ({reason})"));
         }
         out.push('\n');
         let width = self.steps.iter().map(|s| s.id.len()).max().unwrap_or(0);

@@ -1,1 +1,631 @@
+//! The durable state: runs, steps, attempts and each run's event log, in one redb file.
+//!
+//! Every change goes through [`Store::apply`], which checks each transition against the
+//! lifecycles of `model.rs`, appends the matching events, and commits the whole batch in one
+//! write transaction, or nothing of it.
 
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    AttemptRecord, EventRecord, Millis, Outcome, RunId, RunRecord, RunState, StepRecord, StepState,
+    now_millis,
+};
+
+/// The database file inside a state folder.
+pub const STATE_FILE: &str = "uet.redb";
+
+/// The layout version this build writes; a file from a newer layout is refused, not misread.
+const SCHEMA_VERSION: u64 = 1;
+
+// The whole schema. Records are JSON: readable with any redb tool, and cheap next to the fsync
+// that every commit costs.
+/// Counters: `next_run`, `schema`.
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Run id → [`RunRow`].
+const RUNS: TableDefinition<u64, &[u8]> = TableDefinition::new("runs");
+/// (run, step id) → [`StepRow`].
+const STEPS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("steps");
+/// (run, step id, attempt number) → [`AttemptRecord`].
+const ATTEMPTS: TableDefinition<(u64, &str, u32), &[u8]> = TableDefinition::new("attempts");
+/// (run, seq) → [`EventRecord`].
+const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events");
+
+/// A run as stored: the record plus the next event number of its log.
+#[derive(Serialize, Deserialize)]
+struct RunRow {
+    record: RunRecord,
+    next_event: u64,
+}
+
+/// A step as stored: the record plus its place in the workflow, for listing in order.
+#[derive(Serialize, Deserialize)]
+struct StepRow {
+    position: u32,
+    record: StepRecord,
+}
+
+/// Why the state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StateError {
+    /// The state folder or file could not be created or opened.
+    #[error("cannot open the state file {path}: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Another process has the state file open.
+    #[error("the state file {0} is in use by another uet process")]
+    InUse(PathBuf),
+    /// The file was written by a newer uet.
+    #[error(
+        "the state file {path} has layout version {found}; this uet reads version {SCHEMA_VERSION}"
+    )]
+    Version {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        found: u64,
+    },
+    /// Reading or writing the database failed.
+    #[error("state storage: {0}")]
+    Storage(#[from] Box<redb::Error>),
+    /// A stored record could not be decoded.
+    #[error("corrupt record in table {table} at {key}: {error}")]
+    Corrupt {
+        /// The table.
+        table: &'static str,
+        /// The key, in words.
+        key: String,
+        /// The decoding error.
+        error: String,
+    },
+    /// A transition the lifecycle does not allow; a bug in the caller.
+    #[error("illegal transition of run {run}{}: {from} → {to}", step.as_ref().map(|s| format!(" step `{s}`")).unwrap_or_default())]
+    IllegalTransition {
+        /// The run.
+        run: RunId,
+        /// The step, for a step transition.
+        step: Option<String>,
+        /// The current state.
+        from: String,
+        /// The state asked for.
+        to: String,
+    },
+    /// No such run.
+    #[error("no run {0}")]
+    UnknownRun(RunId),
+    /// No such step.
+    #[error("run {run} has no step `{step}`")]
+    UnknownStep {
+        /// The run.
+        run: RunId,
+        /// The step.
+        step: String,
+    },
+    /// No such attempt.
+    #[error("step `{step}` of run {run} has no attempt {number}")]
+    UnknownAttempt {
+        /// The run.
+        run: RunId,
+        /// The step.
+        step: String,
+        /// The attempt number.
+        number: u32,
+    },
+}
+
+/// Converts any redb error into a [`StateError::Storage`].
+fn storage(e: impl Into<redb::Error>) -> StateError {
+    StateError::Storage(Box::new(e.into()))
+}
+
+/// One change to the state. A batch of changes is applied in one write transaction.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A run moves to another state.
+    RunState {
+        /// The run.
+        run: RunId,
+        /// Its new state.
+        to: RunState,
+        /// Why, in words.
+        reason: Option<String>,
+    },
+    /// A step moves to another state.
+    StepState {
+        /// The run.
+        run: RunId,
+        /// The step.
+        step: String,
+        /// Its new state.
+        to: StepState,
+        /// Why, in words.
+        reason: Option<String>,
+        /// Its output, when it succeeded.
+        output: Option<serde_json::Value>,
+    },
+    /// An attempt starts.
+    AttemptStarted {
+        /// The run.
+        run: RunId,
+        /// The step.
+        step: String,
+        /// 1 for the first.
+        number: u32,
+        /// The tool that runs it.
+        tool: String,
+    },
+    /// An attempt ends.
+    AttemptFinished {
+        /// The run.
+        run: RunId,
+        /// The step.
+        step: String,
+        /// Which attempt.
+        number: u32,
+        /// How it ended.
+        outcome: Outcome,
+        /// What went wrong.
+        error: Option<String>,
+        /// Its captured stdout (bounded).
+        stdout: String,
+        /// Its captured stderr (bounded).
+        stderr: String,
+        /// When the next attempt is due, if one will be made.
+        retry_at: Option<Millis>,
+    },
+    /// Anything else worth a line in the run's log.
+    Event {
+        /// The run.
+        run: RunId,
+        /// The step, if any.
+        step: Option<String>,
+        /// What happened.
+        kind: String,
+        /// In words.
+        detail: String,
+    },
+}
+
+/// The state of one folder, open for reading and writing.
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating if needed) the state in `dir`.
+    pub fn open(dir: &Path) -> Result<Store, StateError> {
+        let path = dir.join(STATE_FILE);
+        let open_err = |e: Box<dyn std::error::Error + Send + Sync>| StateError::Open {
+            path: path.clone(),
+            source: e,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| open_err(Box::new(e)))?;
+        let db = match Database::create(&path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StateError::InUse(path)),
+            Err(e) => return Err(open_err(Box::new(e))),
+        };
+        let store = Store { db, path };
+        store.init()?;
+        Ok(store)
+    }
+
+    /// Creates every table so that reads of a fresh file find them, and checks the layout.
+    fn init(&self) -> Result<(), StateError> {
+        let tx = self.db.begin_write().map_err(storage)?;
+        {
+            let mut meta = tx.open_table(META).map_err(storage)?;
+            let found = meta.get("schema").map_err(storage)?.map(|v| v.value());
+            match found {
+                Some(v) if v > SCHEMA_VERSION => {
+                    return Err(StateError::Version {
+                        path: self.path.clone(),
+                        found: v,
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("schema", SCHEMA_VERSION).map_err(storage)?;
+                }
+            }
+            tx.open_table(RUNS).map_err(storage)?;
+            tx.open_table(STEPS).map_err(storage)?;
+            tx.open_table(ATTEMPTS).map_err(storage)?;
+            tx.open_table(EVENTS).map_err(storage)?;
+        }
+        tx.commit().map_err(storage)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Records a new pending run with its steps (all pending, in the given order) and a
+    /// `run.created` event; durable on return.
+    pub fn create_run(
+        &self,
+        name: &str,
+        source: &str,
+        workstream: &str,
+        plan: serde_json::Value,
+        step_ids: &[String],
+    ) -> Result<RunId, StateError> {
+        let tx = self.db.begin_write().map_err(storage)?;
+        let id;
+        {
+            let mut meta = tx.open_table(META).map_err(storage)?;
+            id = meta
+                .get("next_run")
+                .map_err(storage)?
+                .map(|v| v.value())
+                .unwrap_or(1);
+            meta.insert("next_run", id + 1).map_err(storage)?;
+            let now = now_millis();
+            let mut row = RunRow {
+                record: RunRecord {
+                    id,
+                    name: name.to_string(),
+                    state: RunState::Pending,
+                    reason: None,
+                    source: source.to_string(),
+                    workstream: workstream.to_string(),
+                    plan,
+                    created_at: now,
+                    started_at: None,
+                    finished_at: None,
+                },
+                next_event: 1,
+            };
+            let mut steps = tx.open_table(STEPS).map_err(storage)?;
+            for (position, step) in step_ids.iter().enumerate() {
+                let row = StepRow {
+                    position: position as u32,
+                    record: StepRecord {
+                        id: step.clone(),
+                        state: StepState::Pending,
+                        attempts: 0,
+                        tool: None,
+                        output: None,
+                        reason: None,
+                        started_at: None,
+                        finished_at: None,
+                    },
+                };
+                steps
+                    .insert((id, step.as_str()), encode(&row).as_slice())
+                    .map_err(storage)?;
+            }
+            let mut events = tx.open_table(EVENTS).map_err(storage)?;
+            append_event(
+                &mut events,
+                &mut row,
+                None,
+                "run.created",
+                format!("{} steps from {source}", step_ids.len()),
+            )?;
+            tx.open_table(RUNS)
+                .map_err(storage)?
+                .insert(id, encode(&row).as_slice())
+                .map_err(storage)?;
+        }
+        tx.commit().map_err(storage)?;
+        Ok(id)
+    }
+
+    /// Applies the batch in order in one write transaction, durable on return. If any change
+    /// is illegal, nothing of the batch is written.
+    pub fn apply(&self, changes: &[Change]) -> Result<(), StateError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let tx = self.db.begin_write().map_err(storage)?;
+        {
+            let mut runs = tx.open_table(RUNS).map_err(storage)?;
+            let mut steps = tx.open_table(STEPS).map_err(storage)?;
+            let mut attempts = tx.open_table(ATTEMPTS).map_err(storage)?;
+            let mut events = tx.open_table(EVENTS).map_err(storage)?;
+            let now = now_millis();
+            for change in changes {
+                let run_id = change_run(change);
+                let mut run: RunRow = match runs.get(run_id).map_err(storage)? {
+                    Some(v) => decode("runs", &run_id, v.value())?,
+                    None => return Err(StateError::UnknownRun(run_id)),
+                };
+                match change {
+                    Change::RunState { to, reason, .. } => {
+                        let r = &mut run.record;
+                        if !r.state.can_become(*to) {
+                            return Err(StateError::IllegalTransition {
+                                run: run_id,
+                                step: None,
+                                from: r.state.to_string(),
+                                to: to.to_string(),
+                            });
+                        }
+                        r.state = *to;
+                        r.reason = reason.clone();
+                        match to {
+                            RunState::Running => {
+                                r.started_at.get_or_insert(now);
+                            }
+                            RunState::Pending => r.finished_at = None,
+                            _ => r.finished_at = Some(now),
+                        }
+                        let detail = reason.clone().unwrap_or_default();
+                        append_event(&mut events, &mut run, None, &format!("run.{to}"), detail)?;
+                    }
+                    Change::StepState {
+                        step,
+                        to,
+                        reason,
+                        output,
+                        ..
+                    } => {
+                        let mut row = load_step(&steps, run_id, step)?;
+                        let s = &mut row.record;
+                        if !s.state.can_become(*to) {
+                            return Err(StateError::IllegalTransition {
+                                run: run_id,
+                                step: Some(step.clone()),
+                                from: s.state.to_string(),
+                                to: to.to_string(),
+                            });
+                        }
+                        s.state = *to;
+                        s.reason = reason.clone();
+                        match to {
+                            StepState::Running => {
+                                s.started_at.get_or_insert(now);
+                            }
+                            StepState::Pending => {
+                                s.finished_at = None;
+                                s.output = None;
+                            }
+                            _ => s.finished_at = Some(now),
+                        }
+                        if *to == StepState::Succeeded {
+                            s.output = output.clone();
+                        }
+                        steps
+                            .insert((run_id, step.as_str()), encode(&row).as_slice())
+                            .map_err(storage)?;
+                        let detail = reason.clone().unwrap_or_default();
+                        append_event(
+                            &mut events,
+                            &mut run,
+                            Some(step),
+                            &format!("step.{to}"),
+                            detail,
+                        )?;
+                    }
+                    Change::AttemptStarted {
+                        step, number, tool, ..
+                    } => {
+                        let mut row = load_step(&steps, run_id, step)?;
+                        row.record.attempts = *number;
+                        row.record.tool = Some(tool.clone());
+                        steps
+                            .insert((run_id, step.as_str()), encode(&row).as_slice())
+                            .map_err(storage)?;
+                        let attempt = AttemptRecord {
+                            number: *number,
+                            tool: tool.clone(),
+                            started_at: now,
+                            finished_at: None,
+                            outcome: None,
+                            error: None,
+                            stdout: String::new(),
+                            stderr: String::new(),
+                            retry_at: None,
+                        };
+                        attempts
+                            .insert(
+                                (run_id, step.as_str(), *number),
+                                encode(&attempt).as_slice(),
+                            )
+                            .map_err(storage)?;
+                        let detail = format!("attempt {number} with tool {tool}");
+                        append_event(&mut events, &mut run, Some(step), "attempt.started", detail)?;
+                    }
+                    Change::AttemptFinished {
+                        step,
+                        number,
+                        outcome,
+                        error,
+                        stdout,
+                        stderr,
+                        retry_at,
+                        ..
+                    } => {
+                        let key = (run_id, step.as_str(), *number);
+                        let mut attempt: AttemptRecord = match attempts.get(key).map_err(storage)? {
+                            Some(v) => decode("attempts", &key, v.value())?,
+                            None => {
+                                return Err(StateError::UnknownAttempt {
+                                    run: run_id,
+                                    step: step.clone(),
+                                    number: *number,
+                                });
+                            }
+                        };
+                        attempt.finished_at = Some(now);
+                        attempt.outcome = Some(*outcome);
+                        attempt.error = error.clone();
+                        attempt.stdout = stdout.clone();
+                        attempt.stderr = stderr.clone();
+                        attempt.retry_at = *retry_at;
+                        attempts
+                            .insert(key, encode(&attempt).as_slice())
+                            .map_err(storage)?;
+                        let kind = format!("attempt.{}", outcome_name(*outcome));
+                        let mut detail = format!("attempt {number}");
+                        if let Some(e) = error {
+                            detail.push_str(&format!(": {e}"));
+                        }
+                        if let Some(at) = retry_at {
+                            detail.push_str(&format!(
+                                "; next attempt in {}ms",
+                                at.saturating_sub(now)
+                            ));
+                        }
+                        append_event(&mut events, &mut run, Some(step), &kind, detail)?;
+                    }
+                    Change::Event {
+                        step, kind, detail, ..
+                    } => {
+                        append_event(&mut events, &mut run, step.as_deref(), kind, detail.clone())?;
+                    }
+                }
+                runs.insert(run_id, encode(&run).as_slice())
+                    .map_err(storage)?;
+            }
+        }
+        // dropping `tx` without commit aborts it: an error above leaves nothing behind
+        tx.commit().map_err(storage)
+    }
+
+    /// A run, if the state has it.
+    pub fn run(&self, id: RunId) -> Result<Option<RunRecord>, StateError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let runs = tx.open_table(RUNS).map_err(storage)?;
+        match runs.get(id).map_err(storage)? {
+            Some(v) => Ok(Some(decode::<RunRow>("runs", &id, v.value())?.record)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every run, oldest first.
+    pub fn runs(&self) -> Result<Vec<RunRecord>, StateError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let runs = tx.open_table(RUNS).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in runs.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            out.push(decode::<RunRow>("runs", &k.value(), v.value())?.record);
+        }
+        Ok(out)
+    }
+
+    /// A run's steps, in workflow order.
+    pub fn steps(&self, run: RunId) -> Result<Vec<StepRecord>, StateError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let steps = tx.open_table(STEPS).map_err(storage)?;
+        let mut rows: Vec<StepRow> = Vec::new();
+        for item in steps.range((run, "")..(run + 1, "")).map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            rows.push(decode("steps", &k.value(), v.value())?);
+        }
+        rows.sort_by_key(|r| r.position);
+        Ok(rows.into_iter().map(|r| r.record).collect())
+    }
+
+    /// A step's attempts, first first.
+    pub fn attempts(&self, run: RunId, step: &str) -> Result<Vec<AttemptRecord>, StateError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let attempts = tx.open_table(ATTEMPTS).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in attempts
+            .range((run, step, 0)..=(run, step, u32::MAX))
+            .map_err(storage)?
+        {
+            let (k, v) = item.map_err(storage)?;
+            out.push(decode("attempts", &k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// A run's event log, in order.
+    pub fn events(&self, run: RunId) -> Result<Vec<EventRecord>, StateError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let events = tx.open_table(EVENTS).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in events.range((run, 0)..=(run, u64::MAX)).map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            out.push(decode("events", &k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+}
+
+fn change_run(change: &Change) -> RunId {
+    match change {
+        Change::RunState { run, .. }
+        | Change::StepState { run, .. }
+        | Change::AttemptStarted { run, .. }
+        | Change::AttemptFinished { run, .. }
+        | Change::Event { run, .. } => *run,
+    }
+}
+
+fn load_step(
+    steps: &redb::Table<(u64, &str), &[u8]>,
+    run: RunId,
+    step: &str,
+) -> Result<StepRow, StateError> {
+    match steps.get((run, step)).map_err(storage)? {
+        Some(v) => decode("steps", &(run, step), v.value()),
+        None => Err(StateError::UnknownStep {
+            run,
+            step: step.to_string(),
+        }),
+    }
+}
+
+fn append_event(
+    events: &mut redb::Table<(u64, u64), &[u8]>,
+    run: &mut RunRow,
+    step: Option<&str>,
+    kind: &str,
+    detail: String,
+) -> Result<(), StateError> {
+    let event = EventRecord {
+        seq: run.next_event,
+        at: now_millis(),
+        step: step.map(str::to_string),
+        kind: kind.to_string(),
+        detail,
+    };
+    events
+        .insert((run.record.id, event.seq), encode(&event).as_slice())
+        .map_err(storage)?;
+    run.next_event += 1;
+    Ok(())
+}
+
+fn outcome_name(outcome: Outcome) -> &'static str {
+    match outcome {
+        Outcome::Succeeded => "succeeded",
+        Outcome::Failed => "failed",
+        Outcome::TimedOut => "timed_out",
+        Outcome::Canceled => "canceled",
+        Outcome::Error => "error",
+        Outcome::Interrupted => "interrupted",
+    }
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // serializing our own plain structs to JSON cannot fail
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(
+    table: &'static str,
+    key: &dyn std::fmt::Debug,
+    bytes: &[u8],
+) -> Result<T, StateError> {
+    serde_json::from_slice(bytes).map_err(|e| StateError::Corrupt {
+        table,
+        key: format!("{key:?}"),
+        error: e.to_string(),
+    })
+}

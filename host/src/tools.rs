@@ -172,11 +172,14 @@ impl Tools {
 
     /// Reads and checks a tools file, reporting every problem at once.
     pub fn load(path: &Path) -> Result<Tools, Problems> {
+        // relative programs and plugins resolve against this file's folder, wherever the
+        // tools later run from
+        let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let bytes = std::fs::read(path).map_err(|e| {
             Problems(vec![Problem {
                 file: path.to_path_buf(),
                 position: None,
-                message: format!("cannot read tools file: {e}"),
+                message: format!("cannot read the tools file: {e} (put a tools.toml beside the workflow, or pass --tools FILE)"),
             }])
         })?;
         Self::parse(path, &bytes)

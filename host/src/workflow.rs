@@ -156,6 +156,8 @@ const STEP_KEYS: &[&str] = &[
 struct Written<'n> {
     id: String,
     id_span: Range<usize>,
+    /// Where `tool` or `capability` is written (the step's table when neither is).
+    target_span: Range<usize>,
     node: &'n Node,
     needs: Vec<(String, Range<usize>)>,
     with_node: Option<&'n Node>,
@@ -296,9 +298,16 @@ fn read_step<'n>(src: &mut Source<'_>, node: &'n Node, index: usize) -> Option<W
     f.ignore("description");
     let tool = f.string(src, "tool");
     let capability = f.string(src, "capability");
+    let mut target_span = node.span.clone();
     let target = match (tool, capability) {
-        (Some((t, _)), None) => Target::Tool(t),
-        (None, Some((c, _))) => Target::Capability(c),
+        (Some((t, span)), None) => {
+            target_span = span;
+            Target::Tool(t)
+        }
+        (None, Some((c, span))) => {
+            target_span = span;
+            Target::Capability(c)
+        }
         (Some(_), Some(_)) => {
             src.error(
                 &node.span,
@@ -320,12 +329,8 @@ fn read_step<'n>(src: &mut Source<'_>, node: &'n Node, index: usize) -> Option<W
     let with_node = f.node("with");
     let with = match with_node {
         Some(n) if matches!(n.value, Value::Table(_)) => {
-            // keys must be unique here too; Fields reports JSON duplicates
-            if let Some(mut w) = Fields::nested_in(src, n, &label, "with") {
-                if let Value::Table(entries) = &n.value {
-                    entries.iter().for_each(|e| w.ignore(&e.key));
-                }
-            }
+            // a key written twice (JSON allows it) is reported; the values are read as JSON
+            let _ = Fields::nested_in(src, n, &label, "with");
             n.to_json()
         }
         Some(n) => {
@@ -347,6 +352,7 @@ fn read_step<'n>(src: &mut Source<'_>, node: &'n Node, index: usize) -> Option<W
     Some(Written {
         id: id.clone(),
         id_span,
+        target_span,
         node,
         needs,
         with_node,
@@ -366,12 +372,11 @@ fn read_step<'n>(src: &mut Source<'_>, node: &'n Node, index: usize) -> Option<W
 /// `step `id`` when the table has a string `id`, else `steps[3]`, for messages.
 pub(crate) fn label_of(node: &Node, kind: &str, index: usize) -> String {
     let key = if kind == "step" { "id" } else { "name" };
-    if let Value::Table(entries) = &node.value {
-        if let Some(Value::String(name)) =
+    if let Value::Table(entries) = &node.value
+        && let Some(Value::String(name)) =
             entries.iter().find(|e| e.key == key).map(|e| &e.node.value)
-        {
-            return format!("{kind} `{name}`");
-        }
+    {
+        return format!("{kind} `{name}`");
     }
     format!("{kind}s[{index}]")
 }
@@ -525,7 +530,7 @@ fn is_upstream(written: &[Written<'_>], step: usize, candidate: usize) -> bool {
 
 fn check_tools(src: &mut Source<'_>, written: &[Written<'_>], tools: &Tools) {
     for w in written {
-        let span = &w.node.span;
+        let span = &w.target_span;
         match &w.step.target {
             Target::Tool(name) if name.is_empty() => {}
             Target::Tool(name) => match tools.by_name(name) {

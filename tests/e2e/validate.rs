@@ -100,15 +100,15 @@ timeout = "1 fortnight"
     for want in [
         "bad.toml:2:1: workflow: unknown key `colour`",
         "bad.toml:3:11: workflow: `timeout`: bad duration \"soon\"",
-        "bad.toml:5:1: step `a`: unknown tool `ghost`",
+        "bad.toml:7:8: step `a`: unknown tool `ghost`",
         "bad.toml:8:11: step `a`: a step cannot carry its own `command`",
         "bad.toml:11:6: duplicate step id `a` (first defined on line 6)",
-        "step `a`: no tool in",
+        "bad.toml:12:14: step `a`: no tool in",
         "has capability `no.such.thing`",
-        "bad.toml:16:10: step `b` needs `nobody`, which is not a step of this workflow",
+        "bad.toml:17:10: step `b` needs `nobody`, which is not a step of this workflow",
         "cycle in `needs`: b → c → b",
         "step `b`: ${steps.d.output.x} reads step `d`, which is not upstream",
-        "bad.toml:27:11: step `d`: `timeout`: bad duration \"1 fortnight\"",
+        "bad.toml:28:11: step `d`: `timeout`: bad duration \"1 fortnight\"",
         "problems; nothing was run",
     ] {
         assert!(err.contains(want), "missing {want:?} in:\n{err}");
@@ -123,7 +123,7 @@ fn json_workflows_get_places_too() {
         "bad.json",
         b"{\n  \"name\": \"j\",\n  \"steps\": [\n    {\"id\": \"a\", \"tool\": \"echo\", \"needs\": [\"zz\"]}\n  ]\n}\n",
     );
-    assert!(err.contains("bad.json:4:46: step `a` needs `zz`"), "{err}");
+    assert!(err.contains("bad.json:4:43: step `a` needs `zz`"), "{err}");
 }
 
 #[test]
