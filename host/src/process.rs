@@ -221,3 +221,139 @@ async fn capture(stream: Option<impl AsyncRead + Unpin>, limit: usize, keep: Kee
         total_bytes: total,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(script: &str) -> CommandSpec {
+        CommandSpec {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            cwd: std::env::temp_dir(),
+            stdin: Vec::new(),
+            env: vec![("UET_TEST".into(), "yes".into())],
+            timeout: None,
+        }
+    }
+
+    fn alive(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map(|s| {
+                !s.lines()
+                    .any(|l| l.starts_with("State:") && l.contains('Z'))
+            })
+            .unwrap_or(false)
+    }
+
+    #[tokio::test]
+    async fn stdin_goes_in_and_stdout_comes_out() {
+        let mut s = spec("cat; echo \"$UET_TEST\" >&2; exit 4");
+        s.stdin = br#"{"a": 1}"#.to_vec();
+        let r = run_command(s, CancellationToken::new()).await;
+        assert_eq!(r.exit, Exit::Code(4));
+        assert_eq!(r.stdout.text, r#"{"a": 1}"#);
+        assert_eq!(r.stderr.text, "yes\n");
+        assert!(!r.stdout.truncated);
+    }
+
+    #[tokio::test]
+    async fn a_timeout_kills_the_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let pids = dir.path().join("pids");
+        let mut s = spec(&format!(
+            "echo $$ > {p}; sleep 30 & echo $! >> {p}; wait",
+            p = pids.display()
+        ));
+        s.timeout = Some(Duration::from_millis(300));
+        let r = run_command(s, CancellationToken::new()).await;
+        assert_eq!(r.exit, Exit::TimedOut);
+        assert!(r.duration < Duration::from_secs(5), "{:?}", r.duration);
+        let pids: Vec<i32> = std::fs::read_to_string(&pids)
+            .unwrap()
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect();
+        assert_eq!(pids.len(), 2);
+        assert!(pids.iter().all(|&p| !alive(p)), "{pids:?} still alive");
+    }
+
+    #[tokio::test]
+    async fn a_cancel_stops_it_at_once() {
+        let cancel = CancellationToken::new();
+        let trigger = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            trigger.cancel();
+        });
+        let r = run_command(spec("sleep 30"), cancel).await;
+        assert_eq!(r.exit, Exit::Canceled);
+        assert!(r.duration < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn a_background_child_does_not_outlive_a_normal_exit() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid = dir.path().join("pid");
+        let r = run_command(
+            spec(&format!(
+                "sleep 30 & echo $! > {}; echo done",
+                pid.display()
+            )),
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(r.exit, Exit::Code(0));
+        assert_eq!(r.stdout.text, "done\n");
+        let pid: i32 = std::fs::read_to_string(&pid)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(!alive(pid));
+    }
+
+    #[tokio::test]
+    async fn floods_of_output_are_bounded() {
+        let r = run_command(
+            spec("head -c 50000000 /dev/zero; head -c 300000 /dev/zero | tr '\\0' e >&2; printf END >&2"),
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(r.exit, Exit::Code(0));
+        assert_eq!(r.stdout.total_bytes, 50_000_000);
+        assert_eq!(r.stdout.text.len(), STDOUT_LIMIT);
+        assert!(r.stdout.truncated);
+        assert_eq!(r.stderr.text.len(), STDERR_LIMIT);
+        assert!(
+            r.stderr.text.ends_with("eeeEND"),
+            "the tail of stderr is kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_child_that_ignores_stdin_still_finishes() {
+        let mut s = spec("echo ok");
+        s.stdin = vec![b'x'; 8 << 20];
+        let r = run_command(s, CancellationToken::new()).await;
+        assert_eq!(r.exit, Exit::Code(0));
+        assert_eq!(r.stdout.text, "ok\n");
+    }
+
+    #[tokio::test]
+    async fn a_missing_program_is_a_spawn_failure() {
+        let mut s = spec("");
+        s.argv = vec!["/no/such/tool".into()];
+        let r = run_command(s, CancellationToken::new()).await;
+        assert!(
+            matches!(&r.exit, Exit::SpawnFailed(m) if m.contains("/no/such/tool")),
+            "{:?}",
+            r.exit
+        );
+        s = spec("");
+        s.argv.clear();
+        assert!(matches!(
+            run_command(s, CancellationToken::new()).await.exit,
+            Exit::SpawnFailed(_)
+        ));
+    }
+}

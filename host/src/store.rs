@@ -629,3 +629,170 @@ fn decode<T: for<'de> Deserialize<'de>>(
         error: e.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_run(store: &Store) -> RunId {
+        let steps = vec!["b".to_string(), "a".to_string()];
+        store
+            .create_run("w", "/w.toml", "/ws", serde_json::json!({}), &steps)
+            .unwrap()
+    }
+
+    fn step_to(run: RunId, step: &str, to: StepState) -> Change {
+        Change::StepState {
+            run,
+            step: step.into(),
+            to,
+            reason: None,
+            output: None,
+        }
+    }
+
+    #[test]
+    fn an_illegal_transition_rejects_its_whole_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let run = new_run(&store);
+        let before = store.events(run).unwrap().len();
+        let batch = [
+            Change::RunState {
+                run,
+                to: RunState::Running,
+                reason: None,
+            },
+            step_to(run, "a", StepState::Running),
+            // a running step cannot be skipped
+            step_to(run, "a", StepState::Skipped),
+        ];
+        let err = store.apply(&batch).unwrap_err();
+        assert!(
+            matches!(&err, StateError::IllegalTransition { step: Some(s), .. } if s == "a"),
+            "{err}"
+        );
+        assert_eq!(store.run(run).unwrap().unwrap().state, RunState::Pending);
+        assert_eq!(store.steps(run).unwrap()[1].state, StepState::Pending);
+        assert_eq!(store.events(run).unwrap().len(), before);
+    }
+
+    #[test]
+    fn no_op_and_backward_transitions_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let run = new_run(&store);
+        let to = |to| Change::RunState {
+            run,
+            to,
+            reason: None,
+        };
+        assert!(store.apply(&[to(RunState::Pending)]).is_err());
+        assert!(store.apply(&[to(RunState::Succeeded)]).is_err());
+        store.apply(&[to(RunState::Running)]).unwrap();
+        store.apply(&[to(RunState::Succeeded)]).unwrap();
+        assert!(store.apply(&[to(RunState::Running)]).is_err());
+    }
+
+    #[test]
+    fn unknown_runs_steps_and_attempts_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let run = new_run(&store);
+        let err = store
+            .apply(&[step_to(run + 7, "a", StepState::Running)])
+            .unwrap_err();
+        assert!(matches!(err, StateError::UnknownRun(r) if r == run + 7));
+        let err = store
+            .apply(&[step_to(run, "zz", StepState::Running)])
+            .unwrap_err();
+        assert!(matches!(err, StateError::UnknownStep { .. }));
+        let finish = Change::AttemptFinished {
+            run,
+            step: "a".into(),
+            number: 1,
+            outcome: Outcome::Failed,
+            error: None,
+            stdout: String::new(),
+            stderr: String::new(),
+            retry_at: None,
+        };
+        assert!(matches!(
+            store.apply(&[finish]).unwrap_err(),
+            StateError::UnknownAttempt { .. }
+        ));
+        assert!(store.run(run + 7).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_batch_lands_whole_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let run;
+        {
+            let store = Store::open(dir.path()).unwrap();
+            run = new_run(&store);
+            let mut batch = vec![Change::RunState {
+                run,
+                to: RunState::Running,
+                reason: None,
+            }];
+            for step in ["a", "b"] {
+                batch.push(step_to(run, step, StepState::Running));
+                batch.push(Change::AttemptStarted {
+                    run,
+                    step: step.into(),
+                    number: 1,
+                    tool: "t".into(),
+                });
+                batch.push(Change::AttemptFinished {
+                    run,
+                    step: step.into(),
+                    number: 1,
+                    outcome: Outcome::Succeeded,
+                    error: None,
+                    stdout: "{}".into(),
+                    stderr: "warn".into(),
+                    retry_at: None,
+                });
+                batch.push(Change::StepState {
+                    run,
+                    step: step.into(),
+                    to: StepState::Succeeded,
+                    reason: None,
+                    output: Some(serde_json::json!({ "step": step })),
+                });
+            }
+            store.apply(&batch).unwrap();
+            // the second process on the same file is refused while this one holds it
+            assert!(matches!(Store::open(dir.path()), Err(StateError::InUse(_))));
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let steps = store.steps(run).unwrap();
+        assert_eq!(
+            steps.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+            ["b", "a"]
+        );
+        assert!(
+            steps
+                .iter()
+                .all(|s| s.state == StepState::Succeeded && s.attempts == 1)
+        );
+        assert_eq!(steps[1].output, Some(serde_json::json!({ "step": "a" })));
+        let attempts = store.attempts(run, "a").unwrap();
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(attempts[0].stderr, "warn");
+        let kinds: Vec<String> = store
+            .events(run)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(kinds.len(), 1 + 1 + 2 * 4);
+        assert_eq!(kinds[0], "run.created");
+        assert_eq!(kinds[1], "run.running");
+        assert_eq!(kinds[3], "attempt.started");
+        assert_eq!(kinds[4], "attempt.succeeded");
+        // ids keep growing across reopens
+        assert_eq!(new_run(&store), run + 1);
+    }
+}

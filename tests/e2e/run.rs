@@ -393,3 +393,53 @@ fn the_summary_is_readable_and_progress_goes_to_stderr() {
         run.describe()
     );
 }
+
+#[test]
+fn ctrl_c_cancels_the_run_and_its_processes() {
+    let env = Env::new();
+    tools(&env);
+    env.write(
+        "long.toml",
+        "name = \"long\"\n[[steps]]\nid = \"nap\"\ntool = \"sleepy\"\nwith = { pidfile = \"pids\" }\n",
+    );
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_uet"))
+        .args(["run", "long.toml", "--json"])
+        .current_dir(&env.ws)
+        .env("UET_STATE", &env.state)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pids = env.ws.join("pids");
+    let waited = Instant::now();
+    while std::fs::read_to_string(&pids)
+        .ok()
+        .map(|s| s.lines().count())
+        != Some(2)
+    {
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "the step never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: signalling a child we spawned
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(out["state"], "canceled");
+    assert_eq!(step(&out, "nap")["state"], "canceled");
+    for pid in env
+        .read("pids")
+        .lines()
+        .map(|l| l.trim().parse::<i32>().unwrap())
+    {
+        assert!(!alive(pid), "process {pid} outlived the cancel");
+    }
+}
