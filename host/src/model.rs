@@ -182,8 +182,6 @@ pub struct RunRecord {
     pub source: String,
     /// The workstream folder its steps run in.
     pub workstream: String,
-    /// The validated plan, as JSON, so the run can resume without the original file.
-    pub plan: serde_json::Value,
     /// When it was recorded.
     pub created_at: Millis,
     /// When it first started running.

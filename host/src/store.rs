@@ -26,6 +26,9 @@ const SCHEMA_VERSION: u64 = 1;
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Run id → [`RunRow`].
 const RUNS: TableDefinition<u64, &[u8]> = TableDefinition::new("runs");
+/// Run id → the validated plan as JSON, so a run can resume without its original file. Kept
+/// apart from the run row, which every transition rewrites.
+const PLANS: TableDefinition<u64, &[u8]> = TableDefinition::new("plans");
 /// (run, step id) → [`StepRow`].
 const STEPS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("steps");
 /// (run, step id, attempt number) → [`AttemptRecord`].
@@ -238,6 +241,7 @@ impl Store {
                 }
             }
             tx.open_table(RUNS).map_err(storage)?;
+            tx.open_table(PLANS).map_err(storage)?;
             tx.open_table(STEPS).map_err(storage)?;
             tx.open_table(ATTEMPTS).map_err(storage)?;
             tx.open_table(EVENTS).map_err(storage)?;
@@ -279,7 +283,6 @@ impl Store {
                     reason: None,
                     source: source.to_string(),
                     workstream: workstream.to_string(),
-                    plan,
                     created_at: now,
                     started_at: None,
                     finished_at: None,
@@ -317,6 +320,10 @@ impl Store {
                 .map_err(storage)?
                 .insert(id, encode(&row).as_slice())
                 .map_err(storage)?;
+            tx.open_table(PLANS)
+                .map_err(storage)?
+                .insert(id, encode(&plan).as_slice())
+                .map_err(storage)?;
         }
         tx.commit().map_err(storage)?;
         Ok(id)
@@ -335,12 +342,23 @@ impl Store {
             let mut attempts = tx.open_table(ATTEMPTS).map_err(storage)?;
             let mut events = tx.open_table(EVENTS).map_err(storage)?;
             let now = now_millis();
+            // each run row is read once and written once per batch, however many changes
+            // touch it
+            let mut touched: Vec<RunRow> = Vec::new();
             for change in changes {
                 let run_id = change_run(change);
-                let mut run: RunRow = match runs.get(run_id).map_err(storage)? {
-                    Some(v) => decode("runs", &run_id, v.value())?,
-                    None => return Err(StateError::UnknownRun(run_id)),
+                let slot = match touched.iter().position(|r| r.record.id == run_id) {
+                    Some(i) => i,
+                    None => {
+                        let row: RunRow = match runs.get(run_id).map_err(storage)? {
+                            Some(v) => decode("runs", &run_id, v.value())?,
+                            None => return Err(StateError::UnknownRun(run_id)),
+                        };
+                        touched.push(row);
+                        touched.len() - 1
+                    }
                 };
+                let run = &mut touched[slot];
                 match change {
                     Change::RunState { to, reason, .. } => {
                         let r = &mut run.record;
@@ -362,7 +380,7 @@ impl Store {
                             _ => r.finished_at = Some(now),
                         }
                         let detail = reason.clone().unwrap_or_default();
-                        append_event(&mut events, &mut run, None, &format!("run.{to}"), detail)?;
+                        append_event(&mut events, run, None, &format!("run.{to}"), detail)?;
                     }
                     Change::StepState {
                         step,
@@ -400,13 +418,7 @@ impl Store {
                             .insert((run_id, step.as_str()), encode(&row).as_slice())
                             .map_err(storage)?;
                         let detail = reason.clone().unwrap_or_default();
-                        append_event(
-                            &mut events,
-                            &mut run,
-                            Some(step),
-                            &format!("step.{to}"),
-                            detail,
-                        )?;
+                        append_event(&mut events, run, Some(step), &format!("step.{to}"), detail)?;
                     }
                     Change::AttemptStarted {
                         step, number, tool, ..
@@ -435,7 +447,7 @@ impl Store {
                             )
                             .map_err(storage)?;
                         let detail = format!("attempt {number} with tool {tool}");
-                        append_event(&mut events, &mut run, Some(step), "attempt.started", detail)?;
+                        append_event(&mut events, run, Some(step), "attempt.started", detail)?;
                     }
                     Change::AttemptFinished {
                         step,
@@ -478,12 +490,12 @@ impl Store {
                                 at.saturating_sub(now)
                             ));
                         }
-                        append_event(&mut events, &mut run, Some(step), &kind, detail)?;
+                        append_event(&mut events, run, Some(step), &kind, detail)?;
                     }
                     Change::Event {
                         step, kind, detail, ..
                     } => {
-                        append_event(&mut events, &mut run, step.as_deref(), kind, detail.clone())?;
+                        append_event(&mut events, run, step.as_deref(), kind, detail.clone())?;
                     }
                 }
                 runs.insert(run_id, encode(&run).as_slice())
@@ -500,6 +512,16 @@ impl Store {
         let runs = tx.open_table(RUNS).map_err(storage)?;
         match runs.get(id).map_err(storage)? {
             Some(v) => Ok(Some(decode::<RunRow>("runs", &id, v.value())?.record)),
+            None => Ok(None),
+        }
+    }
+
+    /// The plan a run was recorded with.
+    pub fn plan(&self, id: RunId) -> Result<Option<serde_json::Value>, StateError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let plans = tx.open_table(PLANS).map_err(storage)?;
+        match plans.get(id).map_err(storage)? {
+            Some(v) => Ok(Some(decode("plans", &id, v.value())?)),
             None => Ok(None),
         }
     }
