@@ -19,6 +19,7 @@ use crate::process::{CommandSpec, Exit, run_command};
 use crate::store::{Change, StateError, Store};
 use crate::template;
 use crate::tools::{RetryPolicy, Tool, ToolKind, Tools};
+use crate::wasm::{Grants, Limits, Report, Runtime, WasmOutcome};
 use crate::workflow::{Plan, Target};
 
 /// How much of an attempt's stdout/stderr the attempt record keeps; the full (bounded) stdout
@@ -47,6 +48,8 @@ pub struct RunSpec<'a> {
     pub workstream: &'a Path,
     /// The tools that may run its steps.
     pub tools: &'a Tools,
+    /// The plugin runtime, when any tool is a WASM plugin.
+    pub wasm: Option<Arc<Runtime>>,
 }
 
 /// Something for a person to see, sent as the run goes.
@@ -62,6 +65,15 @@ pub enum Notice {
         attempts: u32,
         /// Why, when it failed, was skipped or canceled.
         reason: Option<String>,
+    },
+    /// A plugin reported progress on a running step.
+    Progress {
+        /// The step.
+        id: String,
+        /// From 0.0 to 1.0.
+        fraction: f32,
+        /// What it is doing.
+        message: String,
     },
     /// An attempt failed and another is due.
     Retry {
@@ -92,6 +104,8 @@ enum Message {
     Done(AttemptEnd),
     /// A step's backoff is over.
     Due(usize),
+    /// A plugin said something while it ran.
+    Report(usize, Report),
 }
 
 /// Drives a run to a terminal state and returns it. Steps already succeeded (a resumed run) keep
@@ -112,6 +126,7 @@ struct Scheduler<'a> {
     plan: &'a Plan,
     tools: &'a Tools,
     workstream: PathBuf,
+    wasm: Option<Arc<Runtime>>,
     state: Vec<StepState>,
     attempts: Vec<u32>,
     outputs: HashMap<usize, serde_json::Value>,
@@ -166,6 +181,7 @@ impl<'a> Scheduler<'a> {
             plan,
             tools: spec.tools,
             workstream: spec.workstream.to_path_buf(),
+            wasm: spec.wasm.clone(),
             state,
             attempts,
             outputs,
@@ -371,6 +387,8 @@ impl<'a> Scheduler<'a> {
                         number,
                         workstream: self.workstream.clone(),
                         timeout,
+                        wasm: self.wasm.clone(),
+                        reports: tx.clone(),
                     };
                     let tool = Arc::new(tool.clone());
                     tokio::spawn(async move {
@@ -416,6 +434,29 @@ impl<'a> Scheduler<'a> {
             Message::Done(end) => {
                 self.running -= 1;
                 self.finish_attempt(end, tx, cancel, stopping);
+            }
+            Message::Report(i, report) => {
+                let id = self.plan.steps[i].id.clone();
+                let (kind, detail) = match &report {
+                    Report::Log { level, message } => ("plugin.log", format!("{level}: {message}")),
+                    Report::Progress { fraction, message } => {
+                        self.notify(Notice::Progress {
+                            id: id.clone(),
+                            fraction: *fraction,
+                            message: message.clone(),
+                        });
+                        (
+                            "plugin.progress",
+                            format!("{:.0}% {message}", fraction * 100.0),
+                        )
+                    }
+                };
+                self.changes.push(Change::Event {
+                    run: self.run,
+                    step: Some(id),
+                    kind: kind.into(),
+                    detail,
+                });
             }
         }
     }
@@ -594,6 +635,8 @@ struct AttemptContext {
     number: u32,
     workstream: PathBuf,
     timeout: Option<Duration>,
+    wasm: Option<Arc<Runtime>>,
+    reports: mpsc::UnboundedSender<Message>,
 }
 
 async fn run_attempt(
@@ -615,11 +658,14 @@ async fn run_attempt(
     };
     match &tool.kind {
         ToolKind::Wasm { path } => {
-            end.error = Some(format!(
-                "tool `{}` is a WASM plugin ({}), and this build of uet runs command tools only",
-                tool.name,
-                path.display()
-            ));
+            let Some(runtime) = ctx.wasm.clone() else {
+                end.error = Some(format!(
+                    "tool `{}`: no plugin runtime was started",
+                    tool.name
+                ));
+                return end;
+            };
+            run_plugin(runtime, tool, path.clone(), input, ctx, cancel, &mut end).await;
         }
         ToolKind::Command { argv } => {
             let argv: Result<Vec<String>, _> = argv.iter().map(|t| t.render(&input)).collect();
@@ -701,6 +747,91 @@ async fn run_attempt(
         }
     }
     end
+}
+
+/// One attempt through a WASM plugin, on a blocking thread; a cancel reaches the running plugin
+/// through its epoch callback within a tick.
+async fn run_plugin(
+    runtime: Arc<Runtime>,
+    tool: &Tool,
+    path: PathBuf,
+    input: serde_json::Value,
+    ctx: &AttemptContext,
+    cancel: CancellationToken,
+    end: &mut AttemptEnd,
+) {
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let flag = flag.clone();
+        tokio::spawn(async move {
+            cancel.cancelled().await;
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        })
+    };
+    let grants = Grants {
+        workstream: ctx.workstream.clone(),
+        read: tool.sandbox.read.clone(),
+        write: tool.sandbox.write.clone(),
+    };
+    let limits = Limits {
+        memory: tool.memory,
+        timeout: ctx.timeout,
+        fuel: tool.fuel,
+    };
+    let index = end.index;
+    let reports = ctx.reports.clone();
+    let sink = Box::new(move |r: Report| {
+        let _ = reports.send(Message::Report(index, r));
+    });
+    let input = input.to_string();
+    let joined = tokio::task::spawn_blocking(move || {
+        runtime.run(&path, &input, &grants, &limits, flag, Some(sink))
+    })
+    .await;
+    watcher.abort();
+    let result = match joined {
+        Ok(r) => r,
+        Err(e) => {
+            end.error = Some(format!("the plugin's thread failed: {e}"));
+            return;
+        }
+    };
+    end.stdout = bounded(&result.stdout);
+    end.stderr = bounded(&result.stderr);
+    match result.outcome {
+        WasmOutcome::Output(text) => {
+            end.outcome = Outcome::Succeeded;
+            end.output = Some(parse_output(&text));
+        }
+        WasmOutcome::Failed { message, retryable } => {
+            end.outcome = Outcome::Failed;
+            end.retryable = retryable;
+            end.error = Some(message);
+        }
+        WasmOutcome::TimedOut => {
+            end.outcome = Outcome::TimedOut;
+            end.retryable = true;
+            end.error = Some(format!(
+                "timed out after {} and was stopped",
+                humantime::format_duration(ctx.timeout.unwrap_or_default())
+            ));
+        }
+        WasmOutcome::Canceled => {
+            end.outcome = Outcome::Canceled;
+            end.error = Some("canceled".into());
+        }
+        WasmOutcome::LimitExceeded(why) => {
+            end.outcome = Outcome::LimitExceeded;
+            end.retryable = true;
+            end.error = Some(why);
+        }
+        WasmOutcome::Trapped(why) => {
+            end.outcome = Outcome::Trapped;
+            end.retryable = true;
+            end.error = Some(why);
+        }
+        WasmOutcome::Error(why) => end.error = Some(why),
+    }
 }
 
 /// stdout as JSON when it is JSON; otherwise its text (trimmed of the final newline).

@@ -9,4 +9,5 @@ pub mod report;
 pub mod store;
 pub mod template;
 pub mod tools;
+pub mod wasm;
 pub mod workflow;

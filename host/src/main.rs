@@ -3,6 +3,7 @@
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
 use clap::{Parser, Subcommand};
@@ -13,7 +14,8 @@ use uet::engine::{self, Notice, RunSpec};
 use uet::model::{RunState, StepState};
 use uet::report::RunView;
 use uet::store::Store;
-use uet::tools::{TOOLS_FILE, Tools};
+use uet::tools::{TOOLS_FILE, ToolKind, Tools};
+use uet::wasm::{self, Runtime};
 use uet::workflow;
 
 /// Exit codes, as DESIGN.md fixes them.
@@ -47,6 +49,18 @@ enum Command {
         #[arg(long, env = "UET_STATE")]
         state: Option<PathBuf>,
         /// Print one JSON object instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the tools of a tools file: kind, capabilities and source.
+    Tools {
+        /// The tools file [default: ./tools.toml].
+        #[arg(long)]
+        tools: Option<PathBuf>,
+        /// The state folder, whose plugin cache is used.
+        #[arg(long, env = "UET_STATE")]
+        state: Option<PathBuf>,
+        /// Print a JSON list.
         #[arg(long)]
         json: bool,
     },
@@ -92,6 +106,7 @@ fn main() -> ExitCode {
             json,
         } => cmd_run(&file, tools.as_deref(), state, json),
         Command::Validate { files, tools } => cmd_validate(&files, tools.as_deref()),
+        Command::Tools { tools, state, json } => cmd_tools(tools.as_deref(), state, json),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -119,6 +134,93 @@ fn default_state_dir() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/state/uet"))
 }
 
+/// Where compiled plugins are cached: `$UET_CACHE_DIR`, else `cache/` in the state folder.
+fn cache_dir(state: &Path) -> PathBuf {
+    std::env::var_os("UET_CACHE_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| state.join("cache"))
+}
+
+/// Starts the plugin runtime when any tool is a plugin, and asks plugins that list no
+/// capabilities (every plugin when `all`) what they are.
+fn plugin_runtime(
+    tools: &mut Tools,
+    state: &Path,
+    all: bool,
+) -> Result<Option<Arc<Runtime>>, Failure> {
+    if !tools.has_plugins() {
+        return Ok(None);
+    }
+    let runtime = Runtime::new(Some(cache_dir(state)), tools.max_memory())
+        .context("cannot start the plugin runtime")?;
+    wasm::describe_tools(tools, &runtime, all).map_err(Failure::Problems)?;
+    Ok(Some(Arc::new(runtime)))
+}
+
+fn cmd_tools(tools: Option<&Path>, state: Option<PathBuf>, json: bool) -> Result<u8, Failure> {
+    let path = tools
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(TOOLS_FILE));
+    let mut tools = Tools::load(&path).map_err(Failure::Problems)?;
+    let state = match state {
+        Some(dir) => dir,
+        None => default_state_dir()?,
+    };
+    plugin_runtime(&mut tools, &state, true)?;
+    let rows: Vec<serde_json::Value> = tools
+        .tools
+        .iter()
+        .map(|t| {
+            let source = match &t.kind {
+                ToolKind::Command { argv } => argv
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                ToolKind::Wasm { path } => path.display().to_string(),
+            };
+            serde_json::json!({
+                "name": t.name,
+                "kind": t.kind.name(),
+                "capabilities": t.capabilities,
+                "source": source,
+                "version": t.described.as_ref().map(|d| d.version.clone()),
+            })
+        })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    if json {
+        let _ = writeln!(out, "{}", serde_json::Value::Array(rows));
+    } else {
+        let _ = writeln!(
+            out,
+            "{:<16} {:<8} {:<32} SOURCE",
+            "TOOL", "KIND", "CAPABILITIES"
+        );
+        for r in rows {
+            let caps: Vec<&str> = r["capabilities"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.as_str())
+                .collect();
+            let mut source = r["source"].as_str().unwrap_or("").to_string();
+            if let Some(v) = r["version"].as_str() {
+                source.push_str(&format!(" (v{v})"));
+            }
+            let _ = writeln!(
+                out,
+                "{:<16} {:<8} {:<32} {source}",
+                r["name"].as_str().unwrap_or(""),
+                r["kind"].as_str().unwrap_or(""),
+                caps.join(","),
+            );
+        }
+    }
+    Ok(exit::OK)
+}
+
 /// The tools file for a workflow: `--tools`, else `tools.toml` beside it.
 fn tools_path(workflow: &Path, given: Option<&Path>) -> PathBuf {
     given
@@ -130,7 +232,7 @@ fn cmd_validate(files: &[PathBuf], tools: Option<&Path>) -> Result<u8, Failure> 
     let mut problems = Vec::new();
     for file in files {
         let tools_file = tools_path(file, tools);
-        let tools = if tools.is_none() && !tools_file.exists() {
+        let mut tools = if tools.is_none() && !tools_file.exists() {
             // without a tools file the shape is still worth checking; say what was not
             eprintln!(
                 "{}: note: no {} beside it; tool names not checked",
@@ -147,6 +249,16 @@ fn cmd_validate(files: &[PathBuf], tools: Option<&Path>) -> Result<u8, Failure> 
                 }
             }
         };
+        if let Err(failure) = default_state_dir()
+            .map_err(Failure::from)
+            .and_then(|state| plugin_runtime(&mut tools, &state, false))
+        {
+            match failure {
+                Failure::Problems(p) => problems.extend(p.0),
+                Failure::Other(e) => return Err(Failure::Other(e)),
+            }
+            continue;
+        }
         match workflow::load(file, &tools) {
             Ok(plan) => println!(
                 "{}: ok: `{}`, {} steps",
@@ -173,12 +285,13 @@ fn cmd_run(
     if !file.is_file() {
         return Err(anyhow!("{}: no such workflow file", file.display()).into());
     }
-    let tools = Tools::load(&tools_path(file, tools)).map_err(Failure::Problems)?;
-    let plan = workflow::load(file, &tools).map_err(Failure::Problems)?;
+    let mut tools = Tools::load(&tools_path(file, tools)).map_err(Failure::Problems)?;
     let state_dir = match state {
         Some(dir) => dir,
         None => default_state_dir()?,
     };
+    let wasm = plugin_runtime(&mut tools, &state_dir, false)?;
+    let plan = workflow::load(file, &tools).map_err(Failure::Problems)?;
     let store = Store::open(&state_dir)
         .with_context(|| format!("cannot open the state in {}", state_dir.display()))?;
     let source = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
@@ -222,6 +335,7 @@ fn cmd_run(
             plan: &plan,
             workstream: &workstream,
             tools: &tools,
+            wasm,
         };
         let result = engine::execute(&store, spec, cancel, (!json).then_some(tx)).await;
         let _ = printer.await;
@@ -271,6 +385,13 @@ fn notice_line(notice: &Notice) -> Option<String> {
             }
             Some(line)
         }
+        Notice::Progress {
+            id,
+            fraction,
+            message,
+        } => std::io::stderr()
+            .is_terminal()
+            .then(|| format!("… {id} {:.0}% {message}", fraction * 100.0)),
         Notice::Retry {
             id,
             attempt,

@@ -154,6 +154,10 @@ pub enum Outcome {
     Error,
     /// The daemon stopped while the attempt was in flight; it did not finish.
     Interrupted,
+    /// A plugin trapped: a panic, a stack overflow, an illegal operation.
+    Trapped,
+    /// A plugin hit its memory or fuel limit.
+    LimitExceeded,
 }
 
 /// Milliseconds since the Unix epoch, the one clock format the state uses.

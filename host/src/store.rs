@@ -632,6 +632,8 @@ fn outcome_name(outcome: Outcome) -> &'static str {
         Outcome::Canceled => "canceled",
         Outcome::Error => "error",
         Outcome::Interrupted => "interrupted",
+        Outcome::Trapped => "trapped",
+        Outcome::LimitExceeded => "limit_exceeded",
     }
 }
 

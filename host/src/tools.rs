@@ -47,6 +47,8 @@ pub struct Tool {
     pub breaker: Breaker,
     /// Exit codes that decide whether a retry can help (command tools).
     pub exit_codes: ExitCodes,
+    /// What a WASM plugin said of itself, once asked.
+    pub described: Option<crate::wasm::Description>,
 }
 
 /// What a tool runs.
@@ -230,6 +232,22 @@ impl Tools {
         })
     }
 
+    /// The largest memory limit of any WASM tool, to size the plugin runtime's pool.
+    pub fn max_memory(&self) -> u64 {
+        self.tools
+            .iter()
+            .filter_map(|t| t.memory)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// True when any tool is a WASM plugin.
+    pub fn has_plugins(&self) -> bool {
+        self.tools
+            .iter()
+            .any(|t| matches!(t.kind, ToolKind::Wasm { .. }))
+    }
+
     /// The tool with this name.
     pub fn by_name(&self, name: &str) -> Option<&Tool> {
         self.tools.iter().find(|t| t.name == name)
@@ -334,6 +352,7 @@ fn read_tool(
         retry: RetryPolicy::default(),
         breaker: Breaker::default(),
         exit_codes: ExitCodes::default(),
+        described: None,
     };
     if let Some(mut limits) = f.table(src, "limits") {
         tool.timeout = limits.duration(src, "timeout");

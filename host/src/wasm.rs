@@ -1,0 +1,746 @@
+//! The WASM plugin runtime: components compiled once and cached on disk, linked once, and run
+//! in a fresh sandboxed store per attempt.
+//!
+//! Nothing outside this module touches wasmtime's or the bindings' types: attempts go in as a
+//! JSON string with grants and limits, and come out as a [`WasmResult`].
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
+    StoreLimitsBuilder, Trap, UpdateDeadline,
+};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "plugin",
+    });
+}
+
+use bindings::uet::plugin::host::Level;
+
+/// Memory a plugin may use when its tool entry does not say: plenty for text and JSON work,
+/// and small enough that a memory bomb is stopped long before it troubles the machine.
+pub const DEFAULT_MEMORY: u64 = 256 << 20;
+
+/// How often the epoch advances while plugins run: the resolution of timeouts and cancels.
+const TICK: Duration = Duration::from_millis(10);
+
+/// How much of a plugin's stdout and stderr is kept; the rest is counted and dropped.
+const OUTPUT_LIMIT: usize = 64 << 10;
+
+/// Log lines and progress reports kept per attempt: enough to follow a plugin, not enough to
+/// let a chatty one flood the event log.
+const REPORT_LIMIT: usize = 1000;
+
+/// How many component instances may be alive at once: one per concurrent plugin attempt.
+const POOL_INSTANCES: u32 = 64;
+
+/// What a plugin says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Description {
+    /// Its name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// What it can do.
+    pub capabilities: Vec<String>,
+    /// A JSON schema of its input, as JSON text.
+    pub input_schema: String,
+}
+
+/// Something a plugin reported while it ran.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    /// A log line.
+    Log {
+        /// `trace`, `debug`, `info`, `warn` or `error`.
+        level: &'static str,
+        /// The line.
+        message: String,
+    },
+    /// How far it has got.
+    Progress {
+        /// From 0.0 to 1.0.
+        fraction: f32,
+        /// What it is doing.
+        message: String,
+    },
+}
+
+/// Where a plugin may read and write, relative to the workstream.
+#[derive(Debug, Clone)]
+pub struct Grants {
+    /// The workstream folder.
+    pub workstream: PathBuf,
+    /// Folders it may read.
+    pub read: Vec<String>,
+    /// Folders it may read and write (created if missing).
+    pub write: Vec<String>,
+}
+
+/// What one attempt may use.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    /// Bytes of linear memory; [`DEFAULT_MEMORY`] when `None`.
+    pub memory: Option<u64>,
+    /// Wall-clock time.
+    pub timeout: Option<Duration>,
+    /// Instructions, roughly (wasmtime fuel).
+    pub fuel: Option<u64>,
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WasmOutcome {
+    /// `run` returned output (JSON text).
+    Output(String),
+    /// `run` returned its typed error.
+    Failed {
+        /// What went wrong.
+        message: String,
+        /// Whether another attempt could help.
+        retryable: bool,
+    },
+    /// It ran past its time limit.
+    TimedOut,
+    /// It was canceled while running.
+    Canceled,
+    /// It hit its memory or fuel limit.
+    LimitExceeded(String),
+    /// It trapped: a panic, a stack overflow, an illegal operation.
+    Trapped(String),
+    /// It could not be loaded or started.
+    Error(String),
+}
+
+/// The end of one attempt.
+#[derive(Debug, Clone)]
+pub struct WasmResult {
+    /// How it ended.
+    pub outcome: WasmOutcome,
+    /// What it wrote to stdout (bounded).
+    pub stdout: String,
+    /// What it wrote to stderr (bounded).
+    pub stderr: String,
+}
+
+/// The per-attempt host state a store carries.
+struct HostState {
+    ctx: WasiCtx,
+    table: ResourceTable,
+    limits: StoreLimits,
+    reports: Option<Box<dyn FnMut(Report) + Send>>,
+    reported: usize,
+    interrupted: Option<Interruption>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Interruption {
+    Deadline,
+    Cancel,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.ctx,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl HostState {
+    fn report(&mut self, report: Report) {
+        if self.reported < REPORT_LIMIT {
+            self.reported += 1;
+            if let Some(sink) = &mut self.reports {
+                sink(report);
+            }
+        }
+    }
+}
+
+impl bindings::uet::plugin::host::Host for HostState {
+    fn log(&mut self, level: Level, message: String) {
+        let level = match level {
+            Level::Trace => "trace",
+            Level::Debug => "debug",
+            Level::Info => "info",
+            Level::Warn => "warn",
+            Level::Error => "error",
+        };
+        self.report(Report::Log {
+            level,
+            message: clip(message),
+        });
+    }
+
+    fn progress(&mut self, fraction: f32, message: String) {
+        let fraction = if fraction.is_finite() {
+            fraction.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        self.report(Report::Progress {
+            fraction,
+            message: clip(message),
+        });
+    }
+}
+
+/// A log line or progress message longer than this is cut: they are for people.
+fn clip(mut message: String) -> String {
+    const MAX: usize = 1000;
+    if message.len() > MAX {
+        let cut = (0..=MAX)
+            .rev()
+            .find(|&i| message.is_char_boundary(i))
+            .unwrap_or(0);
+        message.truncate(cut);
+        message.push('…');
+    }
+    message
+}
+
+/// A loaded plugin: compiled, linked, ready to instantiate.
+struct Loaded {
+    pre: bindings::PluginPre<HostState>,
+}
+
+/// Compiles, caches and runs plugins. One per process; cheap to share behind an `Arc`.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<HostState>,
+    cache_dir: Option<PathBuf>,
+    loaded: Mutex<HashMap<PathBuf, Arc<Loaded>>>,
+    ticker: Arc<Ticker>,
+    fuel: bool,
+}
+
+/// Advances the engine's epoch every [`TICK`] while any plugin runs, and sleeps otherwise, so
+/// an idle daemon costs no CPU.
+struct Ticker {
+    active: Mutex<usize>,
+    wake: Condvar,
+    stop: AtomicBool,
+}
+
+struct Active<'a>(&'a Ticker);
+
+impl Ticker {
+    fn enter(&self) -> Active<'_> {
+        *self.active.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        self.wake.notify_all();
+        Active(self)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        *self.0.active.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker.stop.store(true, Ordering::Relaxed);
+        self.ticker.wake.notify_all();
+    }
+}
+
+static RUNTIMES: AtomicUsize = AtomicUsize::new(0);
+
+impl Runtime {
+    /// A runtime whose compiled plugins are cached in `cache_dir`, sized for plugins that may
+    /// use up to `max_memory` bytes each.
+    pub fn new(cache_dir: Option<PathBuf>, max_memory: u64) -> anyhow::Result<Runtime> {
+        let max_memory = max_memory.max(DEFAULT_MEMORY);
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.consume_fuel(true);
+        let mut pool = PoolingAllocationConfig::default();
+        pool.total_component_instances(POOL_INSTANCES)
+            .total_core_instances(POOL_INSTANCES * 8)
+            .total_memories(POOL_INSTANCES * 2)
+            .total_tables(POOL_INSTANCES * 8)
+            .max_memory_size(usize::try_from(max_memory).unwrap_or(usize::MAX));
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = match Engine::new(&config) {
+            Ok(engine) => engine,
+            Err(e) => {
+                // a machine that refuses the pool's address-space reservation still runs
+                // plugins, only with slower instantiation
+                tracing::warn!("pooling allocator unavailable ({e:#}); allocating on demand");
+                config.allocation_strategy(InstanceAllocationStrategy::OnDemand);
+                Engine::new(&config)?
+            }
+        };
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        bindings::Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)?;
+        let ticker = Arc::new(Ticker {
+            active: Mutex::new(0),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let weak_engine = engine.weak();
+        let t = ticker.clone();
+        std::thread::Builder::new()
+            .name(format!(
+                "uet-epoch-{}",
+                RUNTIMES.fetch_add(1, Ordering::Relaxed)
+            ))
+            .spawn(move || {
+                loop {
+                    let mut active = t.active.lock().unwrap_or_else(|e| e.into_inner());
+                    while *active == 0 && !t.stop.load(Ordering::Relaxed) {
+                        active = t.wake.wait(active).unwrap_or_else(|e| e.into_inner());
+                    }
+                    drop(active);
+                    if t.stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::sleep(TICK);
+                    match weak_engine.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => return,
+                    }
+                }
+            })?;
+        if let Some(dir) = &cache_dir {
+            std::fs::create_dir_all(dir)?;
+        }
+        Ok(Runtime {
+            engine,
+            linker,
+            cache_dir,
+            loaded: Mutex::new(HashMap::new()),
+            ticker,
+            fuel: true,
+        })
+    }
+
+    /// Loads a plugin once per process: from the on-disk cache when this engine compiled it
+    /// before, else compiled and written to the cache.
+    fn load(&self, path: &Path) -> Result<Arc<Loaded>, String> {
+        if let Some(l) = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(path)
+        {
+            return Ok(l.clone());
+        }
+        let bytes = std::fs::read(path)
+            .map_err(|e| format!("cannot read plugin {}: {e}", path.display()))?;
+        let component = self.compile_cached(path, &bytes)?;
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            format!(
+                "plugin {} does not fit the uet:plugin interface: {e:#}",
+                path.display()
+            )
+        })?;
+        let pre = bindings::PluginPre::new(pre).map_err(|e| {
+            format!(
+                "plugin {} does not export uet:plugin/tool: {e:#}",
+                path.display()
+            )
+        })?;
+        let loaded = Arc::new(Loaded { pre });
+        self.loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_path_buf(), loaded.clone());
+        Ok(loaded)
+    }
+
+    fn compile_cached(&self, path: &Path, bytes: &[u8]) -> Result<Component, String> {
+        use std::hash::{Hash, Hasher};
+        let Some(dir) = &self.cache_dir else {
+            return Component::new(&self.engine, bytes)
+                .map_err(|e| format!("cannot compile plugin {}: {e:#}", path.display()));
+        };
+        // keyed by the plugin's content and everything about the engine that changes code
+        let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut engine_hash);
+        let key = format!(
+            "{}-{:016x}",
+            hex(&Sha256::digest(bytes)),
+            engine_hash.finish()
+        );
+        let file = dir.join(format!("{key}.cwasm"));
+        if file.exists() {
+            // SAFETY: files in the cache are written only by `Component::serialize` of this
+            // process's code, keyed by the engine's compatibility hash, and renamed into place
+            // whole; a file that still fails to load is recompiled below.
+            match unsafe { Component::deserialize_file(&self.engine, &file) } {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), "cached plugin unusable ({e:#}); recompiling")
+                }
+            }
+        }
+        let component = Component::new(&self.engine, bytes)
+            .map_err(|e| format!("cannot compile plugin {}: {e:#}", path.display()))?;
+        match component.serialize() {
+            Ok(data) => {
+                let tmp = dir.join(format!(".{key}.{}.tmp", std::process::id()));
+                if std::fs::write(&tmp, data)
+                    .and_then(|()| std::fs::rename(&tmp, &file))
+                    .is_err()
+                {
+                    let _ = std::fs::remove_file(&tmp);
+                    tracing::warn!(dir = %dir.display(), "cannot write the plugin cache");
+                }
+            }
+            Err(e) => tracing::warn!("cannot serialize plugin {}: {e:#}", path.display()),
+        }
+        Ok(component)
+    }
+
+    fn store(
+        &self,
+        grants: Option<&Grants>,
+        limits: &Limits,
+    ) -> Result<(Store<HostState>, BoundedPipe, BoundedPipe), String> {
+        let stdout = BoundedPipe::new(OUTPUT_LIMIT);
+        let stderr = BoundedPipe::new(OUTPUT_LIMIT);
+        let mut wasi = WasiCtxBuilder::new();
+        // no environment, arguments, network or stdin: only what the tool entry grants
+        wasi.stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .socket_addr_check(|_, _| Box::pin(async { false }));
+        if let Some(g) = grants {
+            for dir in &g.write {
+                let host = g.workstream.join(dir);
+                std::fs::create_dir_all(&host)
+                    .map_err(|e| format!("cannot create {}: {e}", host.display()))?;
+                wasi.preopened_dir(&host, dir, FsPerms::ReadWrite)
+                    .map_err(|e| format!("cannot grant {}: {e:#}", host.display()))?;
+            }
+            for dir in g.read.iter().filter(|d| !g.write.contains(d)) {
+                let host = g.workstream.join(dir);
+                if host.is_dir() {
+                    wasi.preopened_dir(&host, dir, FsPerms::ReadOnly)
+                        .map_err(|e| format!("cannot grant {}: {e:#}", host.display()))?;
+                }
+            }
+        }
+        let memory = limits.memory.unwrap_or(DEFAULT_MEMORY);
+        let state = HostState {
+            ctx: wasi.build(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(usize::try_from(memory).unwrap_or(usize::MAX))
+                .trap_on_grow_failure(true)
+                .build(),
+            reports: None,
+            reported: 0,
+            interrupted: None,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        if self.fuel {
+            store
+                .set_fuel(limits.fuel.unwrap_or(u64::MAX))
+                .map_err(|e| format!("cannot set fuel: {e:#}"))?;
+        }
+        Ok((store, stdout, stderr))
+    }
+
+    /// Asks a plugin what it is.
+    pub fn describe(&self, path: &Path) -> Result<Description, String> {
+        let loaded = self.load(path)?;
+        let (mut store, _, stderr) = self.store(None, &Limits::default())?;
+        let _active = self.ticker.enter();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if Instant::now() >= deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Continue(1))
+            }
+        });
+        let plugin = loaded
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| format!("cannot start plugin {}: {e:#}", path.display()))?;
+        let d = plugin
+            .uet_plugin_tool()
+            .call_describe(&mut store)
+            .map_err(|e| {
+                format!(
+                    "plugin {} failed to describe itself: {}",
+                    path.display(),
+                    trap_reason(&e, &stderr.text())
+                )
+            })?;
+        Ok(Description {
+            name: d.name,
+            version: d.version,
+            capabilities: d.capabilities,
+            input_schema: d.input_schema,
+        })
+    }
+
+    /// Runs one attempt: a fresh store with its own limits and sandbox, `run(input)`, and the
+    /// end classified. Blocks; call it off the async executor. `cancel` stops it within a tick.
+    pub fn run(
+        &self,
+        path: &Path,
+        input: &str,
+        grants: &Grants,
+        limits: &Limits,
+        cancel: Arc<AtomicBool>,
+        reports: Option<Box<dyn FnMut(Report) + Send>>,
+    ) -> WasmResult {
+        let error = |msg: String| WasmResult {
+            outcome: WasmOutcome::Error(msg),
+            stdout: String::new(),
+            stderr: String::new(),
+        };
+        let loaded = match self.load(path) {
+            Ok(l) => l,
+            Err(e) => return error(e),
+        };
+        let (mut store, stdout, stderr) = match self.store(Some(grants), limits) {
+            Ok(s) => s,
+            Err(e) => return error(e),
+        };
+        store.data_mut().reports = reports;
+        let deadline = limits.timeout.map(|t| Instant::now() + t);
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |mut ctx| {
+            let why = if cancel.load(Ordering::Relaxed) {
+                Some(Interruption::Cancel)
+            } else if deadline.is_some_and(|d| Instant::now() >= d) {
+                Some(Interruption::Deadline)
+            } else {
+                None
+            };
+            match why {
+                Some(why) => {
+                    ctx.data_mut().interrupted = Some(why);
+                    Ok(UpdateDeadline::Interrupt)
+                }
+                None => Ok(UpdateDeadline::Continue(1)),
+            }
+        });
+        let _active = self.ticker.enter();
+        let called = loaded
+            .pre
+            .instantiate(&mut store)
+            .and_then(|plugin| plugin.uet_plugin_tool().call_run(&mut store, input));
+        let stderr_text = stderr.text();
+        let outcome = match called {
+            Ok(Ok(output)) => WasmOutcome::Output(output),
+            Ok(Err(e)) => WasmOutcome::Failed {
+                message: e.message,
+                retryable: e.retryable,
+            },
+            Err(e) => match store.data().interrupted {
+                Some(Interruption::Cancel) => WasmOutcome::Canceled,
+                Some(Interruption::Deadline) => WasmOutcome::TimedOut,
+                None => classify(&e, &stderr_text, limits),
+            },
+        };
+        WasmResult {
+            outcome,
+            stdout: stdout.text(),
+            stderr: stderr_text,
+        }
+    }
+}
+
+/// Asks plugins what they are: every WASM tool when `all`, else those whose entry lists no
+/// capabilities (their capabilities are then the plugin's own). A plugin that cannot be loaded
+/// or described is a problem of the tools file.
+pub fn describe_tools(
+    tools: &mut crate::tools::Tools,
+    runtime: &Runtime,
+    all: bool,
+) -> Result<(), crate::doc::Problems> {
+    let mut problems = Vec::new();
+    for tool in &mut tools.tools {
+        let crate::tools::ToolKind::Wasm { path } = &tool.kind else {
+            continue;
+        };
+        if !all && !tool.capabilities.is_empty() {
+            continue;
+        }
+        match runtime.describe(path) {
+            Ok(d) => {
+                if tool.capabilities.is_empty() {
+                    tool.capabilities = d.capabilities.clone();
+                }
+                tool.described = Some(d);
+            }
+            Err(e) => problems.push(crate::doc::Problem {
+                file: tools.path.clone(),
+                position: None,
+                message: format!("tool `{}`: {e}", tool.name),
+            }),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(crate::doc::Problems(problems))
+    }
+}
+
+/// Names what ended an attempt that trapped, in a user's words.
+fn classify(e: &wasmtime::Error, stderr: &str, limits: &Limits) -> WasmOutcome {
+    let chain = format!("{e:#}");
+    // `trap_on_grow_failure` turns a refused memory.grow into a trap that says so
+    if chain.contains("growing memory") || stderr.contains("memory allocation of") {
+        let limit = limits.memory.unwrap_or(DEFAULT_MEMORY);
+        return WasmOutcome::LimitExceeded(format!(
+            "exceeded its memory limit of {} MiB",
+            limit >> 20
+        ));
+    }
+    match e.downcast_ref::<Trap>() {
+        Some(Trap::OutOfFuel) => WasmOutcome::LimitExceeded(format!(
+            "ran out of fuel (limit {})",
+            limits
+                .fuel
+                .map(|f| f.to_string())
+                .unwrap_or_else(|| "none".into())
+        )),
+        Some(Trap::StackOverflow) => {
+            WasmOutcome::Trapped("stack overflow (unbounded recursion?)".into())
+        }
+        _ => WasmOutcome::Trapped(trap_reason(e, stderr)),
+    }
+}
+
+/// A panic's own message when the plugin printed one, else the trap.
+fn trap_reason(e: &wasmtime::Error, stderr: &str) -> String {
+    // Rust prints `thread '…' panicked at FILE:LINE:COL:` and the message on the next line
+    let mut lines = stderr.lines();
+    if let Some(line) = lines.by_ref().find(|l| l.contains("panicked at ")) {
+        let place = line
+            .split("panicked at ")
+            .nth(1)
+            .unwrap_or("")
+            .trim()
+            .trim_end_matches(':');
+        let message = lines.next().unwrap_or("").trim();
+        return format!("panicked at {place}: {message}");
+    }
+    match e.downcast_ref::<Trap>() {
+        Some(trap) => format!("trapped: {trap}"),
+        None => format!("{e:#}"),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// stdout/stderr for a plugin: keeps the first `limit` bytes and drops the rest without ever
+/// failing a write, so a chatty plugin is neither stalled nor trapped by its own output.
+#[derive(Clone)]
+struct BoundedPipe {
+    limit: usize,
+    buffer: Arc<Mutex<Vec<u8>>>,
+}
+
+impl BoundedPipe {
+    fn new(limit: usize) -> Self {
+        BoundedPipe {
+            limit,
+            buffer: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    fn keep(&self, bytes: &[u8]) {
+        let mut buf = self.buffer.lock().unwrap_or_else(|e| e.into_inner());
+        let room = self.limit.saturating_sub(buf.len());
+        buf.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buffer.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+}
+
+impl IsTerminal for BoundedPipe {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for BoundedPipe {
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for BoundedPipe {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for BoundedPipe {
+    fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        self.keep(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(64 << 10)
+    }
+}
+
+impl tokio::io::AsyncWrite for BoundedPipe {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.keep(buf);
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
