@@ -2,6 +2,7 @@
 
 mod util;
 
+mod plugins;
 mod run;
 mod state;
 mod validate;

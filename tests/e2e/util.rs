@@ -51,6 +51,7 @@ impl Env {
         cmd.args(args)
             .current_dir(&self.ws)
             .env("UET_STATE", &self.state)
+            .env("UET_CACHE_DIR", shared_cache())
             .env_remove("RUST_LOG");
         let shown = format!("uet {}", args.join(" "));
         let output = cmd.output().expect("run uet");
@@ -127,4 +128,24 @@ pub fn alive(pid: i32) -> bool {
             .any(|l| l.starts_with("State:") && l.contains('Z')),
         Err(_) => false,
     }
+}
+
+/// A plugin built by `scripts/build-plugins` (which `./test.sh` runs first).
+pub fn plugin(name: &str) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join("wasm32-wasip2/release").join(format!("{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} is missing: build the plugins first with scripts/build-plugins (./test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// One compiled-plugin cache for every test, as one daemon would have: the first test to use a
+/// plugin compiles it, the others load it from disk.
+pub fn shared_cache() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/uet-test-cache")
 }

@@ -38,6 +38,14 @@ impl Plugin for Hostile {
                     n = black_box(n.wrapping_add(1));
                 }
             }
+            "mark-then-loop" => {
+                // tells the test it has started, then never returns on its own
+                std::fs::write(&input.path, "started").map_err(|e| Error::fatal(format!("write {}: {e}", input.path)))?;
+                let mut n = 0u64;
+                loop {
+                    n = black_box(n.wrapping_add(1));
+                }
+            }
             "alloc" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();
                 loop {

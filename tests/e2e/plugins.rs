@@ -1,0 +1,301 @@
+//! WASM plugins end to end: real components built from `plugins/` and `tests/plugins/`, run by
+//! the real binary in their sandbox.
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use uet::store::Store;
+
+use crate::util::{Env, plugin, step};
+
+/// A workstream with docs to read, a secret beside them, and the plugins as tools.
+fn workstream() -> Env {
+    let env = Env::new();
+    env.write("docs/a.md", "one two three\nfour\n");
+    env.write("docs/b.md", "five six\n");
+    env.write("secret.txt", "the workstream root is not granted\n");
+    let tools = format!(
+        r#"
+[[tools]]
+name = "wordcount"
+wasm = "{wordcount}"
+sandbox = {{ read = ["docs"] }}
+
+[[tools]]
+name = "filehash"
+wasm = "{filehash}"
+capabilities = ["file.hash"]
+sandbox = {{ read = ["docs"] }}
+
+[[tools]]
+name = "template"
+wasm = "{template}"
+sandbox = {{ read = ["docs"], write = ["out"] }}
+
+[[tools]]
+name = "jsonq"
+wasm = "{jsonq}"
+
+[[tools]]
+name = "hostile"
+wasm = "{hostile}"
+sandbox = {{ read = ["docs"], write = ["out"] }}
+limits = {{ memory = "32MiB", timeout = "1s" }}
+
+[[tools]]
+name = "hostile-slow"
+wasm = "{hostile}"
+sandbox = {{ write = ["out"] }}
+
+[[tools]]
+name = "hostile-fuel"
+wasm = "{hostile}"
+limits = {{ fuel = 1000000 }}
+
+[[tools]]
+name = "shout"
+command = ["sh", "-c", "tr a-z A-Z"]
+"#,
+        wordcount = plugin("wordcount").display(),
+        filehash = plugin("filehash").display(),
+        template = plugin("template").display(),
+        jsonq = plugin("jsonq").display(),
+        hostile = plugin("hostile").display(),
+    );
+    env.write("tools.toml", &tools);
+    env
+}
+
+#[test]
+fn data_flows_from_plugin_to_plugin() {
+    let env = workstream();
+    env.write(
+        "flow.toml",
+        r#"
+name = "flow"
+[[steps]]
+id = "count"
+capability = "text.count"   # the plugin's own description says it has this
+with = { path = "docs", glob = "*.md" }
+[[steps]]
+id = "hash"
+capability = "file.hash"
+with = { root = "docs", glob = "*.md" }
+[[steps]]
+id = "first"
+tool = "jsonq"
+needs = ["count"]
+with = { value = "${steps.count.output}", query = "per_file.0.words" }
+[[steps]]
+id = "report"
+tool = "template"
+needs = ["count", "hash", "first"]
+with = { out = "out/report.md", template = "{{words}} words, {{first}} in the first file, digest {{digest}}", vars = { words = "${steps.count.output.words}", first = "${steps.first.output.value}", digest = "${steps.hash.output.digest}" } }
+[[steps]]
+id = "loud"
+tool = "shout"
+needs = ["report"]
+with = { path = "${steps.report.output.path}" }
+"#,
+    );
+    let (run, out) = env.run_json("flow.toml");
+    run.expect(0);
+    assert_eq!(step(&out, "count")["output"]["words"], 6);
+    assert_eq!(step(&out, "count")["tool"], "wordcount");
+    assert_eq!(step(&out, "first")["output"], json!({"value": 4}));
+    let digest = step(&out, "hash")["output"]["digest"].as_str().unwrap().to_string();
+    assert_eq!(digest.len(), 64);
+    let report = env.read("out/report.md");
+    assert_eq!(report, format!("6 words, 4 in the first file, digest {digest}"));
+    assert_eq!(step(&out, "report")["output"], json!({"path": "out/report.md", "bytes": report.len()}));
+    // a command tool takes the plugin's output on stdin
+    assert_eq!(step(&out, "loud")["output"], json!({"PATH": "OUT/REPORT.MD"}));
+}
+
+#[test]
+fn a_plugin_writes_only_where_granted() {
+    let env = workstream();
+    env.write(
+        "write.toml",
+        r#"
+name = "write"
+[[steps]]
+id = "granted"
+tool = "template"
+with = { out = "out/ok.md", template = "fine" }
+[[steps]]
+id = "read-only"
+tool = "template"
+with = { out = "docs/evil.md", template = "defaced" }
+[[steps]]
+id = "not-granted"
+tool = "template"
+with = { out = "elsewhere/evil.md", template = "planted" }
+"#,
+    );
+    let (run, out) = env.run_json("write.toml");
+    run.expect(1);
+    assert_eq!(step(&out, "granted")["state"], "succeeded");
+    assert_eq!(env.read("out/ok.md"), "fine");
+    let ro = step(&out, "read-only");
+    assert_eq!(ro["state"], "failed");
+    assert!(ro["reason"].as_str().unwrap().contains("not permitted"), "{ro}");
+    assert!(!env.ws.join("docs/evil.md").exists());
+    assert_eq!(step(&out, "not-granted")["state"], "failed");
+    assert!(!env.ws.join("elsewhere").exists());
+}
+
+#[test]
+fn hostile_plugins_end_their_own_attempt_only() {
+    let env = workstream();
+    env.write(
+        "hostile.toml",
+        r#"
+name = "hostile"
+max_parallel = 16
+[[steps]]
+id = "loop"
+tool = "hostile"
+with = { mode = "loop" }
+[[steps]]
+id = "alloc"
+tool = "hostile"
+with = { mode = "alloc" }
+[[steps]]
+id = "recurse"
+tool = "hostile"
+with = { mode = "recurse" }
+[[steps]]
+id = "panic"
+tool = "hostile"
+with = { mode = "panic" }
+[[steps]]
+id = "passwd"
+tool = "hostile"
+with = { mode = "read", path = "/etc/passwd" }
+[[steps]]
+id = "outside"
+tool = "hostile"
+with = { mode = "read", path = "secret.txt" }
+[[steps]]
+id = "escape"
+tool = "hostile"
+with = { mode = "read", path = "docs/../secret.txt" }
+[[steps]]
+id = "write-read-only"
+tool = "hostile"
+with = { mode = "write", path = "docs/a.md" }
+[[steps]]
+id = "fuel"
+tool = "hostile-fuel"
+with = { mode = "loop" }
+[[steps]]
+id = "env"
+tool = "hostile"
+with = { mode = "env" }
+[[steps]]
+id = "flood"
+tool = "hostile"
+with = { mode = "stdout" }
+[[steps]]
+id = "fine"
+tool = "hostile"
+with = { mode = "ok" }
+[[steps]]
+id = "after"
+tool = "wordcount"
+needs = ["fine"]
+with = { path = "docs" }
+"#,
+    );
+    let started = Instant::now();
+    let (run, out) = env.run_json("hostile.toml");
+    run.expect(1);
+    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    let reason = |id: &str| {
+        let s = step(&out, id);
+        assert_eq!(s["state"], "failed", "{s}");
+        s["reason"].as_str().unwrap().to_string()
+    };
+    assert!(reason("loop").contains("timed out after 1s"));
+    assert!(reason("alloc").contains("exceeded its memory limit of 32 MiB"));
+    assert!(reason("recurse").contains("stack overflow"));
+    assert!(reason("panic").contains("panicked at") && reason("panic").contains("hostile plugin panics on purpose"));
+    assert!(reason("passwd").starts_with("read /etc/passwd:"));
+    assert!(reason("outside").starts_with("read secret.txt:"));
+    assert!(reason("escape").contains("not permitted"));
+    assert!(reason("write-read-only").contains("not permitted"));
+    assert!(reason("fuel").contains("ran out of fuel"));
+    assert_eq!(env.read("docs/a.md"), "one two three\nfour\n", "the read-only file is intact");
+    // no environment leaks in; a flood of stdout is cut, not fatal
+    assert_eq!(step(&out, "env")["output"], json!({"vars": 0}));
+    assert_eq!(step(&out, "flood")["state"], "succeeded");
+    assert_eq!(step(&out, "fine")["state"], "succeeded");
+    assert_eq!(step(&out, "after")["output"]["words"], 6);
+
+    // the attempts record why, and the plugin's log and progress are in the event log
+    let store = Store::open(&env.state).unwrap();
+    let id = out["run_id"].as_u64().unwrap();
+    let attempt = &store.attempts(id, "alloc").unwrap()[0];
+    assert_eq!(attempt.outcome, Some(uet::model::Outcome::LimitExceeded));
+    assert_eq!(store.attempts(id, "panic").unwrap()[0].outcome, Some(uet::model::Outcome::Trapped));
+    assert!(store.attempts(id, "flood").unwrap()[0].stdout.len() <= 20 << 10);
+    let events = store.events(id).unwrap();
+    assert!(events.iter().any(|e| e.kind == "plugin.log" && e.detail == "info: behaving, for once"));
+    assert!(events.iter().any(|e| e.kind == "plugin.progress" && e.detail == "50% halfway"));
+}
+
+#[test]
+fn cancel_reaches_a_running_plugin() {
+    let env = workstream();
+    env.write("spin.toml", "name = \"spin\"\n[[steps]]\nid = \"spin\"\ntool = \"hostile-slow\"\nwith = { mode = \"mark-then-loop\", path = \"out/started\" }\n");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_uet"))
+        .args(["run", "spin.toml", "--json"])
+        .current_dir(&env.ws)
+        .env("UET_STATE", &env.state)
+        .env("UET_CACHE_DIR", crate::util::shared_cache())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // wait until the plugin is running, then interrupt
+    let waited = Instant::now();
+    while !env.ws.join("out/started").exists() {
+        assert!(waited.elapsed() < Duration::from_secs(30), "the step never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let interrupted = Instant::now();
+    // SAFETY: signalling a child we spawned
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let output = child.wait_with_output().unwrap();
+    assert!(interrupted.elapsed() < Duration::from_secs(5), "the plugin kept spinning");
+    assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+    let out: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(out["state"], "canceled");
+}
+
+#[test]
+fn tools_lists_plugins_with_what_they_say_of_themselves() {
+    let env = workstream();
+    let run = env.uet(&["tools", "--json"]).expect(0);
+    let tools: serde_json::Value = serde_json::from_str(&run.stdout()).unwrap();
+    let wc = tools.as_array().unwrap().iter().find(|t| t["name"] == "wordcount").unwrap();
+    assert_eq!(wc["kind"], "wasm");
+    assert_eq!(wc["capabilities"], json!(["text.count"]), "from describe: the entry lists none");
+    assert_eq!(wc["version"], "0.1.0");
+    assert!(wc["source"].as_str().unwrap().ends_with("wordcount.wasm"));
+    let shout = tools.as_array().unwrap().iter().find(|t| t["name"] == "shout").unwrap();
+    assert_eq!(shout["kind"], "command");
+    let text = env.uet(&["tools"]).expect(0).stdout();
+    assert!(text.contains("wordcount") && text.contains("text.count"), "{text}");
+}
+
+#[test]
+fn a_broken_plugin_file_is_reported_before_anything_runs() {
+    let env = Env::new();
+    env.write("bad.wasm", "this is not wasm");
+    env.write("tools.toml", "[[tools]]\nname = \"bad\"\nwasm = \"bad.wasm\"\n");
+    env.write("w.toml", "name = \"w\"\n[[steps]]\nid = \"a\"\ntool = \"bad\"\n");
+    let run = env.uet(&["run", "w.toml"]).expect(2);
+    assert!(run.stderr().contains("tool `bad`: cannot compile plugin"), "{}", run.describe());
+}
