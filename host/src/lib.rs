@@ -6,6 +6,7 @@ pub mod engine;
 pub mod model;
 pub mod process;
 pub mod report;
+pub mod scaffold;
 pub mod store;
 pub mod template;
 pub mod tools;

@@ -64,6 +64,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Work with plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
     /// Check workflow files and print every problem.
     Validate {
         /// The workflow files.
@@ -72,6 +75,18 @@ enum Command {
         /// The tools file [default: tools.toml beside each workflow].
         #[arg(long)]
         tools: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Scaffold a plugin crate that builds as it is.
+    New {
+        /// The plugin's name (lowercase, `-` allowed).
+        name: String,
+        /// The uet-plugin-sdk folder [default: the one beside this build of uet].
+        #[arg(long)]
+        sdk: Option<PathBuf>,
     },
 }
 
@@ -107,6 +122,15 @@ fn main() -> ExitCode {
         } => cmd_run(&file, tools.as_deref(), state, json),
         Command::Validate { files, tools } => cmd_validate(&files, tools.as_deref()),
         Command::Tools { tools, state, json } => cmd_tools(tools.as_deref(), state, json),
+        Command::Plugin(PluginCommand::New { name, sdk }) => {
+            let sdk = sdk.unwrap_or_else(uet::scaffold::default_sdk);
+            uet::scaffold::new_plugin(Path::new("."), &name, &sdk)
+                .map(|dir| {
+                    println!("created {}: `cargo test` there, then `cargo build --release --target wasm32-wasip2`", dir.display());
+                    exit::OK
+                })
+                .map_err(|e| Failure::Other(e.into()))
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -233,6 +233,9 @@ macro_rules! export_plugin {
             }
         }
 
+        // native builds (the plugin's own tests) link as ordinary libraries, which cannot carry
+        // the component's export names
+        #[cfg(target_arch = "wasm32")]
         $crate::bindings::__export_plugin_world!(__UetPluginExport with_types_in $crate::bindings);
     };
 }

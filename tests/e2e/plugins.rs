@@ -103,13 +103,25 @@ with = { path = "${steps.report.output.path}" }
     assert_eq!(step(&out, "count")["output"]["words"], 6);
     assert_eq!(step(&out, "count")["tool"], "wordcount");
     assert_eq!(step(&out, "first")["output"], json!({"value": 4}));
-    let digest = step(&out, "hash")["output"]["digest"].as_str().unwrap().to_string();
+    let digest = step(&out, "hash")["output"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert_eq!(digest.len(), 64);
     let report = env.read("out/report.md");
-    assert_eq!(report, format!("6 words, 4 in the first file, digest {digest}"));
-    assert_eq!(step(&out, "report")["output"], json!({"path": "out/report.md", "bytes": report.len()}));
+    assert_eq!(
+        report,
+        format!("6 words, 4 in the first file, digest {digest}")
+    );
+    assert_eq!(
+        step(&out, "report")["output"],
+        json!({"path": "out/report.md", "bytes": report.len()})
+    );
     // a command tool takes the plugin's output on stdin
-    assert_eq!(step(&out, "loud")["output"], json!({"PATH": "OUT/REPORT.MD"}));
+    assert_eq!(
+        step(&out, "loud")["output"],
+        json!({"PATH": "OUT/REPORT.MD"})
+    );
 }
 
 #[test]
@@ -139,7 +151,10 @@ with = { out = "elsewhere/evil.md", template = "planted" }
     assert_eq!(env.read("out/ok.md"), "fine");
     let ro = step(&out, "read-only");
     assert_eq!(ro["state"], "failed");
-    assert!(ro["reason"].as_str().unwrap().contains("not permitted"), "{ro}");
+    assert!(
+        ro["reason"].as_str().unwrap().contains("not permitted"),
+        "{ro}"
+    );
     assert!(!env.ws.join("docs/evil.md").exists());
     assert_eq!(step(&out, "not-granted")["state"], "failed");
     assert!(!env.ws.join("elsewhere").exists());
@@ -211,7 +226,11 @@ with = { path = "docs" }
     let started = Instant::now();
     let (run, out) = env.run_json("hostile.toml");
     run.expect(1);
-    assert!(started.elapsed() < Duration::from_secs(30), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
     let reason = |id: &str| {
         let s = step(&out, id);
         assert_eq!(s["state"], "failed", "{s}");
@@ -220,13 +239,20 @@ with = { path = "docs" }
     assert!(reason("loop").contains("timed out after 1s"));
     assert!(reason("alloc").contains("exceeded its memory limit of 32 MiB"));
     assert!(reason("recurse").contains("stack overflow"));
-    assert!(reason("panic").contains("panicked at") && reason("panic").contains("hostile plugin panics on purpose"));
+    assert!(
+        reason("panic").contains("panicked at")
+            && reason("panic").contains("hostile plugin panics on purpose")
+    );
     assert!(reason("passwd").starts_with("read /etc/passwd:"));
     assert!(reason("outside").starts_with("read secret.txt:"));
     assert!(reason("escape").contains("not permitted"));
     assert!(reason("write-read-only").contains("not permitted"));
     assert!(reason("fuel").contains("ran out of fuel"));
-    assert_eq!(env.read("docs/a.md"), "one two three\nfour\n", "the read-only file is intact");
+    assert_eq!(
+        env.read("docs/a.md"),
+        "one two three\nfour\n",
+        "the read-only file is intact"
+    );
     // no environment leaks in; a flood of stdout is cut, not fatal
     assert_eq!(step(&out, "env")["output"], json!({"vars": 0}));
     assert_eq!(step(&out, "flood")["state"], "succeeded");
@@ -238,11 +264,22 @@ with = { path = "docs" }
     let id = out["run_id"].as_u64().unwrap();
     let attempt = &store.attempts(id, "alloc").unwrap()[0];
     assert_eq!(attempt.outcome, Some(uet::model::Outcome::LimitExceeded));
-    assert_eq!(store.attempts(id, "panic").unwrap()[0].outcome, Some(uet::model::Outcome::Trapped));
+    assert_eq!(
+        store.attempts(id, "panic").unwrap()[0].outcome,
+        Some(uet::model::Outcome::Trapped)
+    );
     assert!(store.attempts(id, "flood").unwrap()[0].stdout.len() <= 20 << 10);
     let events = store.events(id).unwrap();
-    assert!(events.iter().any(|e| e.kind == "plugin.log" && e.detail == "info: behaving, for once"));
-    assert!(events.iter().any(|e| e.kind == "plugin.progress" && e.detail == "50% halfway"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "plugin.log" && e.detail == "info: behaving, for once")
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e.kind == "plugin.progress" && e.detail == "50% halfway")
+    );
 }
 
 #[test]
@@ -261,15 +298,26 @@ fn cancel_reaches_a_running_plugin() {
     // wait until the plugin is running, then interrupt
     let waited = Instant::now();
     while !env.ws.join("out/started").exists() {
-        assert!(waited.elapsed() < Duration::from_secs(30), "the step never started");
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "the step never started"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let interrupted = Instant::now();
     // SAFETY: signalling a child we spawned
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let output = child.wait_with_output().unwrap();
-    assert!(interrupted.elapsed() < Duration::from_secs(5), "the plugin kept spinning");
-    assert_eq!(output.status.code(), Some(1), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        interrupted.elapsed() < Duration::from_secs(5),
+        "the plugin kept spinning"
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let out: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
     assert_eq!(out["state"], "canceled");
 }
@@ -279,23 +327,101 @@ fn tools_lists_plugins_with_what_they_say_of_themselves() {
     let env = workstream();
     let run = env.uet(&["tools", "--json"]).expect(0);
     let tools: serde_json::Value = serde_json::from_str(&run.stdout()).unwrap();
-    let wc = tools.as_array().unwrap().iter().find(|t| t["name"] == "wordcount").unwrap();
+    let wc = tools
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "wordcount")
+        .unwrap();
     assert_eq!(wc["kind"], "wasm");
-    assert_eq!(wc["capabilities"], json!(["text.count"]), "from describe: the entry lists none");
+    assert_eq!(
+        wc["capabilities"],
+        json!(["text.count"]),
+        "from describe: the entry lists none"
+    );
     assert_eq!(wc["version"], "0.1.0");
     assert!(wc["source"].as_str().unwrap().ends_with("wordcount.wasm"));
-    let shout = tools.as_array().unwrap().iter().find(|t| t["name"] == "shout").unwrap();
+    let shout = tools
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "shout")
+        .unwrap();
     assert_eq!(shout["kind"], "command");
     let text = env.uet(&["tools"]).expect(0).stdout();
-    assert!(text.contains("wordcount") && text.contains("text.count"), "{text}");
+    assert!(
+        text.contains("wordcount") && text.contains("text.count"),
+        "{text}"
+    );
 }
 
 #[test]
 fn a_broken_plugin_file_is_reported_before_anything_runs() {
     let env = Env::new();
     env.write("bad.wasm", "this is not wasm");
-    env.write("tools.toml", "[[tools]]\nname = \"bad\"\nwasm = \"bad.wasm\"\n");
-    env.write("w.toml", "name = \"w\"\n[[steps]]\nid = \"a\"\ntool = \"bad\"\n");
+    env.write(
+        "tools.toml",
+        "[[tools]]\nname = \"bad\"\nwasm = \"bad.wasm\"\n",
+    );
+    env.write(
+        "w.toml",
+        "name = \"w\"\n[[steps]]\nid = \"a\"\ntool = \"bad\"\n",
+    );
     let run = env.uet(&["run", "w.toml"]).expect(2);
-    assert!(run.stderr().contains("tool `bad`: cannot compile plugin"), "{}", run.describe());
+    assert!(
+        run.stderr().contains("tool `bad`: cannot compile plugin"),
+        "{}",
+        run.describe()
+    );
+}
+
+#[test]
+fn a_scaffolded_plugin_builds_and_runs_as_it_is() {
+    let env = Env::new();
+    let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugin-sdk");
+    let run = env
+        .uet(&[
+            "plugin",
+            "new",
+            "char-count",
+            "--sdk",
+            sdk.to_str().unwrap(),
+        ])
+        .expect(0);
+    assert!(
+        run.stdout().contains("created ./char-count"),
+        "{}",
+        run.describe()
+    );
+    env.uet(&["plugin", "new", "char-count"]).expect(2);
+    env.uet(&["plugin", "new", "Bad_Name"]).expect(2);
+
+    // its own target folder, kept between runs so only the first build pays for the deps
+    let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/scaffold");
+    let build = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--release", "--target", "wasm32-wasip2"])
+        .current_dir(env.ws.join("char-count"))
+        .env("CARGO_TARGET_DIR", &target)
+        .output()
+        .unwrap();
+    assert!(
+        build.status.success(),
+        "{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let wasm = target.join("wasm32-wasip2/release/char_count.wasm");
+    env.write(
+        "tools.toml",
+        &format!(
+            "[[tools]]\nname = \"chars\"\nwasm = \"{}\"\n",
+            wasm.display()
+        ),
+    );
+    env.write(
+        "w.toml",
+        "name = \"w\"\n[[steps]]\nid = \"m\"\ncapability = \"char-count.measure\"\nwith = { text = \"héllo\" }\n",
+    );
+    let (run, out) = env.run_json("w.toml");
+    run.expect(0);
+    assert_eq!(step(&out, "m")["output"], json!({"chars": 5}));
 }

@@ -135,7 +135,9 @@ pub fn plugin(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join("wasm32-wasip2/release").join(format!("{name}.wasm"));
+    let path = target
+        .join("wasm32-wasip2/plugin")
+        .join(format!("{name}.wasm"));
     assert!(
         path.exists(),
         "{} is missing: build the plugins first with scripts/build-plugins (./test.sh does)",

@@ -40,7 +40,8 @@ impl Plugin for Hostile {
             }
             "mark-then-loop" => {
                 // tells the test it has started, then never returns on its own
-                std::fs::write(&input.path, "started").map_err(|e| Error::fatal(format!("write {}: {e}", input.path)))?;
+                std::fs::write(&input.path, "started")
+                    .map_err(|e| Error::fatal(format!("write {}: {e}", input.path)))?;
                 let mut n = 0u64;
                 loop {
                     n = black_box(n.wrapping_add(1));
