@@ -27,6 +27,8 @@ impl Plugin for Hostile {
 
     fn run(input: Input) -> Result<Value, Error> {
         match input.mode.as_str() {
+            // nothing at all: what a plugin call costs by itself
+            "noop" => Ok(json!({})),
             "ok" => {
                 uet_plugin_sdk::info("behaving, for once");
                 uet_plugin_sdk::progress(0.5, "halfway");

@@ -1,0 +1,74 @@
+//! Plugin start-up: a cold start from the on-disk cache (a plugin's first attempt after a
+//! restart) and a warm attempt (fresh store + instantiate + a trivial `run`).
+//!
+//! `scripts/build-plugins && cargo bench -p uet --bench plugin_start`
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use uet::wasm::{Grants, Limits, Runtime, WasmOutcome};
+
+fn main() {
+    let plugin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/plugin/hostile.wasm");
+    assert!(plugin.exists(), "build the plugins first: scripts/build-plugins");
+    let cache = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let grants = Grants {
+        workstream: work.path().to_path_buf(),
+        read: vec![],
+        write: vec![],
+    };
+    let limits = Limits::default();
+    let input = r#"{"mode": "noop"}"#;
+    let attempt = |rt: &Runtime| {
+        let r = rt.run(&plugin, input, &grants, &limits, Arc::new(AtomicBool::new(false)), None);
+        assert_eq!(r.outcome, WasmOutcome::Output("{}".into()));
+    };
+
+    // compile once, filling the cache
+    let t = Instant::now();
+    attempt(&Runtime::new(Some(cache.path().to_path_buf()), 0).unwrap());
+    println!("compile + cache write + first attempt: {:.1} ms", ms(t.elapsed()));
+
+    let mut engine = Vec::new();
+    let mut cold = Vec::new();
+    for _ in 0..30 {
+        let t = Instant::now();
+        let rt = Runtime::new(Some(cache.path().to_path_buf()), 0).unwrap();
+        engine.push(t.elapsed());
+        let t = Instant::now();
+        attempt(&rt);
+        cold.push(t.elapsed());
+    }
+    report("runtime start (engine, pool, linker; once per process)", &mut engine);
+    report("cold start from the cache (load + first attempt)", &mut cold);
+
+    let rt = Runtime::new(Some(cache.path().to_path_buf()), 0).unwrap();
+    attempt(&rt);
+    let mut warm = Vec::with_capacity(20_000);
+    for _ in 0..20_000 {
+        let t = Instant::now();
+        attempt(&rt);
+        warm.push(t.elapsed());
+    }
+    report("warm attempt (store + instantiate + trivial run)", &mut warm);
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn report(what: &str, samples: &mut [Duration]) {
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+    println!(
+        "{what}: median {:.1} µs, p10 {:.1} µs, p90 {:.1} µs, p99 {:.1} µs ({} samples)",
+        at(0.5).as_secs_f64() * 1e6,
+        at(0.1).as_secs_f64() * 1e6,
+        at(0.9).as_secs_f64() * 1e6,
+        at(0.99).as_secs_f64() * 1e6,
+        samples.len()
+    );
+}
