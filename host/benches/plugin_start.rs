@@ -11,8 +11,12 @@ use std::time::{Duration, Instant};
 use uet::wasm::{Grants, Limits, Runtime, WasmOutcome};
 
 fn main() {
-    let plugin = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/plugin/hostile.wasm");
-    assert!(plugin.exists(), "build the plugins first: scripts/build-plugins");
+    let plugin =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/wasm32-wasip2/plugin/hostile.wasm");
+    assert!(
+        plugin.exists(),
+        "build the plugins first: scripts/build-plugins"
+    );
     let cache = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
     let grants = Grants {
@@ -23,14 +27,24 @@ fn main() {
     let limits = Limits::default();
     let input = r#"{"mode": "noop"}"#;
     let attempt = |rt: &Runtime| {
-        let r = rt.run(&plugin, input, &grants, &limits, Arc::new(AtomicBool::new(false)), None);
+        let r = rt.run(
+            &plugin,
+            input,
+            &grants,
+            &limits,
+            Arc::new(AtomicBool::new(false)),
+            None,
+        );
         assert_eq!(r.outcome, WasmOutcome::Output("{}".into()));
     };
 
     // compile once, filling the cache
     let t = Instant::now();
     attempt(&Runtime::new(Some(cache.path().to_path_buf()), 0).unwrap());
-    println!("compile + cache write + first attempt: {:.1} ms", ms(t.elapsed()));
+    println!(
+        "compile + cache write + first attempt: {:.1} ms",
+        ms(t.elapsed())
+    );
 
     let mut engine = Vec::new();
     let mut cold = Vec::new();
@@ -42,8 +56,14 @@ fn main() {
         attempt(&rt);
         cold.push(t.elapsed());
     }
-    report("runtime start (engine, pool, linker; once per process)", &mut engine);
-    report("cold start from the cache (load + first attempt)", &mut cold);
+    report(
+        "runtime start (engine, pool, linker; once per process)",
+        &mut engine,
+    );
+    report(
+        "cold start from the cache (load + first attempt)",
+        &mut cold,
+    );
 
     let rt = Runtime::new(Some(cache.path().to_path_buf()), 0).unwrap();
     attempt(&rt);
@@ -53,7 +73,10 @@ fn main() {
         attempt(&rt);
         warm.push(t.elapsed());
     }
-    report("warm attempt (store + instantiate + trivial run)", &mut warm);
+    report(
+        "warm attempt (store + instantiate + trivial run)",
+        &mut warm,
+    );
 }
 
 fn ms(d: Duration) -> f64 {

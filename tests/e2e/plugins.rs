@@ -286,39 +286,14 @@ with = { path = "docs" }
 fn cancel_reaches_a_running_plugin() {
     let env = workstream();
     env.write("spin.toml", "name = \"spin\"\n[[steps]]\nid = \"spin\"\ntool = \"hostile-slow\"\nwith = { mode = \"mark-then-loop\", path = \"out/started\" }\n");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_uet"))
-        .args(["run", "spin.toml", "--json"])
-        .current_dir(&env.ws)
-        .env("UET_STATE", &env.state)
-        .env("UET_CACHE_DIR", crate::util::shared_cache())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // wait until the plugin is running, then interrupt
-    let waited = Instant::now();
-    while !env.ws.join("out/started").exists() {
-        assert!(
-            waited.elapsed() < Duration::from_secs(30),
-            "the step never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let interrupted = Instant::now();
-    // SAFETY: signalling a child we spawned
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let output = child.wait_with_output().unwrap();
+    let (code, out) = env.interrupt_run("spin.toml", "out/started");
+    // the plugin spins until stopped: ending this soon means the cancel reached it
     assert!(
-        interrupted.elapsed() < Duration::from_secs(5),
+        interrupted.elapsed() < Duration::from_secs(20),
         "the plugin kept spinning"
     );
-    assert_eq!(
-        output.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let out: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(code, 1);
     assert_eq!(out["state"], "canceled");
 }
 

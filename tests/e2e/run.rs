@@ -50,7 +50,7 @@ retry = { base = "10ms", max = "20ms" }
 
 [[tools]]
 name = "sleepy"
-command = ["sh", "-c", "echo $$ > {pidfile}; sleep 30 & echo $! >> {pidfile}; wait"]
+command = ["sh", "-c", "echo $$ > {pidfile}; sleep 30 & echo $! >> {pidfile}; touch {pidfile}.done; wait"]
 
 [[tools]]
 name = "slow"
@@ -206,7 +206,7 @@ name = "sleep"
 [[steps]]
 id = "nap"
 tool = "sleepy"
-timeout = "500ms"
+timeout = "1s"
 with = { pidfile = "pids" }
 "#,
     );
@@ -219,10 +219,7 @@ with = { pidfile = "pids" }
     let s = step(&out, "nap");
     assert_eq!(s["state"], "failed");
     assert!(
-        s["reason"]
-            .as_str()
-            .unwrap()
-            .contains("timed out after 500ms"),
+        s["reason"].as_str().unwrap().contains("timed out after 1s"),
         "{s}"
     );
     let pids: Vec<i32> = env
@@ -244,7 +241,7 @@ fn a_run_timeout_cancels_what_is_running() {
         "late.toml",
         r#"
 name = "late"
-timeout = "700ms"
+timeout = "1200ms"
 [[steps]]
 id = "nap"
 tool = "sleepy"
@@ -264,7 +261,7 @@ needs = ["nap"]
         out["reason"]
             .as_str()
             .unwrap()
-            .contains("run timed out after 700ms"),
+            .contains("run timed out after 1s 200ms"),
         "{out}"
     );
     assert_eq!(step(&out, "nap")["state"], "canceled");
@@ -402,37 +399,11 @@ fn ctrl_c_cancels_the_run_and_its_processes() {
         "long.toml",
         "name = \"long\"\n[[steps]]\nid = \"nap\"\ntool = \"sleepy\"\nwith = { pidfile = \"pids\" }\n",
     );
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_uet"))
-        .args(["run", "long.toml", "--json"])
-        .current_dir(&env.ws)
-        .env("UET_STATE", &env.state)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pids = env.ws.join("pids");
-    let waited = Instant::now();
-    while std::fs::read_to_string(&pids)
-        .ok()
-        .map(|s| s.lines().count())
-        != Some(2)
-    {
-        assert!(
-            waited.elapsed() < Duration::from_secs(20),
-            "the step never started"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    // SAFETY: signalling a child we spawned
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let output = child.wait_with_output().unwrap();
-    assert_eq!(
-        output.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let out: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    // the tool writes its pids first: once both are there, it is running
+    let started = Instant::now();
+    let (code, out) = env.interrupt_run("long.toml", "pids.done");
+    assert_eq!(code, 1);
+    assert!(started.elapsed() < Duration::from_secs(20));
     assert_eq!(out["state"], "canceled");
     assert_eq!(step(&out, "nap")["state"], "canceled");
     for pid in env

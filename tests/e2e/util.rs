@@ -62,6 +62,38 @@ impl Env {
         }
     }
 
+    /// Starts `uet run FILE --json`, waits until `started` exists in the workstream, sends it
+    /// SIGINT (Ctrl-C), and returns its exit code and JSON.
+    pub fn interrupt_run(&self, file: &str, started: &str) -> (i32, serde_json::Value) {
+        let child = Command::new(env!("CARGO_BIN_EXE_uet"))
+            .args(["run", file, "--json"])
+            .current_dir(&self.ws)
+            .env("UET_STATE", &self.state)
+            .env("UET_CACHE_DIR", shared_cache())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start uet");
+        let waited = std::time::Instant::now();
+        while !self.ws.join(started).exists() {
+            assert!(
+                waited.elapsed() < std::time::Duration::from_secs(30),
+                "the step never started"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        // SAFETY: signalling a child we spawned
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let output = child.wait_with_output().expect("wait for uet");
+        let json = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+            panic!(
+                "stdout is not JSON ({e}); stderr:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+        (output.status.code().unwrap_or(-1), json)
+    }
+
     /// `uet run FILE --json`, parsed.
     pub fn run_json(&self, file: &str) -> (Run, serde_json::Value) {
         let run = self.uet(&["run", file, "--json"]);
