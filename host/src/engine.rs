@@ -139,7 +139,7 @@ struct Scheduler<'a> {
     backing_off: usize,
     changes: Vec<Change>,
     notices: Option<mpsc::UnboundedSender<Notice>>,
-    rng: rand::rngs::ThreadRng,
+    rng: rand::rngs::SmallRng,
 }
 
 impl<'a> Scheduler<'a> {
@@ -192,7 +192,7 @@ impl<'a> Scheduler<'a> {
             backing_off: 0,
             changes: Vec::new(),
             notices,
-            rng: rand::rng(),
+            rng: rand::make_rng(),
         })
     }
 

@@ -1,10 +1,12 @@
 //! uet: runs workflows dropped into watched folders, step by step, in sandboxed tools, with
 //! durable state.
 
+pub mod daemon;
 pub mod doc;
 pub mod engine;
 pub mod model;
 pub mod process;
+pub mod protocol;
 pub mod report;
 pub mod scaffold;
 pub mod store;

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use uet::doc::Problems;
 use uet::engine::{self, Notice, RunSpec};
 use uet::model::{RunState, StepState};
+use uet::protocol::{Client, Request, Response};
 use uet::report::RunView;
 use uet::store::Store;
 use uet::tools::{TOOLS_FILE, ToolKind, Tools};
@@ -23,6 +24,7 @@ mod exit {
     pub const OK: u8 = 0;
     pub const RUN_FAILED: u8 = 1;
     pub const INVALID: u8 = 2;
+    pub const NO_DAEMON: u8 = 3;
 }
 
 #[derive(Parser)]
@@ -64,6 +66,51 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the daemon: watch folders, run what is dropped in them, answer on a socket.
+    Daemon {
+        /// A config file (TOML) with any of the flags' settings; flags win.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A tools file for every watched folder [default: each folder's tools.toml].
+        #[arg(long)]
+        tools: Option<PathBuf>,
+        /// A folder to watch (repeatable).
+        #[arg(long)]
+        watch: Vec<PathBuf>,
+        /// The state folder.
+        #[arg(long, env = "UET_STATE")]
+        state: Option<PathBuf>,
+        /// The control socket.
+        #[arg(long, env = "UET_SOCKET")]
+        socket: Option<PathBuf>,
+    },
+    /// The daemon's state in brief.
+    Status(ClientArgs),
+    /// List the daemon's runs.
+    Runs(ClientArgs),
+    /// Show a run and its steps.
+    Show {
+        /// The run.
+        run: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Have the daemon run a workflow file (its folder is the workstream).
+    Submit {
+        /// The workflow file.
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Cancel a run: its running steps are killed at once.
+    Cancel {
+        /// The run.
+        run: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Stop the daemon gracefully.
+    Shutdown(ClientArgs),
     /// Work with plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -76,6 +123,17 @@ enum Command {
         #[arg(long)]
         tools: Option<PathBuf>,
     },
+}
+
+/// How a client command finds the daemon.
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// The daemon's socket [default: $XDG_RUNTIME_DIR/uet/uet.sock, else /tmp/uet-UID/uet.sock].
+    #[arg(long, env = "UET_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -122,6 +180,22 @@ fn main() -> ExitCode {
         } => cmd_run(&file, tools.as_deref(), state, json),
         Command::Validate { files, tools } => cmd_validate(&files, tools.as_deref()),
         Command::Tools { tools, state, json } => cmd_tools(tools.as_deref(), state, json),
+        Command::Daemon {
+            config,
+            tools,
+            watch,
+            state,
+            socket,
+        } => cmd_daemon(config, tools, watch, state, socket),
+        Command::Status(c) => client(&c, Request::Status),
+        Command::Runs(c) => client(&c, Request::Runs),
+        Command::Show { run, client: c } => client(&c, Request::Show { run }),
+        Command::Submit { file, client: c } => match std::path::absolute(&file) {
+            Ok(path) => client(&c, Request::Submit { path }),
+            Err(e) => Err(anyhow!("{}: {e}", file.display()).into()),
+        },
+        Command::Cancel { run, client: c } => client(&c, Request::Cancel { run }),
+        Command::Shutdown(c) => client(&c, Request::Shutdown),
         Command::Plugin(PluginCommand::New { name, sdk }) => {
             let sdk = sdk.unwrap_or_else(uet::scaffold::default_sdk);
             uet::scaffold::new_plugin(Path::new("."), &name, &sdk)
@@ -158,12 +232,178 @@ fn default_state_dir() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/state/uet"))
 }
 
-/// Where compiled plugins are cached: `$UET_CACHE_DIR`, else `cache/` in the state folder.
-fn cache_dir(state: &Path) -> PathBuf {
-    std::env::var_os("UET_CACHE_DIR")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| state.join("cache"))
+/// The daemon's config file: the flags' settings, flags winning.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DaemonFile {
+    tools: Option<PathBuf>,
+    #[serde(default)]
+    watch: Vec<PathBuf>,
+    state: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    max_runs: Option<usize>,
+    #[serde(default, with = "humantime_opt")]
+    settle: Option<std::time::Duration>,
+}
+
+mod humantime_opt {
+    use serde::Deserialize;
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<std::time::Duration>, D::Error> {
+        let text: Option<String> = Option::deserialize(d)?;
+        text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+fn cmd_daemon(
+    config: Option<PathBuf>,
+    tools: Option<PathBuf>,
+    watch: Vec<PathBuf>,
+    state: Option<PathBuf>,
+    socket: Option<PathBuf>,
+) -> Result<u8, Failure> {
+    let file: DaemonFile = match &config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?
+        }
+        None => DaemonFile::default(),
+    };
+    let watch = if watch.is_empty() { file.watch } else { watch };
+    if watch.is_empty() {
+        return Err(
+            anyhow!("nothing to watch: pass --watch DIR (or `watch = [...]` in --config)").into(),
+        );
+    }
+    let state = match state.or(file.state) {
+        Some(s) => s,
+        None => default_state_dir()?,
+    };
+    let config = uet::daemon::Config {
+        state,
+        socket: socket
+            .or(file.socket)
+            .unwrap_or_else(uet::protocol::default_socket),
+        watch,
+        tools: tools.or(file.tools),
+        max_runs: file.max_runs.unwrap_or(8),
+        settle: file.settle.unwrap_or(std::time::Duration::from_millis(200)),
+        grace: std::time::Duration::from_secs(10),
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(uet::daemon::serve(config))?;
+    Ok(exit::OK)
+}
+
+/// Sends one request to the daemon and prints the answer.
+fn client(args: &ClientArgs, request: Request) -> Result<u8, Failure> {
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(uet::protocol::default_socket);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let response = runtime.block_on(async {
+        let mut client = Client::connect(&socket).await?;
+        client.call(&request).await.map_err(std::io::Error::other)
+    });
+    let response = match response {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!(
+                "uet: no uet daemon answers on {} ({e}); start one with `uet daemon --watch DIR`, or point --socket / UET_SOCKET at it",
+                socket.display()
+            );
+            return Ok(exit::NO_DAEMON);
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    match response {
+        Response::Error { message, invalid } => {
+            eprintln!("{message}");
+            Ok(if invalid {
+                exit::INVALID
+            } else {
+                exit::RUN_FAILED
+            })
+        }
+        Response::Status(status) if args.json => {
+            let _ = writeln!(out, "{}", serde_json::to_value(&status).unwrap_or_default());
+            Ok(exit::OK)
+        }
+        Response::Status(status) => {
+            let counts: Vec<String> = status
+                .runs
+                .iter()
+                .map(|(k, v)| format!("{v} {k}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "uet daemon {} (pid {}), up {}s, state {}\nwatching: {}\nruns: {} ({} active)",
+                status.version,
+                status.pid,
+                status.uptime_seconds,
+                status.state.display(),
+                status
+                    .watching
+                    .iter()
+                    .map(|w| w.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                if counts.is_empty() {
+                    "none".to_string()
+                } else {
+                    counts.join(", ")
+                },
+                status.active,
+            );
+            Ok(exit::OK)
+        }
+        Response::Runs { runs } if args.json => {
+            let _ = writeln!(out, "{}", serde_json::Value::Array(runs));
+            Ok(exit::OK)
+        }
+        Response::Runs { runs } => {
+            let _ = writeln!(out, "{:>6}  {:<11}  {:<24}  REASON", "RUN", "STATE", "NAME");
+            for r in runs {
+                let _ = writeln!(
+                    out,
+                    "{:>6}  {:<11}  {:<24}  {}",
+                    r["run_id"],
+                    r["state"].as_str().unwrap_or("-"),
+                    r["name"].as_str().unwrap_or("-"),
+                    r["reason"].as_str().unwrap_or(""),
+                );
+            }
+            Ok(exit::OK)
+        }
+        Response::Run { run } => {
+            if args.json {
+                let _ = writeln!(out, "{run}");
+            } else {
+                let _ = write!(out, "{}", uet::report::text(&run));
+            }
+            Ok(exit::OK)
+        }
+        Response::Submitted { run } => {
+            if args.json {
+                let _ = writeln!(out, "{}", serde_json::json!({ "run_id": run }));
+            } else {
+                let _ = writeln!(out, "submitted: run {run}");
+            }
+            Ok(exit::OK)
+        }
+        Response::Done { message } => {
+            let _ = writeln!(out, "{message}");
+            Ok(exit::OK)
+        }
+        Response::Hello { .. } => Ok(exit::OK),
+    }
 }
 
 /// Starts the plugin runtime when any tool is a plugin, and asks plugins that list no
@@ -176,7 +416,7 @@ fn plugin_runtime(
     if !tools.has_plugins() {
         return Ok(None);
     }
-    let runtime = Runtime::new(Some(cache_dir(state)), tools.max_memory())
+    let runtime = Runtime::new(Some(wasm::cache_dir(state)), tools.max_memory())
         .context("cannot start the plugin runtime")?;
     wasm::describe_tools(tools, &runtime, all).map_err(Failure::Problems)?;
     Ok(Some(Arc::new(runtime)))

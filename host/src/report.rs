@@ -59,43 +59,53 @@ impl RunView {
 
     /// A summary for a person: the run's line, then a line per step.
     pub fn to_text(&self) -> String {
-        let mut out = format!(
-            "run {} `{}`: {}",
-            self.run.id, self.run.name, self.run.state
-        );
-        if let Some(ms) = duration_ms(self.run.started_at, self.run.finished_at) {
-            out.push_str(&format!(" in {}", seconds(ms)));
-        }
-        if let Some(reason) = &self.run.reason
-            && self.run.state != crate::model::RunState::Succeeded
-        {
-            out.push_str(&format!(" ({reason})"));
+        text(&self.to_json())
+    }
+}
+
+/// The summary of [`RunView::to_text`], from the JSON object (as a client receives it).
+pub fn text(run: &serde_json::Value) -> String {
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    let mut out = format!(
+        "run {} `{}`: {}",
+        run["run_id"],
+        s(&run["name"]),
+        s(&run["state"])
+    );
+    if let Some(ms) = run["duration_ms"].as_u64() {
+        out.push_str(&format!(" in {}", seconds(ms)));
+    }
+    if run["state"] != "succeeded"
+        && let Some(reason) = run["reason"].as_str()
+    {
+        out.push_str(&format!(" ({reason})"));
+    }
+    out.push('\n');
+    let steps = run["steps"].as_array().cloned().unwrap_or_default();
+    let width = steps.iter().map(|st| s(&st["id"]).len()).max().unwrap_or(0);
+    for st in &steps {
+        let attempts = match st["attempts"].as_u64().unwrap_or(0) {
+            1 => "1 attempt".to_string(),
+            n => format!("{n} attempts"),
+        };
+        let time = st["duration_ms"]
+            .as_u64()
+            .map(seconds)
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "  {:<width$}  {:<9}  {:<10}  {:>7}  {}",
+            s(&st["id"]),
+            s(&st["state"]),
+            attempts,
+            time,
+            s(&st["tool"]),
+        ));
+        if let Some(reason) = st["reason"].as_str() {
+            out.push_str(&format!("  {reason}"));
         }
         out.push('\n');
-        let width = self.steps.iter().map(|s| s.id.len()).max().unwrap_or(0);
-        for s in &self.steps {
-            let attempts = match s.attempts {
-                1 => "1 attempt".to_string(),
-                n => format!("{n} attempts"),
-            };
-            let time = duration_ms(s.started_at, s.finished_at)
-                .map(seconds)
-                .unwrap_or_else(|| "-".into());
-            out.push_str(&format!(
-                "  {:<width$}  {:<9}  {:<10}  {:>7}  {}",
-                s.id,
-                s.state.as_str(),
-                attempts,
-                time,
-                s.tool.as_deref().unwrap_or("-"),
-            ));
-            if let Some(reason) = &s.reason {
-                out.push_str(&format!("  {reason}"));
-            }
-            out.push('\n');
-        }
-        out
     }
+    out
 }
 
 fn duration_ms(start: Option<u64>, end: Option<u64>) -> Option<u64> {

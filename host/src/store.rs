@@ -33,6 +33,9 @@ const PLANS: TableDefinition<u64, &[u8]> = TableDefinition::new("plans");
 const STEPS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("steps");
 /// (run, step id, attempt number) → [`AttemptRecord`].
 const ATTEMPTS: TableDefinition<(u64, &str, u32), &[u8]> = TableDefinition::new("attempts");
+/// Claim name of a file picked up from a watched folder → `{run, sha256}` JSON: written in the
+/// transaction that creates the run, so a restart knows a claimed file was already recorded.
+const SUBMISSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("submissions");
 /// (run, seq) → [`EventRecord`].
 const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events");
 
@@ -127,6 +130,15 @@ pub enum StateError {
 /// Converts any redb error into a [`StateError::Storage`].
 fn storage(e: impl Into<redb::Error>) -> StateError {
     StateError::Storage(Box::new(e.into()))
+}
+
+/// A file picked up from a watched folder.
+#[derive(Debug, Clone, Copy)]
+pub struct Submission<'a> {
+    /// The unique name it was claimed under.
+    pub claim: &'a str,
+    /// The sha256 of its content, in hex.
+    pub sha256: &'a str,
 }
 
 /// One change to the state. A batch of changes is applied in one write transaction.
@@ -245,6 +257,7 @@ impl Store {
             tx.open_table(STEPS).map_err(storage)?;
             tx.open_table(ATTEMPTS).map_err(storage)?;
             tx.open_table(EVENTS).map_err(storage)?;
+            tx.open_table(SUBMISSIONS).map_err(storage)?;
         }
         tx.commit().map_err(storage)
     }
@@ -263,6 +276,20 @@ impl Store {
         workstream: &str,
         plan: serde_json::Value,
         step_ids: &[String],
+    ) -> Result<RunId, StateError> {
+        self.create_run_for(name, source, workstream, plan, step_ids, None)
+    }
+
+    /// [`Store::create_run`] for a file claimed from a watched folder: the claim is recorded in
+    /// the same transaction, so the file is never run twice.
+    pub fn create_run_for(
+        &self,
+        name: &str,
+        source: &str,
+        workstream: &str,
+        plan: serde_json::Value,
+        step_ids: &[String],
+        submission: Option<Submission<'_>>,
     ) -> Result<RunId, StateError> {
         let tx = self.db.begin_write().map_err(storage)?;
         let id;
@@ -324,6 +351,13 @@ impl Store {
                 .map_err(storage)?
                 .insert(id, encode(&plan).as_slice())
                 .map_err(storage)?;
+            if let Some(sub) = submission {
+                let record = serde_json::json!({ "run": id, "sha256": sub.sha256 });
+                tx.open_table(SUBMISSIONS)
+                    .map_err(storage)?
+                    .insert(sub.claim, encode(&record).as_slice())
+                    .map_err(storage)?;
+            }
         }
         tx.commit().map_err(storage)?;
         Ok(id)
@@ -512,6 +546,19 @@ impl Store {
         let runs = tx.open_table(RUNS).map_err(storage)?;
         match runs.get(id).map_err(storage)? {
             Some(v) => Ok(Some(decode::<RunRow>("runs", &id, v.value())?.record)),
+            None => Ok(None),
+        }
+    }
+
+    /// The run a claimed file became, if it was recorded.
+    pub fn submission(&self, claim: &str) -> Result<Option<RunId>, StateError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(SUBMISSIONS).map_err(storage)?;
+        match table.get(claim).map_err(storage)? {
+            Some(v) => {
+                let record: serde_json::Value = decode("submissions", &claim, v.value())?;
+                Ok(record["run"].as_u64())
+            }
             None => Ok(None),
         }
     }

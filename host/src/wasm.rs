@@ -46,6 +46,14 @@ const REPORT_LIMIT: usize = 1000;
 /// How many component instances may be alive at once: one per concurrent plugin attempt.
 const POOL_INSTANCES: u32 = 64;
 
+/// Where compiled plugins are cached: `$UET_CACHE_DIR`, else `cache/` in the state folder.
+pub fn cache_dir(state: &Path) -> PathBuf {
+    std::env::var_os("UET_CACHE_DIR")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| state.join("cache"))
+}
+
 /// What a plugin says about itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Description {

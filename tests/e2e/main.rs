@@ -2,6 +2,7 @@
 
 mod util;
 
+mod daemon;
 mod plugins;
 mod run;
 mod state;

@@ -1,0 +1,247 @@
+//! The control protocol between `uet` clients and the daemon: length-prefixed JSON frames over
+//! a local socket, a version exchanged first, then typed requests and responses.
+//!
+//! A frame is a 4-byte big-endian length and that many bytes of JSON. The client opens with
+//! [`Request::Hello`]; the daemon answers [`Response::Hello`] (or an error if the versions do
+//! not match) and then answers each request with one response.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::model::RunId;
+
+/// Bumped when a request or response changes meaning; additions of fields do not bump it.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The largest frame either side accepts: a `show` of a run with large outputs fits, and a
+/// hostile or broken peer cannot make the daemon allocate more.
+pub const MAX_FRAME: usize = 16 << 20;
+
+/// What a client asks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// The first message of a connection.
+    Hello {
+        /// The client's [`PROTOCOL_VERSION`].
+        protocol: u32,
+    },
+    /// The daemon's state in brief; its shape never changes (fields are only added).
+    Status,
+    /// Every run, oldest first.
+    Runs,
+    /// One run with its steps.
+    Show {
+        /// The run.
+        run: RunId,
+    },
+    /// Run a workflow file; its folder is the workstream.
+    Submit {
+        /// An absolute path the daemon can read.
+        path: PathBuf,
+    },
+    /// Stop a run: running steps are killed at once.
+    Cancel {
+        /// The run.
+        run: RunId,
+    },
+    /// Stop the daemon gracefully.
+    Shutdown,
+}
+
+/// What the daemon answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    /// The answer to [`Request::Hello`].
+    Hello {
+        /// The daemon's [`PROTOCOL_VERSION`].
+        protocol: u32,
+        /// The daemon's uet version.
+        version: String,
+    },
+    /// The answer to [`Request::Status`].
+    Status(Status),
+    /// The answer to [`Request::Runs`]: objects with `run_id`, `name`, `state`, ...
+    Runs {
+        /// The runs.
+        runs: Vec<serde_json::Value>,
+    },
+    /// The answer to [`Request::Show`]: the object `uet show --json` prints.
+    Run {
+        /// The run.
+        run: serde_json::Value,
+    },
+    /// The answer to [`Request::Submit`].
+    Submitted {
+        /// The new run.
+        run: RunId,
+    },
+    /// The request was carried out.
+    Done {
+        /// What happened, in words.
+        message: String,
+    },
+    /// The request was refused.
+    Error {
+        /// Why; for invalid input, one problem a line.
+        message: String,
+        /// True when the cause is the request's input (the client exits 2), not the daemon.
+        invalid: bool,
+    },
+}
+
+/// The daemon in brief.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The daemon's uet version.
+    pub version: String,
+    /// Its process id.
+    pub pid: u32,
+    /// Seconds since it started.
+    pub uptime_seconds: u64,
+    /// Its state folder.
+    pub state: PathBuf,
+    /// The folders it watches.
+    pub watching: Vec<PathBuf>,
+    /// Runs by state: `pending`, `running`, `succeeded`, ...
+    pub runs: std::collections::BTreeMap<String, u64>,
+    /// Runs whose steps are being driven now.
+    pub active: u64,
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// The connection failed.
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer announced a frame above [`MAX_FRAME`].
+    #[error("frame of {0} bytes is larger than the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    /// The frame is not the JSON expected.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+/// Writes one frame.
+pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    message: &T,
+) -> Result<(), FrameError> {
+    let body = serde_json::to_vec(message).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    w.write_all(&(body.len() as u32).to_be_bytes()).await?;
+    w.write_all(&body).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Reads one frame; `None` at a clean end of the connection.
+pub async fn read_frame<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
+    r: &mut R,
+) -> Result<Option<T>, FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    serde_json::from_slice(&body)
+        .map(Some)
+        .map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+/// The socket clients use when neither `--socket` nor `UET_SOCKET` says: per user, in
+/// `$XDG_RUNTIME_DIR/uet/`, else `/tmp/uet-UID/`.
+pub fn default_socket() -> PathBuf {
+    let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d).join("uet"),
+        // SAFETY: getuid has no preconditions and cannot fail
+        None => PathBuf::from(format!("/tmp/uet-{}", unsafe { libc::getuid() })),
+    };
+    dir.join("uet.sock")
+}
+
+/// The local-socket name of a socket file.
+pub fn socket_name(path: &Path) -> std::io::Result<interprocess::local_socket::Name<'_>> {
+    use interprocess::local_socket::{GenericFilePath, ToFsName};
+    path.to_fs_name::<GenericFilePath>()
+}
+
+/// A connected client, past the hello.
+pub struct Client {
+    stream: interprocess::local_socket::tokio::Stream,
+}
+
+impl Client {
+    /// Connects and exchanges versions.
+    pub async fn connect(path: &Path) -> std::io::Result<Client> {
+        use interprocess::local_socket::tokio::prelude::*;
+        let stream = interprocess::local_socket::tokio::Stream::connect(socket_name(path)?).await?;
+        let mut client = Client { stream };
+        let hello = client
+            .call(&Request::Hello {
+                protocol: PROTOCOL_VERSION,
+            })
+            .await
+            .map_err(std::io::Error::other)?;
+        match hello {
+            Response::Hello { .. } => Ok(client),
+            Response::Error { message, .. } => Err(std::io::Error::other(message)),
+            other => Err(std::io::Error::other(format!(
+                "unexpected hello: {other:?}"
+            ))),
+        }
+    }
+
+    /// Sends a request and reads its response.
+    pub async fn call(&mut self, request: &Request) -> Result<Response, FrameError> {
+        write_frame(&mut self.stream, request).await?;
+        read_frame(&mut self.stream)
+            .await?
+            .ok_or_else(|| FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_refuse_what_they_must() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        write_frame(&mut a, &Request::Show { run: 7 })
+            .await
+            .unwrap();
+        let got: Option<Request> = read_frame(&mut b).await.unwrap();
+        assert_eq!(got, Some(Request::Show { run: 7 }));
+
+        a.write_all(&(u32::MAX).to_be_bytes()).await.unwrap();
+        assert!(matches!(
+            read_frame::<_, Request>(&mut b).await,
+            Err(FrameError::TooLarge(_))
+        ));
+
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        a.write_all(&5u32.to_be_bytes()).await.unwrap();
+        a.write_all(b"{nope").await.unwrap();
+        assert!(matches!(
+            read_frame::<_, Request>(&mut b).await,
+            Err(FrameError::Malformed(_))
+        ));
+        drop(a);
+        assert!(read_frame::<_, Request>(&mut b).await.unwrap().is_none());
+    }
+}

@@ -1,0 +1,388 @@
+//! The daemon: watched folders, the control socket and its client commands, against the real
+//! binary, real file-system events and a real socket.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::util::{Env, alive, shared_cache};
+
+/// A daemon watching the env's workstream, stopped (killed) when dropped.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Daemon {
+    fn start(env: &Env) -> Daemon {
+        let socket = env.ws.parent().unwrap().join("sock/uet.sock");
+        let child = daemon_command(env, &socket)
+            .spawn()
+            .expect("start the daemon");
+        let daemon = Daemon { child, socket };
+        let waited = Instant::now();
+        while daemon.client(env, &["status"]).code() != 0 {
+            assert!(
+                waited.elapsed() < Duration::from_secs(20),
+                "the daemon never answered"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        daemon
+    }
+
+    fn client(&self, env: &Env, args: &[&str]) -> crate::util::Run {
+        let mut all: Vec<&str> = args.to_vec();
+        let socket = self.socket.to_str().unwrap().to_string();
+        all.extend(["--socket", &socket]);
+        env.uet(&all)
+    }
+
+    fn runs(&self, env: &Env) -> Vec<serde_json::Value> {
+        let run = self.client(env, &["runs", "--json"]).expect(0);
+        serde_json::from_str::<Vec<serde_json::Value>>(&run.stdout()).unwrap()
+    }
+
+    /// Polls `uet runs --json` until `n` runs have ended.
+    fn wait_for_runs(&self, env: &Env, n: usize) -> Vec<serde_json::Value> {
+        let waited = Instant::now();
+        loop {
+            let runs = self.runs(env);
+            let ended = runs
+                .iter()
+                .filter(|r| !matches!(r["state"].as_str(), Some("pending" | "running")))
+                .count();
+            if ended >= n {
+                return runs;
+            }
+            assert!(
+                waited.elapsed() < Duration::from_secs(60),
+                "only {ended} of {n} runs ended: {runs:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn daemon_command(env: &Env, socket: &std::path::Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uet"));
+    cmd.args(["daemon", "--watch"])
+        .arg(&env.ws)
+        .arg("--state")
+        .arg(&env.state)
+        .arg("--socket")
+        .arg(socket)
+        .env("UET_CACHE_DIR", shared_cache())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+fn tools(env: &Env) {
+    env.write(
+        "tools.toml",
+        r#"
+[[tools]]
+name = "echo"
+command = ["cat"]
+
+[[tools]]
+name = "sleepy"
+command = ["sh", "-c", "echo $$ > {pidfile}; sleep 30 & echo $! >> {pidfile}; touch {pidfile}.done; wait"]
+"#,
+    );
+}
+
+/// Drops a file the way a careful writer does: written beside, renamed in.
+fn drop_file(env: &Env, name: &str, text: &str) {
+    let tmp = env.ws.join(format!(".{name}.partial"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, env.ws.join(name)).unwrap();
+}
+
+const GOOD: &str =
+    "name = \"hello\"\n[[steps]]\nid = \"say\"\ntool = \"echo\"\nwith = { hi = 1 }\n";
+
+#[test]
+fn a_dropped_file_becomes_a_run() {
+    let env = Env::new();
+    tools(&env);
+    let daemon = Daemon::start(&env);
+    drop_file(&env, "hello.toml", GOOD);
+    let runs = daemon.wait_for_runs(&env, 1);
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0]["name"], "hello");
+    assert_eq!(runs[0]["state"], "succeeded");
+    assert!(
+        !env.ws.join("hello.toml").exists(),
+        "a picked-up file leaves the folder"
+    );
+    let show = daemon.client(&env, &["show", "1", "--json"]).expect(0);
+    let run: serde_json::Value = serde_json::from_str(&show.stdout()).unwrap();
+    assert_eq!(run["steps"][0]["output"], serde_json::json!({"hi": 1}));
+    assert!(
+        daemon
+            .client(&env, &["show", "1"])
+            .expect(0)
+            .stdout()
+            .starts_with("run 1 `hello`: succeeded")
+    );
+    daemon.client(&env, &["show", "99"]).expect(2);
+}
+
+#[test]
+fn files_waiting_at_start_are_picked_up_and_others_ignored() {
+    let env = Env::new();
+    tools(&env);
+    env.write("early.toml", GOOD);
+    env.write("notes.txt", "not a workflow");
+    env.write("draft.toml~", GOOD);
+    env.write(".hidden.toml", GOOD);
+    let daemon = Daemon::start(&env);
+    let runs = daemon.wait_for_runs(&env, 1);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(daemon.runs(&env).len(), 1, "{runs:?}");
+    for kept in ["notes.txt", "draft.toml~", ".hidden.toml", "tools.toml"] {
+        assert!(
+            env.ws.join(kept).exists(),
+            "{kept} is not a submission and stays"
+        );
+    }
+}
+
+#[test]
+fn an_invalid_drop_is_rejected_with_its_report_and_the_daemon_keeps_serving() {
+    let env = Env::new();
+    tools(&env);
+    let daemon = Daemon::start(&env);
+    drop_file(
+        &env,
+        "bad.toml",
+        "name = \"bad\"\ncolour = \"red\"\n[[steps]]\nid = \"a\"\ntool = \"ghost\"\n",
+    );
+    let report = env.ws.join("rejected/bad.toml.error.txt");
+    let waited = Instant::now();
+    while !report.exists() {
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "no rejection report"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = std::fs::read_to_string(&report).unwrap();
+    assert!(
+        text.contains("bad.toml:2:1: workflow: unknown key `colour`"),
+        "{text}"
+    );
+    assert!(
+        text.contains("bad.toml:5:8: step `a`: unknown tool `ghost`"),
+        "{text}"
+    );
+    assert!(
+        env.ws.join("rejected/bad.toml").exists(),
+        "the file itself is kept beside its report"
+    );
+    assert!(!env.ws.join("bad.toml").exists());
+    drop_file(&env, "good.toml", GOOD);
+    let runs = daemon.wait_for_runs(&env, 1);
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0]["state"], "succeeded");
+}
+
+#[test]
+fn a_slow_writers_partial_file_is_not_read_early() {
+    let env = Env::new();
+    tools(&env);
+    let daemon = Daemon::start(&env);
+    // written in place, in pieces, each piece sooner than the settle window: a read between
+    // pieces would see broken TOML and reject it
+    let path = env.ws.join("slow.toml");
+    let mut file = std::fs::File::create(&path).unwrap();
+    let (first, rest) = GOOD.split_at(20);
+    file.write_all(first.as_bytes()).unwrap();
+    for chunk in rest.as_bytes().chunks(12) {
+        std::thread::sleep(Duration::from_millis(60));
+        file.write_all(chunk).unwrap();
+    }
+    drop(file);
+    let runs = daemon.wait_for_runs(&env, 1);
+    assert_eq!(runs[0]["state"], "succeeded");
+    assert!(
+        !env.ws.join("rejected").exists(),
+        "a partial read would have been rejected"
+    );
+}
+
+#[test]
+fn two_hundred_files_dropped_at_once_become_two_hundred_runs() {
+    let env = Env::new();
+    tools(&env);
+    let daemon = Daemon::start(&env);
+    for i in 0..200 {
+        drop_file(
+            &env,
+            &format!("burst-{i:03}.toml"),
+            &GOOD.replace("hello", &format!("burst-{i:03}")),
+        );
+    }
+    let runs = daemon.wait_for_runs(&env, 200);
+    std::thread::sleep(Duration::from_millis(500));
+    let runs_after = daemon.runs(&env);
+    assert_eq!(runs_after.len(), 200, "exactly one run per file");
+    let mut names: Vec<&str> = runs.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 200);
+    assert!(runs.iter().all(|r| r["state"] == "succeeded"));
+}
+
+#[test]
+fn cancel_stops_a_long_step_at_once() {
+    let env = Env::new();
+    tools(&env);
+    let daemon = Daemon::start(&env);
+    env.write("long.toml", "name = \"long\"\n[[steps]]\nid = \"nap\"\ntool = \"sleepy\"\nwith = { pidfile = \"pids\" }\n");
+    let submitted = daemon
+        .client(&env, &["submit", "long.toml", "--json"])
+        .expect(0);
+    let run: serde_json::Value = serde_json::from_str(&submitted.stdout()).unwrap();
+    let id = run["run_id"].to_string();
+    let waited = Instant::now();
+    while !env.ws.join("pids.done").exists() {
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "the step never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let canceled = Instant::now();
+    daemon.client(&env, &["cancel", &id]).expect(0);
+    let runs = daemon.wait_for_runs(&env, 1);
+    assert!(canceled.elapsed() < Duration::from_secs(10));
+    assert_eq!(runs[0]["state"], "canceled");
+    for pid in env
+        .read("pids")
+        .lines()
+        .map(|l| l.trim().parse::<i32>().unwrap())
+    {
+        assert!(!alive(pid), "process {pid} outlived the cancel");
+    }
+    // an invalid submission is refused with its problems, exit 2
+    env.write("bad.toml", "name = 3\n");
+    let refused = daemon.client(&env, &["submit", "bad.toml"]).expect(2);
+    assert!(
+        refused.stderr().contains("bad.toml:1:8"),
+        "{}",
+        refused.describe()
+    );
+}
+
+#[test]
+fn the_socket_is_the_owners_and_one_daemon_owns_a_state() {
+    let env = Env::new();
+    tools(&env);
+    let daemon = Daemon::start(&env);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&daemon.socket), 0o600);
+    assert_eq!(mode(daemon.socket.parent().unwrap()), 0o700);
+
+    // a second daemon on the same state refuses, saying why
+    let other = env.ws.parent().unwrap().join("sock2/uet.sock");
+    let out = daemon_command(&env, &other).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is using the state"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ...and so does one on the same socket
+    let env2 = Env::new();
+    let out = daemon_command(&env2, &daemon.socket).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("already answers"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        daemon.client(&env, &["status"]).code(),
+        0,
+        "the first daemon still serves"
+    );
+}
+
+#[test]
+fn malformed_and_oversized_frames_get_an_error_and_hurt_nothing() {
+    let env = Env::new();
+    tools(&env);
+    let daemon = Daemon::start(&env);
+    let reply = |bytes: &[u8]| {
+        let mut s = std::os::unix::net::UnixStream::connect(&daemon.socket).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).unwrap();
+        let mut body = vec![0; u32::from_be_bytes(len) as usize];
+        s.read_exact(&mut body).unwrap();
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+    };
+    let mut garbage = 5u32.to_be_bytes().to_vec();
+    garbage.extend(b"{nope");
+    let r = reply(&garbage);
+    assert_eq!(r["type"], "error");
+    assert!(r["message"].as_str().unwrap().contains("malformed"), "{r}");
+    let r = reply(&u32::MAX.to_be_bytes());
+    assert!(
+        r["message"].as_str().unwrap().contains("larger than"),
+        "{r}"
+    );
+    let mut early = Vec::new();
+    let status = serde_json::to_vec(&serde_json::json!({"type": "status"})).unwrap();
+    early.extend((status.len() as u32).to_be_bytes());
+    early.extend(&status);
+    assert!(
+        reply(&early)["message"]
+            .as_str()
+            .unwrap()
+            .contains("hello first")
+    );
+    assert_eq!(daemon.client(&env, &["status"]).code(), 0);
+}
+
+#[test]
+fn clients_without_a_daemon_exit_3_and_shutdown_removes_the_socket() {
+    let env = Env::new();
+    tools(&env);
+    let socket = env.ws.parent().unwrap().join("none/uet.sock");
+    for cmd in [
+        &["status"][..],
+        &["runs", "--json"],
+        &["show", "1"],
+        &["cancel", "1"],
+        &["shutdown"],
+    ] {
+        let mut args = cmd.to_vec();
+        args.extend(["--socket", socket.to_str().unwrap()]);
+        let run = env.uet(&args).expect(3);
+        assert!(
+            run.stderr().contains("no uet daemon answers"),
+            "{}",
+            run.describe()
+        );
+    }
+    let mut daemon = Daemon::start(&env);
+    daemon.client(&env, &["shutdown"]).expect(0);
+    let status = daemon.child.wait().unwrap();
+    assert!(status.success());
+    assert!(
+        !daemon.socket.exists(),
+        "the socket file is removed on exit"
+    );
+}
