@@ -102,6 +102,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     });
     tracing::info!(socket = %shared.config.socket.display(), "uet daemon listening");
 
+    let signals = shared.shutdown.clone();
+    // registered before the first run starts, so SIGTERM/SIGINT always mean a graceful stop
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        signals.cancel();
+    });
+
     // runs a previous daemon left unfinished go first, then what arrived while it was down
     for run in shared.store.runs()? {
         if matches!(run.state, RunState::Pending | RunState::Running) {
@@ -118,17 +131,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         watchers.push(watch_folder(dir, paths_tx.clone())?);
     }
     tokio::spawn(inbox(shared.clone(), paths_rx));
-
-    let signals = shared.shutdown.clone();
-    tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match &mut term { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-        }
-        signals.cancel();
-    });
 
     loop {
         use interprocess::local_socket::tokio::prelude::*;

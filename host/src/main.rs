@@ -576,11 +576,14 @@ fn cmd_run(
     let final_state = runtime.block_on(async {
         let cancel = CancellationToken::new();
         let on_signal = cancel.clone();
+        // registered before any step starts: a Ctrl-C from then on cancels, never kills outright
+        let mut interrupts =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
+            if interrupts.recv().await.is_some() {
                 eprintln!("uet: canceling (Ctrl-C again to force)…");
                 on_signal.cancel();
-                if tokio::signal::ctrl_c().await.is_ok() {
+                if interrupts.recv().await.is_some() {
                     std::process::exit(130);
                 }
             }
@@ -603,7 +606,7 @@ fn cmd_run(
         };
         let result = engine::execute(&store, spec, cancel, (!json).then_some(tx)).await;
         let _ = printer.await;
-        result
+        Ok::<_, anyhow::Error>(result?)
     });
     let final_state = final_state.context("the run could not be driven")?;
     let view = RunView::load(&store, run)
