@@ -214,6 +214,21 @@ impl<'a> Scheduler<'a> {
         // a step found running was in flight when its last driver stopped: it goes again
         for i in 0..self.state.len() {
             if self.state[i] == StepState::Running {
+                // its last attempt never reported back: say so, then try again
+                let id = self.plan.steps[i].id.clone();
+                let last = self.store.attempts(self.run, &id)?.pop();
+                if let Some(a) = last.filter(|a| a.outcome.is_none()) {
+                    self.changes.push(Change::AttemptFinished {
+                        run: self.run,
+                        step: id,
+                        number: a.number,
+                        outcome: Outcome::Interrupted,
+                        error: Some("uet stopped while this attempt was in flight".into()),
+                        stdout: String::new(),
+                        stderr: String::new(),
+                        retry_at: None,
+                    });
+                }
                 self.set_step(
                     i,
                     StepState::Pending,

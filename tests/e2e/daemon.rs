@@ -386,3 +386,67 @@ fn clients_without_a_daemon_exit_3_and_shutdown_removes_the_socket() {
         "the socket file is removed on exit"
     );
 }
+
+#[test]
+fn a_kill_9_mid_run_resumes_without_running_a_finished_step_again() {
+    let env = Env::new();
+    env.write(
+        "tools.toml",
+        r#"
+[[tools]]
+name = "note"
+command = ["sh", "-c", "echo {name} >> ran.log; echo '{{}}'"]
+
+[[tools]]
+name = "stall"
+# stalls on its first attempt only (until the daemon is killed), as a long step would
+command = ["sh", "-c", "echo {name} >> ran.log; if [ ! -e stalled ]; then touch stalled; sleep 30; fi; echo '{{}}'"]
+"#,
+    );
+    let mut daemon = Daemon::start(&env);
+    drop_file(
+        &env,
+        "crash.toml",
+        "name = \"crash\"\n[[steps]]\nid = \"a\"\ntool = \"note\"\nwith = { name = \"a\" }\n\
+         [[steps]]\nid = \"b\"\ntool = \"stall\"\nneeds = [\"a\"]\nwith = { name = \"b\" }\n\
+         [[steps]]\nid = \"c\"\ntool = \"note\"\nneeds = [\"b\"]\nwith = { name = \"c\" }\n",
+    );
+    let waited = Instant::now();
+    while !env.ws.join("stalled").exists() {
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "step b never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    daemon.child.kill().unwrap(); // SIGKILL: no chance to record anything
+    daemon.child.wait().unwrap();
+    drop(daemon);
+
+    let daemon = Daemon::start(&env);
+    let runs = daemon.wait_for_runs(&env, 1);
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0]["state"], "succeeded", "{runs:?}");
+    let log = env.read("ran.log");
+    let count = |s: &str| log.lines().filter(|l| *l == s).count();
+    assert_eq!(
+        count("a"),
+        1,
+        "a succeeded before the crash and must not run again: {log}"
+    );
+    assert_eq!(count("b"), 2, "b was in flight, so it runs again: {log}");
+    assert_eq!(count("c"), 1, "{log}");
+    let show: serde_json::Value = serde_json::from_str(
+        &daemon
+            .client(&env, &["show", "1", "--json"])
+            .expect(0)
+            .stdout(),
+    )
+    .unwrap();
+    assert_eq!(show["steps"][1]["attempts"], 2);
+    drop(daemon);
+    let store = uet::store::Store::open(&env.state).unwrap();
+    let attempts = store.attempts(1, "b").unwrap();
+    assert_eq!(attempts[0].outcome, Some(uet::model::Outcome::Interrupted));
+    assert_eq!(attempts[1].outcome, Some(uet::model::Outcome::Succeeded));
+}
