@@ -121,12 +121,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             resume(&shared, run.id);
         }
     }
-    let (paths_tx, paths_rx) = mpsc::unbounded_channel::<PathBuf>();
+    let (paths_tx, paths_rx) = mpsc::unbounded_channel::<(PathBuf, bool)>();
     let mut watchers = Vec::new();
     for dir in &watch {
         recover_claims(&shared, dir);
         for entry in std::fs::read_dir(dir)?.flatten() {
-            let _ = paths_tx.send(entry.path());
+            // a writer may still be busy with a file found at start: let it settle
+            let _ = paths_tx.send((entry.path(), false));
         }
         watchers.push(watch_folder(dir, paths_tx.clone())?);
     }
@@ -184,16 +185,24 @@ async fn bind(path: &Path) -> anyhow::Result<interprocess::local_socket::tokio::
     Ok(listener)
 }
 
-/// Forwards file-system events of a folder's direct children as paths.
+/// Forwards file-system events of a folder's direct children as paths, each marked whether it
+/// is complete already: a file renamed into the folder was written elsewhere and is whole.
 fn watch_folder(
     dir: &Path,
-    tx: mpsc::UnboundedSender<PathBuf>,
+    tx: mpsc::UnboundedSender<(PathBuf, bool)>,
 ) -> anyhow::Result<notify::RecommendedWatcher> {
     use notify::Watcher;
+    use notify::event::{EventKind, ModifyKind, RenameMode};
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
         Ok(event) => {
-            for path in event.paths {
-                let _ = tx.send(path);
+            let renamed_in = matches!(
+                event.kind,
+                EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+            );
+            // for a rename pair the destination is the last path
+            let count = event.paths.len();
+            for (i, path) in event.paths.into_iter().enumerate() {
+                let _ = tx.send((path, renamed_in && i + 1 == count));
             }
         }
         Err(e) => tracing::warn!("watch error: {e}"),
@@ -220,9 +229,9 @@ fn is_submission(path: &Path, watch: &[PathBuf]) -> bool {
 }
 
 /// Waits until each candidate file has stopped changing, then claims it.
-async fn inbox(shared: Arc<Shared>, mut paths: mpsc::UnboundedReceiver<PathBuf>) {
+async fn inbox(shared: Arc<Shared>, mut paths: mpsc::UnboundedReceiver<(PathBuf, bool)>) {
     let settling: Arc<Mutex<std::collections::HashSet<PathBuf>>> = Arc::default();
-    while let Some(path) = paths.recv().await {
+    while let Some((path, complete)) = paths.recv().await {
         if !is_submission(&path, &shared.config.watch) {
             continue;
         }
@@ -236,7 +245,9 @@ async fn inbox(shared: Arc<Shared>, mut paths: mpsc::UnboundedReceiver<PathBuf>)
         let shared = shared.clone();
         let settling = settling.clone();
         tokio::spawn(async move {
-            settle(&path, shared.config.settle).await;
+            if !complete {
+                settle(&path, shared.config.settle).await;
+            }
             settling
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
