@@ -236,13 +236,25 @@ mod tests {
         }
     }
 
-    fn alive(pid: i32) -> bool {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .map(|s| {
-                !s.lines()
-                    .any(|l| l.starts_with("State:") && l.contains('Z'))
-            })
-            .unwrap_or(false)
+    /// Whether a process is gone (or a zombie) within a moment: SIGKILL is delivered
+    /// asynchronously, so a check right after sending it may still see the process.
+    fn gone(pid: i32) -> bool {
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{pid}/status"))
+                .map(|s| {
+                    !s.lines()
+                        .any(|l| l.starts_with("State:") && l.contains('Z'))
+                })
+                .unwrap_or(false)
+        };
+        let since = Instant::now();
+        while alive() {
+            if since.elapsed() > Duration::from_secs(2) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        true
     }
 
     #[tokio::test]
@@ -274,7 +286,7 @@ mod tests {
             .map(|l| l.parse().unwrap())
             .collect();
         assert_eq!(pids.len(), 2);
-        assert!(pids.iter().all(|&p| !alive(p)), "{pids:?} still alive");
+        assert!(pids.iter().all(|&p| gone(p)), "{pids:?} still alive");
     }
 
     #[tokio::test]
@@ -309,7 +321,7 @@ mod tests {
             .trim()
             .parse()
             .unwrap();
-        assert!(!alive(pid));
+        assert!(gone(pid));
     }
 
     #[tokio::test]

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::util::{Env, alive, shared_cache};
+use crate::util::{Env, gone, shared_cache};
 
 /// A daemon watching the env's workstream, stopped (killed) when dropped.
 struct Daemon {
@@ -274,7 +274,7 @@ fn cancel_stops_a_long_step_at_once() {
         .lines()
         .map(|l| l.trim().parse::<i32>().unwrap())
     {
-        assert!(!alive(pid), "process {pid} outlived the cancel");
+        assert!(gone(pid), "process {pid} outlived the cancel");
     }
     // an invalid submission is refused with its problems, exit 2
     env.write("bad.toml", "name = 3\n");

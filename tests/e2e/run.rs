@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::util::{Env, alive, step};
+use crate::util::{Env, gone, step};
 
 /// Tools every test here can use.
 fn tools(env: &Env) {
@@ -229,7 +229,7 @@ with = { pidfile = "pids" }
         .collect();
     assert_eq!(pids.len(), 2, "the shell and its background sleep");
     for pid in pids {
-        assert!(!alive(pid), "process {pid} outlived the timeout");
+        assert!(gone(pid), "process {pid} outlived the timeout");
     }
 }
 
@@ -271,7 +271,7 @@ needs = ["nap"]
         .lines()
         .map(|l| l.trim().parse::<i32>().unwrap())
     {
-        assert!(!alive(pid), "process {pid} outlived the run");
+        assert!(gone(pid), "process {pid} outlived the run");
     }
 }
 
@@ -411,6 +411,6 @@ fn ctrl_c_cancels_the_run_and_its_processes() {
         .lines()
         .map(|l| l.trim().parse::<i32>().unwrap())
     {
-        assert!(!alive(pid), "process {pid} outlived the cancel");
+        assert!(gone(pid), "process {pid} outlived the cancel");
     }
 }

@@ -150,16 +150,23 @@ pub fn step<'a>(run: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
         .unwrap_or_else(|| panic!("no step {id} in {run:#}"))
 }
 
-/// Whether a process is still alive.
-pub fn alive(pid: i32) -> bool {
-    // signal 0 checks existence; a zombie we do not own is reaped by init soon after
-    let status = Path::new(&format!("/proc/{pid}/status")).to_path_buf();
-    match std::fs::read_to_string(status) {
+/// Whether a process is gone (or a zombie) within a moment: SIGKILL is delivered
+/// asynchronously, so a check right after sending it may still see the process.
+pub fn gone(pid: i32) -> bool {
+    let alive = || match std::fs::read_to_string(format!("/proc/{pid}/status")) {
         Ok(s) => !s
             .lines()
             .any(|l| l.starts_with("State:") && l.contains('Z')),
         Err(_) => false,
+    };
+    let since = std::time::Instant::now();
+    while alive() {
+        if since.elapsed() > std::time::Duration::from_secs(2) {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    true
 }
 
 /// A plugin built by `scripts/build-plugins` (which `./test.sh` runs first).
