@@ -250,14 +250,23 @@ fn cancel_stops_a_long_step_at_once() {
     let env = Env::new();
     tools(&env);
     let daemon = Daemon::start(&env);
-    env.write("long.toml", "name = \"long\"\n[[steps]]\nid = \"nap\"\ntool = \"sleepy\"\nwith = { pidfile = \"pids\" }\n");
+    // submitted files live outside the watched folder, or the watcher would run them too
+    let sub = env.ws.parent().unwrap().join("submitted");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::copy(env.ws.join("tools.toml"), sub.join("tools.toml")).unwrap();
+    std::fs::write(
+        sub.join("long.toml"),
+        "name = \"long\"\n[[steps]]\nid = \"nap\"\ntool = \"sleepy\"\nwith = { pidfile = \"pids\" }\n",
+    )
+    .unwrap();
+    let long = sub.join("long.toml");
     let submitted = daemon
-        .client(&env, &["submit", "long.toml", "--json"])
+        .client(&env, &["submit", long.to_str().unwrap(), "--json"])
         .expect(0);
     let run: serde_json::Value = serde_json::from_str(&submitted.stdout()).unwrap();
     let id = run["run_id"].to_string();
     let waited = Instant::now();
-    while !env.ws.join("pids.done").exists() {
+    while !sub.join("pids.done").exists() {
         assert!(
             waited.elapsed() < Duration::from_secs(20),
             "the step never started"
@@ -268,17 +277,18 @@ fn cancel_stops_a_long_step_at_once() {
     daemon.client(&env, &["cancel", &id]).expect(0);
     let runs = daemon.wait_for_runs(&env, 1);
     assert!(canceled.elapsed() < Duration::from_secs(10));
+    assert_eq!(runs.len(), 1);
     assert_eq!(runs[0]["state"], "canceled");
-    for pid in env
-        .read("pids")
-        .lines()
-        .map(|l| l.trim().parse::<i32>().unwrap())
-    {
+    let pids = std::fs::read_to_string(sub.join("pids")).unwrap();
+    for pid in pids.lines().map(|l| l.trim().parse::<i32>().unwrap()) {
         assert!(gone(pid), "process {pid} outlived the cancel");
     }
     // an invalid submission is refused with its problems, exit 2
-    env.write("bad.toml", "name = 3\n");
-    let refused = daemon.client(&env, &["submit", "bad.toml"]).expect(2);
+    let bad = sub.join("bad.toml");
+    std::fs::write(&bad, "name = 3\n").unwrap();
+    let refused = daemon
+        .client(&env, &["submit", bad.to_str().unwrap()])
+        .expect(2);
     assert!(
         refused.stderr().contains("bad.toml:1:8"),
         "{}",
