@@ -14,17 +14,24 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::{self, RunSpec};
+use crate::engine::{self, Pause, RunSpec};
 use crate::model::{RunId, RunState};
 use crate::protocol::{self, Request, Response, Status};
 use crate::report::RunView;
-use crate::store::{Store, Submission};
+use crate::store::{Change, NewRun, Standing as StandingChange, Store, Submission};
 use crate::tools::{TOOLS_FILE, Tools};
 use crate::wasm::Runtime;
 use crate::workflow::{self, Plan};
 
 /// Where the daemon's claimed files wait, inside a watched folder.
 const CLAIMED: &str = ".uet/claimed";
+
+/// A run found in flight at this many daemon starts in a row (each after an unclean stop) is
+/// quarantined as a suspected cause instead of being resumed again.
+const CRASH_LIMIT: u32 = 2;
+
+/// How often a watched folder that was deleted is looked for, until it is back.
+const REAPPEAR_POLL: Duration = Duration::from_millis(250);
 
 /// How the daemon is set up.
 #[derive(Debug, Clone)]
@@ -41,9 +48,20 @@ pub struct Config {
     pub max_runs: usize,
     /// Quiet time before a file written in place is read: a file still being written is not.
     pub settle: Duration,
-    /// How long running steps may finish at shutdown before the daemon exits anyway (they
+    /// How long running steps may finish at shutdown before they are stopped (their runs
     /// resume at the next start).
     pub grace: Duration,
+    /// Poll folders at this interval instead of using the kernel's notifications (which are
+    /// still abandoned for polling when the inotify limits are reached).
+    pub poll: Option<Duration>,
+}
+
+/// What the inbox task hears from the folder watchers.
+enum Inbox {
+    /// A path changed; `true` when it was renamed in, so it is complete already.
+    Path(PathBuf, bool),
+    /// A watched folder is gone (deleted or moved away).
+    Gone(PathBuf),
 }
 
 struct Shared {
@@ -54,6 +72,15 @@ struct Shared {
     active: Mutex<HashMap<RunId, CancellationToken>>,
     shutdown: CancellationToken,
     started: Instant,
+    inbox: mpsc::UnboundedSender<Inbox>,
+    standing: mpsc::UnboundedSender<StandingMsg>,
+    /// The live watchers, by folder and whether they watch its whole tree (standing
+    /// workflows) or its direct children (the inbox).
+    watchers: Mutex<HashMap<(PathBuf, bool), Box<dyn notify::Watcher + Send>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Runs the daemon until it is asked to stop.
@@ -88,6 +115,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Some(crate::wasm::cache_dir(&config.state)),
         max_memory,
     )?));
+    let (inbox_tx, inbox_rx) = mpsc::unbounded_channel::<Inbox>();
+    let (standing_tx, standing_rx) = mpsc::unbounded_channel::<StandingMsg>();
     let shared = Arc::new(Shared {
         slots: Semaphore::new(config.max_runs.max(1)),
         config: Config {
@@ -99,6 +128,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         active: Mutex::new(HashMap::new()),
         shutdown: CancellationToken::new(),
         started: Instant::now(),
+        inbox: inbox_tx,
+        standing: standing_tx,
+        watchers: Mutex::new(HashMap::new()),
     });
     tracing::info!(socket = %shared.config.socket.display(), "uet daemon listening");
 
@@ -116,22 +148,21 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     });
 
     // runs a previous daemon left unfinished go first, then what arrived while it was down
-    for run in shared.store.runs()? {
-        if matches!(run.state, RunState::Pending | RunState::Running) {
-            resume(&shared, run.id);
+    let runs = shared.store.runs()?;
+    for run in &runs {
+        match run.state {
+            RunState::Pending => resume(&shared, run.id),
+            // still running in the state: the last daemon did not stop cleanly
+            RunState::Running => recover(&shared, run),
+            _ => {}
         }
     }
-    let (paths_tx, paths_rx) = mpsc::unbounded_channel::<(PathBuf, bool)>();
-    let mut watchers = Vec::new();
+    tokio::spawn(standing_loop(shared.clone(), standing_rx, runs));
     for dir in &watch {
         recover_claims(&shared, dir);
-        for entry in std::fs::read_dir(dir)?.flatten() {
-            // a writer may still be busy with a file found at start: let it settle
-            let _ = paths_tx.send((entry.path(), false));
-        }
-        watchers.push(watch_folder(dir, paths_tx.clone())?);
+        watch_inbox(&shared, dir)?;
     }
-    tokio::spawn(inbox(shared.clone(), paths_rx));
+    tokio::spawn(inbox(shared.clone(), inbox_rx));
 
     loop {
         use interprocess::local_socket::tokio::prelude::*;
@@ -144,22 +175,46 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
 
-    // stop taking work; let running steps finish for a while; what is left resumes next start
-    drop(watchers);
+    // stop taking work; running steps get the grace period (the engine sees the same token),
+    // then their runs go back to pending for the next start
+    lock(&shared.watchers).clear();
     drop(listener);
     let _ = std::fs::remove_file(&shared.config.socket);
-    let deadline = Instant::now() + shared.config.grace;
-    while !shared
-        .active
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .is_empty()
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let deadline = Instant::now() + shared.config.grace + Duration::from_secs(5);
+    while !lock(&shared.active).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tracing::info!("uet daemon stopped");
     Ok(())
+}
+
+/// A run the last daemon left running: resumed, or quarantined when this is the second start
+/// in a row that finds it so.
+fn recover(shared: &Arc<Shared>, run: &crate::model::RunRecord) {
+    let result = if run.crashes + 1 >= CRASH_LIMIT {
+        let reason = format!(
+            "in flight during {CRASH_LIMIT} unclean stops of uet in a row (a suspected cause); \
+             `uet release {}` runs it again",
+            run.id
+        );
+        engine::requeue_in_flight(&shared.store, run.id).and_then(|mut changes| {
+            changes.push(Change::RunState {
+                run: run.id,
+                to: RunState::Quarantined,
+                reason: Some(reason),
+            });
+            shared.store.apply(&changes)
+        })
+    } else {
+        shared.store.apply(&[Change::Recovered { run: run.id }])
+    };
+    match result {
+        Ok(()) if run.crashes + 1 >= CRASH_LIMIT => {
+            tracing::warn!(run = run.id, "quarantined after repeated unclean stops")
+        }
+        Ok(()) => resume(shared, run.id),
+        Err(e) => tracing::error!(run = run.id, "cannot recover: {e}"),
+    }
 }
 
 /// Binds the socket in a folder only its owner can enter; a socket left by a crashed daemon is
@@ -185,16 +240,74 @@ async fn bind(path: &Path) -> anyhow::Result<interprocess::local_socket::tokio::
     Ok(listener)
 }
 
-/// Forwards file-system events of a folder's direct children as paths, each marked whether it
-/// is complete already: a file renamed into the folder was written elsewhere and is whole.
-fn watch_folder(
+/// A watcher over `dir` (its whole tree when `recursive`) that hands every event to
+/// `handler`. Uses the kernel's notifications unless polling is configured; when the inotify
+/// limits are reached, says so and polls instead.
+fn make_watcher<F>(
     dir: &Path,
-    tx: mpsc::UnboundedSender<(PathBuf, bool)>,
-) -> anyhow::Result<notify::RecommendedWatcher> {
+    recursive: bool,
+    poll: Option<Duration>,
+    handler: F,
+) -> anyhow::Result<Box<dyn notify::Watcher + Send>>
+where
+    F: Fn(notify::Event) + Clone + Send + 'static,
+{
     use notify::Watcher;
+    let mode = if recursive {
+        notify::RecursiveMode::Recursive
+    } else {
+        notify::RecursiveMode::NonRecursive
+    };
+    let on_event = |h: F| {
+        move |event: notify::Result<notify::Event>| match event {
+            Ok(event) => h(event),
+            Err(e) => tracing::warn!("watch error: {e}"),
+        }
+    };
+    if poll.is_none() {
+        let native = notify::recommended_watcher(on_event(handler.clone())).and_then(|mut w| {
+            w.watch(dir, mode)?;
+            Ok(w)
+        });
+        match native {
+            Ok(w) => return Ok(Box::new(w)),
+            Err(e) if at_watch_limit(&e) => tracing::warn!(
+                "cannot watch {} with inotify ({e}); polling it every second instead \
+                 (raise fs.inotify.max_user_watches / max_user_instances to avoid this)",
+                dir.display()
+            ),
+            Err(e) => anyhow::bail!("cannot watch {}: {e}", dir.display()),
+        }
+    }
+    let interval = poll.unwrap_or(Duration::from_secs(1));
+    let config = notify::Config::default().with_poll_interval(interval);
+    let mut w = notify::PollWatcher::new(on_event(handler), config)
+        .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+    w.watch(dir, mode)
+        .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+    Ok(Box::new(w))
+}
+
+/// Whether a watcher failed because the kernel's inotify limits are used up.
+fn at_watch_limit(e: &notify::Error) -> bool {
+    match &e.kind {
+        notify::ErrorKind::MaxFilesWatch => true,
+        notify::ErrorKind::Io(io) => matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EMFILE)),
+        _ => false,
+    }
+}
+
+/// Watches a folder's direct children for submissions, and queues what is there already (a
+/// writer may still be busy with those: they settle first).
+fn watch_inbox(shared: &Arc<Shared>, dir: &Path) -> anyhow::Result<()> {
     use notify::event::{EventKind, ModifyKind, RenameMode};
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-        Ok(event) => {
+    let tx = shared.inbox.clone();
+    let folder = dir.to_path_buf();
+    let watcher = make_watcher(
+        dir,
+        false,
+        shared.config.poll,
+        move |event: notify::Event| {
             let renamed_in = matches!(
                 event.kind,
                 EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
@@ -202,14 +315,82 @@ fn watch_folder(
             // for a rename pair the destination is the last path
             let count = event.paths.len();
             for (i, path) in event.paths.into_iter().enumerate() {
-                let _ = tx.send((path, renamed_in && i + 1 == count));
+                if path == folder && !folder.is_dir() {
+                    let _ = tx.send(Inbox::Gone(folder.clone()));
+                } else {
+                    let _ = tx.send(Inbox::Path(path, renamed_in && i + 1 == count));
+                }
             }
+        },
+    )?;
+    lock(&shared.watchers).insert((dir.to_path_buf(), false), watcher);
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let _ = shared.inbox.send(Inbox::Path(entry.path(), false));
+    }
+    Ok(())
+}
+
+/// Watches a workstream's whole tree for its standing workflows' triggers.
+fn watch_tree(shared: &Arc<Shared>, dir: &Path) -> anyhow::Result<()> {
+    if lock(&shared.watchers).contains_key(&(dir.to_path_buf(), true)) {
+        return Ok(());
+    }
+    let tx = shared.standing.clone();
+    let folder = dir.to_path_buf();
+    let watcher = make_watcher(
+        dir,
+        true,
+        shared.config.poll,
+        move |event: notify::Event| {
+            // reads do not change anything a trigger cares about
+            if matches!(event.kind, notify::EventKind::Access(_)) {
+                return;
+            }
+            let _ = tx.send(StandingMsg::Changed {
+                workstream: folder.clone(),
+                paths: event.paths,
+            });
+        },
+    )?;
+    lock(&shared.watchers).insert((dir.to_path_buf(), true), watcher);
+    Ok(())
+}
+
+/// A watched folder went away: wait for it to come back, then watch it again and pick up
+/// whatever it holds. The wait polls, but only while the folder is missing.
+async fn await_folder(shared: Arc<Shared>, dir: PathBuf) {
+    let had_tree = {
+        let mut watchers = lock(&shared.watchers);
+        watchers.remove(&(dir.clone(), false));
+        watchers.remove(&(dir.clone(), true)).is_some()
+    };
+    tracing::warn!(folder = %dir.display(), "watched folder is gone; waiting for it to come back");
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(REAPPEAR_POLL) => {}
+            _ = shared.shutdown.cancelled() => return,
         }
-        Err(e) => tracing::warn!("watch error: {e}"),
-    })
-    .map_err(|e| anyhow::anyhow!("cannot watch {}: {e} (if the inotify watch limit is reached, raise fs.inotify.max_user_watches)", dir.display()))?;
-    watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
-    Ok(watcher)
+        if !dir.is_dir() {
+            continue;
+        }
+        let again = std::fs::create_dir_all(dir.join(CLAIMED))
+            .map_err(anyhow::Error::from)
+            .and_then(|()| watch_inbox(&shared, &dir))
+            .and_then(|()| {
+                if had_tree {
+                    watch_tree(&shared, &dir)
+                } else {
+                    Ok(())
+                }
+            });
+        match again {
+            Ok(()) => {
+                tracing::info!(folder = %dir.display(), "watched folder is back");
+                return;
+            }
+            Err(e) => tracing::warn!(folder = %dir.display(), "cannot watch it again yet: {e:#}"),
+        }
+    }
 }
 
 /// Whether a path is a submission: a `.toml`/`.json` file directly in a watched folder, not
@@ -229,17 +410,33 @@ fn is_submission(path: &Path, watch: &[PathBuf]) -> bool {
 }
 
 /// Waits until each candidate file has stopped changing, then claims it.
-async fn inbox(shared: Arc<Shared>, mut paths: mpsc::UnboundedReceiver<(PathBuf, bool)>) {
+async fn inbox(shared: Arc<Shared>, mut messages: mpsc::UnboundedReceiver<Inbox>) {
     let settling: Arc<Mutex<std::collections::HashSet<PathBuf>>> = Arc::default();
-    while let Some((path, complete)) = paths.recv().await {
+    let mut gone: std::collections::HashSet<PathBuf> = Default::default();
+    while let Some(message) = messages.recv().await {
+        let (path, complete) = match message {
+            Inbox::Gone(dir) => {
+                // one waiter per folder, however many events said so
+                if !dir.is_dir() && gone.insert(dir.clone()) {
+                    let shared = shared.clone();
+                    let (tx, dir2) = (shared.inbox.clone(), dir.clone());
+                    tokio::spawn(async move {
+                        await_folder(shared, dir2.clone()).await;
+                        let _ = tx.send(Inbox::Path(dir2, false));
+                    });
+                }
+                continue;
+            }
+            Inbox::Path(path, complete) => (path, complete),
+        };
+        // the waiter sends the folder itself once it is watched again
+        if gone.remove(&path) {
+            continue;
+        }
         if !is_submission(&path, &shared.config.watch) {
             continue;
         }
-        if !settling
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(path.clone())
-        {
+        if !lock(&settling).insert(path.clone()) {
             continue;
         }
         let shared = shared.clone();
@@ -248,10 +445,7 @@ async fn inbox(shared: Arc<Shared>, mut paths: mpsc::UnboundedReceiver<(PathBuf,
             if !complete {
                 settle(&path, shared.config.settle).await;
             }
-            settling
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&path);
+            lock(&settling).remove(&path);
             if path.is_file() {
                 let shared2 = shared.clone();
                 let _ = tokio::task::spawn_blocking(move || claim(&shared2, &path)).await;
@@ -278,10 +472,18 @@ async fn settle(path: &Path, window: Duration) {
     }
 }
 
+/// Why a claimed file did not become a run.
+enum ClaimError {
+    /// The file is not a valid workflow: it went to `rejected/` with this report.
+    Rejected(String),
+    /// The daemon could not record it (the claim stays, and is retried at the next start).
+    Failed(String),
+}
+
 /// Claims a file by renaming it out of the inbox (only one claimer can win a rename), then
-/// records it.
-fn claim(shared: &Arc<Shared>, path: &Path) {
-    let Some(dir) = path.parent() else { return };
+/// records it. `None` when another claimer won.
+fn claim(shared: &Arc<Shared>, path: &Path) -> Option<Result<RunId, ClaimError>> {
+    let dir = path.parent()?;
     let name = path
         .file_name()
         .unwrap_or_default()
@@ -292,10 +494,8 @@ fn claim(shared: &Arc<Shared>, path: &Path) {
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     let claimed = dir.join(CLAIMED).join(format!("{stamp}-{name}"));
-    if std::fs::rename(path, &claimed).is_err() {
-        return; // gone already: someone else claimed it
-    }
-    process_claim(shared, dir, &claimed, &name);
+    std::fs::rename(path, &claimed).ok()?;
+    Some(process_claim(shared, dir, &claimed, &name))
 }
 
 /// Finishes claims a crash interrupted: recorded ones are removed, the others processed.
@@ -318,7 +518,9 @@ fn recover_claims(shared: &Arc<Shared>, dir: &Path) {
             Ok(Some(_)) => {
                 let _ = std::fs::remove_file(&claimed);
             }
-            Ok(None) => process_claim(shared, dir, &claimed, &name),
+            Ok(None) => {
+                let _ = process_claim(shared, dir, &claimed, &name);
+            }
             Err(e) => tracing::error!("cannot check claim {claim}: {e}"),
         }
     }
@@ -326,10 +528,13 @@ fn recover_claims(shared: &Arc<Shared>, dir: &Path) {
 
 /// Validates a claimed file; records and starts its run, or moves it to `rejected/` with a
 /// report of every problem.
-fn process_claim(shared: &Arc<Shared>, dir: &Path, claimed: &Path, name: &str) {
-    let Ok(bytes) = std::fs::read(claimed) else {
-        return;
-    };
+fn process_claim(
+    shared: &Arc<Shared>,
+    dir: &Path,
+    claimed: &Path,
+    name: &str,
+) -> Result<RunId, ClaimError> {
+    let bytes = std::fs::read(claimed).map_err(|e| ClaimError::Failed(e.to_string()))?;
     let sha = Sha256::digest(&bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -349,14 +554,17 @@ fn process_claim(shared: &Arc<Shared>, dir: &Path, claimed: &Path, name: &str) {
                 claim: &claim,
                 sha256: &sha,
             };
-            match record(shared, &plan, &shown, dir, Some(submission)) {
+            let why = format!("dropped {name}");
+            match record(shared, &plan, &shown, dir, Some(submission), &why) {
                 Ok(run) => {
                     let _ = std::fs::remove_file(claimed);
                     tracing::info!(run, file = %shown.display(), "submission accepted");
                     start(shared, run, plan, dir.to_path_buf(), tools);
+                    Ok(run)
                 }
                 Err(e) => {
-                    tracing::error!(file = %shown.display(), "cannot record the submission: {e}")
+                    tracing::error!(file = %shown.display(), "cannot record the submission: {e:#}");
+                    Err(ClaimError::Failed(format!("{e:#}")))
                 }
             }
         }
@@ -364,9 +572,10 @@ fn process_claim(shared: &Arc<Shared>, dir: &Path, claimed: &Path, name: &str) {
             let rejected = dir.join("rejected");
             let _ = std::fs::create_dir_all(&rejected);
             let report = format!("{problems}\n");
-            let _ = std::fs::write(rejected.join(format!("{name}.error.txt")), report);
+            let _ = std::fs::write(rejected.join(format!("{name}.error.txt")), &report);
             let _ = std::fs::rename(claimed, rejected.join(name));
             tracing::warn!(file = %shown.display(), "submission rejected: {} problems", problems.0.len());
+            Err(ClaimError::Rejected(report))
         }
     }
 }
@@ -384,22 +593,63 @@ fn load_tools(shared: &Shared, dir: &Path) -> Result<Tools, crate::doc::Problems
     Ok(tools)
 }
 
+/// The key a standing workflow is registered under: a later file with the same name in the
+/// same workstream replaces it.
+fn standing_key(workstream: &Path, name: &str) -> String {
+    format!("{}\n{name}", workstream.display())
+}
+
+/// Records a run of a dropped or submitted workflow; a standing workflow is registered (or,
+/// with `watch = []`, forgotten) in the same transaction.
 fn record(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     plan: &Plan,
     source: &Path,
     workstream: &Path,
     submission: Option<Submission<'_>>,
+    why: &str,
 ) -> anyhow::Result<RunId> {
     let steps: Vec<String> = plan.steps.iter().map(|s| s.id.clone()).collect();
-    Ok(shared.store.create_run_for(
-        &plan.name,
-        &source.to_string_lossy(),
-        &workstream.to_string_lossy(),
-        serde_json::to_value(plan)?,
-        &steps,
+    let key = standing_key(workstream, &plan.name);
+    let standing = plan.trigger.as_ref().map(|t| {
+        if t.watch.is_empty() {
+            StandingChange::Unregister(&key)
+        } else {
+            StandingChange::Register(&key)
+        }
+    });
+    let why = match &plan.trigger {
+        Some(t) if !t.watch.is_empty() => {
+            format!(
+                "{why}; standing: runs again on changes to {}",
+                t.watch.join(", ")
+            )
+        }
+        _ => why.to_string(),
+    };
+    let source_text = source.to_string_lossy();
+    let workstream_text = workstream.to_string_lossy();
+    let run = shared.store.create(NewRun {
+        name: &plan.name,
+        source: &source_text,
+        workstream: &workstream_text,
+        plan: serde_json::to_value(plan)?,
+        steps: &steps,
+        trigger: Some(&why),
         submission,
-    )?)
+        standing,
+    })?;
+    if let Some(t) = &plan.trigger {
+        let _ = shared.standing.send(StandingMsg::Register {
+            key,
+            plan: Box::new(plan.clone()),
+            workstream: workstream.to_path_buf(),
+            source: source.to_path_buf(),
+            // a standing workflow's first run counts as in progress: changes queue behind it
+            running: (!t.watch.is_empty()).then_some(run),
+        });
+    }
+    Ok(run)
 }
 
 /// Resumes a run recorded by an earlier daemon.
@@ -423,16 +673,17 @@ fn resume(shared: &Arc<Shared>, run: RunId) {
 /// Drives a run on its own task once a slot is free.
 fn start(shared: &Arc<Shared>, run: RunId, plan: Plan, workstream: PathBuf, tools: Tools) {
     let cancel = CancellationToken::new();
-    shared
-        .active
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(run, cancel.clone());
+    lock(&shared.active).insert(run, cancel.clone());
     let shared = shared.clone();
     tokio::spawn(async move {
         let permit = tokio::select! {
             p = shared.slots.acquire() => p.ok(),
             _ = cancel.cancelled() => None,
+            // still pending: it simply waits for the next start
+            _ = shared.shutdown.cancelled() => {
+                lock(&shared.active).remove(&run);
+                return;
+            }
         };
         let result = if permit.is_some() {
             let spec = RunSpec {
@@ -441,6 +692,10 @@ fn start(shared: &Arc<Shared>, run: RunId, plan: Plan, workstream: PathBuf, tool
                 workstream: &workstream,
                 tools: &tools,
                 wasm: shared.wasm.clone(),
+                pause: Some(Pause {
+                    token: shared.shutdown.clone(),
+                    grace: shared.config.grace,
+                }),
             };
             engine::execute(&shared.store, spec, cancel, None)
                 .await
@@ -451,21 +706,271 @@ fn start(shared: &Arc<Shared>, run: RunId, plan: Plan, workstream: PathBuf, tool
         if let Err(e) = result {
             tracing::error!(run, "run stopped on an error: {e}");
         }
-        shared
-            .active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&run);
+        lock(&shared.active).remove(&run);
+        let _ = shared.standing.send(StandingMsg::Ended(run));
     });
 }
 
 fn cancel_pending(store: &Store, run: RunId) -> Result<(), engine::EngineError> {
-    store.apply(&[crate::store::Change::RunState {
+    store.apply(&[Change::RunState {
         run,
         to: RunState::Canceled,
         reason: Some("canceled before it started".into()),
     }])?;
     Ok(())
+}
+
+/// What the standing-workflow task hears.
+enum StandingMsg {
+    /// A workflow with a trigger was recorded (with `running` set: its first run started).
+    Register {
+        key: String,
+        plan: Box<Plan>,
+        workstream: PathBuf,
+        source: PathBuf,
+        running: Option<RunId>,
+    },
+    /// Paths under a workstream changed.
+    Changed {
+        workstream: PathBuf,
+        paths: Vec<PathBuf>,
+    },
+    /// A standing workflow's debounce window may be over: `generation` says which change
+    /// armed it; a later change re-armed it.
+    Quiet { key: String, generation: u64 },
+    /// A run ended.
+    Ended(RunId),
+}
+
+/// A registered standing workflow.
+struct Standing {
+    plan: Plan,
+    workstream: PathBuf,
+    source: PathBuf,
+    matcher: globset::GlobSet,
+    /// Its run in progress.
+    running: Option<RunId>,
+    /// A change arrived during the run: one follow-up run is due when it ends.
+    queued: bool,
+    /// Paths changed since its last run started, relative to the workstream.
+    changed: std::collections::BTreeSet<String>,
+    generation: u64,
+}
+
+/// Keeps the standing workflows: debounces the changes their globs match and starts their
+/// runs, at most one at a time each, with at most one follow-up queued.
+async fn standing_loop(
+    shared: Arc<Shared>,
+    mut messages: mpsc::UnboundedReceiver<StandingMsg>,
+    runs: Vec<crate::model::RunRecord>,
+) {
+    let mut registry: HashMap<String, Standing> = HashMap::new();
+    match shared.store.standing() {
+        Ok(saved) => {
+            for (key, record) in saved {
+                let Ok(plan) = serde_json::from_value::<Plan>(record["plan"].clone()) else {
+                    tracing::error!(key, "cannot read a standing workflow back; skipped");
+                    continue;
+                };
+                let workstream = PathBuf::from(record["workstream"].as_str().unwrap_or("/"));
+                // a run of it that the last daemon left unfinished is resuming: changes queue
+                let running = runs
+                    .iter()
+                    .rev()
+                    .find(|r| {
+                        !r.state.is_terminal()
+                            && r.name == plan.name
+                            && Path::new(&r.workstream) == workstream
+                    })
+                    .map(|r| r.id);
+                let source = PathBuf::from(record["source"].as_str().unwrap_or(""));
+                register(
+                    &shared,
+                    &mut registry,
+                    key,
+                    plan,
+                    workstream,
+                    source,
+                    running,
+                );
+            }
+        }
+        Err(e) => tracing::error!("cannot read the standing workflows: {e}"),
+    }
+    let (quiet_tx, mut quiet_rx) = mpsc::unbounded_channel::<StandingMsg>();
+    loop {
+        let message = tokio::select! {
+            m = messages.recv() => m,
+            m = quiet_rx.recv() => m,
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let Some(message) = message else { return };
+        match message {
+            StandingMsg::Register {
+                key,
+                plan,
+                workstream,
+                source,
+                running,
+            } => {
+                let empty = plan.trigger.as_ref().is_none_or(|t| t.watch.is_empty());
+                if empty {
+                    registry.remove(&key);
+                } else {
+                    register(
+                        &shared,
+                        &mut registry,
+                        key,
+                        *plan,
+                        workstream,
+                        source,
+                        running,
+                    );
+                }
+            }
+            StandingMsg::Changed { workstream, paths } => {
+                for (key, entry) in registry.iter_mut() {
+                    if entry.workstream != workstream {
+                        continue;
+                    }
+                    let mut hit = false;
+                    for path in &paths {
+                        let Ok(rel) = path.strip_prefix(&workstream) else {
+                            continue;
+                        };
+                        // the daemon's own bookkeeping is not the workstream's data
+                        if rel.starts_with(".uet") || rel.starts_with("rejected") {
+                            continue;
+                        }
+                        if entry.matcher.is_match(rel) {
+                            entry.changed.insert(rel.to_string_lossy().into_owned());
+                            hit = true;
+                        }
+                    }
+                    if hit {
+                        entry.generation += 1;
+                        let (tx, key, generation) =
+                            (quiet_tx.clone(), key.clone(), entry.generation);
+                        let window = entry
+                            .plan
+                            .trigger
+                            .as_ref()
+                            .map(|t| t.debounce)
+                            .unwrap_or_default();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(window).await;
+                            let _ = tx.send(StandingMsg::Quiet { key, generation });
+                        });
+                    }
+                }
+            }
+            StandingMsg::Quiet { key, generation } => {
+                let Some(entry) = registry.get_mut(&key) else {
+                    continue;
+                };
+                if entry.generation != generation {
+                    continue; // a later change restarted the window
+                }
+                if entry.running.is_some() {
+                    entry.queued = true;
+                } else {
+                    fire(&shared, entry, "changed");
+                }
+            }
+            StandingMsg::Ended(run) => {
+                if let Some(entry) = registry.values_mut().find(|e| e.running == Some(run)) {
+                    entry.running = None;
+                    if std::mem::take(&mut entry.queued) {
+                        fire(&shared, entry, "changed during run");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn register(
+    shared: &Arc<Shared>,
+    registry: &mut HashMap<String, Standing>,
+    key: String,
+    plan: Plan,
+    workstream: PathBuf,
+    source: PathBuf,
+    running: Option<RunId>,
+) {
+    if let Err(e) = watch_tree(shared, &workstream) {
+        tracing::error!(workflow = plan.name, "cannot watch its workstream: {e:#}");
+    }
+    let matcher = plan
+        .trigger
+        .as_ref()
+        .map(|t| t.matcher())
+        .unwrap_or_else(globset::GlobSet::empty);
+    tracing::info!(workflow = plan.name, workstream = %workstream.display(), "standing workflow registered");
+    registry.insert(
+        key,
+        Standing {
+            plan,
+            workstream,
+            source,
+            matcher,
+            running,
+            queued: false,
+            changed: Default::default(),
+            generation: 0,
+        },
+    );
+}
+
+/// Starts a standing workflow's run for the changes gathered so far.
+fn fire(shared: &Arc<Shared>, entry: &mut Standing, what: &str) {
+    let changed = std::mem::take(&mut entry.changed);
+    let mut names: Vec<&str> = changed.iter().map(String::as_str).take(3).collect();
+    let more = changed.len().saturating_sub(names.len());
+    let mut why = format!("trigger: {what}: {}", names.join(", "));
+    if more > 0 {
+        why.push_str(&format!(" (+{more} more)"));
+    }
+    names.clear();
+    let tools = match load_tools(shared, &entry.workstream) {
+        Ok(t) => t,
+        Err(p) => {
+            tracing::error!(workflow = entry.plan.name, "cannot run: its tools: {p}");
+            return;
+        }
+    };
+    let steps: Vec<String> = entry.plan.steps.iter().map(|s| s.id.clone()).collect();
+    let plan = match serde_json::to_value(&entry.plan) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(workflow = entry.plan.name, "cannot encode its plan: {e}");
+            return;
+        }
+    };
+    let created = shared.store.create(NewRun {
+        name: &entry.plan.name,
+        source: &entry.source.to_string_lossy(),
+        workstream: &entry.workstream.to_string_lossy(),
+        plan,
+        steps: &steps,
+        trigger: Some(&why),
+        submission: None,
+        standing: None,
+    });
+    match created {
+        Ok(run) => {
+            tracing::info!(run, workflow = entry.plan.name, "{why}");
+            entry.running = Some(run);
+            start(
+                shared,
+                run,
+                entry.plan.clone(),
+                entry.workstream.clone(),
+                tools,
+            );
+        }
+        Err(e) => tracing::error!(workflow = entry.plan.name, "cannot record its run: {e}"),
+    }
 }
 
 /// Serves one client connection: the hello, then a response per request. A malformed or
@@ -513,6 +1018,10 @@ async fn client(shared: Arc<Shared>, mut conn: interprocess::local_socket::tokio
                 shared.shutdown.cancel();
                 return;
             }
+            Request::Events { run, follow: true } => {
+                follow_events(&shared, &mut conn, run).await;
+                return;
+            }
             request => {
                 let shared = shared.clone();
                 tokio::task::spawn_blocking(move || answer(&shared, request))
@@ -529,10 +1038,113 @@ async fn client(shared: Arc<Shared>, mut conn: interprocess::local_socket::tokio
     }
 }
 
+/// Streams events as they are committed: what the log holds now, then every new event, until
+/// the run (if one was named) has ended, the client hangs up or the daemon stops.
+async fn follow_events(
+    shared: &Arc<Shared>,
+    conn: &mut interprocess::local_socket::tokio::Stream,
+    run: Option<RunId>,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut commits = shared.store.subscribe();
+    let mut seen: HashMap<RunId, u64> = HashMap::new();
+    if let Some(run) = run {
+        match shared.store.run(run) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                let reply = Response::Error {
+                    message: format!("no run {run}"),
+                    invalid: true,
+                };
+                let _ = protocol::write_frame(conn, &reply).await;
+                return;
+            }
+            Err(e) => {
+                let reply = Response::Error {
+                    message: e.to_string(),
+                    invalid: false,
+                };
+                let _ = protocol::write_frame(conn, &reply).await;
+                return;
+            }
+        }
+    }
+    let mut started = false;
+    loop {
+        commits.borrow_and_update();
+        // whether the run is over is read before its events, so none committed in between is
+        // missed
+        let ended = run.and_then(|run| {
+            let state = shared.store.run(run).ok().flatten().map(|r| r.state);
+            let over =
+                state.is_none_or(|s| s.is_terminal()) && !lock(&shared.active).contains_key(&run);
+            over.then(|| match state {
+                Some(s) => format!("run {run} {s}"),
+                None => format!("run {run} is gone"),
+            })
+        });
+        let batch = match new_events(&shared.store, run, &mut seen) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!("cannot read events: {e}");
+                return;
+            }
+        };
+        // always answer once, so a client sees the stream has begun
+        if (!started || !batch.is_empty())
+            && protocol::write_frame(conn, &Response::Events { events: batch })
+                .await
+                .is_err()
+        {
+            return;
+        }
+        started = true;
+        if let Some(message) = ended {
+            let _ = protocol::write_frame(conn, &Response::Done { message }).await;
+            return;
+        }
+        let mut byte = [0u8; 1];
+        tokio::select! {
+            changed = commits.changed() => if changed.is_err() { return },
+            // the client says nothing while following: any read result means it is gone
+            _ = conn.read(&mut byte) => return,
+            _ = shared.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// The events committed since the last call, per run in `seen`.
+fn new_events(
+    store: &Store,
+    run: Option<RunId>,
+    seen: &mut HashMap<RunId, u64>,
+) -> Result<Vec<serde_json::Value>, crate::store::StateError> {
+    let heads = match run {
+        Some(r) => vec![(r, u64::MAX)],
+        None => store.event_heads()?,
+    };
+    let mut out = Vec::new();
+    for (r, head) in heads {
+        let last = seen.get(&r).copied().unwrap_or(0);
+        if head <= last {
+            continue;
+        }
+        for e in store.events_after(r, last)? {
+            seen.insert(r, e.seq);
+            out.push(crate::report::event_json(r, &e));
+        }
+    }
+    Ok(out)
+}
+
 fn answer(shared: &Arc<Shared>, request: Request) -> Response {
     let fail = |message: String| Response::Error {
         message,
         invalid: false,
+    };
+    let invalid = |message: String| Response::Error {
+        message,
+        invalid: true,
     };
     match request {
         Request::Hello { .. } => unreachable!("answered by the connection"),
@@ -549,11 +1161,7 @@ fn answer(shared: &Arc<Shared>, request: Request) -> Response {
                     state: shared.config.state.clone(),
                     watching: shared.config.watch.clone(),
                     runs: counts,
-                    active: shared
-                        .active
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .len() as u64,
+                    active: lock(&shared.active).len() as u64,
                 })
             }
             Err(e) => fail(e.to_string()),
@@ -565,7 +1173,7 @@ fn answer(shared: &Arc<Shared>, request: Request) -> Response {
                     .map(|r| {
                         serde_json::json!({
                             "run_id": r.id, "name": r.name, "state": r.state, "reason": r.reason,
-                            "source": r.source, "created_at": r.created_at,
+                            "trigger": r.trigger, "source": r.source, "created_at": r.created_at,
                             "started_at": r.started_at, "finished_at": r.finished_at,
                         })
                     })
@@ -577,46 +1185,44 @@ fn answer(shared: &Arc<Shared>, request: Request) -> Response {
             Ok(Some(view)) => Response::Run {
                 run: view.to_json(),
             },
-            Ok(None) => Response::Error {
-                message: format!("no run {run}"),
-                invalid: true,
-            },
+            Ok(None) => invalid(format!("no run {run}")),
             Err(e) => fail(e.to_string()),
         },
-        Request::Submit { path } => {
-            let bytes = match std::fs::read(&path) {
-                Ok(b) => b,
-                Err(e) => {
-                    return Response::Error {
-                        message: format!("{}: {e}", path.display()),
-                        invalid: true,
-                    };
-                }
-            };
-            let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
-            let checked = load_tools(shared, &dir)
-                .and_then(|tools| workflow::parse(&path, &bytes, &tools).map(|p| (p, tools)));
-            match checked {
-                Ok((plan, tools)) => match record(shared, &plan, &path, &dir, None) {
-                    Ok(run) => {
-                        start(shared, run, plan, dir, tools);
-                        Response::Submitted { run }
-                    }
-                    Err(e) => fail(format!("{e:#}")),
-                },
-                Err(problems) => Response::Error {
-                    message: problems.to_string(),
-                    invalid: true,
-                },
+        Request::Events { run, follow: _ } => {
+            if let Some(r) = run
+                && matches!(shared.store.run(r), Ok(None))
+            {
+                return invalid(format!("no run {r}"));
+            }
+            match new_events(&shared.store, run, &mut HashMap::new()) {
+                Ok(events) => Response::Events { events },
+                Err(e) => fail(e.to_string()),
             }
         }
+        Request::Tools => {
+            let mut files: Vec<PathBuf> = match &shared.config.tools {
+                Some(f) => vec![f.clone()],
+                None => shared
+                    .config
+                    .watch
+                    .iter()
+                    .map(|d| d.join(TOOLS_FILE))
+                    .collect(),
+            };
+            files.dedup();
+            let mut rows = Vec::new();
+            for file in files {
+                let dir = file.parent().unwrap_or(Path::new("/"));
+                match load_tools(shared, dir) {
+                    Ok(tools) => rows.extend(tools.summary()),
+                    Err(p) => return fail(p.to_string()),
+                }
+            }
+            Response::Tools { tools: rows }
+        }
+        Request::Submit { path } => submit(shared, &path),
         Request::Cancel { run } => {
-            let token = shared
-                .active
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&run)
-                .cloned();
+            let token = lock(&shared.active).get(&run).cloned();
             match token {
                 Some(t) => {
                     t.cancel();
@@ -625,21 +1231,126 @@ fn answer(shared: &Arc<Shared>, request: Request) -> Response {
                     }
                 }
                 None => match shared.store.run(run) {
-                    Ok(Some(r)) => Response::Error {
-                        message: format!("run {run} is {}, not running", r.state),
-                        invalid: true,
-                    },
-                    Ok(None) => Response::Error {
-                        message: format!("no run {run}"),
-                        invalid: true,
-                    },
+                    Ok(Some(r)) => invalid(format!("run {run} is {}, not running", r.state)),
+                    Ok(None) => invalid(format!("no run {run}")),
                     Err(e) => fail(e.to_string()),
                 },
             }
         }
+        Request::Retry { run } => requeue(shared, run, false),
+        Request::Release { run } => requeue(shared, run, true),
         // answered here, carried out by the connection once the answer is sent
         Request::Shutdown => Response::Done {
             message: "shutting down".into(),
+        },
+    }
+}
+
+/// `uet submit`: a file in a watched folder is claimed like a drop (so the watcher does not
+/// run it a second time); any other file runs with its folder as the workstream.
+fn submit(shared: &Arc<Shared>, path: &Path) -> Response {
+    let invalid = |message: String| Response::Error {
+        message,
+        invalid: true,
+    };
+    if is_submission(path, &shared.config.watch) {
+        return match claim(shared, path) {
+            Some(Ok(run)) => Response::Submitted { run },
+            Some(Err(ClaimError::Rejected(report))) => {
+                invalid(format!("{}(moved to rejected/ in its folder)", report))
+            }
+            Some(Err(ClaimError::Failed(e))) => Response::Error {
+                message: e,
+                invalid: false,
+            },
+            None => Response::Error {
+                message: format!(
+                    "{} was picked up by the folder watcher already: see `uet runs`",
+                    path.display()
+                ),
+                invalid: false,
+            },
+        };
+    }
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => return invalid(format!("{}: {e}", path.display())),
+    };
+    let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let checked = load_tools(shared, &dir)
+        .and_then(|tools| workflow::parse(path, &bytes, &tools).map(|p| (p, tools)));
+    match checked {
+        Ok((plan, tools)) => match record(shared, &plan, path, &dir, None, "submitted") {
+            Ok(run) => {
+                start(shared, run, plan, dir, tools);
+                Response::Submitted { run }
+            }
+            Err(e) => Response::Error {
+                message: format!("{e:#}"),
+                invalid: false,
+            },
+        },
+        Err(problems) => invalid(problems.to_string()),
+    }
+}
+
+/// `uet retry` (a failed or canceled run) and `uet release` (a quarantined one): the steps that
+/// did not succeed go back to pending and the run resumes; succeeded steps keep their outputs.
+fn requeue(shared: &Arc<Shared>, run: RunId, release: bool) -> Response {
+    let invalid = |message: String| Response::Error {
+        message,
+        invalid: true,
+    };
+    let record = match shared.store.run(run) {
+        Ok(Some(r)) => r,
+        Ok(None) => return invalid(format!("no run {run}")),
+        Err(e) => {
+            return Response::Error {
+                message: e.to_string(),
+                invalid: false,
+            };
+        }
+    };
+    let allowed = if release {
+        record.state == RunState::Quarantined
+    } else {
+        matches!(record.state, RunState::Failed | RunState::Canceled)
+    };
+    if !allowed || lock(&shared.active).contains_key(&run) {
+        let hint = match (release, record.state) {
+            (false, RunState::Quarantined) => format!("; `uet release {run}` puts it back"),
+            (true, RunState::Failed | RunState::Canceled) => {
+                format!("; `uet retry {run}` re-runs it")
+            }
+            _ => String::new(),
+        };
+        let what = if release { "released" } else { "retried" };
+        return invalid(format!(
+            "run {run} is {}: only a {} run can be {what}{hint}",
+            record.state,
+            if release {
+                "quarantined"
+            } else {
+                "failed or canceled"
+            },
+        ));
+    }
+    let reason = if release {
+        "released by request"
+    } else {
+        "retry requested"
+    };
+    let changes = engine::requeue_unfinished(&shared.store, run, reason);
+    match changes.and_then(|c| shared.store.apply(&c)) {
+        Ok(()) => {
+            resume(shared, run);
+            Response::Done {
+                message: format!("run {run} is pending again"),
+            }
+        }
+        Err(e) => Response::Error {
+            message: e.to_string(),
+            invalid: false,
         },
     }
 }

@@ -50,7 +50,22 @@ pub struct RunSpec<'a> {
     pub tools: &'a Tools,
     /// The plugin runtime, when any tool is a WASM plugin.
     pub wasm: Option<Arc<Runtime>>,
+    /// The daemon's shutdown: when it fires, no more steps start, running attempts get `grace`
+    /// to finish, and the run goes back to pending to resume at the next start.
+    pub pause: Option<Pause>,
 }
+
+/// A stop that is not an end: see [`RunSpec::pause`].
+#[derive(Clone)]
+pub struct Pause {
+    /// Fires when the daemon stops taking work.
+    pub token: CancellationToken,
+    /// How long running attempts may go on after that before they are stopped.
+    pub grace: Duration,
+}
+
+/// The reason a paused run records.
+const PAUSED: &str = "uet stopped; the run resumes at the next start";
 
 /// Something for a person to see, sent as the run goes.
 #[derive(Debug, Clone)]
@@ -117,7 +132,7 @@ pub async fn execute(
     notices: Option<mpsc::UnboundedSender<Notice>>,
 ) -> Result<RunState, EngineError> {
     let mut sched = Scheduler::new(store, &spec, notices)?;
-    sched.run(cancel).await
+    sched.run(cancel, spec.pause).await
 }
 
 struct Scheduler<'a> {
@@ -196,7 +211,11 @@ impl<'a> Scheduler<'a> {
         })
     }
 
-    async fn run(&mut self, cancel: CancellationToken) -> Result<RunState, EngineError> {
+    async fn run(
+        &mut self,
+        cancel: CancellationToken,
+        pause: Option<Pause>,
+    ) -> Result<RunState, EngineError> {
         let run = self
             .store
             .run(self.run)?
@@ -212,29 +231,11 @@ impl<'a> Scheduler<'a> {
             });
         }
         // a step found running was in flight when its last driver stopped: it goes again
-        for i in 0..self.state.len() {
-            if self.state[i] == StepState::Running {
-                // its last attempt never reported back: say so, then try again
-                let id = self.plan.steps[i].id.clone();
-                let last = self.store.attempts(self.run, &id)?.pop();
-                if let Some(a) = last.filter(|a| a.outcome.is_none()) {
-                    self.changes.push(Change::AttemptFinished {
-                        run: self.run,
-                        step: id,
-                        number: a.number,
-                        outcome: Outcome::Interrupted,
-                        error: Some("uet stopped while this attempt was in flight".into()),
-                        stdout: String::new(),
-                        stderr: String::new(),
-                        retry_at: None,
-                    });
-                }
-                self.set_step(
-                    i,
-                    StepState::Pending,
-                    Some("requeued: was in flight when uet stopped".into()),
-                    None,
-                );
+        self.changes
+            .extend(requeue_in_flight(self.store, self.run)?);
+        for state in &mut self.state {
+            if *state == StepState::Running {
+                *state = StepState::Pending;
             }
         }
         for i in 0..self.plan.steps.len() {
@@ -270,6 +271,9 @@ impl<'a> Scheduler<'a> {
         });
         let attempts_cancel = cancel.child_token();
         let mut stop: Option<(RunState, String)> = None;
+        let pause_token = pause.as_ref().map(|p| p.token.clone()).unwrap_or_default();
+        // set when a pause begins: running attempts are stopped at this instant
+        let mut grace_end: Option<tokio::time::Instant> = None;
 
         loop {
             if stop.is_none() {
@@ -282,8 +286,19 @@ impl<'a> Scheduler<'a> {
             {
                 break;
             }
+            let pausing = grace_end.is_some();
             let message = tokio::select! {
                 m = rx.recv() => m,
+                _ = pause_token.cancelled(), if stop.is_none() => {
+                    stop = Some((RunState::Pending, PAUSED.into()));
+                    let grace = pause.as_ref().map(|p| p.grace).unwrap_or_default();
+                    grace_end = Some(tokio::time::Instant::now() + grace);
+                    continue;
+                }
+                _ = sleep_until(grace_end), if pausing && !attempts_cancel.is_cancelled() => {
+                    attempts_cancel.cancel();
+                    continue;
+                }
                 _ = cancel.cancelled(), if stop.is_none() => {
                     stop = Some((RunState::Canceled, "canceled on request".into()));
                     attempts_cancel.cancel();
@@ -297,14 +312,27 @@ impl<'a> Scheduler<'a> {
                 }
             };
             let Some(first) = message else { break };
-            self.handle(first, &tx, &attempts_cancel, stop.is_some());
+            // attempts finishing during a pause are taken as they come: a failure with no
+            // attempts left still fails its step
+            let stopping = stop.is_some() && !pausing;
+            self.handle(first, &tx, &attempts_cancel, stopping, pausing);
             // drain what else has arrived, so it all lands in one commit
             while let Ok(m) = rx.try_recv() {
-                self.handle(m, &tx, &attempts_cancel, stop.is_some());
+                self.handle(m, &tx, &attempts_cancel, stopping, pausing);
             }
         }
 
+        let all_ended = self.state.iter().all(|s| s.is_terminal());
+        let stop = stop.filter(|(state, _)| *state != RunState::Pending || !all_ended);
         let outcome = match stop {
+            Some((RunState::Pending, reason)) => {
+                for i in 0..self.state.len() {
+                    if self.state[i] == StepState::Running {
+                        self.set_step(i, StepState::Pending, Some(reason.clone()), None);
+                    }
+                }
+                (RunState::Pending, reason)
+            }
             Some((state, reason)) => {
                 for i in 0..self.state.len() {
                     if !self.state[i].is_terminal() {
@@ -438,6 +466,7 @@ impl<'a> Scheduler<'a> {
         tx: &mpsc::UnboundedSender<Message>,
         cancel: &CancellationToken,
         stopping: bool,
+        pausing: bool,
     ) {
         match message {
             Message::Due(i) => {
@@ -446,9 +475,16 @@ impl<'a> Scheduler<'a> {
                     self.ready.push((self.plan.steps[i].priority, Reverse(i)));
                 }
             }
-            Message::Done(end) => {
+            Message::Done(mut end) => {
                 self.running -= 1;
-                self.finish_attempt(end, tx, cancel, stopping);
+                if pausing && end.outcome == Outcome::Canceled {
+                    // stopped by the shutdown, not by anyone's wish: it runs again later
+                    end.outcome = Outcome::Interrupted;
+                    end.error = Some("stopped when uet shut down".into());
+                    end.retryable = false;
+                }
+                let interrupted = pausing && end.outcome == Outcome::Interrupted;
+                self.finish_attempt(end, tx, cancel, stopping || interrupted);
             }
             Message::Report(i, report) => {
                 let id = self.plan.steps[i].id.clone();
@@ -621,6 +657,69 @@ impl<'a> Scheduler<'a> {
         }
         Ok(())
     }
+}
+
+/// The changes that put a run's in-flight steps back in the queue after its driver stopped
+/// without finishing them: each unfinished attempt is marked interrupted, each running step
+/// pending again.
+pub fn requeue_in_flight(store: &Store, run: RunId) -> Result<Vec<Change>, StateError> {
+    let mut changes = Vec::new();
+    for step in store.steps(run)? {
+        if step.state != StepState::Running {
+            continue;
+        }
+        let last = store.attempts(run, &step.id)?.pop();
+        if let Some(a) = last.filter(|a| a.outcome.is_none()) {
+            changes.push(Change::AttemptFinished {
+                run,
+                step: step.id.clone(),
+                number: a.number,
+                outcome: Outcome::Interrupted,
+                error: Some("uet stopped while this attempt was in flight".into()),
+                stdout: String::new(),
+                stderr: String::new(),
+                retry_at: None,
+            });
+        }
+        changes.push(Change::StepState {
+            run,
+            step: step.id,
+            to: StepState::Pending,
+            reason: Some("requeued: was in flight when uet stopped".into()),
+            output: None,
+        });
+    }
+    Ok(changes)
+}
+
+/// The changes that put a failed, canceled or quarantined run back in the queue: its steps
+/// that did not succeed go back to pending, the ones that did keep their outputs.
+pub fn requeue_unfinished(
+    store: &Store,
+    run: RunId,
+    reason: &str,
+) -> Result<Vec<Change>, StateError> {
+    let mut changes = Vec::new();
+    for step in store.steps(run)? {
+        if matches!(
+            step.state,
+            StepState::Failed | StepState::Skipped | StepState::Canceled
+        ) {
+            changes.push(Change::StepState {
+                run,
+                step: step.id,
+                to: StepState::Pending,
+                reason: Some(reason.to_string()),
+                output: None,
+            });
+        }
+    }
+    changes.push(Change::RunState {
+        run,
+        to: RunState::Pending,
+        reason: Some(reason.to_string()),
+    });
+    Ok(changes)
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

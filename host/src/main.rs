@@ -15,7 +15,7 @@ use uet::model::{RunState, StepState};
 use uet::protocol::{Client, Request, Response};
 use uet::report::RunView;
 use uet::store::Store;
-use uet::tools::{TOOLS_FILE, ToolKind, Tools};
+use uet::tools::{TOOLS_FILE, Tools};
 use uet::wasm::{self, Runtime};
 use uet::workflow;
 
@@ -54,17 +54,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the tools of a tools file: kind, capabilities and source.
+    /// List tools: kind, capabilities and source. Those of the daemon's folders, or with
+    /// `--tools` (or no daemon running) those of a tools file.
     Tools {
-        /// The tools file [default: ./tools.toml].
+        /// The tools file [default: the daemon's, else ./tools.toml].
         #[arg(long)]
         tools: Option<PathBuf>,
         /// The state folder, whose plugin cache is used.
         #[arg(long, env = "UET_STATE")]
         state: Option<PathBuf>,
-        /// Print a JSON list.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// Run the daemon: watch folders, run what is dropped in them, answer on a socket.
     Daemon {
@@ -106,6 +106,30 @@ enum Command {
     Cancel {
         /// The run.
         run: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Re-run a failed or canceled run: steps that succeeded keep their outputs.
+    Retry {
+        /// The run.
+        run: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Put a quarantined run back in the queue.
+    Release {
+        /// The run.
+        run: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the event log (the audit trail) of a run, or of every run.
+    Events {
+        /// The run [default: every run].
+        run: Option<u64>,
+        /// Keep printing events as they happen (until the run ends, or Ctrl-C).
+        #[arg(long, short)]
+        follow: bool,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -179,7 +203,11 @@ fn main() -> ExitCode {
             json,
         } => cmd_run(&file, tools.as_deref(), state, json),
         Command::Validate { files, tools } => cmd_validate(&files, tools.as_deref()),
-        Command::Tools { tools, state, json } => cmd_tools(tools.as_deref(), state, json),
+        Command::Tools {
+            tools,
+            state,
+            client: c,
+        } => cmd_tools(tools.as_deref(), state, &c),
         Command::Daemon {
             config,
             tools,
@@ -195,6 +223,13 @@ fn main() -> ExitCode {
             Err(e) => Err(anyhow!("{}: {e}", file.display()).into()),
         },
         Command::Cancel { run, client: c } => client(&c, Request::Cancel { run }),
+        Command::Retry { run, client: c } => client(&c, Request::Retry { run }),
+        Command::Release { run, client: c } => client(&c, Request::Release { run }),
+        Command::Events {
+            run,
+            follow,
+            client: c,
+        } => client(&c, Request::Events { run, follow }),
         Command::Shutdown(c) => client(&c, Request::Shutdown),
         Command::Plugin(PluginCommand::New { name, sdk }) => {
             let sdk = sdk.unwrap_or_else(uet::scaffold::default_sdk);
@@ -244,6 +279,11 @@ struct DaemonFile {
     max_runs: Option<usize>,
     #[serde(default, with = "humantime_opt")]
     settle: Option<std::time::Duration>,
+    #[serde(default, with = "humantime_opt")]
+    grace: Option<std::time::Duration>,
+    /// Poll folders at this interval instead of using inotify.
+    #[serde(default, with = "humantime_opt")]
+    poll: Option<std::time::Duration>,
 }
 
 mod humantime_opt {
@@ -291,7 +331,8 @@ fn cmd_daemon(
         tools: tools.or(file.tools),
         max_runs: file.max_runs.unwrap_or(8),
         settle: file.settle.unwrap_or(std::time::Duration::from_millis(200)),
-        grace: std::time::Duration::from_secs(10),
+        grace: file.grace.unwrap_or(std::time::Duration::from_secs(10)),
+        poll: file.poll,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(uet::daemon::serve(config))?;
@@ -300,6 +341,11 @@ fn cmd_daemon(
 
 /// Sends one request to the daemon and prints the answer.
 fn client(args: &ClientArgs, request: Request) -> Result<u8, Failure> {
+    client_quiet(args, request, false)
+}
+
+/// [`client`], saying nothing when no daemon answers if `quiet`: the caller has another way.
+fn client_quiet(args: &ClientArgs, request: Request, quiet: bool) -> Result<u8, Failure> {
     let socket = args
         .socket
         .clone()
@@ -308,22 +354,43 @@ fn client(args: &ClientArgs, request: Request) -> Result<u8, Failure> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let response = runtime.block_on(async {
-        let mut client = Client::connect(&socket).await?;
-        client.call(&request).await.map_err(std::io::Error::other)
-    });
-    let response = match response {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!(
-                "uet: no uet daemon answers on {} ({e}); start one with `uet daemon --watch DIR`, or point --socket / UET_SOCKET at it",
-                socket.display()
-            );
-            return Ok(exit::NO_DAEMON);
+    runtime.block_on(async {
+        let mut client = match Client::connect(&socket).await {
+            Ok(c) => c,
+            Err(e) => {
+                if !quiet {
+                    eprintln!(
+                        "uet: no uet daemon answers on {} ({e}); start one with `uet daemon --watch DIR`, or point --socket / UET_SOCKET at it",
+                        socket.display()
+                    );
+                }
+                return Ok(exit::NO_DAEMON);
+            }
+        };
+        let streaming = matches!(request, Request::Events { follow: true, .. });
+        let mut response = client.call(&request).await;
+        loop {
+            let r = match response {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("uet: the daemon on {} stopped answering: {e}", socket.display());
+                    return Ok(exit::NO_DAEMON);
+                }
+            };
+            let more = streaming && matches!(r, Response::Events { .. });
+            let code = print_response(args, r);
+            if !more {
+                return Ok(code);
+            }
+            response = client.next().await;
         }
-    };
+    })
+}
+
+/// Prints one answer of the daemon and says what the command's exit code is.
+fn print_response(args: &ClientArgs, response: Response) -> u8 {
     let mut out = std::io::stdout().lock();
-    match response {
+    let code: Result<u8, Failure> = match response {
         Response::Error { message, invalid } => {
             eprintln!("{message}");
             Ok(if invalid {
@@ -402,8 +469,25 @@ fn client(args: &ClientArgs, request: Request) -> Result<u8, Failure> {
             let _ = writeln!(out, "{message}");
             Ok(exit::OK)
         }
+        Response::Events { events } => {
+            for e in events {
+                let _ = if args.json {
+                    writeln!(out, "{e}")
+                } else {
+                    writeln!(out, "{}", uet::report::event_line(&e))
+                };
+            }
+            let _ = out.flush();
+            Ok(exit::OK)
+        }
+        Response::Tools { tools } => {
+            drop(out);
+            print_tools(tools, args.json);
+            Ok(exit::OK)
+        }
         Response::Hello { .. } => Ok(exit::OK),
-    }
+    };
+    code.unwrap_or(exit::INVALID)
 }
 
 /// Starts the plugin runtime when any tool is a plugin, and asks plugins that list no
@@ -422,67 +506,62 @@ fn plugin_runtime(
     Ok(Some(Arc::new(runtime)))
 }
 
-fn cmd_tools(tools: Option<&Path>, state: Option<PathBuf>, json: bool) -> Result<u8, Failure> {
-    let path = tools
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from(TOOLS_FILE));
+fn cmd_tools(
+    tools: Option<&Path>,
+    state: Option<PathBuf>,
+    args: &ClientArgs,
+) -> Result<u8, Failure> {
+    let json = args.json;
+    let local = PathBuf::from(TOOLS_FILE);
+    if tools.is_none() {
+        // the daemon's tools when one answers; a tools file here stands in when none does
+        let code = client_quiet(args, Request::Tools, local.exists())?;
+        if code != exit::NO_DAEMON || !local.exists() {
+            return Ok(code);
+        }
+    }
+    let path = tools.map(Path::to_path_buf).unwrap_or(local);
     let mut tools = Tools::load(&path).map_err(Failure::Problems)?;
     let state = match state {
         Some(dir) => dir,
         None => default_state_dir()?,
     };
     plugin_runtime(&mut tools, &state, true)?;
-    let rows: Vec<serde_json::Value> = tools
-        .tools
-        .iter()
-        .map(|t| {
-            let source = match &t.kind {
-                ToolKind::Command { argv } => argv
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                ToolKind::Wasm { path } => path.display().to_string(),
-            };
-            serde_json::json!({
-                "name": t.name,
-                "kind": t.kind.name(),
-                "capabilities": t.capabilities,
-                "source": source,
-                "version": t.described.as_ref().map(|d| d.version.clone()),
-            })
-        })
-        .collect();
+    print_tools(tools.summary(), json);
+    Ok(exit::OK)
+}
+
+/// Prints `uet tools` rows as a table or as a JSON list.
+fn print_tools(rows: Vec<serde_json::Value>, json: bool) {
     let mut out = std::io::stdout().lock();
     if json {
         let _ = writeln!(out, "{}", serde_json::Value::Array(rows));
-    } else {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "{:<16} {:<8} {:<32} SOURCE",
+        "TOOL", "KIND", "CAPABILITIES"
+    );
+    for r in rows {
+        let caps: Vec<&str> = r["capabilities"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.as_str())
+            .collect();
+        let mut source = r["source"].as_str().unwrap_or("").to_string();
+        if let Some(v) = r["version"].as_str() {
+            source.push_str(&format!(" (v{v})"));
+        }
         let _ = writeln!(
             out,
-            "{:<16} {:<8} {:<32} SOURCE",
-            "TOOL", "KIND", "CAPABILITIES"
+            "{:<16} {:<8} {:<32} {source}",
+            r["name"].as_str().unwrap_or(""),
+            r["kind"].as_str().unwrap_or(""),
+            caps.join(","),
         );
-        for r in rows {
-            let caps: Vec<&str> = r["capabilities"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|c| c.as_str())
-                .collect();
-            let mut source = r["source"].as_str().unwrap_or("").to_string();
-            if let Some(v) = r["version"].as_str() {
-                source.push_str(&format!(" (v{v})"));
-            }
-            let _ = writeln!(
-                out,
-                "{:<16} {:<8} {:<32} {source}",
-                r["name"].as_str().unwrap_or(""),
-                r["kind"].as_str().unwrap_or(""),
-                caps.join(","),
-            );
-        }
     }
-    Ok(exit::OK)
 }
 
 /// The tools file for a workflow: `--tools`, else `tools.toml` beside it.
@@ -603,6 +682,7 @@ fn cmd_run(
             workstream: &workstream,
             tools: &tools,
             wasm,
+            pause: None,
         };
         let result = engine::execute(&store, spec, cancel, (!json).then_some(tx)).await;
         let _ = printer.await;

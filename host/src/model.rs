@@ -192,6 +192,13 @@ pub struct RunRecord {
     pub started_at: Option<Millis>,
     /// When it reached a terminal state.
     pub finished_at: Option<Millis>,
+    /// What started it: a drop, a submit, a trigger's change, `uet run`.
+    #[serde(default)]
+    pub trigger: Option<String>,
+    /// Daemon starts that found it in flight after an unclean stop, since it last went back to
+    /// pending; the second such start quarantines it as a suspected poison run.
+    #[serde(default)]
+    pub crashes: u32,
 }
 
 /// A step of a run as the state records it.

@@ -47,6 +47,27 @@ pub enum Request {
         /// The run.
         run: RunId,
     },
+    /// Re-run a failed or canceled run's steps that did not succeed.
+    Retry {
+        /// The run.
+        run: RunId,
+    },
+    /// Put a quarantined run back in the queue.
+    Release {
+        /// The run.
+        run: RunId,
+    },
+    /// The event log of one run, or of every run. With `follow`, the daemon keeps sending
+    /// [`Response::Events`] frames as events happen, until the run ends (then
+    /// [`Response::Done`]) or the client hangs up.
+    Events {
+        /// The run; every run when absent.
+        run: Option<RunId>,
+        /// Keep the stream open.
+        follow: bool,
+    },
+    /// The tools of every watched folder.
+    Tools,
     /// Stop the daemon gracefully.
     Shutdown,
 }
@@ -73,6 +94,16 @@ pub enum Response {
     Run {
         /// The run.
         run: serde_json::Value,
+    },
+    /// Events, oldest first: objects with `run_id`, `seq`, `at`, `step`, `kind`, `detail`.
+    Events {
+        /// The events.
+        events: Vec<serde_json::Value>,
+    },
+    /// The answer to [`Request::Tools`]: objects with `name`, `kind`, `capabilities`, ...
+    Tools {
+        /// The tools.
+        tools: Vec<serde_json::Value>,
     },
     /// The answer to [`Request::Submit`].
     Submitted {
@@ -209,6 +240,11 @@ impl Client {
     /// Sends a request and reads its response.
     pub async fn call(&mut self, request: &Request) -> Result<Response, FrameError> {
         write_frame(&mut self.stream, request).await?;
+        self.next().await
+    }
+
+    /// Reads the next response of a stream (see [`Request::Events`]).
+    pub async fn next(&mut self) -> Result<Response, FrameError> {
         read_frame(&mut self.stream)
             .await?
             .ok_or_else(|| FrameError::Io(std::io::ErrorKind::UnexpectedEof.into()))

@@ -2,7 +2,7 @@
 
 use serde_json::json;
 
-use crate::model::{RunId, RunRecord, StepRecord};
+use crate::model::{EventRecord, RunId, RunRecord, StepRecord};
 use crate::store::{StateError, Store};
 
 /// A run and its steps, read from the state.
@@ -49,6 +49,7 @@ impl RunView {
             "reason": self.run.reason,
             "source": self.run.source,
             "workstream": self.run.workstream,
+            "trigger": self.run.trigger,
             "created_at": self.run.created_at,
             "started_at": self.run.started_at,
             "finished_at": self.run.finished_at,
@@ -114,4 +115,29 @@ fn duration_ms(start: Option<u64>, end: Option<u64>) -> Option<u64> {
 
 fn seconds(ms: u64) -> String {
     format!("{:.2}s", ms as f64 / 1000.0)
+}
+
+/// An event of a run's log as clients receive it.
+pub fn event_json(run: RunId, e: &EventRecord) -> serde_json::Value {
+    serde_json::json!({
+        "run_id": run, "seq": e.seq, "at": e.at, "step": e.step, "kind": e.kind, "detail": e.detail,
+    })
+}
+
+/// One line of `uet events`: time, run, step, kind, detail.
+pub fn event_line(e: &serde_json::Value) -> String {
+    let at = e["at"]
+        .as_u64()
+        .map(|ms| {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+            humantime::format_rfc3339_millis(t).to_string()
+        })
+        .unwrap_or_else(|| "-".into());
+    format!(
+        "{at}  run {:<4} {:<16} {:<18} {}",
+        e["run_id"],
+        e["step"].as_str().unwrap_or("-"),
+        e["kind"].as_str().unwrap_or("-"),
+        e["detail"].as_str().unwrap_or(""),
+    )
 }

@@ -36,6 +36,8 @@ const ATTEMPTS: TableDefinition<(u64, &str, u32), &[u8]> = TableDefinition::new(
 /// Claim name of a file picked up from a watched folder → `{run, sha256}` JSON: written in the
 /// transaction that creates the run, so a restart knows a claimed file was already recorded.
 const SUBMISSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("submissions");
+/// Standing workflow key (workstream and name) → `{plan, source, workstream}` JSON.
+const STANDING: TableDefinition<&str, &[u8]> = TableDefinition::new("standing");
 /// (run, seq) → [`EventRecord`].
 const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events");
 
@@ -141,6 +143,35 @@ pub struct Submission<'a> {
     pub sha256: &'a str,
 }
 
+/// What to record about a new run, beyond the run itself.
+pub struct NewRun<'a> {
+    /// The workflow's name.
+    pub name: &'a str,
+    /// The file it came from.
+    pub source: &'a str,
+    /// The folder its steps run in.
+    pub workstream: &'a str,
+    /// The checked plan, kept so the run can resume without its file.
+    pub plan: serde_json::Value,
+    /// Its step ids, in workflow order.
+    pub steps: &'a [String],
+    /// What started it, in words.
+    pub trigger: Option<&'a str>,
+    /// The watched-folder file it was claimed from.
+    pub submission: Option<Submission<'a>>,
+    /// A standing workflow registered or dropped with it.
+    pub standing: Option<Standing<'a>>,
+}
+
+/// A change to the registered standing workflows, keyed by workstream and name.
+#[derive(Debug, Clone, Copy)]
+pub enum Standing<'a> {
+    /// Keep the run's plan and start it again when its trigger fires.
+    Register(&'a str),
+    /// Forget it.
+    Unregister(&'a str),
+}
+
 /// One change to the state. A batch of changes is applied in one write transaction.
 #[derive(Debug, Clone)]
 pub enum Change {
@@ -196,6 +227,11 @@ pub enum Change {
         /// When the next attempt is due, if one will be made.
         retry_at: Option<Millis>,
     },
+    /// A daemon start found the run in flight after an unclean stop: counts toward quarantine.
+    Recovered {
+        /// The run.
+        run: RunId,
+    },
     /// Anything else worth a line in the run's log.
     Event {
         /// The run.
@@ -213,6 +249,8 @@ pub enum Change {
 pub struct Store {
     db: Database,
     path: PathBuf,
+    /// Bumped after every commit, so followers of the event log wake without polling.
+    committed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Store {
@@ -229,7 +267,11 @@ impl Store {
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StateError::InUse(path)),
             Err(e) => return Err(open_err(Box::new(e))),
         };
-        let store = Store { db, path };
+        let store = Store {
+            db,
+            path,
+            committed: tokio::sync::watch::Sender::new(0),
+        };
         store.init()?;
         Ok(store)
     }
@@ -258,6 +300,7 @@ impl Store {
             tx.open_table(ATTEMPTS).map_err(storage)?;
             tx.open_table(EVENTS).map_err(storage)?;
             tx.open_table(SUBMISSIONS).map_err(storage)?;
+            tx.open_table(STANDING).map_err(storage)?;
         }
         tx.commit().map_err(storage)
     }
@@ -277,20 +320,30 @@ impl Store {
         plan: serde_json::Value,
         step_ids: &[String],
     ) -> Result<RunId, StateError> {
-        self.create_run_for(name, source, workstream, plan, step_ids, None)
+        self.create(NewRun {
+            name,
+            source,
+            workstream,
+            plan,
+            steps: step_ids,
+            trigger: None,
+            submission: None,
+            standing: None,
+        })
     }
 
-    /// [`Store::create_run`] for a file claimed from a watched folder: the claim is recorded in
-    /// the same transaction, so the file is never run twice.
-    pub fn create_run_for(
-        &self,
-        name: &str,
-        source: &str,
-        workstream: &str,
-        plan: serde_json::Value,
-        step_ids: &[String],
-        submission: Option<Submission<'_>>,
-    ) -> Result<RunId, StateError> {
+    /// Records a new run with everything that must be durable together with it.
+    pub fn create(&self, new: NewRun<'_>) -> Result<RunId, StateError> {
+        let NewRun {
+            name,
+            source,
+            workstream,
+            plan,
+            steps: step_ids,
+            trigger,
+            submission,
+            standing,
+        } = new;
         let tx = self.db.begin_write().map_err(storage)?;
         let id;
         {
@@ -313,6 +366,8 @@ impl Store {
                     created_at: now,
                     started_at: None,
                     finished_at: None,
+                    trigger: trigger.map(str::to_string),
+                    crashes: 0,
                 },
                 next_event: 1,
             };
@@ -351,6 +406,21 @@ impl Store {
                 .map_err(storage)?
                 .insert(id, encode(&plan).as_slice())
                 .map_err(storage)?;
+            let mut table = tx.open_table(STANDING).map_err(storage)?;
+            match standing {
+                Some(Standing::Register(key)) => {
+                    let record = serde_json::json!({
+                        "plan": &plan, "source": source, "workstream": workstream,
+                    });
+                    table
+                        .insert(key, encode(&record).as_slice())
+                        .map_err(storage)?;
+                }
+                Some(Standing::Unregister(key)) => {
+                    table.remove(key).map_err(storage)?;
+                }
+                None => {}
+            }
             if let Some(sub) = submission {
                 let record = serde_json::json!({ "run": id, "sha256": sub.sha256 });
                 tx.open_table(SUBMISSIONS)
@@ -360,6 +430,7 @@ impl Store {
             }
         }
         tx.commit().map_err(storage)?;
+        self.committed.send_modify(|n| *n += 1);
         Ok(id)
     }
 
@@ -410,7 +481,11 @@ impl Store {
                             RunState::Running => {
                                 r.started_at.get_or_insert(now);
                             }
-                            RunState::Pending => r.finished_at = None,
+                            RunState::Pending => {
+                                r.finished_at = None;
+                                // back in the queue on purpose: earlier crashes are forgiven
+                                r.crashes = 0;
+                            }
                             _ => r.finished_at = Some(now),
                         }
                         let detail = reason.clone().unwrap_or_default();
@@ -526,6 +601,14 @@ impl Store {
                         }
                         append_event(&mut events, run, Some(step), &kind, detail)?;
                     }
+                    Change::Recovered { .. } => {
+                        run.record.crashes += 1;
+                        let detail = format!(
+                            "found in flight after an unclean stop ({} in a row)",
+                            run.record.crashes
+                        );
+                        append_event(&mut events, run, None, "run.recovered", detail)?;
+                    }
                     Change::Event {
                         step, kind, detail, ..
                     } => {
@@ -537,7 +620,9 @@ impl Store {
             }
         }
         // dropping `tx` without commit aborts it: an error above leaves nothing behind
-        tx.commit().map_err(storage)
+        tx.commit().map_err(storage)?;
+        self.committed.send_modify(|n| *n += 1);
+        Ok(())
     }
 
     /// A run, if the state has it.
@@ -615,14 +700,57 @@ impl Store {
 
     /// A run's event log, in order.
     pub fn events(&self, run: RunId) -> Result<Vec<EventRecord>, StateError> {
+        self.events_after(run, 0)
+    }
+
+    /// The events of a run's log numbered above `after`, in order.
+    pub fn events_after(&self, run: RunId, after: u64) -> Result<Vec<EventRecord>, StateError> {
         let tx = self.db.begin_read().map_err(storage)?;
         let events = tx.open_table(EVENTS).map_err(storage)?;
         let mut out = Vec::new();
-        for item in events.range((run, 0)..=(run, u64::MAX)).map_err(storage)? {
+        for item in events
+            .range((run, after.saturating_add(1))..=(run, u64::MAX))
+            .map_err(storage)?
+        {
             let (k, v) = item.map_err(storage)?;
             out.push(decode("events", &k.value(), v.value())?);
         }
         Ok(out)
+    }
+}
+
+impl Store {
+    /// Each run with the number of its latest event, oldest run first: what a follower of
+    /// every run's log compares against to find what is new.
+    pub fn event_heads(&self) -> Result<Vec<(RunId, u64)>, StateError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let runs = tx.open_table(RUNS).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in runs.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let row: RunRow = decode("runs", &k.value(), v.value())?;
+            out.push((row.record.id, row.next_event - 1));
+        }
+        Ok(out)
+    }
+
+    /// The registered standing workflows: key and `{plan, source, workstream}`.
+    pub fn standing(&self) -> Result<Vec<(String, serde_json::Value)>, StateError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(STANDING).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let key = k.value().to_string();
+            out.push((key.clone(), decode("standing", &key, v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// A receiver that sees a change after every commit: followers wait on it instead of
+    /// polling the file.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.committed.subscribe()
     }
 }
 
@@ -632,6 +760,7 @@ fn change_run(change: &Change) -> RunId {
         | Change::StepState { run, .. }
         | Change::AttemptStarted { run, .. }
         | Change::AttemptFinished { run, .. }
+        | Change::Recovered { run }
         | Change::Event { run, .. } => *run,
     }
 }

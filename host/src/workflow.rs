@@ -46,6 +46,24 @@ pub struct Trigger {
     pub debounce: Duration,
 }
 
+impl Trigger {
+    /// The globs as one matcher over paths relative to the workstream; `*` stays within one
+    /// folder, `**` crosses folders.
+    pub fn matcher(&self) -> globset::GlobSet {
+        let mut set = globset::GlobSetBuilder::new();
+        for glob in &self.watch {
+            // checked when the workflow was parsed
+            if let Ok(g) = globset::GlobBuilder::new(glob)
+                .literal_separator(true)
+                .build()
+            {
+                set.add(g);
+            }
+        }
+        set.build().unwrap_or_else(|_| globset::GlobSet::empty())
+    }
+}
+
 /// One checked step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PlanStep {
@@ -197,11 +215,16 @@ fn read_plan(src: &mut Source<'_>, root: &Node, tools: &Tools) -> Option<Plan> {
             .strings(src, "watch")
             .unwrap_or_default()
             .into_iter()
-            .filter_map(|(glob, span)| match globset::Glob::new(&glob) {
-                Ok(_) => Some(glob),
-                Err(e) => {
-                    src.error(&span, format!("trigger.watch: bad glob {glob:?}: {e}"));
-                    None
+            .filter_map(|(glob, span)| {
+                match globset::GlobBuilder::new(&glob)
+                    .literal_separator(true)
+                    .build()
+                {
+                    Ok(_) => Some(glob),
+                    Err(e) => {
+                        src.error(&span, format!("trigger.watch: bad glob {glob:?}: {e}"));
+                        None
+                    }
                 }
             })
             .collect();
