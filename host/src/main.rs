@@ -377,6 +377,13 @@ fn client_quiet(args: &ClientArgs, request: Request, quiet: bool) -> Result<u8, 
                     return Ok(exit::NO_DAEMON);
                 }
             };
+            if let (true, Response::Done { message }) = (streaming, &r) {
+                // the end of a stream: a note for a person, nothing in a JSON-lines stream
+                if !args.json {
+                    eprintln!("uet: {message}");
+                }
+                return Ok(exit::OK);
+            }
             let more = streaming && matches!(r, Response::Events { .. });
             let code = print_response(args, r);
             if !more {

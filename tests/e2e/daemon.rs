@@ -10,15 +10,21 @@ use std::time::{Duration, Instant};
 use crate::util::{Env, gone, shared_cache};
 
 /// A daemon watching the env's workstream, stopped (killed) when dropped.
-struct Daemon {
-    child: Child,
-    socket: PathBuf,
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
+    pub(crate) socket: PathBuf,
 }
 
 impl Daemon {
-    fn start(env: &Env) -> Daemon {
+    pub(crate) fn start(env: &Env) -> Daemon {
+        Daemon::start_with(env, &[])
+    }
+
+    /// A daemon with more arguments (`--config F`, ...).
+    pub(crate) fn start_with(env: &Env, args: &[&str]) -> Daemon {
         let socket = env.ws.parent().unwrap().join("sock/uet.sock");
         let child = daemon_command(env, &socket)
+            .args(args)
             .spawn()
             .expect("start the daemon");
         let daemon = Daemon { child, socket };
@@ -33,20 +39,20 @@ impl Daemon {
         daemon
     }
 
-    fn client(&self, env: &Env, args: &[&str]) -> crate::util::Run {
+    pub(crate) fn client(&self, env: &Env, args: &[&str]) -> crate::util::Run {
         let mut all: Vec<&str> = args.to_vec();
         let socket = self.socket.to_str().unwrap().to_string();
         all.extend(["--socket", &socket]);
         env.uet(&all)
     }
 
-    fn runs(&self, env: &Env) -> Vec<serde_json::Value> {
+    pub(crate) fn runs(&self, env: &Env) -> Vec<serde_json::Value> {
         let run = self.client(env, &["runs", "--json"]).expect(0);
         serde_json::from_str::<Vec<serde_json::Value>>(&run.stdout()).unwrap()
     }
 
     /// Polls `uet runs --json` until `n` runs have ended.
-    fn wait_for_runs(&self, env: &Env, n: usize) -> Vec<serde_json::Value> {
+    pub(crate) fn wait_for_runs(&self, env: &Env, n: usize) -> Vec<serde_json::Value> {
         let waited = Instant::now();
         loop {
             let runs = self.runs(env);
@@ -73,7 +79,7 @@ impl Drop for Daemon {
     }
 }
 
-fn daemon_command(env: &Env, socket: &std::path::Path) -> Command {
+pub(crate) fn daemon_command(env: &Env, socket: &std::path::Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_uet"));
     cmd.args(["daemon", "--watch"])
         .arg(&env.ws)
@@ -87,7 +93,7 @@ fn daemon_command(env: &Env, socket: &std::path::Path) -> Command {
     cmd
 }
 
-fn tools(env: &Env) {
+pub(crate) fn tools(env: &Env) {
     env.write(
         "tools.toml",
         r#"
@@ -103,13 +109,13 @@ command = ["sh", "-c", "echo $$ > {pidfile}; sleep 30 & echo $! >> {pidfile}; to
 }
 
 /// Drops a file the way a careful writer does: written beside, renamed in.
-fn drop_file(env: &Env, name: &str, text: &str) {
+pub(crate) fn drop_file(env: &Env, name: &str, text: &str) {
     let tmp = env.ws.join(format!(".{name}.partial"));
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, env.ws.join(name)).unwrap();
 }
 
-const GOOD: &str =
+pub(crate) const GOOD: &str =
     "name = \"hello\"\n[[steps]]\nid = \"say\"\ntool = \"echo\"\nwith = { hi = 1 }\n";
 
 #[test]

@@ -3,7 +3,9 @@
 mod util;
 
 mod daemon;
+mod daemon_ops;
 mod plugins;
 mod run;
+mod standing;
 mod state;
 mod validate;

@@ -1,0 +1,365 @@
+//! The daemon's run lifecycle: retry, release, quarantine after repeated crashes, graceful
+//! shutdown, the event log over the socket, `tools` and `submit` of a file in a watched folder.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::daemon::{Daemon, GOOD, drop_file, tools};
+use crate::util::Env;
+
+/// Waits up to 30 s for `cond`, saying `what` if it never holds.
+pub(crate) fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let waited = Instant::now();
+    while !cond() {
+        assert!(
+            waited.elapsed() < Duration::from_secs(30),
+            "timed out waiting until {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// The state of run `id` as `uet runs --json` says.
+fn state_of(daemon: &Daemon, env: &Env, id: u64) -> String {
+    daemon
+        .runs(env)
+        .iter()
+        .find(|r| r["run_id"] == id)
+        .and_then(|r| r["state"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn count_lines(env: &Env, file: &str, line: &str) -> usize {
+    std::fs::read_to_string(env.ws.join(file))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| *l == line)
+        .count()
+}
+
+const CHAIN: &str = "name = \"chain\"\n\
+    [[steps]]\nid = \"a\"\ntool = \"note\"\nwith = { name = \"a\" }\n\
+    [[steps]]\nid = \"b\"\ntool = \"gate\"\nneeds = [\"a\"]\nwith = { name = \"b\" }\n\
+    [[steps]]\nid = \"c\"\ntool = \"note\"\nneeds = [\"b\"]\nwith = { name = \"c\" }\n";
+
+/// `note` logs and succeeds; `gate` logs, then fails until the file `open` exists;
+/// `stall` logs, then sleeps unless the file `open` exists.
+fn lifecycle_tools(env: &Env) {
+    env.write(
+        "tools.toml",
+        r#"
+[[tools]]
+name = "note"
+command = ["sh", "-c", "echo {name} >> ran.log; echo '{{}}'"]
+
+[[tools]]
+name = "gate"
+command = ["sh", "-c", "echo {name} >> ran.log; test -e open && echo '{{}}'"]
+
+[[tools]]
+name = "stall"
+command = ["sh", "-c", "echo {name} >> ran.log; test -e open || sleep 30; echo '{{}}'"]
+"#,
+    );
+}
+
+#[test]
+fn retry_reruns_what_did_not_succeed_and_keeps_what_did() {
+    let env = Env::new();
+    lifecycle_tools(&env);
+    let daemon = Daemon::start(&env);
+    drop_file(&env, "chain.toml", CHAIN);
+    let runs = daemon.wait_for_runs(&env, 1);
+    assert_eq!(runs[0]["state"], "failed", "{runs:?}");
+    assert!(runs[0]["trigger"].as_str().unwrap().contains("chain.toml"));
+
+    // only failed or canceled runs can be retried, only quarantined ones released
+    let refused = daemon.client(&env, &["release", "1"]).expect(2);
+    assert!(
+        refused.stderr().contains("uet retry 1"),
+        "{}",
+        refused.describe()
+    );
+    daemon.client(&env, &["retry", "7"]).expect(2);
+
+    env.write("open", "");
+    daemon.client(&env, &["retry", "1"]).expect(0);
+    wait_until("the retried run ends", || {
+        state_of(&daemon, &env, 1) == "succeeded"
+    });
+    assert_eq!(
+        count_lines(&env, "ran.log", "a"),
+        1,
+        "a succeeded and is kept"
+    );
+    assert_eq!(count_lines(&env, "ran.log", "b"), 2);
+    assert_eq!(
+        count_lines(&env, "ran.log", "c"),
+        1,
+        "c was skipped, then ran"
+    );
+    let refused = daemon.client(&env, &["retry", "1"]).expect(2);
+    assert!(
+        refused.stderr().contains("succeeded"),
+        "{}",
+        refused.describe()
+    );
+
+    // the audit trail tells the whole story, in order
+    let events = daemon.client(&env, &["events", "1", "--json"]).expect(0);
+    let events: Vec<serde_json::Value> = events
+        .stdout()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+    let kinds: Vec<&str> = events.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    let at = |k: &str| kinds.iter().position(|x| *x == k).unwrap_or(usize::MAX);
+    assert_eq!(kinds[0], "run.created");
+    assert!(at("run.failed") < at("run.pending"), "{kinds:?}");
+    assert_eq!(*kinds.last().unwrap(), "run.succeeded", "{kinds:?}");
+    let text = daemon.client(&env, &["events", "1"]).expect(0).stdout();
+    assert!(
+        text.contains("run 1") && text.contains("step.skipped"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_run_in_flight_during_two_crashes_is_quarantined_until_released() {
+    let env = Env::new();
+    lifecycle_tools(&env);
+    let stall =
+        "name = \"poison\"\n[[steps]]\nid = \"s\"\ntool = \"stall\"\nwith = { name = \"s\" }\n";
+    let mut daemon = Daemon::start(&env);
+    drop_file(&env, "poison.toml", stall);
+    for crash in 1..=2 {
+        wait_until("the step is in flight", || {
+            count_lines(&env, "ran.log", "s") == crash
+        });
+        daemon.child.kill().unwrap();
+        daemon.child.wait().unwrap();
+        drop(daemon);
+        daemon = Daemon::start(&env);
+    }
+    let runs = daemon.wait_for_runs(&env, 1);
+    assert_eq!(runs[0]["state"], "quarantined", "{runs:?}");
+    let reason = runs[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("unclean stops") && reason.contains("uet release 1"),
+        "{reason}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        count_lines(&env, "ran.log", "s"),
+        2,
+        "nothing retries it on its own"
+    );
+
+    let refused = daemon.client(&env, &["retry", "1"]).expect(2);
+    assert!(
+        refused.stderr().contains("uet release 1"),
+        "{}",
+        refused.describe()
+    );
+    env.write("open", "");
+    daemon.client(&env, &["release", "1"]).expect(0);
+    wait_until("the released run succeeds", || {
+        state_of(&daemon, &env, 1) == "succeeded"
+    });
+    assert_eq!(count_lines(&env, "ran.log", "s"), 3);
+}
+
+#[test]
+fn shutdown_lets_steps_finish_within_the_grace_and_the_rest_resumes() {
+    let env = Env::new();
+    env.write(
+        "tools.toml",
+        r#"
+[[tools]]
+name = "quick"
+command = ["sh", "-c", "echo {name} >> ran.log; touch {name}.started; sleep 1; echo '{{}}'"]
+
+[[tools]]
+name = "long"
+command = ["sh", "-c", "echo {name} >> ran.log; touch {name}.started; test -e open || sleep 30; echo '{{}}'"]
+"#,
+    );
+    let config = env.ws.parent().unwrap().join("daemon.toml");
+    std::fs::write(&config, "grace = \"2s\"\n").unwrap();
+    let config = config.to_str().unwrap().to_string();
+    let mut daemon = Daemon::start_with(&env, &["--config", &config]);
+    drop_file(
+        &env,
+        "two.toml",
+        "name = \"two\"\n\
+         [[steps]]\nid = \"q\"\ntool = \"quick\"\nwith = { name = \"q\" }\n\
+         [[steps]]\nid = \"after\"\ntool = \"quick\"\nneeds = [\"q\"]\nwith = { name = \"after\" }\n\
+         [[steps]]\nid = \"l\"\ntool = \"long\"\nwith = { name = \"l\" }\n",
+    );
+    wait_until("both steps run", || {
+        env.ws.join("q.started").exists() && env.ws.join("l.started").exists()
+    });
+    let asked = Instant::now();
+    daemon.client(&env, &["shutdown"]).expect(0);
+    let status = daemon.child.wait().unwrap();
+    assert!(status.success());
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "the grace bounds the shutdown"
+    );
+    drop(daemon);
+    {
+        let store = uet::store::Store::open(&env.state).unwrap();
+        let run = store.run(1).unwrap().unwrap();
+        assert_eq!(run.state, uet::model::RunState::Pending, "{run:?}");
+        let steps = store.steps(1).unwrap();
+        let state = |id: &str| steps.iter().find(|s| s.id == id).unwrap().state;
+        use uet::model::StepState;
+        assert_eq!(
+            state("q"),
+            StepState::Succeeded,
+            "finished within the grace"
+        );
+        assert_eq!(state("after"), StepState::Pending, "nothing new starts");
+        assert_eq!(state("l"), StepState::Pending, "stopped at the grace's end");
+        let l = store.attempts(1, "l").unwrap();
+        assert_eq!(l[0].outcome, Some(uet::model::Outcome::Interrupted));
+    }
+
+    env.write("open", "");
+    let daemon = Daemon::start_with(&env, &["--config", &config]);
+    let runs = daemon.wait_for_runs(&env, 1);
+    assert_eq!(runs[0]["state"], "succeeded", "{runs:?}");
+    assert_eq!(count_lines(&env, "ran.log", "q"), 1);
+    assert_eq!(count_lines(&env, "ran.log", "after"), 1);
+    assert_eq!(count_lines(&env, "ran.log", "l"), 2);
+}
+
+#[test]
+fn events_follow_streams_a_run_live_and_ends_with_it() {
+    let env = Env::new();
+    lifecycle_tools(&env);
+    let daemon = Daemon::start(&env);
+    drop_file(
+        &env,
+        "wait.toml",
+        "name = \"wait\"\n[[steps]]\nid = \"s\"\ntool = \"stall\"\nwith = { name = \"s\" }\n\
+         [[steps]]\nid = \"t\"\ntool = \"note\"\nneeds = [\"s\"]\nwith = { name = \"t\" }\n",
+    );
+    wait_until("the step is in flight", || {
+        count_lines(&env, "ran.log", "s") == 1
+    });
+    let mut follower = daemon_client_command(&env, &daemon, &["events", "1", "--follow", "--json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(follower.stdout.take().unwrap()).lines();
+    // what was logged before it connected comes first
+    let first: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    assert_eq!(first["kind"], "run.created");
+    // the stalled step is released by cancelling it: the stream carries that live
+    daemon.client(&env, &["cancel", "1"]).expect(0);
+    let rest: Vec<serde_json::Value> = lines
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
+    let status = follower.wait().unwrap();
+    assert!(
+        status.success(),
+        "the stream ends by itself when the run does"
+    );
+    let kinds: Vec<&str> = rest.iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    assert_eq!(*kinds.last().unwrap(), "run.canceled", "{kinds:?}");
+    let mut seqs = vec![first["seq"].as_u64().unwrap()];
+    seqs.extend(rest.iter().map(|e| e["seq"].as_u64().unwrap()));
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "in order, none missed: {seqs:?}"
+    );
+
+    // following every run ends when the client hangs up, and the daemon serves on
+    let mut all = daemon_client_command(&env, &daemon, &["events", "--follow"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(all.stdout.take().unwrap()).lines();
+    assert!(lines.next().unwrap().unwrap().contains("run.created"));
+    all.kill().unwrap();
+    all.wait().unwrap();
+    daemon.client(&env, &["status"]).expect(0);
+    daemon.client(&env, &["events", "9"]).expect(2);
+}
+
+fn daemon_client_command(env: &Env, daemon: &Daemon, args: &[&str]) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_uet"));
+    cmd.args(args)
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .current_dir(&env.ws)
+        .stderr(Stdio::null());
+    cmd
+}
+
+#[test]
+fn tools_come_from_the_daemon_and_submit_claims_a_file_in_a_watched_folder() {
+    let env = Env::new();
+    tools(&env);
+    let daemon = Daemon::start(&env);
+    let listed = daemon.client(&env, &["tools", "--json"]).expect(0);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&listed.stdout()).unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["echo", "sleepy"]);
+    assert!(
+        rows[0]["tools_file"]
+            .as_str()
+            .unwrap()
+            .ends_with("tools.toml")
+    );
+
+    // written in place and submitted at once: the daemon claims it, so the watcher (which
+    // sees the same file) cannot start a second run of it
+    let path = env.write("direct.toml", GOOD);
+    let submitted = daemon
+        .client(&env, &["submit", path.to_str().unwrap(), "--json"])
+        .expect(0);
+    let run: serde_json::Value = serde_json::from_str(&submitted.stdout()).unwrap();
+    assert_eq!(run["run_id"], 1);
+    daemon.wait_for_runs(&env, 1);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(daemon.runs(&env).len(), 1, "one file, one run");
+    assert!(!path.exists());
+}
+
+#[test]
+fn a_daemon_polling_its_folders_still_runs_drops() {
+    let env = Env::new();
+    tools(&env);
+    let config = env.ws.parent().unwrap().join("daemon.toml");
+    std::fs::write(&config, "poll = \"100ms\"\nsettle = \"100ms\"\n").unwrap();
+    let daemon = Daemon::start_with(&env, &["--config", config.to_str().unwrap()]);
+    drop_file(&env, "hello.toml", GOOD);
+    let runs = daemon.wait_for_runs(&env, 1);
+    assert_eq!(runs[0]["state"], "succeeded");
+}
+
+#[test]
+fn a_watched_folder_deleted_and_recreated_is_watched_again() {
+    let env = Env::new();
+    tools(&env);
+    let daemon = Daemon::start(&env);
+    let saved = std::fs::read_to_string(env.ws.join("tools.toml")).unwrap();
+    std::fs::remove_dir_all(&env.ws).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::create_dir_all(&env.ws).unwrap();
+    std::fs::write(env.ws.join("tools.toml"), saved).unwrap();
+    // the daemon needs a moment to notice the folder is back; a file dropped meanwhile is
+    // picked up by the scan that follows
+    drop_file(&env, "again.toml", GOOD);
+    let runs = daemon.wait_for_runs(&env, 1);
+    assert_eq!(runs[0]["state"], "succeeded");
+    drop_file(&env, "later.toml", &GOOD.replace("hello", "later"));
+    let runs = daemon.wait_for_runs(&env, 2);
+    assert_eq!(runs.len(), 2);
+}
