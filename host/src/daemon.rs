@@ -94,6 +94,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
         e => e.into(),
     })?;
+    // steps a killed daemon left running must not go on beside their retries
+    let reaped = crate::process::reap_groups(&engine::groups_dir(&store));
+    if reaped > 0 {
+        tracing::warn!("killed {reaped} process groups left running by an earlier uet");
+    }
     let listener = bind(&config.socket).await?;
     let watch: Vec<PathBuf> = config
         .watch

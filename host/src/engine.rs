@@ -432,6 +432,7 @@ impl<'a> Scheduler<'a> {
                         timeout,
                         wasm: self.wasm.clone(),
                         reports: tx.clone(),
+                        ledger: groups_dir(self.store),
                     };
                     let tool = Arc::new(tool.clone());
                     tokio::spawn(async move {
@@ -659,6 +660,17 @@ impl<'a> Scheduler<'a> {
     }
 }
 
+/// Where the process groups of running command steps are noted, beside the state file: a uet
+/// that opens the state after an unclean stop kills what is left of them
+/// ([`crate::process::reap_groups`]).
+pub fn groups_dir(store: &Store) -> PathBuf {
+    store
+        .path()
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("groups")
+}
+
 /// The changes that put a run's in-flight steps back in the queue after its driver stopped
 /// without finishing them: each unfinished attempt is marked interrupted, each running step
 /// pending again.
@@ -751,6 +763,7 @@ struct AttemptContext {
     timeout: Option<Duration>,
     wasm: Option<Arc<Runtime>>,
     reports: mpsc::UnboundedSender<Message>,
+    ledger: PathBuf,
 }
 
 async fn run_attempt(
@@ -804,6 +817,7 @@ async fn run_attempt(
                     ),
                 ],
                 timeout: ctx.timeout,
+                ledger: Some(ctx.ledger.clone()),
             };
             let result = run_command(spec, cancel).await;
             end.stdout = bounded(&result.stdout.text);

@@ -644,6 +644,8 @@ fn cmd_run(
     let plan = workflow::load(file, &tools).map_err(Failure::Problems)?;
     let store = Store::open(&state_dir)
         .with_context(|| format!("cannot open the state in {}", state_dir.display()))?;
+    // this process owns the state now: steps an earlier uet left running are stopped
+    uet::process::reap_groups(&engine::groups_dir(&store));
     let source = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
     let workstream = source.parent().unwrap_or(Path::new(".")).to_path_buf();
     let step_ids: Vec<String> = plan.steps.iter().map(|s| s.id.clone()).collect();

@@ -4,7 +4,7 @@
 //! started, and its output is read as it comes, keeping only a bounded part, so neither a full
 //! pipe nor a flood of output can stall or exhaust the host.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,8 @@ pub struct CommandSpec {
     pub env: Vec<(String, String)>,
     /// Wall-clock limit.
     pub timeout: Option<Duration>,
+    /// A folder where the process group is noted while it runs (see [`reap_groups`]).
+    pub ledger: Option<PathBuf>,
 }
 
 /// How the process ended.
@@ -104,6 +106,10 @@ pub async fn run_command(spec: CommandSpec, cancel: CancellationToken) -> Comman
         Err(e) => return failed(format!("cannot start `{program}`: {e}")),
     };
     let pgid = child.id().map(|id| id as i32);
+    let noted = match (&spec.ledger, pgid) {
+        (Some(dir), Some(pgid)) => note_group(dir, pgid),
+        _ => None,
+    };
 
     let stdin = child.stdin.take();
     let input = spec.stdin;
@@ -146,6 +152,9 @@ pub async fn run_command(spec: CommandSpec, cancel: CancellationToken) -> Comman
     if let Some(pgid) = pgid {
         kill_group(pgid);
     }
+    if let Some(note) = noted {
+        let _ = std::fs::remove_file(note);
+    }
     if matches!(exit, Exit::TimedOut | Exit::Canceled) {
         let _ = child.kill().await;
     }
@@ -157,6 +166,54 @@ pub async fn run_command(spec: CommandSpec, cancel: CancellationToken) -> Comman
         stderr,
         duration: started.elapsed(),
     }
+}
+
+/// Notes a running process group in `dir` as a file named by its id holding the leader's
+/// start time, so that a later [`reap_groups`] can tell it from a process that reused the id.
+fn note_group(dir: &Path, pgid: i32) -> Option<PathBuf> {
+    let path = dir.join(pgid.to_string());
+    let started = start_time(pgid)?;
+    std::fs::create_dir_all(dir).ok()?;
+    std::fs::write(&path, started.to_string()).ok()?;
+    Some(path)
+}
+
+/// The start time of a process, in clock ticks since boot (field 22 of `/proc/PID/stat`).
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // the command name (field 2) may hold spaces and parentheses: count from its end
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Kills the process groups noted in `dir` by an earlier uet that stopped without ending them
+/// (a `kill -9`, a crash): steps must not run on unseen beside their own retries. A group whose
+/// leader's id now belongs to another process is left alone (the kernel does not reuse an id
+/// while its group has members, so the old group is empty then). Returns how many were killed.
+pub fn reap_groups(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut killed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let pgid = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<i32>().ok());
+        let noted = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok());
+        if let (Some(pgid), Some(noted)) = (pgid, noted)
+            && pgid > 1
+            && start_time(pgid).is_none_or(|now| now == noted)
+        {
+            kill_group(pgid);
+            killed += 1;
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+    killed
 }
 
 fn kill_group(pgid: i32) {
@@ -233,6 +290,7 @@ mod tests {
             stdin: Vec::new(),
             env: vec![("UET_TEST".into(), "yes".into())],
             timeout: None,
+            ledger: None,
         }
     }
 
@@ -367,5 +425,42 @@ mod tests {
             run_command(s, CancellationToken::new()).await.exit,
             Exit::SpawnFailed(_)
         ));
+    }
+
+    #[test]
+    fn reaping_kills_noted_groups_and_spares_reused_ids() {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut leader = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(leader.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let grandchild: i32 = line.trim().parse().unwrap();
+        let pgid = leader.id() as i32;
+        note_group(dir.path(), pgid).unwrap();
+        // a note whose start time does not match is a reused id: left alone
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let other_pid = other.id() as i32;
+        std::fs::write(dir.path().join(other_pid.to_string()), "1").unwrap();
+
+        assert_eq!(reap_groups(dir.path()), 1);
+        let _ = leader.wait();
+        assert!(gone(grandchild), "the whole group is killed");
+        assert!(!gone(other_pid), "a reused id is spared");
+        kill_group(other_pid);
+        let _ = other.wait();
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

@@ -363,3 +363,39 @@ fn a_watched_folder_deleted_and_recreated_is_watched_again() {
     let runs = daemon.wait_for_runs(&env, 2);
     assert_eq!(runs.len(), 2);
 }
+
+#[test]
+fn steps_left_running_by_a_killed_daemon_are_killed_at_the_next_start() {
+    let env = Env::new();
+    tools(&env);
+    let mut daemon = Daemon::start(&env);
+    drop_file(
+        &env,
+        "long.toml",
+        "name = \"long\"\n[[steps]]\nid = \"nap\"\ntool = \"sleepy\"\nwith = { pidfile = \"pids\" }\n",
+    );
+    wait_until("the step started", || env.ws.join("pids.done").exists());
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    drop(daemon);
+    let pids: Vec<i32> = env
+        .read("pids")
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert!(
+        pids.iter().all(|&p| !crate::util::gone(p)),
+        "a SIGKILLed daemon leaves its step's processes behind"
+    );
+    std::fs::remove_file(env.ws.join("pids.done")).unwrap();
+    let daemon = Daemon::start(&env);
+    for pid in &pids[..2] {
+        assert!(
+            crate::util::gone(*pid),
+            "process {pid} outlived the restart"
+        );
+    }
+    // the step runs again, alone
+    wait_until("the step runs again", || env.ws.join("pids.done").exists());
+    daemon.client(&env, &["cancel", "1"]).expect(0);
+}
