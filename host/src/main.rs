@@ -443,15 +443,24 @@ fn print_response(args: &ClientArgs, response: Response) -> u8 {
             Ok(exit::OK)
         }
         Response::Runs { runs } => {
-            let _ = writeln!(out, "{:>6}  {:<11}  {:<24}  REASON", "RUN", "STATE", "NAME");
+            let _ = writeln!(
+                out,
+                "{:>6}  {:<11}  {:<24}  STARTED BY · REASON",
+                "RUN", "STATE", "NAME"
+            );
             for r in runs {
+                let mut why = r["trigger"].as_str().unwrap_or("-").to_string();
+                if r["state"] != "succeeded"
+                    && let Some(reason) = r["reason"].as_str()
+                {
+                    why.push_str(&format!(" · {reason}"));
+                }
                 let _ = writeln!(
                     out,
-                    "{:>6}  {:<11}  {:<24}  {}",
+                    "{:>6}  {:<11}  {:<24}  {why}",
                     r["run_id"],
                     r["state"].as_str().unwrap_or("-"),
                     r["name"].as_str().unwrap_or("-"),
-                    r["reason"].as_str().unwrap_or(""),
                 );
             }
             Ok(exit::OK)
