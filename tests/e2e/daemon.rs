@@ -382,6 +382,9 @@ fn clients_without_a_daemon_exit_3_and_shutdown_removes_the_socket() {
         &["runs", "--json"],
         &["show", "1"],
         &["cancel", "1"],
+        &["retry", "1"],
+        &["release", "1"],
+        &["events", "--follow"],
         &["shutdown"],
     ] {
         let mut args = cmd.to_vec();
@@ -393,6 +396,15 @@ fn clients_without_a_daemon_exit_3_and_shutdown_removes_the_socket() {
             run.describe()
         );
     }
+    // `tools` has another way: the tools file of the folder it runs in
+    let mut args = vec!["tools", "--json", "--socket"];
+    args.push(socket.to_str().unwrap());
+    let listed = env.uet(&args).expect(0);
+    assert!(
+        listed.stdout().contains("\"sleepy\""),
+        "{}",
+        listed.describe()
+    );
     let mut daemon = Daemon::start(&env);
     daemon.client(&env, &["shutdown"]).expect(0);
     let status = daemon.child.wait().unwrap();

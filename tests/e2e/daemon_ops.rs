@@ -399,3 +399,34 @@ fn steps_left_running_by_a_killed_daemon_are_killed_at_the_next_start() {
     wait_until("the step runs again", || env.ws.join("pids.done").exists());
     daemon.client(&env, &["cancel", "1"]).expect(0);
 }
+
+#[test]
+fn many_clients_at_once_are_all_answered() {
+    let env = Env::new();
+    tools(&env);
+    let daemon = Daemon::start(&env);
+    drop_file(&env, "hello.toml", GOOD);
+    daemon.wait_for_runs(&env, 1);
+    // a follower holds its connection open the whole time; the others come and go around it
+    let mut follower = daemon_client_command(&env, &daemon, &["events", "--follow"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..16)
+            .map(|i| {
+                let (env, daemon) = (&env, &daemon);
+                s.spawn(move || {
+                    let cmd = if i % 2 == 0 { "runs" } else { "status" };
+                    daemon.client(env, &[cmd, "--json"]).expect(0).stdout()
+                })
+            })
+            .collect();
+        for h in handles {
+            let out = h.join().unwrap();
+            assert!(out.starts_with('[') || out.contains("\"pid\""), "{out}");
+        }
+    });
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+}
