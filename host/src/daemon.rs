@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::breaker::Breakers;
 use crate::engine::{self, Pause, RunSpec};
 use crate::model::{RunId, RunState};
 use crate::protocol::{self, Request, Response, Status};
@@ -74,6 +75,8 @@ struct Shared {
     started: Instant,
     inbox: mpsc::UnboundedSender<Inbox>,
     standing: mpsc::UnboundedSender<StandingMsg>,
+    /// Every tool's circuit breaker, shared by all runs.
+    breakers: Arc<Breakers>,
     /// The live watchers, by folder and whether they watch its whole tree (standing
     /// workflows) or its direct children (the inbox).
     watchers: Mutex<HashMap<(PathBuf, bool), Box<dyn notify::Watcher + Send>>>,
@@ -120,6 +123,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Some(crate::wasm::cache_dir(&config.state)),
         max_memory,
     )?));
+    let breakers = Arc::new(Breakers::load(&store)?);
     let (inbox_tx, inbox_rx) = mpsc::unbounded_channel::<Inbox>();
     let (standing_tx, standing_rx) = mpsc::unbounded_channel::<StandingMsg>();
     let shared = Arc::new(Shared {
@@ -135,6 +139,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         started: Instant::now(),
         inbox: inbox_tx,
         standing: standing_tx,
+        breakers,
         watchers: Mutex::new(HashMap::new()),
     });
     tracing::info!(socket = %shared.config.socket.display(), "uet daemon listening");
@@ -701,6 +706,7 @@ fn start(shared: &Arc<Shared>, run: RunId, plan: Plan, workstream: PathBuf, tool
                     token: shared.shutdown.clone(),
                     grace: shared.config.grace,
                 }),
+                breakers: shared.breakers.clone(),
             };
             engine::execute(&shared.store, spec, cancel, None)
                 .await
@@ -1219,7 +1225,11 @@ fn answer(shared: &Arc<Shared>, request: Request) -> Response {
             for file in files {
                 let dir = file.parent().unwrap_or(Path::new("/"));
                 match load_tools(shared, dir) {
-                    Ok(tools) => rows.extend(tools.summary()),
+                    Ok(tools) => {
+                        let mut these = tools.summary();
+                        crate::breaker::annotate(&mut these, &tools, |t| shared.breakers.get(t));
+                        rows.extend(these);
+                    }
                     Err(p) => return fail(p.to_string()),
                 }
             }

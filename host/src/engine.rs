@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::breaker::{Admission, Breakers};
 use crate::model::{Millis, Outcome, RunId, RunState, StepState, now_millis};
 use crate::process::{CommandSpec, Exit, run_command};
 use crate::store::{Change, StateError, Store};
@@ -53,6 +54,8 @@ pub struct RunSpec<'a> {
     /// The daemon's shutdown: when it fires, no more steps start, running attempts get `grace`
     /// to finish, and the run goes back to pending to resume at the next start.
     pub pause: Option<Pause>,
+    /// Everyone's circuit breakers (one set per process, shared by its runs).
+    pub breakers: Arc<Breakers>,
 }
 
 /// A stop that is not an end: see [`RunSpec::pause`].
@@ -155,6 +158,15 @@ struct Scheduler<'a> {
     changes: Vec<Change>,
     notices: Option<mpsc::UnboundedSender<Notice>>,
     rng: rand::rngs::SmallRng,
+    breakers: Arc<Breakers>,
+    /// Per step: the tool its attempt in flight runs on, and whether it is a breaker's probe.
+    in_flight: Vec<Option<(String, bool)>>,
+    /// Ready steps whose tools' breakers all said wait, with those tools' names.
+    blocked: Vec<(usize, String)>,
+    /// When the earliest probe among the blocked steps' tools is due.
+    wake_at: Option<Millis>,
+    /// Set when the run should end quarantined rather than failed.
+    quarantine: Option<String>,
 }
 
 impl<'a> Scheduler<'a> {
@@ -208,6 +220,11 @@ impl<'a> Scheduler<'a> {
             changes: Vec::new(),
             notices,
             rng: rand::make_rng(),
+            breakers: spec.breakers.clone(),
+            in_flight: vec![None; n],
+            blocked: Vec::new(),
+            wake_at: None,
+            quarantine: None,
         })
     }
 
@@ -271,6 +288,7 @@ impl<'a> Scheduler<'a> {
         });
         let attempts_cancel = cancel.child_token();
         let mut stop: Option<(RunState, String)> = None;
+        let mut breaker_changes = self.breakers.subscribe();
         let pause_token = pause.as_ref().map(|p| p.token.clone()).unwrap_or_default();
         // set when a pause begins: running attempts are stopped at this instant
         let mut grace_end: Option<tokio::time::Instant> = None;
@@ -282,11 +300,16 @@ impl<'a> Scheduler<'a> {
                 self.commit()?;
             }
             if self.running == 0
-                && (stop.is_some() || (self.ready.is_empty() && self.backing_off == 0))
+                && (stop.is_some()
+                    || (self.ready.is_empty() && self.backing_off == 0 && self.blocked.is_empty()))
             {
                 break;
             }
             let pausing = grace_end.is_some();
+            let blocked = !self.blocked.is_empty() && stop.is_none();
+            let wake = self.wake_at.map(|at| {
+                tokio::time::Instant::now() + Duration::from_millis(at.saturating_sub(now_millis()))
+            });
             let message = tokio::select! {
                 m = rx.recv() => m,
                 _ = pause_token.cancelled(), if stop.is_none() => {
@@ -305,9 +328,25 @@ impl<'a> Scheduler<'a> {
                     continue;
                 }
                 _ = sleep_until(deadline), if stop.is_none() => {
-                    let limit = self.plan.timeout.unwrap_or_default();
-                    stop = Some((RunState::Failed, format!("run timed out after {}", humantime::format_duration(limit))));
+                    let limit = humantime::format_duration(self.plan.timeout.unwrap_or_default());
+                    stop = Some(match self.blocked.first() {
+                        // the run could not go on because a tool kept failing: hold it for a
+                        // person instead of calling it failed
+                        Some((_, tools)) => (
+                            RunState::Quarantined,
+                            format!("the circuit breaker of `{tools}` stayed open past the run's deadline ({limit})"),
+                        ),
+                        None => (RunState::Failed, format!("run timed out after {limit}")),
+                    });
                     attempts_cancel.cancel();
+                    continue;
+                }
+                _ = breaker_changes.changed(), if blocked => {
+                    self.unblock();
+                    continue;
+                }
+                _ = sleep_until(wake), if blocked => {
+                    self.unblock();
                     continue;
                 }
             };
@@ -346,7 +385,9 @@ impl<'a> Scheduler<'a> {
                     .filter(|&i| self.state[i] == StepState::Failed)
                     .map(|i| self.plan.steps[i].id.as_str())
                     .collect();
-                if failed.is_empty() {
+                if let (false, Some(reason)) = (failed.is_empty(), self.quarantine.take()) {
+                    (RunState::Quarantined, reason)
+                } else if failed.is_empty() {
                     (
                         RunState::Succeeded,
                         format!(
@@ -377,15 +418,23 @@ impl<'a> Scheduler<'a> {
         cancel: &CancellationToken,
     ) -> Result<(), EngineError> {
         let mut launches = Vec::new();
+        let now = now_millis();
         while self.running < self.plan.max_parallel {
             let Some((_, Reverse(i))) = self.ready.pop() else {
                 break;
             };
+            let prepared = match self.prepare(i) {
+                Err(e) => Err(e),
+                Ok((tools, input)) => match self.admit(i, &tools, now) {
+                    Some((tool, probe)) => Ok((tool, input, probe)),
+                    // every tool it may use has its breaker open: it waits, using no attempt
+                    None => continue,
+                },
+            };
             let step = &self.plan.steps[i];
             let number = self.attempts[i] + 1;
-            let prepared = self.prepare(i);
             let tool_name = match &prepared {
-                Ok((tool, _)) => tool.name.clone(),
+                Ok((tool, _, _)) => tool.name.clone(),
                 Err(_) => String::from("-"),
             };
             if self.state[i] == StepState::Pending {
@@ -418,7 +467,8 @@ impl<'a> Scheduler<'a> {
                         stderr: String::new(),
                     }));
                 }
-                Ok((tool, input)) => {
+                Ok((tool, input, probe)) => {
+                    self.in_flight[index] = Some((tool.name.clone(), probe));
                     let step = &self.plan.steps[index];
                     let timeout = match (step.timeout, tool.timeout) {
                         (Some(a), Some(b)) => Some(a.min(b)),
@@ -445,10 +495,40 @@ impl<'a> Scheduler<'a> {
         Ok(())
     }
 
-    /// Picks the tool and fills the step's input from upstream outputs.
-    fn prepare(&self, i: usize) -> Result<(&'a Tool, serde_json::Value), String> {
+    /// Asks the breakers of a step's tools, in order, for one that may take an attempt now.
+    /// When none may, the step joins `blocked` until a breaker changes or a probe is due.
+    fn admit(&mut self, i: usize, tools: &[&'a Tool], now: Millis) -> Option<(&'a Tool, bool)> {
+        let mut due: Option<Millis> = None;
+        for &tool in tools {
+            let (admission, transition) = self.breakers.admit(tool, now);
+            if let Some(transition) = transition {
+                self.changes.push(Change::Breaker {
+                    run: self.run,
+                    step: Some(self.plan.steps[i].id.clone()),
+                    transition,
+                });
+            }
+            match admission {
+                Admission::Go { probe } => return Some((tool, probe)),
+                Admission::Wait(at) => {
+                    if let Some(at) = at {
+                        due = Some(due.map_or(at, |d| d.min(at)));
+                    }
+                }
+            }
+        }
+        let names: Vec<&str> = tools.iter().map(|t| t.name.as_str()).collect();
+        self.blocked.push((i, names.join("`, `")));
+        if let Some(at) = due {
+            self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
+        }
+        None
+    }
+
+    /// Finds the tools that may run a step and fills its input from upstream outputs.
+    fn prepare(&self, i: usize) -> Result<(Vec<&'a Tool>, serde_json::Value), String> {
         let step = &self.plan.steps[i];
-        let tool = route(self.tools, &step.target)?;
+        let tool = candidates(self.tools, &step.target)?;
         let outputs = &self.outputs;
         let by_id = |id: &str| {
             self.plan
@@ -523,7 +603,20 @@ impl<'a> Scheduler<'a> {
         let i = end.index;
         let step = &self.plan.steps[i];
         let id = step.id.clone();
-        let tool = route(self.tools, &step.target).ok();
+        let ran = self.in_flight[i].take();
+        let tool = match &ran {
+            Some((name, _)) => self.tools.by_name(name),
+            None => route(self.tools, &step.target).ok(),
+        };
+        if let (Some((_, probe)), Some(t)) = (&ran, tool)
+            && let Some(transition) = self.breakers.settle(t, *probe, end.outcome, now_millis())
+        {
+            self.changes.push(Change::Breaker {
+                run: self.run,
+                step: Some(id.clone()),
+                transition,
+            });
+        }
         let retries = step.retries.or(tool.and_then(|t| t.retries)).unwrap_or(0);
         let policy: RetryPolicy = step.retry.or(tool.map(|t| t.retry)).unwrap_or_default();
         let will_retry = end.outcome != Outcome::Succeeded
@@ -583,10 +676,24 @@ impl<'a> Scheduler<'a> {
                     } else {
                         error
                     };
+                    if matches!(end.outcome, Outcome::Trapped | Outcome::LimitExceeded) {
+                        // a plugin that keeps crashing or overrunning is for a person to look at
+                        self.quarantine.get_or_insert_with(|| {
+                            format!("step `{id}` used up its attempts on plugin traps or limits: {reason}")
+                        });
+                    }
                     self.set_step(i, StepState::Failed, Some(reason), None);
                     self.skip_dependents(i);
                 }
             }
+        }
+    }
+
+    /// Puts the blocked steps back in the ready queue, to ask their breakers again.
+    fn unblock(&mut self) {
+        self.wake_at = None;
+        for (i, _) in std::mem::take(&mut self.blocked) {
+            self.ready.push((self.plan.steps[i].priority, Reverse(i)));
         }
     }
 
@@ -744,14 +851,28 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 /// Finds the tool for a step: by name, or the first tool (in the operator's order) that has the
 /// capability.
 pub fn route<'t>(tools: &'t Tools, target: &Target) -> Result<&'t Tool, String> {
+    candidates(tools, target).map(|c| c[0])
+}
+
+/// The tools that may run a step, in the order they are tried: the named tool, or every tool
+/// with the capability in the operator's order (the router skips those whose breaker is open).
+pub fn candidates<'t>(tools: &'t Tools, target: &Target) -> Result<Vec<&'t Tool>, String> {
     match target {
         Target::Tool(name) => tools
             .by_name(name)
+            .map(|t| vec![t])
             .ok_or_else(|| format!("no tool `{name}` in {}", tools.path.display())),
-        Target::Capability(cap) => tools
-            .with_capability(cap)
-            .next()
-            .ok_or_else(|| format!("no tool has capability `{cap}` in {}", tools.path.display())),
+        Target::Capability(cap) => {
+            let found: Vec<&Tool> = tools.with_capability(cap).collect();
+            if found.is_empty() {
+                Err(format!(
+                    "no tool has capability `{cap}` in {}",
+                    tools.path.display()
+                ))
+            } else {
+                Ok(found)
+            }
+        }
     }
 }
 

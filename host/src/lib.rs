@@ -1,6 +1,7 @@
 //! uet: runs workflows dropped into watched folders, step by step, in sandboxed tools, with
 //! durable state.
 
+pub mod breaker;
 pub mod daemon;
 pub mod doc;
 pub mod engine;

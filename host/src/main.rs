@@ -543,7 +543,19 @@ fn cmd_tools(
         None => default_state_dir()?,
     };
     plugin_runtime(&mut tools, &state, true)?;
-    print_tools(tools.summary(), json);
+    let mut rows = tools.summary();
+    // the breakers as the state last recorded them, when this process can open it
+    let records = Store::open(&state)
+        .ok()
+        .and_then(|store| store.breakers().ok())
+        .unwrap_or_default();
+    uet::breaker::annotate(&mut rows, &tools, |name| {
+        records
+            .iter()
+            .find(|(t, _)| t == name)
+            .map(|(_, r)| r.clone())
+    });
+    print_tools(rows, json);
     Ok(exit::OK)
 }
 
@@ -556,8 +568,8 @@ fn print_tools(rows: Vec<serde_json::Value>, json: bool) {
     }
     let _ = writeln!(
         out,
-        "{:<16} {:<8} {:<32} SOURCE",
-        "TOOL", "KIND", "CAPABILITIES"
+        "{:<16} {:<8} {:<24} {:<30} SOURCE",
+        "TOOL", "KIND", "CAPABILITIES", "BREAKER"
     );
     for r in rows {
         let caps: Vec<&str> = r["capabilities"]
@@ -572,10 +584,11 @@ fn print_tools(rows: Vec<serde_json::Value>, json: bool) {
         }
         let _ = writeln!(
             out,
-            "{:<16} {:<8} {:<32} {source}",
+            "{:<16} {:<8} {:<24} {:<30} {source}",
             r["name"].as_str().unwrap_or(""),
             r["kind"].as_str().unwrap_or(""),
             caps.join(","),
+            uet::breaker::cell(&r["breaker"]),
         );
     }
 }
@@ -701,6 +714,7 @@ fn cmd_run(
             tools: &tools,
             wasm,
             pause: None,
+            breakers: Arc::new(uet::breaker::Breakers::load(&store)?),
         };
         let result = engine::execute(&store, spec, cancel, (!json).then_some(tx)).await;
         let _ = printer.await;

@@ -38,6 +38,8 @@ const ATTEMPTS: TableDefinition<(u64, &str, u32), &[u8]> = TableDefinition::new(
 const SUBMISSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("submissions");
 /// Standing workflow key (workstream and name) → `{plan, source, workstream}` JSON.
 const STANDING: TableDefinition<&str, &[u8]> = TableDefinition::new("standing");
+/// Tool name → [`crate::breaker::BreakerRecord`].
+const BREAKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("breakers");
 /// (run, seq) → [`EventRecord`].
 const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events");
 
@@ -227,6 +229,15 @@ pub enum Change {
         /// When the next attempt is due, if one will be made.
         retry_at: Option<Millis>,
     },
+    /// A tool's circuit breaker changed, because of an attempt of this run.
+    Breaker {
+        /// The run.
+        run: RunId,
+        /// The step whose attempt it was.
+        step: Option<String>,
+        /// What changed.
+        transition: crate::breaker::Transition,
+    },
     /// A daemon start found the run in flight after an unclean stop: counts toward quarantine.
     Recovered {
         /// The run.
@@ -301,6 +312,7 @@ impl Store {
             tx.open_table(EVENTS).map_err(storage)?;
             tx.open_table(SUBMISSIONS).map_err(storage)?;
             tx.open_table(STANDING).map_err(storage)?;
+            tx.open_table(BREAKERS).map_err(storage)?;
         }
         tx.commit().map_err(storage)
     }
@@ -446,6 +458,7 @@ impl Store {
             let mut steps = tx.open_table(STEPS).map_err(storage)?;
             let mut attempts = tx.open_table(ATTEMPTS).map_err(storage)?;
             let mut events = tx.open_table(EVENTS).map_err(storage)?;
+            let mut breakers = tx.open_table(BREAKERS).map_err(storage)?;
             let now = now_millis();
             // each run row is read once and written once per batch, however many changes
             // touch it
@@ -601,6 +614,19 @@ impl Store {
                         }
                         append_event(&mut events, run, Some(step), &kind, detail)?;
                     }
+                    Change::Breaker {
+                        step, transition, ..
+                    } => {
+                        breakers
+                            .insert(
+                                transition.tool.as_str(),
+                                encode(&transition.record).as_slice(),
+                            )
+                            .map_err(storage)?;
+                        if let Some((kind, detail)) = &transition.event {
+                            append_event(&mut events, run, step.as_deref(), kind, detail.clone())?;
+                        }
+                    }
                     Change::Recovered { .. } => {
                         run.record.crashes += 1;
                         let detail = format!(
@@ -747,6 +773,19 @@ impl Store {
         Ok(out)
     }
 
+    /// Every tool's circuit breaker as last written.
+    pub fn breakers(&self) -> Result<Vec<(String, crate::breaker::BreakerRecord)>, StateError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(BREAKERS).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let key = k.value().to_string();
+            out.push((key.clone(), decode("breakers", &key, v.value())?));
+        }
+        Ok(out)
+    }
+
     /// A receiver that sees a change after every commit: followers wait on it instead of
     /// polling the file.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
@@ -761,6 +800,7 @@ fn change_run(change: &Change) -> RunId {
         | Change::AttemptStarted { run, .. }
         | Change::AttemptFinished { run, .. }
         | Change::Recovered { run }
+        | Change::Breaker { run, .. }
         | Change::Event { run, .. } => *run,
     }
 }

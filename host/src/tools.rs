@@ -43,8 +43,8 @@ pub struct Tool {
     pub retries: Option<u32>,
     /// Delays between attempts.
     pub retry: RetryPolicy,
-    /// Circuit breaker settings.
-    pub breaker: Breaker,
+    /// Circuit breaker settings; a tool without a `breaker` entry has none.
+    pub breaker: Option<Breaker>,
     /// Exit codes that decide whether a retry can help (command tools).
     pub exit_codes: ExitCodes,
     /// What a WASM plugin said of itself, once asked.
@@ -375,7 +375,7 @@ fn read_tool(
         sandbox: Sandbox::default(),
         retries: f.integer(src, "retries", 0, 100).map(|n| n as u32),
         retry: RetryPolicy::default(),
-        breaker: Breaker::default(),
+        breaker: None,
         exit_codes: ExitCodes::default(),
         described: None,
     };
@@ -404,13 +404,15 @@ fn read_tool(
         tool.retry = read_retry_policy(src, retry);
     }
     if let Some(mut breaker) = f.table(src, "breaker") {
+        let mut settings = Breaker::default();
         if let Some(n) = breaker.integer(src, "failures", 1, 1_000_000) {
-            tool.breaker.failures = n as u32;
+            settings.failures = n as u32;
         }
         if let Some(d) = breaker.duration(src, "cool_down") {
-            tool.breaker.cool_down = d;
+            settings.cool_down = d;
         }
         breaker.finish(src, &["failures", "cool_down"]);
+        tool.breaker = Some(settings);
     }
     if let Some(mut codes) = f.table(src, "exit_codes") {
         for (key, list) in [
@@ -508,7 +510,7 @@ limits = { memory = "64MiB", fuel = 1000 }
         };
         assert_eq!(argv[0].to_string(), "/ops/bin/lint");
         assert_eq!(lint.timeout, Some(Duration::from_secs(5)));
-        assert_eq!(lint.breaker.failures, 3);
+        assert_eq!(lint.breaker.unwrap().failures, 3);
         assert!(!lint.exit_codes.is_retryable(2));
         assert!(lint.exit_codes.is_retryable(1));
         let wc = tools.by_name("wc").unwrap();
@@ -563,5 +565,47 @@ name = "b"
         let mut rng = rand::rng();
         let delays: Vec<_> = (2..6).map(|n| p.delay(n, &mut rng).as_millis()).collect();
         assert_eq!(delays, vec![100, 200, 350, 350]);
+    }
+
+    #[test]
+    fn jittered_delays_stay_under_a_growing_cap_and_spread() {
+        use rand::SeedableRng;
+        let p = RetryPolicy {
+            base: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+            jitter: true,
+        };
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        let mut means = Vec::new();
+        for next in 2..7u32 {
+            let cap = 100u128 << (next - 2);
+            let samples: Vec<u128> = (0..400)
+                .map(|_| p.delay(next, &mut rng).as_millis())
+                .collect();
+            assert!(
+                samples.iter().all(|&d| d <= cap),
+                "full jitter stays in 0..=cap"
+            );
+            let distinct: std::collections::BTreeSet<_> = samples.iter().collect();
+            assert!(
+                distinct.len() > 20,
+                "jitter spreads the delays: {distinct:?}"
+            );
+            let mean = samples.iter().sum::<u128>() / samples.len() as u128;
+            // full jitter's mean is half the cap; 400 samples land well within 20% of it
+            assert!(
+                mean * 10 > cap * 4 && mean * 10 < cap * 6,
+                "{next}: {mean} of {cap}"
+            );
+            means.push(mean);
+        }
+        assert!(
+            means.windows(2).all(|w| w[1] > w[0]),
+            "delays grow: {means:?}"
+        );
+        // the same seed gives the same delays: the policy is a pure function of its RNG
+        let mut a = rand::rngs::SmallRng::seed_from_u64(1);
+        let mut b = rand::rngs::SmallRng::seed_from_u64(1);
+        assert_eq!(p.delay(4, &mut a), p.delay(4, &mut b));
     }
 }

@@ -226,6 +226,12 @@ with = { path = "docs" }
     let started = Instant::now();
     let (run, out) = env.run_json("hostile.toml");
     run.expect(1);
+    // steps that used up their attempts on traps and limits hold the run for a person
+    assert_eq!(out["state"], "quarantined", "{out}");
+    assert!(
+        out["reason"].as_str().unwrap().contains("traps or limits"),
+        "{out}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(30),
         "took {:?}",
