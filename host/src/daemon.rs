@@ -1252,6 +1252,7 @@ fn answer(shared: &Arc<Shared>, request: Request) -> Response {
                 },
             }
         }
+        Request::Verify { run } => verify_answer(&shared.store, run),
         Request::Retry { run } => requeue(shared, run, false),
         Request::Release { run } => requeue(shared, run, true),
         // answered here, carried out by the connection once the answer is sent
@@ -1363,6 +1364,27 @@ fn requeue(shared: &Arc<Shared>, run: RunId, release: bool) -> Response {
                 message: format!("run {run} is pending again"),
             }
         }
+        Err(e) => Response::Error {
+            message: e.to_string(),
+            invalid: false,
+        },
+    }
+}
+
+/// `uet verify`: the run's event log checked against its hash chain.
+pub fn verify_answer(store: &Store, run: RunId) -> Response {
+    match store.verify(run) {
+        Ok(Ok(n)) => Response::Done {
+            message: format!("run {run}: {n} events, the hash chain holds"),
+        },
+        Ok(Err(broken)) => Response::Error {
+            message: format!("run {run}: the event log was tampered with: {broken}"),
+            invalid: false,
+        },
+        Err(crate::store::StateError::UnknownRun(_)) => Response::Error {
+            message: format!("no run {run}"),
+            invalid: true,
+        },
         Err(e) => Response::Error {
             message: e.to_string(),
             invalid: false,

@@ -133,6 +133,16 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Check a run's event log against its hash chain (the daemon's, else the state's).
+    Verify {
+        /// The run.
+        run: u64,
+        /// The state folder, when no daemon answers.
+        #[arg(long, env = "UET_STATE")]
+        state: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Stop the daemon gracefully.
     Shutdown(ClientArgs),
     /// Work with plugins.
@@ -230,6 +240,11 @@ fn main() -> ExitCode {
             follow,
             client: c,
         } => client(&c, Request::Events { run, follow }),
+        Command::Verify {
+            run,
+            state,
+            client: c,
+        } => cmd_verify(run, state, &c),
         Command::Shutdown(c) => client(&c, Request::Shutdown),
         Command::Plugin(PluginCommand::New { name, sdk }) => {
             let sdk = sdk.unwrap_or_else(uet::scaffold::default_sdk);
@@ -557,6 +572,24 @@ fn cmd_tools(
     });
     print_tools(rows, json);
     Ok(exit::OK)
+}
+
+fn cmd_verify(run: u64, state: Option<PathBuf>, args: &ClientArgs) -> Result<u8, Failure> {
+    let code = client_quiet(args, Request::Verify { run }, true)?;
+    if code != exit::NO_DAEMON {
+        return Ok(code);
+    }
+    // no daemon holds the state: read it here
+    let state = match state {
+        Some(dir) => dir,
+        None => default_state_dir()?,
+    };
+    let store = Store::open(&state)
+        .with_context(|| format!("cannot open the state in {}", state.display()))?;
+    Ok(print_response(
+        args,
+        uet::daemon::verify_answer(&store, run),
+    ))
 }
 
 /// Prints `uet tools` rows as a table or as a JSON list.

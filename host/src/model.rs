@@ -258,4 +258,7 @@ pub struct EventRecord {
     pub kind: String,
     /// Details in words.
     pub detail: String,
+    /// Its link in the run's hash chain (see `uet verify`).
+    #[serde(default)]
+    pub hash: String,
 }

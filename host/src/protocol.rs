@@ -68,6 +68,11 @@ pub enum Request {
     },
     /// The tools of every watched folder.
     Tools,
+    /// Check a run's event log against its hash chain.
+    Verify {
+        /// The run.
+        run: RunId,
+    },
     /// Stop the daemon gracefully.
     Shutdown,
 }

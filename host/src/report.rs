@@ -121,6 +121,7 @@ fn seconds(ms: u64) -> String {
 pub fn event_json(run: RunId, e: &EventRecord) -> serde_json::Value {
     serde_json::json!({
         "run_id": run, "seq": e.seq, "at": e.at, "step": e.step, "kind": e.kind, "detail": e.detail,
+        "hash": e.hash,
     })
 }
 

@@ -48,6 +48,10 @@ const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events"
 struct RunRow {
     record: RunRecord,
     next_event: u64,
+    /// The hash of the run's latest event: the head of its chain, so a log cut short is
+    /// caught too.
+    #[serde(default)]
+    last_hash: String,
 }
 
 /// A step as stored: the record plus its place in the workflow, for listing in order.
@@ -382,6 +386,7 @@ impl Store {
                     crashes: 0,
                 },
                 next_event: 1,
+                last_hash: String::new(),
             };
             let mut steps = tx.open_table(STEPS).map_err(storage)?;
             for (position, step) in step_ids.iter().enumerate() {
@@ -826,18 +831,91 @@ fn append_event(
     kind: &str,
     detail: String,
 ) -> Result<(), StateError> {
-    let event = EventRecord {
+    let mut event = EventRecord {
         seq: run.next_event,
         at: now_millis(),
         step: step.map(str::to_string),
         kind: kind.to_string(),
         detail,
+        hash: String::new(),
     };
+    event.hash = chain_hash(&run.last_hash, run.record.id, &event);
     events
         .insert((run.record.id, event.seq), encode(&event).as_slice())
         .map_err(storage)?;
     run.next_event += 1;
+    run.last_hash = event.hash.clone();
     Ok(())
+}
+
+/// An event's link in its run's hash chain: sha256 over the previous event's hash and every
+/// field of this one, each length-prefixed so no two different events encode alike.
+pub fn chain_hash(previous: &str, run: RunId, e: &EventRecord) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_be_bytes());
+        h.update(bytes);
+    };
+    field(previous.as_bytes());
+    field(&run.to_be_bytes());
+    field(&e.seq.to_be_bytes());
+    field(&e.at.to_be_bytes());
+    field(e.step.as_deref().unwrap_or("\u{0}").as_bytes());
+    field(e.kind.as_bytes());
+    field(e.detail.as_bytes());
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Store {
+    /// Checks a run's event log against its hash chain: every event's hash, the numbering, and
+    /// the chain's head kept with the run. `Ok(n)` with the number of events when it holds;
+    /// `Err` says where it breaks.
+    pub fn verify(&self, run: RunId) -> Result<Result<u64, String>, StateError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let runs = tx.open_table(RUNS).map_err(storage)?;
+        let row: RunRow = match runs.get(run).map_err(storage)? {
+            Some(v) => decode("runs", &run, v.value())?,
+            None => return Err(StateError::UnknownRun(run)),
+        };
+        let events = tx.open_table(EVENTS).map_err(storage)?;
+        let mut previous = String::new();
+        let mut expected = 1;
+        for item in events.range((run, 0)..=(run, u64::MAX)).map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let seq = k.value().1;
+            let event: EventRecord = match serde_json::from_slice(v.value()) {
+                Ok(e) => e,
+                Err(e) => return Ok(Err(format!("event {seq} cannot be read: {e}"))),
+            };
+            if seq != expected || event.seq != seq {
+                return Ok(Err(format!(
+                    "event {expected} is missing (found event {seq} next)"
+                )));
+            }
+            if event.hash.is_empty() {
+                return Ok(Err(format!(
+                    "event {seq} has no hash (an older uet wrote it)"
+                )));
+            }
+            if chain_hash(&previous, run, &event) != event.hash {
+                return Ok(Err(format!(
+                    "event {seq} ({}) does not match its hash: it was changed after it was written",
+                    event.kind
+                )));
+            }
+            previous = event.hash;
+            expected += 1;
+        }
+        if expected != row.next_event || previous != row.last_hash {
+            return Ok(Err(format!(
+                "the log ends at event {} but the run recorded {} events: events were removed",
+                expected - 1,
+                row.next_event - 1
+            )));
+        }
+        Ok(Ok(expected - 1))
+    }
 }
 
 fn outcome_name(outcome: Outcome) -> &'static str {

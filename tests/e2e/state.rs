@@ -94,3 +94,74 @@ needs = ["sad"]
     assert_eq!(store.runs().unwrap().len(), 2);
     assert_eq!(store.events(id).unwrap(), events);
 }
+
+#[test]
+fn the_event_log_is_hash_chained_and_tampering_is_caught() {
+    use redb::{ReadableTable, TableDefinition};
+    const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events");
+    let env = Env::new();
+    env.write(
+        "tools.toml",
+        "[[tools]]\nname = \"echo\"\ncommand = [\"cat\"]\n",
+    );
+    env.write(
+        "w.toml",
+        "name = \"w\"\n[[steps]]\nid = \"a\"\ntool = \"echo\"\n[[steps]]\nid = \"b\"\ntool = \"echo\"\nneeds = [\"a\"]\n",
+    );
+    env.uet(&["run", "w.toml"]).expect(0);
+    let no_daemon = ["--socket", "/nonexistent/uet.sock"];
+    let verify = |run: &str| {
+        let mut args = vec!["verify", run];
+        args.extend(no_daemon);
+        env.uet(&args)
+    };
+    let ok = verify("1").expect(0);
+    assert!(
+        ok.stdout().contains("hash chain holds"),
+        "{}",
+        ok.describe()
+    );
+    verify("9").expect(2);
+
+    let file = env.state.join(uet::store::STATE_FILE);
+    let edit = |f: &dyn Fn(&mut redb::Table<(u64, u64), &[u8]>)| {
+        let db = redb::Database::open(&file).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(EVENTS).unwrap();
+            f(&mut t);
+        }
+        tx.commit().unwrap();
+    };
+    // a changed detail breaks that event's link
+    edit(&|t| {
+        let mut e: serde_json::Value =
+            serde_json::from_slice(t.get((1, 3)).unwrap().unwrap().value()).unwrap();
+        e["detail"] = "nothing to see here".into();
+        t.insert((1, 3), serde_json::to_vec(&e).unwrap().as_slice())
+            .unwrap();
+    });
+    let bad = verify("1").expect(1);
+    assert!(
+        bad.stderr().contains("event 3") && bad.stderr().contains("tampered"),
+        "{}",
+        bad.describe()
+    );
+
+    // so does a log cut short, even with every remaining link intact
+    env.uet(&["run", "w.toml"]).expect(0);
+    verify("2").expect(0);
+    edit(&|t| {
+        let last = t
+            .range((2, 0)..=(2, u64::MAX))
+            .unwrap()
+            .next_back()
+            .unwrap()
+            .unwrap()
+            .0
+            .value();
+        t.remove(last).unwrap();
+    });
+    let cut = verify("2").expect(1);
+    assert!(cut.stderr().contains("removed"), "{}", cut.describe());
+}
