@@ -99,6 +99,7 @@ needs = ["sad"]
 fn the_event_log_is_hash_chained_and_tampering_is_caught() {
     use redb::{ReadableTable, TableDefinition};
     const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events");
+    type Events<'t> = redb::Table<'t, (u64, u64), &'static [u8]>;
     let env = Env::new();
     env.write(
         "tools.toml",
@@ -124,7 +125,7 @@ fn the_event_log_is_hash_chained_and_tampering_is_caught() {
     verify("9").expect(2);
 
     let file = env.state.join(uet::store::STATE_FILE);
-    let edit = |f: &dyn Fn(&mut redb::Table<(u64, u64), &[u8]>)| {
+    let edit = |f: &dyn Fn(&mut Events)| {
         let db = redb::Database::open(&file).unwrap();
         let tx = db.begin_write().unwrap();
         {
