@@ -569,18 +569,22 @@ impl<'a> Scheduler<'a> {
             }
             Message::Report(i, report) => {
                 let id = self.plan.steps[i].id.clone();
-                let (kind, detail) = match &report {
+                let (kind, detail) = match report {
                     Report::Log { level, message } => ("plugin.log", format!("{level}: {message}")),
                     Report::Progress { fraction, message } => {
                         self.notify(Notice::Progress {
                             id: id.clone(),
-                            fraction: *fraction,
+                            fraction,
                             message: message.clone(),
                         });
-                        (
-                            "plugin.progress",
-                            format!("{:.0}% {message}", fraction * 100.0),
-                        )
+                        // kept on the step too, so a progress view survives a restart
+                        self.changes.push(Change::StepProgress {
+                            run: self.run,
+                            step: id,
+                            fraction,
+                            message,
+                        });
+                        return;
                     }
                 };
                 self.changes.push(Change::Event {

@@ -7,6 +7,7 @@ pub mod doc;
 pub mod engine;
 pub mod model;
 pub mod process;
+pub mod progress;
 pub mod protocol;
 pub mod report;
 pub mod scaffold;

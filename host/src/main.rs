@@ -731,15 +731,7 @@ fn cmd_run(
                 }
             }
         });
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let printer = tokio::spawn(async move {
-            let mut err = std::io::stderr();
-            while let Some(notice) = rx.recv().await {
-                if let Some(line) = notice_line(&notice) {
-                    let _ = writeln!(err, "{line}");
-                }
-            }
-        });
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let spec = RunSpec {
             run,
             plan: &plan,
@@ -749,8 +741,11 @@ fn cmd_run(
             pause: None,
             breakers: Arc::new(uet::breaker::Breakers::load(&store)?),
         };
-        let result = engine::execute(&store, spec, cancel, (!json).then_some(tx)).await;
-        let _ = printer.await;
+        let printer = live_progress(&store, run, plan.steps.len(), rx);
+        let (result, ()) = tokio::join!(
+            engine::execute(&store, spec, cancel, (!json).then_some(tx)),
+            printer
+        );
         Ok::<_, anyhow::Error>(result?)
     });
     let final_state = final_state.context("the run could not be driven")?;
@@ -767,6 +762,70 @@ fn cmd_run(
         RunState::Succeeded => exit::OK,
         _ => exit::RUN_FAILED,
     })
+}
+
+/// Shows a run's progress on stderr as it goes: on a terminal, a bar with the steps running
+/// and the ETA, redrawn in place, with a line above it for each step that ends; otherwise only
+/// those lines, so logs stay plain.
+async fn live_progress(
+    store: &Store,
+    run: u64,
+    total: usize,
+    mut notices: tokio::sync::mpsc::UnboundedReceiver<Notice>,
+) {
+    use indicatif::{ProgressBar, ProgressStyle};
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::new(total as u64);
+        if let Ok(style) = ProgressStyle::with_template("{bar:30} {pos}/{len} {wide_msg}") {
+            bar.set_style(style.progress_chars("##-"));
+        }
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        bar
+    });
+    let mut running: std::collections::BTreeSet<String> = Default::default();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            notice = notices.recv() => {
+                let Some(notice) = notice else { break };
+                if let Notice::Step { id, state, .. } = &notice {
+                    if *state == StepState::Running {
+                        running.insert(id.clone());
+                    } else {
+                        running.remove(id);
+                    }
+                    if let (Some(bar), true) = (&bar, state.is_terminal()) {
+                        bar.inc(1);
+                    }
+                }
+                match (&bar, notice_line(&notice)) {
+                    (Some(bar), Some(line)) if !matches!(notice, Notice::Step { state: StepState::Running, .. } | Notice::Progress { .. }) => bar.println(line),
+                    (None, Some(line)) => eprintln!("{line}"),
+                    _ => {}
+                }
+            }
+            _ = tick.tick(), if bar.is_some() => {
+                if let Some(bar) = &bar {
+                    let eta = uet::progress::load(store, run)
+                        .ok()
+                        .flatten()
+                        .and_then(|p| p.eta_seconds)
+                        .map(|e| format!("eta {e:.1}s"))
+                        .unwrap_or_else(|| "eta unknown".into());
+                    let names: Vec<&str> = running.iter().map(String::as_str).take(4).collect();
+                    let more = running.len().saturating_sub(names.len());
+                    let mut msg = format!("{eta} · running: {}", names.join(", "));
+                    if more > 0 {
+                        msg.push_str(&format!(" +{more}"));
+                    }
+                    bar.set_message(msg);
+                }
+            }
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
 }
 
 /// A progress line for stderr; quiet about the routine (a step starting) unless stderr is a

@@ -220,6 +220,9 @@ pub struct StepRecord {
     pub started_at: Option<Millis>,
     /// When it reached a terminal state.
     pub finished_at: Option<Millis>,
+    /// How far its running attempt is, as its plugin last reported (0.0 to 1.0).
+    #[serde(default)]
+    pub progress: Option<f32>,
 }
 
 /// One try of a step.

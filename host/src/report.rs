@@ -11,6 +11,8 @@ pub struct RunView {
     pub run: RunRecord,
     /// Its steps, in workflow order.
     pub steps: Vec<StepRecord>,
+    /// How far it is, with an ETA from history.
+    pub progress: Option<crate::progress::Progress>,
 }
 
 impl RunView {
@@ -20,7 +22,12 @@ impl RunView {
             return Ok(None);
         };
         let steps = store.steps(id)?;
-        Ok(Some(RunView { run, steps }))
+        let progress = crate::progress::load(store, id)?;
+        Ok(Some(RunView {
+            run,
+            steps,
+            progress,
+        }))
     }
 
     /// The object `uet run --json` and `uet show --json` print.
@@ -54,6 +61,7 @@ impl RunView {
             "started_at": self.run.started_at,
             "finished_at": self.run.finished_at,
             "duration_ms": duration_ms(self.run.started_at, self.run.finished_at),
+            "progress": self.progress,
             "steps": steps,
         })
     }
@@ -82,6 +90,9 @@ pub fn text(run: &serde_json::Value) -> String {
         out.push_str(&format!(" ({reason})"));
     }
     out.push('\n');
+    if let Some(line) = progress_line(&run["progress"]) {
+        out.push_str(&format!("  {line}\n"));
+    }
     let steps = run["steps"].as_array().cloned().unwrap_or_default();
     let width = steps.iter().map(|st| s(&st["id"]).len()).max().unwrap_or(0);
     for st in &steps {
@@ -107,6 +118,32 @@ pub fn text(run: &serde_json::Value) -> String {
         out.push('\n');
     }
     out
+}
+
+/// `[#####-----] 50% · 2/4 done · 1 running · 1 failed · 3.1s elapsed · eta 2.0s`, from a
+/// run's `progress` object.
+pub fn progress_line(p: &serde_json::Value) -> Option<String> {
+    let total = p["total"].as_u64()?;
+    let mut line = format!(
+        "{} · {}/{total} done",
+        crate::progress::bar(p["percent"].as_f64().unwrap_or(0.0), 20),
+        p["done"].as_u64().unwrap_or(0)
+    );
+    for (key, word) in [("running", "running"), ("failed", "failed")] {
+        if let Some(n) = p[key].as_u64().filter(|n| *n > 0) {
+            line.push_str(&format!(" · {n} {word}"));
+        }
+    }
+    if let Some(e) = p["elapsed_seconds"].as_f64() {
+        line.push_str(&format!(" · {e:.1}s elapsed"));
+    }
+    if p["done"] != p["total"] {
+        match p["eta_seconds"].as_f64() {
+            Some(eta) => line.push_str(&format!(" · eta {eta:.1}s")),
+            None => line.push_str(" · eta unknown (no history yet)"),
+        }
+    }
+    Some(line)
 }
 
 fn duration_ms(start: Option<u64>, end: Option<u64>) -> Option<u64> {

@@ -38,6 +38,12 @@ const ATTEMPTS: TableDefinition<(u64, &str, u32), &[u8]> = TableDefinition::new(
 const SUBMISSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("submissions");
 /// Standing workflow key (workstream and name) → `{plan, source, workstream}` JSON.
 const STANDING: TableDefinition<&str, &[u8]> = TableDefinition::new("standing");
+/// Tool name → JSON list of the durations (ms) of its latest successful attempts, oldest
+/// first: the history ETAs are estimated from.
+const DURATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("durations");
+/// How many durations are kept per tool: enough for a steady median, few enough to follow a
+/// tool that got faster or slower.
+const DURATIONS_KEPT: usize = 32;
 /// Tool name → [`crate::breaker::BreakerRecord`].
 const BREAKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("breakers");
 /// (run, seq) → [`EventRecord`].
@@ -242,6 +248,17 @@ pub enum Change {
         /// What changed.
         transition: crate::breaker::Transition,
     },
+    /// A plugin reported how far its running step is.
+    StepProgress {
+        /// The run.
+        run: RunId,
+        /// The step.
+        step: String,
+        /// From 0.0 to 1.0.
+        fraction: f32,
+        /// What it is doing.
+        message: String,
+    },
     /// A daemon start found the run in flight after an unclean stop: counts toward quarantine.
     Recovered {
         /// The run.
@@ -317,6 +334,7 @@ impl Store {
             tx.open_table(SUBMISSIONS).map_err(storage)?;
             tx.open_table(STANDING).map_err(storage)?;
             tx.open_table(BREAKERS).map_err(storage)?;
+            tx.open_table(DURATIONS).map_err(storage)?;
         }
         tx.commit().map_err(storage)
     }
@@ -401,6 +419,7 @@ impl Store {
                         reason: None,
                         started_at: None,
                         finished_at: None,
+                        progress: None,
                     },
                 };
                 steps
@@ -464,6 +483,7 @@ impl Store {
             let mut attempts = tx.open_table(ATTEMPTS).map_err(storage)?;
             let mut events = tx.open_table(EVENTS).map_err(storage)?;
             let mut breakers = tx.open_table(BREAKERS).map_err(storage)?;
+            let mut durations = tx.open_table(DURATIONS).map_err(storage)?;
             let now = now_millis();
             // each run row is read once and written once per batch, however many changes
             // touch it
@@ -553,6 +573,7 @@ impl Store {
                         let mut row = load_step(&steps, run_id, step)?;
                         row.record.attempts = *number;
                         row.record.tool = Some(tool.clone());
+                        row.record.progress = None;
                         steps
                             .insert((run_id, step.as_str()), encode(&row).as_slice())
                             .map_err(storage)?;
@@ -599,6 +620,19 @@ impl Store {
                         };
                         attempt.finished_at = Some(now);
                         attempt.outcome = Some(*outcome);
+                        if *outcome == Outcome::Succeeded {
+                            let tool = attempt.tool.as_str();
+                            let mut kept: Vec<u64> = match durations.get(tool).map_err(storage)? {
+                                Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
+                                None => Vec::new(),
+                            };
+                            kept.push(now.saturating_sub(attempt.started_at));
+                            let extra = kept.len().saturating_sub(DURATIONS_KEPT);
+                            kept.drain(..extra);
+                            durations
+                                .insert(tool, encode(&kept).as_slice())
+                                .map_err(storage)?;
+                        }
                         attempt.error = error.clone();
                         attempt.stdout = stdout.clone();
                         attempt.stderr = stderr.clone();
@@ -631,6 +665,20 @@ impl Store {
                         if let Some((kind, detail)) = &transition.event {
                             append_event(&mut events, run, step.as_deref(), kind, detail.clone())?;
                         }
+                    }
+                    Change::StepProgress {
+                        step,
+                        fraction,
+                        message,
+                        ..
+                    } => {
+                        let mut row = load_step(&steps, run_id, step)?;
+                        row.record.progress = Some(fraction.clamp(0.0, 1.0));
+                        steps
+                            .insert((run_id, step.as_str()), encode(&row).as_slice())
+                            .map_err(storage)?;
+                        let detail = format!("{:.0}% {message}", fraction * 100.0);
+                        append_event(&mut events, run, Some(step), "plugin.progress", detail)?;
                     }
                     Change::Recovered { .. } => {
                         run.record.crashes += 1;
@@ -778,6 +826,19 @@ impl Store {
         Ok(out)
     }
 
+    /// Each tool's recent successful attempt durations, in milliseconds, oldest first.
+    pub fn durations(&self) -> Result<std::collections::HashMap<String, Vec<u64>>, StateError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(DURATIONS).map_err(storage)?;
+        let mut out = std::collections::HashMap::new();
+        for item in table.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let key = k.value().to_string();
+            out.insert(key.clone(), decode("durations", &key, v.value())?);
+        }
+        Ok(out)
+    }
+
     /// Every tool's circuit breaker as last written.
     pub fn breakers(&self) -> Result<Vec<(String, crate::breaker::BreakerRecord)>, StateError> {
         let tx = self.db.begin_read().map_err(storage)?;
@@ -806,6 +867,7 @@ fn change_run(change: &Change) -> RunId {
         | Change::AttemptFinished { run, .. }
         | Change::Recovered { run }
         | Change::Breaker { run, .. }
+        | Change::StepProgress { run, .. }
         | Change::Event { run, .. } => *run,
     }
 }

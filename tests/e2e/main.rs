@@ -5,6 +5,7 @@ mod util;
 mod daemon;
 mod daemon_ops;
 mod plugins;
+mod progress;
 mod resilience;
 mod run;
 mod standing;
