@@ -146,6 +146,17 @@ impl Breakers {
         live.get(tool).map(|l| l.record.clone())
     }
 
+    /// Every breaker that has been used, by tool name.
+    pub fn all(&self) -> Vec<(String, BreakerRecord)> {
+        let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        let mut all: Vec<_> = live
+            .iter()
+            .map(|(t, l)| (t.clone(), l.record.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     /// May an attempt of `tool` start now?
     pub fn admit(&self, tool: &Tool, now: Millis) -> (Admission, Option<Transition>) {
         let Some(settings) = tool.breaker else {

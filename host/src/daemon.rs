@@ -55,6 +55,8 @@ pub struct Config {
     /// Poll folders at this interval instead of using the kernel's notifications (which are
     /// still abandoned for polling when the inotify limits are reached).
     pub poll: Option<Duration>,
+    /// Serve `GET /metrics` on this loopback address (off when `None`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// What the inbox task hears from the folder watchers.
@@ -77,6 +79,8 @@ struct Shared {
     standing: mpsc::UnboundedSender<StandingMsg>,
     /// Every tool's circuit breaker, shared by all runs.
     breakers: Arc<Breakers>,
+    /// Where `GET /metrics` is served, if it is.
+    metrics_at: Mutex<Option<String>>,
     /// The live watchers, by folder and whether they watch its whole tree (standing
     /// workflows) or its direct children (the inbox).
     watchers: Mutex<HashMap<(PathBuf, bool), Box<dyn notify::Watcher + Send>>>,
@@ -102,6 +106,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     if reaped > 0 {
         tracing::warn!("killed {reaped} process groups left running by an earlier uet");
     }
+    let metrics_listener = match config.metrics {
+        // scrapers are local: the daemon serves no one beyond this machine
+        Some(addr) if !addr.ip().is_loopback() => {
+            anyhow::bail!("metrics: {addr} is not a loopback address (use 127.0.0.1 or ::1)")
+        }
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| anyhow::anyhow!("metrics: cannot listen on {addr}: {e}"))?,
+        ),
+        None => None,
+    };
     let listener = bind(&config.socket).await?;
     let watch: Vec<PathBuf> = config
         .watch
@@ -140,6 +156,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         inbox: inbox_tx,
         standing: standing_tx,
         breakers,
+        metrics_at: Mutex::new(None),
         watchers: Mutex::new(HashMap::new()),
     });
     tracing::info!(socket = %shared.config.socket.display(), "uet daemon listening");
@@ -173,6 +190,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         watch_inbox(&shared, dir)?;
     }
     tokio::spawn(inbox(shared.clone(), inbox_rx));
+    if let Some(listener) = metrics_listener {
+        *lock(&shared.metrics_at) = listener.local_addr().ok().map(|a| a.to_string());
+        let for_render = shared.clone();
+        let render: Arc<dyn Fn() -> Result<String, String> + Send + Sync> =
+            Arc::new(move || metrics_text(&for_render).map_err(|e| e.to_string()));
+        tokio::spawn(crate::metrics::serve_http(
+            listener,
+            render,
+            shared.shutdown.clone(),
+        ));
+    }
 
     loop {
         use interprocess::local_socket::tokio::prelude::*;
@@ -1173,6 +1201,7 @@ fn answer(shared: &Arc<Shared>, request: Request) -> Response {
                     watching: shared.config.watch.clone(),
                     runs: counts,
                     active: lock(&shared.active).len() as u64,
+                    metrics: lock(&shared.metrics_at).clone(),
                 })
             }
             Err(e) => fail(e.to_string()),
@@ -1253,6 +1282,10 @@ fn answer(shared: &Arc<Shared>, request: Request) -> Response {
             }
         }
         Request::Verify { run } => verify_answer(&shared.store, run),
+        Request::Metrics => match metrics_text(shared) {
+            Ok(text) => Response::Metrics { text },
+            Err(e) => fail(e.to_string()),
+        },
         Request::Retry { run } => requeue(shared, run, false),
         Request::Release { run } => requeue(shared, run, true),
         // answered here, carried out by the connection once the answer is sent
@@ -1390,4 +1423,11 @@ pub fn verify_answer(store: &Store, run: RunId) -> Response {
             invalid: false,
         },
     }
+}
+
+fn metrics_text(shared: &Shared) -> Result<String, crate::store::StateError> {
+    let live = crate::metrics::Live {
+        active: lock(&shared.active).len() as u64,
+    };
+    crate::metrics::render(&shared.store, &shared.breakers.all(), Some(live))
 }

@@ -133,6 +133,14 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Print metrics in Prometheus text format (the daemon's, else the state's).
+    Metrics {
+        /// The state folder, when no daemon answers.
+        #[arg(long, env = "UET_STATE")]
+        state: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Check a run's event log against its hash chain (the daemon's, else the state's).
     Verify {
         /// The run.
@@ -245,6 +253,7 @@ fn main() -> ExitCode {
             state,
             client: c,
         } => cmd_verify(run, state, &c),
+        Command::Metrics { state, client: c } => cmd_metrics(state, &c),
         Command::Shutdown(c) => client(&c, Request::Shutdown),
         Command::Plugin(PluginCommand::New { name, sdk }) => {
             let sdk = sdk.unwrap_or_else(uet::scaffold::default_sdk);
@@ -299,6 +308,8 @@ struct DaemonFile {
     /// Poll folders at this interval instead of using inotify.
     #[serde(default, with = "humantime_opt")]
     poll: Option<std::time::Duration>,
+    /// Serve `GET /metrics` on this loopback address, e.g. "127.0.0.1:9464".
+    metrics: Option<std::net::SocketAddr>,
 }
 
 mod humantime_opt {
@@ -348,6 +359,7 @@ fn cmd_daemon(
         settle: file.settle.unwrap_or(std::time::Duration::from_millis(200)),
         grace: file.grace.unwrap_or(std::time::Duration::from_secs(10)),
         poll: file.poll,
+        metrics: file.metrics,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(uet::daemon::serve(config))?;
@@ -516,6 +528,10 @@ fn print_response(args: &ClientArgs, response: Response) -> u8 {
             print_tools(tools, args.json);
             Ok(exit::OK)
         }
+        Response::Metrics { text } => {
+            let _ = write!(out, "{text}");
+            Ok(exit::OK)
+        }
         Response::Hello { .. } => Ok(exit::OK),
     };
     code.unwrap_or(exit::INVALID)
@@ -571,6 +587,23 @@ fn cmd_tools(
             .map(|(_, r)| r.clone())
     });
     print_tools(rows, json);
+    Ok(exit::OK)
+}
+
+fn cmd_metrics(state: Option<PathBuf>, args: &ClientArgs) -> Result<u8, Failure> {
+    let code = client_quiet(args, Request::Metrics, true)?;
+    if code != exit::NO_DAEMON {
+        return Ok(code);
+    }
+    let state = match state {
+        Some(dir) => dir,
+        None => default_state_dir()?,
+    };
+    let store = Store::open(&state)
+        .with_context(|| format!("cannot open the state in {}", state.display()))?;
+    let breakers = store.breakers().context("cannot read the breakers")?;
+    let text = uet::metrics::render(&store, &breakers, None).context("cannot read the state")?;
+    print!("{text}");
     Ok(exit::OK)
 }
 

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 pub type RunId = u64;
 
 /// Where a run is in its lifecycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RunState {
     /// Recorded, not started (or put back by `retry`/`release`).
@@ -70,7 +70,7 @@ impl RunState {
 
 /// Where a step is in its lifecycle. A step stays `running` across its attempts and the waits
 /// between them; each try has its own [`AttemptRecord`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StepState {
     /// Waiting for its dependencies or a free slot.

@@ -68,6 +68,8 @@ pub enum Request {
     },
     /// The tools of every watched folder.
     Tools,
+    /// The Prometheus text exposition of `uet metrics`.
+    Metrics,
     /// Check a run's event log against its hash chain.
     Verify {
         /// The run.
@@ -110,6 +112,11 @@ pub enum Response {
         /// The tools.
         tools: Vec<serde_json::Value>,
     },
+    /// The answer to [`Request::Metrics`].
+    Metrics {
+        /// Prometheus text exposition.
+        text: String,
+    },
     /// The answer to [`Request::Submit`].
     Submitted {
         /// The new run.
@@ -146,6 +153,9 @@ pub struct Status {
     pub runs: std::collections::BTreeMap<String, u64>,
     /// Runs whose steps are being driven now.
     pub active: u64,
+    /// Where the daemon serves `GET /metrics`, when it was asked to.
+    #[serde(default)]
+    pub metrics: Option<String>,
 }
 
 /// Why a frame could not be read.

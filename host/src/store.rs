@@ -44,6 +44,9 @@ const DURATIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("durations"
 /// How many durations are kept per tool: enough for a steady median, few enough to follow a
 /// tool that got faster or slower.
 const DURATIONS_KEPT: usize = 32;
+/// Tool name → [`ToolStats`]: counters for `uet metrics`, kept as attempts end so a scrape
+/// never walks the history.
+const TOOL_STATS: TableDefinition<&str, &[u8]> = TableDefinition::new("tool_stats");
 /// Tool name → [`crate::breaker::BreakerRecord`].
 const BREAKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("breakers");
 /// (run, seq) → [`EventRecord`].
@@ -144,6 +147,39 @@ pub enum StateError {
 /// Converts any redb error into a [`StateError::Storage`].
 fn storage(e: impl Into<redb::Error>) -> StateError {
     StateError::Storage(Box::new(e.into()))
+}
+
+/// The upper bounds (seconds) of the attempt-duration histogram buckets; `+Inf` is implied.
+pub const DURATION_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// Counters of one tool's attempts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ToolStats {
+    /// Attempts by outcome (`succeeded`, `failed`, `timed_out`, ...).
+    pub outcomes: std::collections::BTreeMap<String, u64>,
+    /// Attempts per duration bucket (not cumulative), one more than [`DURATION_BUCKETS`].
+    pub buckets: Vec<u64>,
+    /// The sum of all attempt durations, in seconds.
+    pub seconds: f64,
+}
+
+impl ToolStats {
+    fn record(&mut self, outcome: Outcome, ms: u64) {
+        *self
+            .outcomes
+            .entry(outcome_name(outcome).to_string())
+            .or_insert(0) += 1;
+        self.buckets.resize(DURATION_BUCKETS.len() + 1, 0);
+        let secs = ms as f64 / 1000.0;
+        let slot = DURATION_BUCKETS
+            .iter()
+            .position(|&b| secs <= b)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.buckets[slot] += 1;
+        self.seconds += secs;
+    }
 }
 
 /// A file picked up from a watched folder.
@@ -335,6 +371,7 @@ impl Store {
             tx.open_table(STANDING).map_err(storage)?;
             tx.open_table(BREAKERS).map_err(storage)?;
             tx.open_table(DURATIONS).map_err(storage)?;
+            tx.open_table(TOOL_STATS).map_err(storage)?;
         }
         tx.commit().map_err(storage)
     }
@@ -484,6 +521,7 @@ impl Store {
             let mut events = tx.open_table(EVENTS).map_err(storage)?;
             let mut breakers = tx.open_table(BREAKERS).map_err(storage)?;
             let mut durations = tx.open_table(DURATIONS).map_err(storage)?;
+            let mut stats = tx.open_table(TOOL_STATS).map_err(storage)?;
             let now = now_millis();
             // each run row is read once and written once per batch, however many changes
             // touch it
@@ -620,6 +658,15 @@ impl Store {
                         };
                         attempt.finished_at = Some(now);
                         attempt.outcome = Some(*outcome);
+                        {
+                            let tool = attempt.tool.as_str();
+                            let mut s: ToolStats = match stats.get(tool).map_err(storage)? {
+                                Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
+                                None => ToolStats::default(),
+                            };
+                            s.record(*outcome, now.saturating_sub(attempt.started_at));
+                            stats.insert(tool, encode(&s).as_slice()).map_err(storage)?;
+                        }
                         if *outcome == Outcome::Succeeded {
                             let tool = attempt.tool.as_str();
                             let mut kept: Vec<u64> = match durations.get(tool).map_err(storage)? {
@@ -835,6 +882,32 @@ impl Store {
             let (k, v) = item.map_err(storage)?;
             let key = k.value().to_string();
             out.insert(key.clone(), decode("durations", &key, v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Every tool's attempt counters.
+    pub fn tool_stats(&self) -> Result<Vec<(String, ToolStats)>, StateError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(TOOL_STATS).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let key = k.value().to_string();
+            out.push((key.clone(), decode("tool_stats", &key, v.value())?));
+        }
+        Ok(out)
+    }
+
+    /// How many steps of all runs are in each state.
+    pub fn step_counts(&self) -> Result<std::collections::BTreeMap<StepState, u64>, StateError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let table = tx.open_table(STEPS).map_err(storage)?;
+        let mut out = std::collections::BTreeMap::new();
+        for item in table.iter().map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let row: StepRow = decode("steps", &k.value(), v.value())?;
+            *out.entry(row.record.state).or_insert(0) += 1;
         }
         Ok(out)
     }
