@@ -57,7 +57,14 @@ pub struct Config {
     pub poll: Option<Duration>,
     /// Serve `GET /metrics` on this loopback address (off when `None`).
     pub metrics: Option<std::net::SocketAddr>,
+    /// Retention: finished runs older than this are deleted.
+    pub keep_for: Option<Duration>,
+    /// Retention: only this many finished runs are kept, the newest.
+    pub keep_runs: Option<usize>,
 }
+
+/// Retention runs at start, then at most this often as runs end: it reads every run.
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
 /// What the inbox task hears from the folder watchers.
 enum Inbox {
@@ -81,6 +88,8 @@ struct Shared {
     breakers: Arc<Breakers>,
     /// Where `GET /metrics` is served, if it is.
     metrics_at: Mutex<Option<String>>,
+    /// When retention last ran, and whether a run is already scheduled.
+    pruned: Mutex<(Instant, bool)>,
     /// The live watchers, by folder and whether they watch its whole tree (standing
     /// workflows) or its direct children (the inbox).
     watchers: Mutex<HashMap<(PathBuf, bool), Box<dyn notify::Watcher + Send>>>,
@@ -157,6 +166,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         standing: standing_tx,
         breakers,
         metrics_at: Mutex::new(None),
+        pruned: Mutex::new((Instant::now(), false)),
         watchers: Mutex::new(HashMap::new()),
     });
     tracing::info!(socket = %shared.config.socket.display(), "uet daemon listening");
@@ -174,6 +184,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         signals.cancel();
     });
 
+    retain(&shared);
     // runs a previous daemon left unfinished go first, then what arrived while it was down
     let runs = shared.store.runs()?;
     for run in &runs {
@@ -747,6 +758,47 @@ fn start(shared: &Arc<Shared>, run: RunId, plan: Plan, workstream: PathBuf, tool
         }
         lock(&shared.active).remove(&run);
         let _ = shared.standing.send(StandingMsg::Ended(run));
+        schedule_retention(&shared);
+    });
+}
+
+/// Applies the retention settings now.
+fn retain(shared: &Shared) {
+    let config = &shared.config;
+    if config.keep_for.is_none() && config.keep_runs.is_none() {
+        return;
+    }
+    let before = config
+        .keep_for
+        .map(|age| crate::model::now_millis().saturating_sub(age.as_millis() as u64));
+    match shared.store.prune(before, config.keep_runs) {
+        Ok(0) => {}
+        Ok(n) => tracing::info!("retention: deleted {n} finished runs"),
+        Err(e) => tracing::error!("retention failed: {e}"),
+    }
+    *lock(&shared.pruned) = (Instant::now(), false);
+}
+
+/// Runs retention after a run ends: at once if it last ran long enough ago, else once, later.
+fn schedule_retention(shared: &Arc<Shared>) {
+    if shared.config.keep_for.is_none() && shared.config.keep_runs.is_none() {
+        return;
+    }
+    let wait = {
+        let mut pruned = lock(&shared.pruned);
+        if pruned.1 {
+            return; // one is scheduled already
+        }
+        pruned.1 = true;
+        PRUNE_EVERY.saturating_sub(pruned.0.elapsed())
+    };
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+        let _ = tokio::task::spawn_blocking(move || retain(&shared)).await;
     });
 }
 
@@ -1282,6 +1334,10 @@ fn answer(shared: &Arc<Shared>, request: Request) -> Response {
             }
         }
         Request::Verify { run } => verify_answer(&shared.store, run),
+        Request::Prune {
+            older_than_ms,
+            keep,
+        } => prune_answer(&shared.store, older_than_ms, keep),
         Request::Metrics => match metrics_text(shared) {
             Ok(text) => Response::Metrics { text },
             Err(e) => fail(e.to_string()),
@@ -1430,4 +1486,24 @@ fn metrics_text(shared: &Shared) -> Result<String, crate::store::StateError> {
         active: lock(&shared.active).len() as u64,
     };
     crate::metrics::render(&shared.store, &shared.breakers.all(), Some(live))
+}
+
+/// `uet prune`: finished runs older than the age or beyond the count are deleted.
+pub fn prune_answer(store: &Store, older_than_ms: Option<u64>, keep: Option<usize>) -> Response {
+    if older_than_ms.is_none() && keep.is_none() {
+        return Response::Error {
+            message: "say what to prune: --older-than AGE and/or --keep N".into(),
+            invalid: true,
+        };
+    }
+    let before = older_than_ms.map(|ms| crate::model::now_millis().saturating_sub(ms));
+    match store.prune(before, keep) {
+        Ok(n) => Response::Done {
+            message: format!("deleted {n} finished runs"),
+        },
+        Err(e) => Response::Error {
+            message: e.to_string(),
+            invalid: false,
+        },
+    }
 }

@@ -133,6 +133,21 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Delete finished runs (never pending, running or quarantined ones) with their steps,
+    /// attempts and events (the daemon's, else the state's).
+    Prune {
+        /// Runs that finished longer ago than this ("30d", "12h").
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<std::time::Duration>,
+        /// Keep only this many finished runs, the newest.
+        #[arg(long)]
+        keep: Option<usize>,
+        /// The state folder, when no daemon answers.
+        #[arg(long, env = "UET_STATE")]
+        state: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Print metrics in Prometheus text format (the daemon's, else the state's).
     Metrics {
         /// The state folder, when no daemon answers.
@@ -254,6 +269,31 @@ fn main() -> ExitCode {
             client: c,
         } => cmd_verify(run, state, &c),
         Command::Metrics { state, client: c } => cmd_metrics(state, &c),
+        Command::Prune {
+            older_than,
+            keep,
+            state,
+            client: c,
+        } => {
+            let older_than_ms = older_than.map(|d| d.as_millis() as u64);
+            let code = client_quiet(
+                &c,
+                Request::Prune {
+                    older_than_ms,
+                    keep,
+                },
+                true,
+            );
+            match code {
+                Ok(exit::NO_DAEMON) => with_local_state(state, |store| {
+                    Ok(print_response(
+                        &c,
+                        uet::daemon::prune_answer(store, older_than_ms, keep),
+                    ))
+                }),
+                other => other,
+            }
+        }
         Command::Shutdown(c) => client(&c, Request::Shutdown),
         Command::Plugin(PluginCommand::New { name, sdk }) => {
             let sdk = sdk.unwrap_or_else(uet::scaffold::default_sdk);
@@ -310,6 +350,11 @@ struct DaemonFile {
     poll: Option<std::time::Duration>,
     /// Serve `GET /metrics` on this loopback address, e.g. "127.0.0.1:9464".
     metrics: Option<std::net::SocketAddr>,
+    /// Delete finished runs older than this.
+    #[serde(default, with = "humantime_opt")]
+    keep_for: Option<std::time::Duration>,
+    /// Keep only this many finished runs.
+    keep_runs: Option<usize>,
 }
 
 mod humantime_opt {
@@ -360,6 +405,8 @@ fn cmd_daemon(
         grace: file.grace.unwrap_or(std::time::Duration::from_secs(10)),
         poll: file.poll,
         metrics: file.metrics,
+        keep_for: file.keep_for,
+        keep_runs: file.keep_runs,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(uet::daemon::serve(config))?;
@@ -590,21 +637,31 @@ fn cmd_tools(
     Ok(exit::OK)
 }
 
-fn cmd_metrics(state: Option<PathBuf>, args: &ClientArgs) -> Result<u8, Failure> {
-    let code = client_quiet(args, Request::Metrics, true)?;
-    if code != exit::NO_DAEMON {
-        return Ok(code);
-    }
+/// Runs `f` on the state folder when no daemon holds it.
+fn with_local_state(
+    state: Option<PathBuf>,
+    f: impl FnOnce(&Store) -> Result<u8, Failure>,
+) -> Result<u8, Failure> {
     let state = match state {
         Some(dir) => dir,
         None => default_state_dir()?,
     };
     let store = Store::open(&state)
         .with_context(|| format!("cannot open the state in {}", state.display()))?;
-    let breakers = store.breakers().context("cannot read the breakers")?;
-    let text = uet::metrics::render(&store, &breakers, None).context("cannot read the state")?;
-    print!("{text}");
-    Ok(exit::OK)
+    f(&store)
+}
+
+fn cmd_metrics(state: Option<PathBuf>, args: &ClientArgs) -> Result<u8, Failure> {
+    let code = client_quiet(args, Request::Metrics, true)?;
+    if code != exit::NO_DAEMON {
+        return Ok(code);
+    }
+    with_local_state(state, |store| {
+        let breakers = store.breakers().context("cannot read the breakers")?;
+        let text = uet::metrics::render(store, &breakers, None).context("cannot read the state")?;
+        print!("{text}");
+        Ok(exit::OK)
+    })
 }
 
 fn cmd_verify(run: u64, state: Option<PathBuf>, args: &ClientArgs) -> Result<u8, Failure> {
@@ -613,16 +670,9 @@ fn cmd_verify(run: u64, state: Option<PathBuf>, args: &ClientArgs) -> Result<u8,
         return Ok(code);
     }
     // no daemon holds the state: read it here
-    let state = match state {
-        Some(dir) => dir,
-        None => default_state_dir()?,
-    };
-    let store = Store::open(&state)
-        .with_context(|| format!("cannot open the state in {}", state.display()))?;
-    Ok(print_response(
-        args,
-        uet::daemon::verify_answer(&store, run),
-    ))
+    with_local_state(state, |store| {
+        Ok(print_response(args, uet::daemon::verify_answer(store, run)))
+    })
 }
 
 /// Prints `uet tools` rows as a table or as a JSON list.

@@ -70,6 +70,13 @@ pub enum Request {
     Tools,
     /// The Prometheus text exposition of `uet metrics`.
     Metrics,
+    /// Delete finished runs older than `older_than_ms` or beyond the newest `keep`.
+    Prune {
+        /// Age limit, in milliseconds.
+        older_than_ms: Option<u64>,
+        /// How many finished runs to keep.
+        keep: Option<usize>,
+    },
     /// Check a run's event log against its hash chain.
     Verify {
         /// The run.

@@ -886,6 +886,58 @@ impl Store {
         Ok(out)
     }
 
+    /// Deletes finished runs (succeeded, failed, canceled) finished before `before`, and
+    /// beyond the newest `keep` of them, with their plans, steps, attempts and events, in one
+    /// transaction. Pending, running and quarantined runs are never touched. Returns how many
+    /// runs went.
+    pub fn prune(&self, before: Option<Millis>, keep: Option<usize>) -> Result<usize, StateError> {
+        let finished: Vec<(RunId, Millis)> = self
+            .runs()?
+            .into_iter()
+            .filter(|r| {
+                matches!(
+                    r.state,
+                    RunState::Succeeded | RunState::Failed | RunState::Canceled
+                )
+            })
+            .map(|r| (r.id, r.finished_at.unwrap_or(r.created_at)))
+            .collect();
+        let beyond = keep.map_or(0, |k| finished.len().saturating_sub(k));
+        let doomed: Vec<RunId> = finished
+            .iter()
+            .enumerate()
+            .filter(|(i, (_, at))| *i < beyond || before.is_some_and(|b| *at < b))
+            .map(|(_, (id, _))| *id)
+            .collect();
+        if doomed.is_empty() {
+            return Ok(0);
+        }
+        let tx = self.db.begin_write().map_err(storage)?;
+        {
+            let mut runs = tx.open_table(RUNS).map_err(storage)?;
+            let mut plans = tx.open_table(PLANS).map_err(storage)?;
+            let mut steps = tx.open_table(STEPS).map_err(storage)?;
+            let mut attempts = tx.open_table(ATTEMPTS).map_err(storage)?;
+            let mut events = tx.open_table(EVENTS).map_err(storage)?;
+            for &run in &doomed {
+                runs.remove(run).map_err(storage)?;
+                plans.remove(run).map_err(storage)?;
+                steps
+                    .retain_in((run, "")..(run + 1, ""), |_, _| false)
+                    .map_err(storage)?;
+                attempts
+                    .retain_in((run, "", 0)..(run + 1, "", 0), |_, _| false)
+                    .map_err(storage)?;
+                events
+                    .retain_in((run, 0)..=(run, u64::MAX), |_, _| false)
+                    .map_err(storage)?;
+            }
+        }
+        tx.commit().map_err(storage)?;
+        self.committed.send_modify(|n| *n += 1);
+        Ok(doomed.len())
+    }
+
     /// Every tool's attempt counters.
     pub fn tool_stats(&self) -> Result<Vec<(String, ToolStats)>, StateError> {
         let tx = self.db.begin_read().map_err(storage)?;

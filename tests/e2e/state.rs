@@ -166,3 +166,98 @@ fn the_event_log_is_hash_chained_and_tampering_is_caught() {
     let cut = verify("2").expect(1);
     assert!(cut.stderr().contains("removed"), "{}", cut.describe());
 }
+
+#[test]
+fn pruning_deletes_old_finished_runs_and_keeps_what_it_must() {
+    use uet::store::Change;
+    let env = Env::new();
+    {
+        let store = Store::open(&env.state).unwrap();
+        let plan = serde_json::json!({});
+        let steps = vec!["a".to_string()];
+        let mut ids = Vec::new();
+        for _ in 0..7 {
+            ids.push(
+                store
+                    .create_run("r", "f", "", plan.clone(), &steps)
+                    .unwrap(),
+            );
+        }
+        let to = |run, to| Change::RunState {
+            run,
+            to,
+            reason: None,
+        };
+        // 1-4 finished, 5 running, 6 quarantined, 7 pending
+        for &id in &ids[..6] {
+            store.apply(&[to(id, RunState::Running)]).unwrap();
+        }
+        for (id, end) in [
+            (1, RunState::Succeeded),
+            (2, RunState::Failed),
+            (3, RunState::Canceled),
+            (4, RunState::Succeeded),
+            (6, RunState::Quarantined),
+        ] {
+            store.apply(&[to(id, end)]).unwrap();
+        }
+    }
+    let no_daemon = ["--socket", "/nonexistent/uet.sock"];
+    let prune = |args: &[&str]| {
+        let mut all = vec!["prune"];
+        all.extend(args);
+        all.extend(no_daemon);
+        env.uet(&all)
+    };
+    prune(&[]).expect(2);
+    let out = prune(&["--keep", "2"]).expect(0);
+    assert!(
+        out.stdout().contains("deleted 2 finished runs"),
+        "{}",
+        out.describe()
+    );
+    let store = Store::open(&env.state).unwrap();
+    let left: Vec<u64> = store.runs().unwrap().iter().map(|r| r.id).collect();
+    assert_eq!(left, [3, 4, 5, 6, 7], "the two oldest finished runs went");
+    for gone in [1, 2] {
+        assert!(store.steps(gone).unwrap().is_empty());
+        assert!(store.events(gone).unwrap().is_empty());
+        assert!(store.plan(gone).unwrap().is_none());
+    }
+    assert_eq!(store.events(3).unwrap().len(), 3, "the kept ones are whole");
+    drop(store);
+    // an age of zero takes every finished run, and still nothing else
+    prune(&["--older-than", "0s"]).expect(0);
+    let store = Store::open(&env.state).unwrap();
+    let left: Vec<(u64, RunState)> = store
+        .runs()
+        .unwrap()
+        .iter()
+        .map(|r| (r.id, r.state))
+        .collect();
+    assert_eq!(
+        left,
+        [
+            (5, RunState::Running),
+            (6, RunState::Quarantined),
+            (7, RunState::Pending)
+        ]
+    );
+}
+
+#[test]
+fn the_daemon_applies_its_retention_settings() {
+    let env = Env::new();
+    crate::daemon::tools(&env);
+    env.write("w.toml", crate::daemon::GOOD);
+    for _ in 0..3 {
+        env.uet(&["run", "w.toml"]).expect(0);
+    }
+    let config = env.ws.parent().unwrap().join("daemon.toml");
+    std::fs::write(&config, "keep_runs = 1\nkeep_for = \"30d\"\n").unwrap();
+    std::fs::remove_file(env.ws.join("w.toml")).unwrap();
+    let daemon = crate::daemon::Daemon::start_with(&env, &["--config", config.to_str().unwrap()]);
+    let runs = daemon.runs(&env);
+    let ids: Vec<u64> = runs.iter().map(|r| r["run_id"].as_u64().unwrap()).collect();
+    assert_eq!(ids, [3], "only the newest finished run is kept");
+}
