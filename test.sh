@@ -9,6 +9,11 @@ cd "$(dirname "$0")"
 # present). The WASM target is needed to build the plugins.
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 rustup target add wasm32-wasip2
+# the live views (`uet top`, `uet run`'s bar) are tested in a real terminal: tmux
+if ! command -v tmux >/dev/null; then
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq && $sudo apt-get install -y -qq tmux >/dev/null
+fi
 
 echo "== fmt"
 cargo fmt --all -- --check

@@ -1239,23 +1239,8 @@ fn answer(shared: &Arc<Shared>, request: Request) -> Response {
     };
     match request {
         Request::Hello { .. } => unreachable!("answered by the connection"),
-        Request::Status => match shared.store.runs() {
-            Ok(runs) => {
-                let mut counts = std::collections::BTreeMap::new();
-                for r in runs {
-                    *counts.entry(r.state.to_string()).or_insert(0u64) += 1;
-                }
-                Response::Status(Status {
-                    version: env!("CARGO_PKG_VERSION").into(),
-                    pid: std::process::id(),
-                    uptime_seconds: shared.started.elapsed().as_secs(),
-                    state: shared.config.state.clone(),
-                    watching: shared.config.watch.clone(),
-                    runs: counts,
-                    active: lock(&shared.active).len() as u64,
-                    metrics: lock(&shared.metrics_at).clone(),
-                })
-            }
+        Request::Status => match status(shared) {
+            Ok(status) => Response::Status(status),
             Err(e) => fail(e.to_string()),
         },
         Request::Runs => match shared.store.runs() {
@@ -1338,6 +1323,7 @@ fn answer(shared: &Arc<Shared>, request: Request) -> Response {
             older_than_ms,
             keep,
         } => prune_answer(&shared.store, older_than_ms, keep),
+        Request::Top => top_view(shared),
         Request::Metrics => match metrics_text(shared) {
             Ok(text) => Response::Metrics { text },
             Err(e) => fail(e.to_string()),
@@ -1501,6 +1487,82 @@ pub fn prune_answer(store: &Store, older_than_ms: Option<u64>, keep: Option<usiz
         Ok(n) => Response::Done {
             message: format!("deleted {n} finished runs"),
         },
+        Err(e) => Response::Error {
+            message: e.to_string(),
+            invalid: false,
+        },
+    }
+}
+
+fn status(shared: &Shared) -> Result<Status, crate::store::StateError> {
+    let mut counts = std::collections::BTreeMap::new();
+    for r in shared.store.runs()? {
+        *counts.entry(r.state.to_string()).or_insert(0u64) += 1;
+    }
+    Ok(Status {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        uptime_seconds: shared.started.elapsed().as_secs(),
+        state: shared.config.state.clone(),
+        watching: shared.config.watch.clone(),
+        runs: counts,
+        active: lock(&shared.active).len() as u64,
+        metrics: lock(&shared.metrics_at).clone(),
+    })
+}
+
+/// What `uet top` shows: the daemon in brief, every run not yet ended with its progress, how
+/// many wait for a slot, and the tools with their breakers.
+fn top_view(shared: &Arc<Shared>) -> Response {
+    let build = || -> Result<serde_json::Value, crate::store::StateError> {
+        let status = status(shared)?;
+        let mut runs = Vec::new();
+        let mut queued = 0;
+        for r in shared.store.runs()? {
+            if r.state.is_terminal() {
+                continue;
+            }
+            if r.state == RunState::Pending {
+                queued += 1;
+            }
+            let progress = crate::progress::load(&shared.store, r.id)?;
+            let running: Vec<String> = shared
+                .store
+                .steps(r.id)?
+                .into_iter()
+                .filter(|s| s.state == crate::model::StepState::Running)
+                .map(|s| s.id)
+                .collect();
+            runs.push(serde_json::json!({
+                "run_id": r.id, "name": r.name, "state": r.state, "trigger": r.trigger,
+                "started_at": r.started_at, "progress": progress, "running": running,
+            }));
+        }
+        let mut tools = Vec::new();
+        let mut files: Vec<PathBuf> = match &shared.config.tools {
+            Some(f) => vec![f.clone()],
+            None => shared
+                .config
+                .watch
+                .iter()
+                .map(|d| d.join(TOOLS_FILE))
+                .collect(),
+        };
+        files.dedup();
+        for file in files {
+            // a broken tools file shows as no tools here; `uet tools` says why
+            if let Ok(t) = Tools::load(&file) {
+                let mut rows = t.summary();
+                crate::breaker::annotate(&mut rows, &t, |n| shared.breakers.get(n));
+                tools.extend(rows);
+            }
+        }
+        Ok(serde_json::json!({
+            "status": status, "runs": runs, "queued": queued, "tools": tools,
+        }))
+    };
+    match build() {
+        Ok(view) => Response::Top { view },
         Err(e) => Response::Error {
             message: e.to_string(),
             invalid: false,

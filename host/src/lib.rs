@@ -15,5 +15,6 @@ pub mod scaffold;
 pub mod store;
 pub mod template;
 pub mod tools;
+pub mod top;
 pub mod wasm;
 pub mod workflow;

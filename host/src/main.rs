@@ -148,6 +148,15 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// A live view of the daemon: runs in flight with progress and ETA, the queue, tools and
+    /// their breakers; `q` quits. Prints one frame when stdout is not a terminal.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        every: std::time::Duration,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Print metrics in Prometheus text format (the daemon's, else the state's).
     Metrics {
         /// The state folder, when no daemon answers.
@@ -269,6 +278,26 @@ fn main() -> ExitCode {
             client: c,
         } => cmd_verify(run, state, &c),
         Command::Metrics { state, client: c } => cmd_metrics(state, &c),
+        Command::Top { every, client: c } => {
+            if c.json {
+                client(&c, Request::Top)
+            } else {
+                let socket = c
+                    .socket
+                    .clone()
+                    .unwrap_or_else(uet::protocol::default_socket);
+                match uet::top::run(&socket, every) {
+                    Ok(()) => Ok(exit::OK),
+                    Err(e @ uet::top::TopError::NoDaemon(..)) => {
+                        eprintln!(
+                            "uet: {e}; start one with `uet daemon --watch DIR`, or point --socket / UET_SOCKET at it"
+                        );
+                        Ok(exit::NO_DAEMON)
+                    }
+                    Err(e) => Err(anyhow!("{e}").into()),
+                }
+            }
+        }
         Command::Prune {
             older_than,
             keep,
@@ -532,7 +561,7 @@ fn print_response(args: &ClientArgs, response: Response) -> u8 {
                 let _ = writeln!(
                     out,
                     "{:>6}  {:<11}  {:<24}  {why}",
-                    r["run_id"],
+                    r["run_id"].to_string(),
                     r["state"].as_str().unwrap_or("-"),
                     r["name"].as_str().unwrap_or("-"),
                 );
@@ -573,6 +602,16 @@ fn print_response(args: &ClientArgs, response: Response) -> u8 {
         Response::Tools { tools } => {
             drop(out);
             print_tools(tools, args.json);
+            Ok(exit::OK)
+        }
+        Response::Top { view } => {
+            if args.json {
+                let _ = writeln!(out, "{view}");
+            } else {
+                for line in uet::top::frame(&view, 200) {
+                    let _ = writeln!(out, "{line}");
+                }
+            }
             Ok(exit::OK)
         }
         Response::Metrics { text } => {

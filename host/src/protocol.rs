@@ -70,6 +70,8 @@ pub enum Request {
     Tools,
     /// The Prometheus text exposition of `uet metrics`.
     Metrics,
+    /// Everything `uet top` draws: status, runs in flight with progress, tools and breakers.
+    Top,
     /// Delete finished runs older than `older_than_ms` or beyond the newest `keep`.
     Prune {
         /// Age limit, in milliseconds.
@@ -118,6 +120,11 @@ pub enum Response {
     Tools {
         /// The tools.
         tools: Vec<serde_json::Value>,
+    },
+    /// The answer to [`Request::Top`]: `{status, runs, queued, tools}`.
+    Top {
+        /// The view.
+        view: serde_json::Value,
     },
     /// The answer to [`Request::Metrics`].
     Metrics {

@@ -11,4 +11,5 @@ mod resilience;
 mod run;
 mod standing;
 mod state;
+mod terminal;
 mod validate;
