@@ -612,15 +612,6 @@ impl<'a> Scheduler<'a> {
             Some((name, _)) => self.tools.by_name(name),
             None => route(self.tools, &step.target).ok(),
         };
-        if let (Some((_, probe)), Some(t)) = (&ran, tool)
-            && let Some(transition) = self.breakers.settle(t, *probe, end.outcome, now_millis())
-        {
-            self.changes.push(Change::Breaker {
-                run: self.run,
-                step: Some(id.clone()),
-                transition,
-            });
-        }
         let retries = step.retries.or(tool.and_then(|t| t.retries)).unwrap_or(0);
         let policy: RetryPolicy = step.retry.or(tool.map(|t| t.retry)).unwrap_or_default();
         let will_retry = end.outcome != Outcome::Succeeded
@@ -640,6 +631,16 @@ impl<'a> Scheduler<'a> {
             stderr: end.stderr,
             retry_at,
         });
+        // the attempt's end is logged first, then what it did to its tool's breaker
+        if let (Some((_, probe)), Some(t)) = (&ran, tool)
+            && let Some(transition) = self.breakers.settle(t, *probe, end.outcome, now_millis())
+        {
+            self.changes.push(Change::Breaker {
+                run: self.run,
+                step: Some(id.clone()),
+                transition,
+            });
+        }
         match end.outcome {
             Outcome::Succeeded => {
                 let output = end.output.unwrap_or(serde_json::Value::Null);

@@ -906,6 +906,17 @@ async fn live_progress(
     });
     let mut running: std::collections::BTreeSet<String> = Default::default();
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    let mut eta = String::from("eta …");
+    // the bar's message: the ETA (refreshed on the tick) and the steps running (at once)
+    let message = |eta: &str, running: &std::collections::BTreeSet<String>| {
+        let names: Vec<&str> = running.iter().map(String::as_str).take(4).collect();
+        let more = running.len().saturating_sub(names.len());
+        let mut msg = format!("{eta} · running: {}", names.join(", "));
+        if more > 0 {
+            msg.push_str(&format!(" +{more}"));
+        }
+        msg
+    };
     loop {
         tokio::select! {
             notice = notices.recv() => {
@@ -925,22 +936,19 @@ async fn live_progress(
                     (None, Some(line)) => eprintln!("{line}"),
                     _ => {}
                 }
+                if let Some(bar) = &bar {
+                    bar.set_message(message(&eta, &running));
+                }
             }
             _ = tick.tick(), if bar.is_some() => {
+                eta = uet::progress::load(store, run)
+                    .ok()
+                    .flatten()
+                    .and_then(|p| p.eta_seconds)
+                    .map(|e| format!("eta {e:.1}s"))
+                    .unwrap_or_else(|| "eta unknown".into());
                 if let Some(bar) = &bar {
-                    let eta = uet::progress::load(store, run)
-                        .ok()
-                        .flatten()
-                        .and_then(|p| p.eta_seconds)
-                        .map(|e| format!("eta {e:.1}s"))
-                        .unwrap_or_else(|| "eta unknown".into());
-                    let names: Vec<&str> = running.iter().map(String::as_str).take(4).collect();
-                    let more = running.len().saturating_sub(names.len());
-                    let mut msg = format!("{eta} · running: {}", names.join(", "));
-                    if more > 0 {
-                        msg.push_str(&format!(" +{more}"));
-                    }
-                    bar.set_message(msg);
+                    bar.set_message(message(&eta, &running));
                 }
             }
         }
