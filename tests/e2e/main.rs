@@ -12,4 +12,5 @@ mod run;
 mod standing;
 mod state;
 mod terminal;
+mod torture;
 mod validate;
