@@ -50,7 +50,7 @@ fn kill_9_at_random_moments_loses_nothing_and_repeats_no_success() {
     let seed: u64 = std::env::var("UET_TORTURE_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| rand::random());
+        .unwrap_or_else(rand::random);
     eprintln!("torture: {rounds} rounds, UET_TORTURE_SEED={seed}");
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     let env = Env::new();
