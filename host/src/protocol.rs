@@ -202,6 +202,27 @@ pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     Ok(())
 }
 
+/// Decodes the first frame held whole in `buf`: the message and the bytes it took, `None` when
+/// `buf` holds less than a whole frame. The same checks as [`read_frame`], for callers (and
+/// fuzzers) that have bytes in hand.
+pub fn decode_frame<T: for<'de> Deserialize<'de>>(
+    buf: &[u8],
+) -> Result<Option<(T, usize)>, FrameError> {
+    let Some(head) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let Some(body) = buf.get(4..4 + len) else {
+        return Ok(None);
+    };
+    serde_json::from_slice(body)
+        .map(|m| Some((m, 4 + len)))
+        .map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
 /// Reads one frame; `None` at a clean end of the connection.
 pub async fn read_frame<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
     r: &mut R,

@@ -314,6 +314,18 @@ fn read_tool(
     if name.is_none() && f.node("name").is_none() {
         src.error(&node.span, format!("tools[{index}]: missing `name`"));
     }
+    // steps, logs and metrics labels name tools: keep names plain
+    if let Some((n, span)) = &name
+        && (n.is_empty()
+            || !n
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        src.error(
+            span,
+            format!("tools[{index}]: name {n:?} must be letters, digits, `-`, `_` or `.`"),
+        );
+    }
     let label = crate::workflow::label_of(node, "tool", index);
     f.ignore("description");
     let command = f.strings(src, "command");
@@ -552,6 +564,29 @@ name = "b"
         assert!(
             text.contains("tools.toml:10:1: tool `b`: unknown key `colour`"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn tool_names_are_plain_and_not_empty() {
+        // found by the tools fuzzer: an empty name was accepted
+        let bad = Tools::parse(
+            Path::new("tools.toml"),
+            b"[[tools]]\nname = \"\"\ncommand = [\"true\"]\n[[tools]]\nname = \"a\\nb\"\ncommand = [\"true\"]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            bad.contains("tools.toml:2:8: tools[0]: name \"\" must be"),
+            "{bad}"
+        );
+        assert!(bad.contains("tools[1]: name \"a\\nb\""), "{bad}");
+        assert!(
+            Tools::parse(
+                Path::new("t.toml"),
+                b"[[tools]]\nname = \"lint-md_2.x\"\ncommand = [\"true\"]\n"
+            )
+            .is_ok()
         );
     }
 
