@@ -25,3 +25,23 @@ echo "== tests"
 # release: the tests drive the real binary, and plugin compilation by a debug-built Cranelift
 # would dominate their time
 cargo test --workspace --release --locked
+echo "== fuzz smoke"
+# each fuzz target for a short while from its kept corpus (a copy: new finds stay out of the
+# repo); `cargo +nightly fuzz run TARGET fuzz/corpus/TARGET` is the long form
+rustup toolchain install nightly --profile minimal >/dev/null 2>&1 || true
+command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+smoke=$(mktemp -d)
+trap 'rm -rf "$smoke"' EXIT
+(
+  cd fuzz
+  cargo +nightly fuzz build -O --sanitizer none
+  for target in workflow tools protocol; do
+    cp -r "corpus/$target" "$smoke/$target"
+    cargo +nightly fuzz run -O --sanitizer none "$target" "$smoke/$target" -- \
+      -max_total_time="${FUZZ_SECONDS:-20}" -print_final_stats=1 2>&1 | grep -E "^(stat::number_of_executed_units|Done)|panicked|ERROR" || true
+    # a crash leaves an artifact and fails the run
+    if ls "artifacts/$target"/crash-* >/dev/null 2>&1; then
+      echo "fuzz target $target crashed: see fuzz/artifacts/$target"; exit 1
+    fi
+  done
+)
