@@ -837,7 +837,12 @@ fn cmd_run(
         )
         .context("cannot record the run")?;
 
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    // one thread drives the run: the work is in the children and in plugin threads, and
+    // handing each step between worker threads cost more than it gave (see PERFORMANCE.md)
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     let final_state = runtime.block_on(async {
         let cancel = CancellationToken::new();
         let on_signal = cancel.clone();

@@ -481,9 +481,27 @@ fn resolve_program(program: &str, base: &Path) -> String {
     let p = Path::new(program);
     if program.contains('/') && p.is_relative() && !program.contains('{') {
         base.join(p).to_string_lossy().into_owned()
+    } else if !program.contains('/') && !program.contains('{') {
+        // looked up in PATH once, here, rather than by every spawn trying each PATH folder
+        // in turn (a failed exec per folder); a program not found yet stays a bare name
+        search_path(program).unwrap_or_else(|| program.to_string())
     } else {
         program.to_string()
     }
+}
+
+/// The first executable file named `program` in a folder of `PATH`.
+fn search_path(program: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .filter(|dir| dir.is_absolute())
+        .map(|dir| dir.join(program))
+        .find(|file| {
+            std::fs::metadata(file)
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+        .map(|file| file.to_string_lossy().into_owned())
 }
 
 #[cfg(test)]
