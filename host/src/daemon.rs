@@ -31,6 +31,10 @@ const CLAIMED: &str = ".uet/claimed";
 /// quarantined as a suspected cause instead of being resumed again.
 const CRASH_LIMIT: u32 = 2;
 
+/// Events per frame of a followed stream: an event's detail is a line or two, so a thousand
+/// stay far below [`protocol::MAX_FRAME`] however long the backlog is.
+const EVENTS_PER_FRAME: usize = 1000;
+
 /// How often a watched folder that was deleted is looked for, until it is back.
 const REAPPEAR_POLL: Duration = Duration::from_millis(250);
 
@@ -189,13 +193,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let runs = shared.store.runs()?;
     for run in &runs {
         match run.state {
-            RunState::Pending => resume(&shared, run.id),
+            RunState::Pending => resume(&shared, run.id, false),
             // still running in the state: the last daemon did not stop cleanly
             RunState::Running => recover(&shared, run),
             _ => {}
         }
     }
-    tokio::spawn(standing_loop(shared.clone(), standing_rx, runs));
+    // read again: recovery may have quarantined some, which then hold no standing workflow up
+    let unfinished: Vec<_> = shared
+        .store
+        .runs()?
+        .into_iter()
+        .filter(|r| !r.state.is_terminal())
+        .collect();
+    tokio::spawn(standing_loop(shared.clone(), standing_rx, unfinished));
     for dir in &watch {
         recover_claims(&shared, dir);
         watch_inbox(&shared, dir)?;
@@ -255,32 +266,65 @@ fn recover(shared: &Arc<Shared>, run: &crate::model::RunRecord) {
             shared.store.apply(&changes)
         })
     } else {
-        shared.store.apply(&[Change::Recovered { run: run.id }])
+        Ok(())
     };
     match result {
         Ok(()) if run.crashes + 1 >= CRASH_LIMIT => {
             tracing::warn!(run = run.id, "quarantined after repeated unclean stops")
         }
-        Ok(()) => resume(shared, run.id),
+        // the crash is counted once the run is driven again, not while it waits for a slot:
+        // a run that never got to run after a crash is no suspect
+        Ok(()) => resume(shared, run.id, true),
         Err(e) => tracing::error!(run = run.id, "cannot recover: {e}"),
     }
 }
 
 /// Binds the socket in a folder only its owner can enter; a socket left by a crashed daemon is
-/// replaced, one a live daemon answers on is not.
+/// replaced, one a live process answers on is not.
 async fn bind(path: &Path) -> anyhow::Result<interprocess::local_socket::tokio::Listener> {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    if path.exists() {
-        if protocol::Client::connect(path).await.is_ok() {
-            anyhow::bail!("a uet daemon already answers on {}", path.display());
+    if dir.is_dir() {
+        // an existing folder is someone's: never loosen or tighten it, only check it
+        let meta = std::fs::metadata(dir)?;
+        // SAFETY: getuid has no preconditions and cannot fail
+        let uid = unsafe { libc::getuid() };
+        if meta.uid() != uid || meta.mode() & 0o077 != 0 {
+            anyhow::bail!(
+                "the socket's folder {} has mode {:o} and owner {}: the control socket must be                  in a folder only you can enter (mode 0700, yours); choose another --socket, or                  a folder that does not exist yet (uet creates it so)",
+                dir.display(),
+                meta.mode() & 0o7777,
+                meta.uid()
+            );
         }
-        std::fs::remove_file(path)?;
+    } else {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        // the mode given is masked by the umask: make sure of it
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    if path.exists() {
+        match protocol::Client::connect(path).await {
+            Ok(_) => anyhow::bail!("a uet daemon already answers on {}", path.display()),
+            // nobody listens: a crashed daemon's leftover
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) =>
+            {
+                std::fs::remove_file(path)?
+            }
+            Err(e) => anyhow::bail!(
+                "something answers on {} but not as this uet daemon ({e}); it was left alone",
+                path.display()
+            ),
+        }
     }
     let listener = interprocess::local_socket::ListenerOptions::new()
         .name(protocol::socket_name(path)?)
@@ -357,14 +401,26 @@ fn watch_inbox(shared: &Arc<Shared>, dir: &Path) -> anyhow::Result<()> {
         false,
         shared.config.poll,
         move |event: notify::Event| {
+            // the kernel's queue overflowed: events were lost, so look at everything again
+            if event.need_rescan() {
+                for entry in std::fs::read_dir(&folder).into_iter().flatten().flatten() {
+                    let _ = tx.send(Inbox::Path(entry.path(), false));
+                }
+            }
             let renamed_in = matches!(
                 event.kind,
                 EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
             );
+            // the folder itself removed or moved away: even if one of the same name is already
+            // back (a quick `rm -r` and `mkdir`), this watch is on the old one
+            let self_gone = matches!(
+                event.kind,
+                EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+            );
             // for a rename pair the destination is the last path
             let count = event.paths.len();
             for (i, path) in event.paths.into_iter().enumerate() {
-                if path == folder && !folder.is_dir() {
+                if path == folder && (self_gone || !folder.is_dir()) {
                     let _ = tx.send(Inbox::Gone(folder.clone()));
                 } else {
                     let _ = tx.send(Inbox::Path(path, renamed_in && i + 1 == count));
@@ -414,10 +470,14 @@ async fn await_folder(shared: Arc<Shared>, dir: PathBuf) {
         watchers.remove(&(dir.clone(), true)).is_some()
     };
     tracing::warn!(folder = %dir.display(), "watched folder is gone; waiting for it to come back");
+    let mut first = true;
     loop {
-        tokio::select! {
-            _ = tokio::time::sleep(REAPPEAR_POLL) => {}
-            _ = shared.shutdown.cancelled() => return,
+        // a folder already back is watched again at once
+        if !std::mem::take(&mut first) || !dir.is_dir() {
+            tokio::select! {
+                _ = tokio::time::sleep(REAPPEAR_POLL) => {}
+                _ = shared.shutdown.cancelled() => return,
+            }
         }
         if !dir.is_dir() {
             continue;
@@ -466,7 +526,7 @@ async fn inbox(shared: Arc<Shared>, mut messages: mpsc::UnboundedReceiver<Inbox>
         let (path, complete) = match message {
             Inbox::Gone(dir) => {
                 // one waiter per folder, however many events said so
-                if !dir.is_dir() && gone.insert(dir.clone()) {
+                if gone.insert(dir.clone()) {
                     let shared = shared.clone();
                     let (tx, dir2) = (shared.inbox.clone(), dir.clone());
                     tokio::spawn(async move {
@@ -608,7 +668,7 @@ fn process_claim(
                 Ok(run) => {
                     let _ = std::fs::remove_file(claimed);
                     tracing::info!(run, file = %shown.display(), "submission accepted");
-                    start(shared, run, plan, dir.to_path_buf(), tools);
+                    start(shared, run, plan, dir.to_path_buf(), tools, false);
                     Ok(run)
                 }
                 Err(e) => {
@@ -701,8 +761,9 @@ fn record(
     Ok(run)
 }
 
-/// Resumes a run recorded by an earlier daemon.
-fn resume(shared: &Arc<Shared>, run: RunId) {
+/// Resumes a run recorded by an earlier daemon; `recovered` when that daemon did not stop
+/// cleanly while the run was in flight.
+fn resume(shared: &Arc<Shared>, run: RunId, recovered: bool) {
     let load = || -> anyhow::Result<(Plan, PathBuf, Tools)> {
         let record = shared
             .store
@@ -714,26 +775,50 @@ fn resume(shared: &Arc<Shared>, run: RunId) {
         Ok((plan, workstream, tools))
     };
     match load() {
-        Ok((plan, workstream, tools)) => start(shared, run, plan, workstream, tools),
+        Ok((plan, workstream, tools)) => start(shared, run, plan, workstream, tools, recovered),
         Err(e) => tracing::error!(run, "cannot resume: {e:#}"),
     }
 }
 
-/// Drives a run on its own task once a slot is free.
-fn start(shared: &Arc<Shared>, run: RunId, plan: Plan, workstream: PathBuf, tools: Tools) {
+/// Drives a run on its own task once a slot is free. `recovered`: it was in flight during an
+/// unclean stop, which counts toward its quarantine once it runs again.
+fn start(
+    shared: &Arc<Shared>,
+    run: RunId,
+    plan: Plan,
+    workstream: PathBuf,
+    tools: Tools,
+    recovered: bool,
+) {
     let cancel = CancellationToken::new();
     lock(&shared.active).insert(run, cancel.clone());
     let shared = shared.clone();
     tokio::spawn(async move {
         let permit = tokio::select! {
-            p = shared.slots.acquire() => p.ok(),
-            _ = cancel.cancelled() => None,
+            // a stop wins over a slot freed at the same moment: no run starts after it
+            biased;
             // still pending: it simply waits for the next start
             _ = shared.shutdown.cancelled() => {
                 lock(&shared.active).remove(&run);
                 return;
             }
+            _ = cancel.cancelled() => None,
+            p = shared.slots.acquire() => p.ok(),
         };
+        if permit.is_some() && recovered {
+            let counted = {
+                let shared = shared.clone();
+                tokio::task::spawn_blocking(move || {
+                    shared.store.apply(&[Change::Recovered { run }])
+                })
+                .await
+            };
+            if !matches!(counted, Ok(Ok(()))) {
+                tracing::error!(run, "cannot record its recovery; left for the next start");
+                lock(&shared.active).remove(&run);
+                return;
+            }
+        }
         let result = if permit.is_some() {
             let spec = RunSpec {
                 run,
@@ -1058,6 +1143,7 @@ fn fire(shared: &Arc<Shared>, entry: &mut Standing, what: &str) {
                 entry.plan.clone(),
                 entry.workstream.clone(),
                 tools,
+                false,
             );
         }
         Err(e) => tracing::error!(workflow = entry.plan.name, "cannot record its run: {e}"),
@@ -1123,8 +1209,23 @@ async fn client(shared: Arc<Shared>, mut conn: interprocess::local_socket::tokio
                     })
             }
         };
-        if protocol::write_frame(&mut conn, &response).await.is_err() {
-            return;
+        match protocol::write_frame(&mut conn, &response).await {
+            Ok(()) => {}
+            // an answer too big for one frame: say so, and keep serving this client
+            Err(protocol::FrameError::TooLarge(n)) => {
+                let reply = Response::Error {
+                    message: format!(
+                        "the answer is {n} bytes, over the {} MiB frame limit: ask for less \
+                         (`uet runs --limit N`, `uet events RUN`)",
+                        protocol::MAX_FRAME >> 20
+                    ),
+                    invalid: false,
+                };
+                if protocol::write_frame(&mut conn, &reply).await.is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
         }
     }
 }
@@ -1181,13 +1282,24 @@ async fn follow_events(
                 return;
             }
         };
-        // always answer once, so a client sees the stream has begun
-        if (!started || !batch.is_empty())
-            && protocol::write_frame(conn, &Response::Events { events: batch })
+        // always answer once, so a client sees the stream has begun; a long backlog goes in
+        // several frames, each well under the frame limit
+        if !started && batch.is_empty() {
+            if protocol::write_frame(conn, &Response::Events { events: batch })
                 .await
                 .is_err()
-        {
-            return;
+            {
+                return;
+            }
+        } else {
+            for chunk in batch.chunks(EVENTS_PER_FRAME) {
+                let frame = Response::Events {
+                    events: chunk.to_vec(),
+                };
+                if protocol::write_frame(conn, &frame).await.is_err() {
+                    return;
+                }
+            }
         }
         started = true;
         if let Some(message) = ended {
@@ -1243,7 +1355,9 @@ fn answer(shared: &Arc<Shared>, request: Request) -> Response {
             Ok(status) => Response::Status(status),
             Err(e) => fail(e.to_string()),
         },
-        Request::Runs => match shared.store.runs() {
+        Request::Runs { limit } => match limit
+            .map_or_else(|| shared.store.runs(), |n| shared.store.latest_runs(n))
+        {
             Ok(runs) => Response::Runs {
                 runs: runs
                     .into_iter()
@@ -1373,7 +1487,7 @@ fn submit(shared: &Arc<Shared>, path: &Path) -> Response {
     match checked {
         Ok((plan, tools)) => match record(shared, &plan, path, &dir, None, "submitted") {
             Ok(run) => {
-                start(shared, run, plan, dir, tools);
+                start(shared, run, plan, dir, tools, false);
                 Response::Submitted { run }
             }
             Err(e) => Response::Error {
@@ -1434,7 +1548,7 @@ fn requeue(shared: &Arc<Shared>, run: RunId, release: bool) -> Response {
     let changes = engine::requeue_unfinished(&shared.store, run, reason);
     match changes.and_then(|c| shared.store.apply(&c)) {
         Ok(()) => {
-            resume(shared, run);
+            resume(shared, run, false);
             Response::Done {
                 message: format!("run {run} is pending again"),
             }

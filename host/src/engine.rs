@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::breaker::{Admission, Breakers};
+use crate::breaker::{Admission, Breakers, Phase};
 use crate::model::{Millis, Outcome, RunId, RunState, StepState, now_millis};
 use crate::process::{CommandSpec, Exit, run_command};
 use crate::store::{Change, StateError, Store};
@@ -114,6 +114,10 @@ struct AttemptEnd {
     output: Option<serde_json::Value>,
     error: Option<String>,
     retryable: bool,
+    /// The failure is the input's, not the tool's (its argv could not be built, or the tool
+    /// answered that no retry can help): it says nothing about the tool's health, so its
+    /// breaker does not count it.
+    input_fault: bool,
     stdout: String,
     stderr: String,
 }
@@ -162,7 +166,7 @@ struct Scheduler<'a> {
     /// Per step: the tool its attempt in flight runs on, and whether it is a breaker's probe.
     in_flight: Vec<Option<(String, bool)>>,
     /// Ready steps whose tools' breakers all said wait, with those tools' names.
-    blocked: Vec<(usize, String)>,
+    blocked: Vec<(usize, Vec<String>)>,
     /// When the earliest probe among the blocked steps' tools is due.
     wake_at: Option<Millis>,
     /// Set when the run should end quarantined rather than failed.
@@ -294,6 +298,18 @@ impl<'a> Scheduler<'a> {
         let mut grace_end: Option<tokio::time::Instant> = None;
 
         loop {
+            // a cancel wakes the steps in backoff too: whichever the loop hears first, no step
+            // starts after it
+            if stop.is_none() && cancel.is_cancelled() {
+                stop = Some((RunState::Canceled, "canceled on request".into()));
+                attempts_cancel.cancel();
+            }
+            // a stop that came before this run got going starts nothing
+            if stop.is_none() && pause_token.is_cancelled() {
+                stop = Some((RunState::Pending, PAUSED.into()));
+                let grace = pause.as_ref().map(|p| p.grace).unwrap_or_default();
+                grace_end = Some(tokio::time::Instant::now() + grace);
+            }
             if stop.is_none() {
                 self.start_ready(&tx, &attempts_cancel)?;
             } else {
@@ -329,10 +345,20 @@ impl<'a> Scheduler<'a> {
                 }
                 _ = sleep_until(deadline), if stop.is_none() => {
                     let limit = humantime::format_duration(self.plan.timeout.unwrap_or_default());
-                    stop = Some(match self.blocked.first() {
+                    // a step may wait only for room on a healthy tool: that is a slow run,
+                    // not a failing tool
+                    let open = self.blocked.iter().find_map(|(_, tools)| {
+                        let open: Vec<&str> = tools
+                            .iter()
+                            .filter(|t| self.breakers.get(t).is_some_and(|b| b.phase != Phase::Closed))
+                            .map(String::as_str)
+                            .collect();
+                        (!open.is_empty()).then(|| open.join("`, `"))
+                    });
+                    stop = Some(match open {
                         // the run could not go on because a tool kept failing: hold it for a
                         // person instead of calling it failed
-                        Some((_, tools)) => (
+                        Some(tools) => (
                             RunState::Quarantined,
                             format!("the circuit breaker of `{tools}` stayed open past the run's deadline ({limit})"),
                         ),
@@ -450,7 +476,17 @@ impl<'a> Scheduler<'a> {
             self.running += 1;
             launches.push((i, number, prepared));
         }
-        self.commit()?;
+        if let Err(e) = self.commit() {
+            // the attempts never start: give back what their breakers lent them, or the tools
+            // would stay short of room (or wait on a probe that never ends) for every run
+            for (_, _, prepared) in &launches {
+                if let Ok((tool, _, probe)) = prepared {
+                    self.breakers
+                        .settle(tool, *probe, Outcome::Interrupted, now_millis());
+                }
+            }
+            return Err(e);
+        }
         for (index, number, prepared) in launches {
             let tx = tx.clone();
             let cancel = cancel.child_token();
@@ -463,6 +499,7 @@ impl<'a> Scheduler<'a> {
                         output: None,
                         error: Some(error),
                         retryable: false,
+                        input_fault: true,
                         stdout: String::new(),
                         stderr: String::new(),
                     }));
@@ -517,8 +554,8 @@ impl<'a> Scheduler<'a> {
                 }
             }
         }
-        let names: Vec<&str> = tools.iter().map(|t| t.name.as_str()).collect();
-        self.blocked.push((i, names.join("`, `")));
+        self.blocked
+            .push((i, tools.iter().map(|t| t.name.clone()).collect()));
         if let Some(at) = due {
             self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
         }
@@ -632,8 +669,14 @@ impl<'a> Scheduler<'a> {
             retry_at,
         });
         // the attempt's end is logged first, then what it did to its tool's breaker
+        // an input the tool cannot take is neither a success nor a failure of the tool
+        let verdict = if end.input_fault {
+            Outcome::Interrupted
+        } else {
+            end.outcome
+        };
         if let (Some((_, probe)), Some(t)) = (&ran, tool)
-            && let Some(transition) = self.breakers.settle(t, *probe, end.outcome, now_millis())
+            && let Some(transition) = self.breakers.settle(t, *probe, verdict, now_millis())
         {
             self.changes.push(Change::Breaker {
                 run: self.run,
@@ -906,6 +949,7 @@ async fn run_attempt(
         output: None,
         error: None,
         retryable: false,
+        input_fault: false,
         stdout: String::new(),
         stderr: String::new(),
     };
@@ -926,6 +970,7 @@ async fn run_attempt(
                 Ok(argv) => argv,
                 Err(e) => {
                     end.error = Some(format!("tool `{}`: {}", tool.name, e.0));
+                    end.input_fault = true;
                     return end;
                 }
             };
@@ -975,6 +1020,7 @@ async fn run_attempt(
                 Exit::Code(code) => {
                     end.outcome = Outcome::Failed;
                     end.retryable = tool.exit_codes.is_retryable(code);
+                    end.input_fault = !end.retryable;
                     end.error = Some(with_stderr(format!("exited with code {code}")));
                 }
                 Exit::Signal(sig) => {
@@ -1060,6 +1106,7 @@ async fn run_plugin(
         WasmOutcome::Failed { message, retryable } => {
             end.outcome = Outcome::Failed;
             end.retryable = retryable;
+            end.input_fault = !retryable;
             end.error = Some(message);
         }
         WasmOutcome::TimedOut => {

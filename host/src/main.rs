@@ -86,8 +86,17 @@ enum Command {
     },
     /// The daemon's state in brief.
     Status(ClientArgs),
-    /// List the daemon's runs.
-    Runs(ClientArgs),
+    /// List the daemon's runs: the latest 1,000, oldest first.
+    Runs {
+        /// How many of the latest runs.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Every run, however many.
+        #[arg(long, conflicts_with = "limit")]
+        all: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Show a run and its steps.
     Show {
         /// The run.
@@ -258,7 +267,16 @@ fn main() -> ExitCode {
             socket,
         } => cmd_daemon(config, tools, watch, state, socket),
         Command::Status(c) => client(&c, Request::Status),
-        Command::Runs(c) => client(&c, Request::Runs),
+        Command::Runs {
+            limit,
+            all,
+            client: c,
+        } => client(
+            &c,
+            Request::Runs {
+                limit: (!all).then_some(limit),
+            },
+        ),
         Command::Show { run, client: c } => client(&c, Request::Show { run }),
         Command::Submit { file, client: c } => match std::path::absolute(&file) {
             Ok(path) => client(&c, Request::Submit { path }),
@@ -461,7 +479,14 @@ fn client_quiet(args: &ClientArgs, request: Request, quiet: bool) -> Result<u8, 
         let mut client = match Client::connect(&socket).await {
             Ok(c) => c,
             Err(e) => {
-                if !quiet {
+                if quiet {
+                    // the caller says what it does without a daemon
+                } else if e.kind() == std::io::ErrorKind::InvalidData {
+                    eprintln!(
+                        "uet: the daemon on {} does not speak this uet's protocol ({e}); use the uet that started it, or restart the daemon with this one",
+                        socket.display()
+                    );
+                } else {
                     eprintln!(
                         "uet: no uet daemon answers on {} ({e}); start one with `uet daemon --watch DIR`, or point --socket / UET_SOCKET at it",
                         socket.display()

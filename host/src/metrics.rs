@@ -219,9 +219,11 @@ pub async fn serve_http(
             let line = String::from_utf8_lossy(&head);
             let target = line.split_whitespace().take(2).collect::<Vec<_>>();
             let (status, kind, body) = match target.as_slice() {
-                ["GET", "/metrics"] => match render() {
-                    Ok(text) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", text),
-                    Err(e) => ("500 Internal Server Error", "text/plain", e),
+                // rendering reads the state: off the async threads that serve the socket
+                ["GET", "/metrics"] => match tokio::task::spawn_blocking(move || render()).await {
+                    Ok(Ok(text)) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", text),
+                    Ok(Err(e)) => ("500 Internal Server Error", "text/plain", e),
+                    Err(e) => ("500 Internal Server Error", "text/plain", e.to_string()),
                 },
                 _ => (
                     "404 Not Found",

@@ -223,6 +223,10 @@ pub struct StepRecord {
     /// How far its running attempt is, as its plugin last reported (0.0 to 1.0).
     #[serde(default)]
     pub progress: Option<f32>,
+    /// When its latest attempt started: what the running attempt has had so far is measured
+    /// from here, not from the first attempt (earlier tries, backoffs and downtime are not its).
+    #[serde(default)]
+    pub attempt_started_at: Option<Millis>,
 }
 
 /// One try of a step.

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use serde::Serialize;
 
-use crate::model::{Millis, RunId, RunRecord, StepRecord, StepState, now_millis};
+use crate::model::{Millis, RunId, RunRecord, RunState, StepRecord, StepState, now_millis};
 use crate::store::{StateError, Store};
 use crate::workflow::{Plan, Target};
 
@@ -101,7 +101,7 @@ pub fn estimate(
             StepState::Running => {
                 let r = record(i);
                 let ran = r
-                    .and_then(|r| r.started_at)
+                    .and_then(|r| r.attempt_started_at.or(r.started_at))
                     .map(|s| now.saturating_sub(s))
                     .unwrap_or(0);
                 match r.and_then(|r| r.progress).filter(|f| *f > 0.0) {
@@ -125,7 +125,10 @@ pub fn estimate(
             },
         };
     }
-    let eta_seconds = if run.state.is_terminal() {
+    let eta_seconds = if run.state == RunState::Quarantined {
+        // held for a person: it ends when someone releases it, not by any estimate
+        None
+    } else if run.state.is_terminal() {
         Some(0.0)
     } else if !known {
         None
@@ -292,16 +295,33 @@ mod tests {
             started_at: Some(1000),
             finished_at: None,
             progress,
+            attempt_started_at: None,
         };
         // a has run 1 s of its 4 s median: 3 s left, then b's 1 s
         let steps = [step("a", StepState::Running, None)];
         let p = estimate(&run(RunState::Running), &chain, &steps, &medians(), 2000);
         assert_eq!(p.eta_seconds, Some(4.0));
-        // its plugin says it is a quarter done after 1 s: 3 s more, and a quarter of a step
-        let steps = [step("a", StepState::Running, Some(0.25))];
+        // its plugin says it is half done after 1 s: 1 s more (not the 3 s its median says),
+        // then b's 1 s; and half a step of two is done
+        let steps = [step("a", StepState::Running, Some(0.5))];
         let p = estimate(&run(RunState::Running), &chain, &steps, &medians(), 2000);
-        assert_eq!(p.eta_seconds, Some(4.0));
-        assert_eq!(p.percent, 12.5);
+        assert_eq!(p.eta_seconds, Some(2.0));
+        assert_eq!(p.percent, 25.0);
+        // a second attempt started at 1.5 s has had 0.5 s, whatever the first one took
+        let mut retried = step("a", StepState::Running, None);
+        retried.attempts = 2;
+        retried.attempt_started_at = Some(1500);
+        let p = estimate(
+            &run(RunState::Running),
+            &chain,
+            &[retried],
+            &medians(),
+            2000,
+        );
+        assert_eq!(p.eta_seconds, Some(4.5));
+        // a quarantined run waits for a person: no estimate
+        let p = estimate(&run(RunState::Quarantined), &chain, &[], &medians(), 2000);
+        assert_eq!(p.eta_seconds, None);
         let p = estimate(&run(RunState::Running), &chain, &[], &HashMap::new(), 0);
         assert_eq!(p.eta_seconds, None);
         assert_eq!(bar(40.0, 10), "[####------] 40%");

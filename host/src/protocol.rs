@@ -30,8 +30,12 @@ pub enum Request {
     },
     /// The daemon's state in brief; its shape never changes (fields are only added).
     Status,
-    /// Every run, oldest first.
-    Runs,
+    /// The latest runs (all of them without a `limit`), oldest first.
+    Runs {
+        /// At most this many, the newest.
+        #[serde(default)]
+        limit: Option<usize>,
+    },
     /// One run with its steps.
     Show {
         /// The run.
@@ -267,7 +271,9 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects and exchanges versions.
+    /// Connects and exchanges versions. A peer that accepted the connection but answered the
+    /// hello with anything else is an [`std::io::ErrorKind::InvalidData`] error: something
+    /// lives there, it just does not speak this protocol.
     pub async fn connect(path: &Path) -> std::io::Result<Client> {
         use interprocess::local_socket::tokio::prelude::*;
         let stream = interprocess::local_socket::tokio::Stream::connect(socket_name(path)?).await?;
@@ -277,13 +283,15 @@ impl Client {
                 protocol: PROTOCOL_VERSION,
             })
             .await
-            .map_err(std::io::Error::other)?;
+            .map_err(|e| match e {
+                FrameError::Io(io) => io,
+                other => std::io::Error::new(std::io::ErrorKind::InvalidData, other),
+            })?;
+        let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, m);
         match hello {
             Response::Hello { .. } => Ok(client),
-            Response::Error { message, .. } => Err(std::io::Error::other(message)),
-            other => Err(std::io::Error::other(format!(
-                "unexpected hello: {other:?}"
-            ))),
+            Response::Error { message, .. } => Err(invalid(message)),
+            other => Err(invalid(format!("unexpected hello: {other:?}"))),
         }
     }
 

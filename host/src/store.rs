@@ -457,6 +457,7 @@ impl Store {
                         started_at: None,
                         finished_at: None,
                         progress: None,
+                        attempt_started_at: None,
                     },
                 };
                 steps
@@ -612,6 +613,7 @@ impl Store {
                         row.record.attempts = *number;
                         row.record.tool = Some(tool.clone());
                         row.record.progress = None;
+                        row.record.attempt_started_at = Some(now);
                         steps
                             .insert((run_id, step.as_str()), encode(&row).as_slice())
                             .map_err(storage)?;
@@ -784,6 +786,19 @@ impl Store {
         }
     }
 
+    /// The newest `limit` runs, oldest first: reads only those, however long the history.
+    pub fn latest_runs(&self, limit: usize) -> Result<Vec<RunRecord>, StateError> {
+        let tx = self.db.begin_read().map_err(storage)?;
+        let runs = tx.open_table(RUNS).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in runs.iter().map_err(storage)?.rev().take(limit) {
+            let (k, v) = item.map_err(storage)?;
+            out.push(decode::<RunRow>("runs", &k.value(), v.value())?.record);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
     /// Every run, oldest first.
     pub fn runs(&self) -> Result<Vec<RunRecord>, StateError> {
         let tx = self.db.begin_read().map_err(storage)?;
@@ -887,9 +902,10 @@ impl Store {
     }
 
     /// Deletes finished runs (succeeded, failed, canceled) finished before `before`, and
-    /// beyond the newest `keep` of them, with their plans, steps, attempts and events, in one
-    /// transaction. Pending, running and quarantined runs are never touched. Returns how many
-    /// runs went.
+    /// beyond the newest `keep` of them, with their plans, steps, attempts, events and the
+    /// records of the files that started them, in one transaction. Pending, running and
+    /// quarantined runs are never touched, even one that a retry put back in the queue between
+    /// the choice and the deletion. Returns how many runs went.
     pub fn prune(&self, before: Option<Millis>, keep: Option<usize>) -> Result<usize, StateError> {
         let finished: Vec<(RunId, Millis)> = self
             .runs()?
@@ -913,13 +929,27 @@ impl Store {
             return Ok(0);
         }
         let tx = self.db.begin_write().map_err(storage)?;
+        let mut gone = std::collections::HashSet::new();
         {
             let mut runs = tx.open_table(RUNS).map_err(storage)?;
             let mut plans = tx.open_table(PLANS).map_err(storage)?;
             let mut steps = tx.open_table(STEPS).map_err(storage)?;
             let mut attempts = tx.open_table(ATTEMPTS).map_err(storage)?;
             let mut events = tx.open_table(EVENTS).map_err(storage)?;
+            let mut submissions = tx.open_table(SUBMISSIONS).map_err(storage)?;
             for &run in &doomed {
+                // chosen from a read that may be stale by now: only what is still finished goes
+                let still_finished = match runs.get(run).map_err(storage)? {
+                    Some(v) => matches!(
+                        decode::<RunRow>("runs", &run, v.value())?.record.state,
+                        RunState::Succeeded | RunState::Failed | RunState::Canceled
+                    ),
+                    None => false,
+                };
+                if !still_finished {
+                    continue;
+                }
+                gone.insert(run);
                 runs.remove(run).map_err(storage)?;
                 plans.remove(run).map_err(storage)?;
                 steps
@@ -932,10 +962,19 @@ impl Store {
                     .retain_in((run, 0)..=(run, u64::MAX), |_, _| false)
                     .map_err(storage)?;
             }
+            // a submission's record only matters while its claimed file may still be around
+            submissions
+                .retain(|_, v| {
+                    serde_json::from_slice::<serde_json::Value>(v)
+                        .ok()
+                        .and_then(|r| r["run"].as_u64())
+                        .is_none_or(|run| !gone.contains(&run))
+                })
+                .map_err(storage)?;
         }
         tx.commit().map_err(storage)?;
         self.committed.send_modify(|n| *n += 1);
-        Ok(doomed.len())
+        Ok(gone.len())
     }
 
     /// Every tool's attempt counters.

@@ -146,20 +146,17 @@ impl Default for Breaker {
 /// Exit codes a command tool's entry lists as retryable or fatal.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExitCodes {
-    /// A retry can help (the default for codes listed in neither).
+    /// A retry can help. When the list is given, it is the whole list: other codes are fatal.
     pub retryable: Vec<i32>,
     /// A retry cannot help.
     pub fatal: Vec<i32>,
 }
 
 impl ExitCodes {
-    /// Whether a failure with this exit code is worth another attempt.
+    /// Whether a failure with this exit code is worth another attempt: not when it is listed
+    /// as fatal; when a `retryable` list is given, only when it is on it; else yes.
     pub fn is_retryable(&self, code: i32) -> bool {
-        if self.retryable.contains(&code) {
-            true
-        } else {
-            !self.fatal.contains(&code)
-        }
+        !self.fatal.contains(&code) && (self.retryable.is_empty() || self.retryable.contains(&code))
     }
 }
 
@@ -453,6 +450,25 @@ fn read_tool(
                 }
             }
         }
+        // a code on both lists would mean whatever the reader guesses: say so instead
+        if let Some(node) = codes.node("fatal") {
+            let both: Vec<String> = tool
+                .exit_codes
+                .fatal
+                .iter()
+                .filter(|c| tool.exit_codes.retryable.contains(c))
+                .map(|c| c.to_string())
+                .collect();
+            if !both.is_empty() {
+                src.error(
+                    &node.span,
+                    format!(
+                        "{label}: exit code {} is listed both as retryable and as fatal",
+                        both.join(", ")
+                    ),
+                );
+            }
+        }
         codes.finish(src, &["retryable", "fatal"]);
     }
     f.finish(src, TOOL_KEYS);
@@ -543,6 +559,14 @@ limits = { memory = "64MiB", fuel = 1000 }
         assert_eq!(lint.breaker.unwrap().failures, 3);
         assert!(!lint.exit_codes.is_retryable(2));
         assert!(lint.exit_codes.is_retryable(1));
+        // a retryable list is the whole list
+        let only = ExitCodes {
+            retryable: vec![75],
+            fatal: vec![2],
+        };
+        assert!(only.is_retryable(75));
+        assert!(!only.is_retryable(1));
+        assert!(!only.is_retryable(2));
         let wc = tools.by_name("wc").unwrap();
         assert!(
             matches!(&wc.kind, ToolKind::Wasm { path } if path == Path::new("/ops/plugins/wc.wasm"))
@@ -567,6 +591,7 @@ command = ["x"]
 colour = "red"
 limits = { timeout = "soon" }
 sandbox = { read = ["/etc"] }
+exit_codes = { retryable = [1, 75], fatal = [1] }
 
 [[tools]]
 name = "b"
@@ -579,6 +604,10 @@ name = "b"
         assert!(text.contains("bad duration \"soon\""), "{text}");
         assert!(text.contains("must stay inside the workstream"), "{text}");
         assert!(text.contains("defined twice"), "{text}");
+        assert!(
+            text.contains("exit code 1 is listed both as retryable and as fatal"),
+            "{text}"
+        );
         assert!(
             text.contains("tools.toml:10:1: tool `b`: unknown key `colour`"),
             "{text}"

@@ -332,16 +332,128 @@ fn tools_come_from_the_daemon_and_submit_claims_a_file_in_a_watched_folder() {
     assert!(!path.exists());
 }
 
+/// How many inotify instances a process holds, from its open files.
+fn inotify_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("inotify"))
+        })
+        .count()
+}
+
 #[test]
 fn a_daemon_polling_its_folders_still_runs_drops() {
     let env = Env::new();
     tools(&env);
+    // the kernel's notifications are what a daemon uses by default...
+    let native = Daemon::start(&env);
+    assert!(inotify_fds(native.child.id()) > 0);
+    drop(native);
+    // ...and a polling one has none: the drop is seen by polling alone
     let config = env.ws.parent().unwrap().join("daemon.toml");
     std::fs::write(&config, "poll = \"100ms\"\nsettle = \"100ms\"\n").unwrap();
     let daemon = Daemon::start_with(&env, &["--config", config.to_str().unwrap()]);
+    assert_eq!(inotify_fds(daemon.child.id()), 0);
     drop_file(&env, "hello.toml", GOOD);
     let runs = daemon.wait_for_runs(&env, 1);
     assert_eq!(runs[0]["state"], "succeeded");
+}
+
+#[test]
+fn sigterm_and_sigint_stop_the_daemon_gracefully() {
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let env = Env::new();
+        tools(&env);
+        let config = env.ws.parent().unwrap().join("daemon.toml");
+        std::fs::write(&config, "grace = \"300ms\"\n").unwrap();
+        let mut daemon = Daemon::start_with(&env, &["--config", config.to_str().unwrap()]);
+        drop_file(
+            &env,
+            "long.toml",
+            "name = \"long\"\n[[steps]]\nid = \"nap\"\ntool = \"sleepy\"\nwith = { pidfile = \"pids\" }\n",
+        );
+        wait_until("the step started", || env.ws.join("pids.done").exists());
+        let asked = Instant::now();
+        // SAFETY: a plain kill(2) of our own child
+        unsafe { libc::kill(daemon.child.id() as i32, signal) };
+        let status = daemon.child.wait().unwrap();
+        assert!(status.success(), "signal {signal}: {status:?}");
+        assert!(asked.elapsed() < Duration::from_secs(10));
+        assert!(!daemon.socket.exists(), "the socket file is removed");
+        drop(daemon);
+        let store = uet::store::Store::open(&env.state).unwrap();
+        let run = store.run(1).unwrap().unwrap();
+        assert_eq!(
+            run.state,
+            uet::model::RunState::Pending,
+            "paused, to resume: {run:?}"
+        );
+        for pid in env.read("pids").lines() {
+            assert!(
+                crate::util::gone(pid.trim().parse().unwrap()),
+                "a step's process outlived the stop"
+            );
+        }
+    }
+}
+
+#[test]
+fn a_recovered_run_still_waiting_for_a_slot_at_a_crash_is_not_a_suspect() {
+    let env = Env::new();
+    lifecycle_tools(&env);
+    let config = env.ws.parent().unwrap().join("daemon.toml");
+    let config = config.to_str().unwrap().to_string();
+    std::fs::write(&config, "max_runs = 2\n").unwrap();
+    let mut daemon = Daemon::start_with(&env, &["--config", &config]);
+    for name in ["one", "two"] {
+        drop_file(
+            &env,
+            &format!("{name}.toml"),
+            &format!(
+                "name = \"{name}\"\n[[steps]]\nid = \"{name}\"\ntool = \"stall\"\nwith = {{ name = \"{name}\" }}\n"
+            ),
+        );
+    }
+    wait_until("both runs are in flight", || {
+        count_lines(&env, "ran.log", "one") == 1 && count_lines(&env, "ran.log", "two") == 1
+    });
+    // crash 1; the next daemon has one slot, so one of the two waits without running
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    drop(daemon);
+    std::fs::write(&config, "max_runs = 1\n").unwrap();
+    let mut daemon = Daemon::start_with(&env, &["--config", &config]);
+    wait_until("one run is in flight again", || {
+        count_lines(&env, "ran.log", "one") + count_lines(&env, "ran.log", "two") == 3
+    });
+    let driven = if count_lines(&env, "ran.log", "one") == 2 {
+        "one"
+    } else {
+        "two"
+    };
+    let id_of = |daemon: &Daemon, name: &str| {
+        daemon
+            .runs(&env)
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap()["run_id"]
+            .as_u64()
+            .unwrap()
+    };
+    let driven = id_of(&daemon, driven);
+    // crash 2: only the run that ran through both crashes is suspect
+    daemon.child.kill().unwrap();
+    daemon.child.wait().unwrap();
+    drop(daemon);
+    env.write("open", "");
+    std::fs::write(&config, "max_runs = 2\n").unwrap();
+    let daemon = Daemon::start_with(&env, &["--config", &config]);
+    wait_until("the other run succeeds", || {
+        state_of(&daemon, &env, 3 - driven) == "succeeded"
+    });
+    assert_eq!(state_of(&daemon, &env, driven), "quarantined");
 }
 
 #[test]
@@ -362,6 +474,16 @@ fn a_watched_folder_deleted_and_recreated_is_watched_again() {
     drop_file(&env, "later.toml", &GOOD.replace("hello", "later"));
     let runs = daemon.wait_for_runs(&env, 2);
     assert_eq!(runs.len(), 2);
+
+    // gone and back before the daemon could look: its watch was on the old folder
+    let saved = std::fs::read_to_string(env.ws.join("tools.toml")).unwrap();
+    std::fs::remove_dir_all(&env.ws).unwrap();
+    std::fs::create_dir_all(&env.ws).unwrap();
+    std::fs::write(env.ws.join("tools.toml"), saved).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    drop_file(&env, "quick.toml", &GOOD.replace("hello", "quick"));
+    let runs = daemon.wait_for_runs(&env, 3);
+    assert_eq!(runs.len(), 3);
 }
 
 #[test]

@@ -84,7 +84,12 @@ fn an_always_failing_tool_opens_its_breaker_and_the_run_is_quarantined_at_its_de
     let gap = Duration::from_nanos(times[3] - times[2]);
     assert!(gap >= Duration::from_millis(2450), "probe after {gap:?}");
     let kinds = event_kinds(&env, 1);
-    let pos = |k: &str| kinds.iter().position(|x| x == k).unwrap_or(usize::MAX);
+    let pos = |k: &str| {
+        kinds
+            .iter()
+            .position(|x| x == k)
+            .unwrap_or_else(|| panic!("no {k} event: {kinds:?}"))
+    };
     assert!(
         pos("breaker.opened") < pos("breaker.half_open"),
         "{kinds:?}"
@@ -118,7 +123,12 @@ fn a_flaky_tool_recovers_and_its_breaker_closes() {
     let calls = env.read("flaky.calls").lines().count();
     assert_eq!(calls, 7, "2 failures, then one success per step");
     let kinds = event_kinds(&env, 1);
-    let pos = |k: &str| kinds.iter().position(|x| x == k).unwrap_or(usize::MAX);
+    let pos = |k: &str| {
+        kinds
+            .iter()
+            .position(|x| x == k)
+            .unwrap_or_else(|| panic!("no {k} event: {kinds:?}"))
+    };
     assert!(
         pos("breaker.opened") < pos("breaker.half_open"),
         "{kinds:?}"
@@ -245,4 +255,101 @@ fn a_deadline_ends_a_run_waiting_in_backoff_at_once() {
         first.error.as_deref().unwrap().contains("exit"),
         "{first:?}"
     );
+}
+
+#[test]
+fn a_cancel_ends_a_run_waiting_in_backoff_at_once() {
+    let env = Env::new();
+    breaker_tools(&env, r#"{ failures = 100, cool_down = "1s" }"#);
+    // `bad` fails and its retry is 30 s away; `backup` marks the moment the wait has begun
+    env.write(
+        "wait.toml",
+        "name = \"wait\"\nmax_parallel = 1\n[[steps]]\nid = \"b\"\ntool = \"bad\"\nretries = 5\n\
+         retry = { base = \"30s\", max = \"30s\", jitter = false }\npriority = 1\n\
+         [[steps]]\nid = \"mark\"\ntool = \"backup\"\n",
+    );
+    let started = Instant::now();
+    let (code, out) = env.interrupt_run("wait.toml", "backup.calls");
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(out["state"], "canceled", "{out}");
+    assert_eq!(step(&out, "b")["attempts"], 1, "the retry never came");
+    assert_eq!(calls(&env, "bad.calls").len(), 1);
+}
+
+#[test]
+fn a_cancel_ends_steps_waiting_in_the_ready_queue() {
+    let env = Env::new();
+    env.write(
+        "tools.toml",
+        "[[tools]]\nname = \"slow\"\ncommand = [\"sh\", \"-c\", \"echo x >> slow.calls; sleep 30\"]\n",
+    );
+    // one slot: the first step runs, the others wait in the queue
+    let mut wf = String::from("name = \"queue\"\nmax_parallel = 1\n");
+    for i in 0..5 {
+        wf.push_str(&format!("[[steps]]\nid = \"s{i}\"\ntool = \"slow\"\n"));
+    }
+    env.write("queue.toml", &wf);
+    let started = Instant::now();
+    let (code, out) = env.interrupt_run("queue.toml", "slow.calls");
+    assert_eq!(code, 1, "{out}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(out["state"], "canceled", "{out}");
+    let steps = out["steps"].as_array().unwrap();
+    assert!(steps.iter().all(|s| s["state"] == "canceled"), "{out}");
+    let queued: Vec<_> = steps.iter().filter(|s| s["attempts"] == 0).collect();
+    assert_eq!(queued.len(), 4, "{out}");
+    assert_eq!(env.read("slow.calls").lines().count(), 1);
+}
+
+#[test]
+fn a_slow_healthy_tool_at_the_deadline_fails_the_run_rather_than_quarantining_it() {
+    let env = Env::new();
+    // a breaker that never opens here, but limits how many attempts run at once: the steps
+    // that wait for room are not waiting on a failing tool
+    env.write(
+        "tools.toml",
+        "[[tools]]\nname = \"slow\"\ncommand = [\"sleep\", \"5\"]\n\
+         breaker = { failures = 2, cool_down = \"1s\" }\n",
+    );
+    let mut wf = String::from("name = \"slow\"\ntimeout = \"1s\"\nmax_parallel = 6\n");
+    for i in 0..6 {
+        wf.push_str(&format!("[[steps]]\nid = \"s{i}\"\ntool = \"slow\"\n"));
+    }
+    env.write("slow.toml", &wf);
+    let (run, out) = env.run_json("slow.toml");
+    run.expect(1);
+    assert_eq!(out["state"], "failed", "{out}");
+    assert!(
+        out["reason"].as_str().unwrap().contains("run timed out"),
+        "{out}"
+    );
+}
+
+#[test]
+fn failures_of_the_input_do_not_count_against_the_tool() {
+    let env = Env::new();
+    // exit 2 is listed as fatal: the tool said this input cannot work, not that it is broken
+    env.write(
+        "tools.toml",
+        "[[tools]]\nname = \"picky\"\ncommand = [\"sh\", \"-c\", \"echo x >> picky.calls; exit 2\"]\n\
+         exit_codes = { fatal = [2] }\nretries = 3\nbreaker = { failures = 2, cool_down = \"60s\" }\n",
+    );
+    let mut wf = String::from("name = \"picky\"\nmax_parallel = 1\n");
+    for i in 0..4 {
+        wf.push_str(&format!("[[steps]]\nid = \"s{i}\"\ntool = \"picky\"\n"));
+    }
+    env.write("picky.toml", &wf);
+    let (run, out) = env.run_json("picky.toml");
+    run.expect(1);
+    assert_eq!(out["state"], "failed", "{out}");
+    // no retries (fatal), and every step reached the tool: its breaker never opened
+    assert_eq!(env.read("picky.calls").lines().count(), 4, "{out}");
+    let steps = out["steps"].as_array().unwrap();
+    assert!(steps.iter().all(|s| s["attempts"] == 1), "{out}");
+    assert!(!event_kinds(&env, 1).iter().any(|k| k == "breaker.opened"));
 }

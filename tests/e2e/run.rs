@@ -389,6 +389,8 @@ fn the_summary_is_readable_and_progress_goes_to_stderr() {
         "{}",
         run.describe()
     );
+    // not a terminal: plain lines, no bar drawn with escape codes
+    assert!(!run.stderr().contains('\x1b'), "{}", run.describe());
 }
 
 #[test]

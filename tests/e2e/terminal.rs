@@ -149,6 +149,16 @@ breaker = { failures = 1, cool_down = "10m" }
         tmux.start(&env.ws, &shell);
         let screen = tmux.wait_for(&["uet top", "long-one", "running", "1/2", "slow", "open ("]);
         assert!(screen.contains("broken"), "{screen}");
+        // the run's row carries its elapsed time and an ETA (from `first`'s history)
+        let row = screen.lines().find(|l| l.contains("long-one")).unwrap();
+        let times = row
+            .split_whitespace()
+            .filter(|w| {
+                w.strip_suffix('s')
+                    .is_some_and(|n| n.parse::<f64>().is_ok())
+            })
+            .count();
+        assert_eq!(times, 2, "elapsed and ETA: {row}");
         // it redraws in place: the header is on the first line, once
         assert!(screen.starts_with("uet top"), "{screen}");
         assert_eq!(screen.matches("uet top").count(), 1, "{screen}");
