@@ -176,10 +176,24 @@ fn pruning_deletes_old_finished_runs_and_keeps_what_it_must() {
         let plan = serde_json::json!({});
         let steps = vec!["a".to_string()];
         let mut ids = Vec::new();
-        for _ in 0..7 {
+        for i in 0..7 {
+            // each came from a dropped file, whose record goes with the run
+            let claim = format!("claim-{i}");
             ids.push(
                 store
-                    .create_run("r", "f", "", plan.clone(), &steps)
+                    .create(uet::store::NewRun {
+                        name: "r",
+                        source: "f",
+                        workstream: "",
+                        plan: plan.clone(),
+                        steps: &steps,
+                        trigger: None,
+                        submission: Some(uet::store::Submission {
+                            claim: &claim,
+                            sha256: "00",
+                        }),
+                        standing: None,
+                    })
                     .unwrap(),
             );
         }
@@ -188,9 +202,29 @@ fn pruning_deletes_old_finished_runs_and_keeps_what_it_must() {
             to,
             reason: None,
         };
-        // 1-4 finished, 5 running, 6 quarantined, 7 pending
+        // 1-4 finished, 5 running, 6 quarantined, 7 pending; each that ran made an attempt
         for &id in &ids[..6] {
-            store.apply(&[to(id, RunState::Running)]).unwrap();
+            store
+                .apply(&[
+                    to(id, RunState::Running),
+                    Change::AttemptStarted {
+                        run: id,
+                        step: "a".into(),
+                        number: 1,
+                        tool: "t".into(),
+                    },
+                    Change::AttemptFinished {
+                        run: id,
+                        step: "a".into(),
+                        number: 1,
+                        outcome: uet::model::Outcome::Failed,
+                        error: None,
+                        stdout: String::new(),
+                        stderr: String::new(),
+                        retry_at: None,
+                    },
+                ])
+                .unwrap();
         }
         for (id, end) in [
             (1, RunState::Succeeded),
@@ -221,10 +255,15 @@ fn pruning_deletes_old_finished_runs_and_keeps_what_it_must() {
     assert_eq!(left, [3, 4, 5, 6, 7], "the two oldest finished runs went");
     for gone in [1, 2] {
         assert!(store.steps(gone).unwrap().is_empty());
+        assert!(store.attempts(gone, "a").unwrap().is_empty());
         assert!(store.events(gone).unwrap().is_empty());
         assert!(store.plan(gone).unwrap().is_none());
+        let claim = format!("claim-{}", gone - 1);
+        assert_eq!(store.submission(&claim).unwrap(), None);
     }
-    assert_eq!(store.events(3).unwrap().len(), 3, "the kept ones are whole");
+    assert_eq!(store.events(3).unwrap().len(), 5, "the kept ones are whole");
+    assert_eq!(store.attempts(3, "a").unwrap().len(), 1);
+    assert_eq!(store.submission("claim-2").unwrap(), Some(3));
     drop(store);
     // an age of zero takes every finished run, and still nothing else
     prune(&["--older-than", "0s"]).expect(0);
