@@ -33,6 +33,14 @@ use bindings::uet::plugin::host::Level;
 /// and small enough that a memory bomb is stopped long before it troubles the machine.
 pub const DEFAULT_MEMORY: u64 = 256 << 20;
 
+/// Bytes of a plugin's linear memory kept resident (and wiped with memset) when its pool slot is
+/// freed: a typical small plugin's whole working set (a Rust component touches well under a
+/// MiB for small inputs), while a plugin that grew large still returns its memory.
+const KEEP_RESIDENT: usize = 2 << 20;
+
+/// Freed slots whose memory goes back to the kernel in one batch.
+const DECOMMIT_BATCH: usize = 8;
+
 /// How often the epoch advances while plugins run: the resolution of timeouts and cancels.
 const TICK: Duration = Duration::from_millis(10);
 
@@ -283,7 +291,16 @@ impl Runtime {
             .total_core_instances(POOL_INSTANCES * 8)
             .total_memories(POOL_INSTANCES * 2)
             .total_tables(POOL_INSTANCES * 8)
-            .max_memory_size(usize::try_from(max_memory).unwrap_or(usize::MAX));
+            .max_memory_size(usize::try_from(max_memory).unwrap_or(usize::MAX))
+            // A slot coming back is wiped with memset of the pages the plugin touched (found
+            // with PAGEMAP_SCAN where the kernel has it) rather than with madvise: each madvise
+            // is a TLB shootdown across every core, and was the largest cost of a short
+            // attempt. Beyond these sizes, the rest is still given back to the kernel.
+            .linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(KEEP_RESIDENT / 16)
+            .pagemap_scan(wasmtime::Enabled::Auto)
+            // what is given back goes in batches: one shootdown for several slots
+            .decommit_batch_size(DECOMMIT_BATCH);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = match Engine::new(&config) {
             Ok(engine) => engine,
