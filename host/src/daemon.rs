@@ -190,22 +190,22 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     retain(&shared);
     // runs a previous daemon left unfinished go first, then what arrived while it was down
-    let runs = shared.store.runs()?;
-    for run in &runs {
-        match run.state {
-            RunState::Pending => resume(&shared, run.id, false),
+    let mut unfinished = Vec::new();
+    for run in shared.store.runs()? {
+        let resumed = match run.state {
+            RunState::Pending => {
+                resume(&shared, run.id, false);
+                true
+            }
             // still running in the state: the last daemon did not stop cleanly
-            RunState::Running => recover(&shared, run),
-            _ => {}
+            RunState::Running => recover(&shared, &run),
+            _ => false,
+        };
+        // a run recovery quarantined holds no standing workflow up
+        if resumed {
+            unfinished.push(run);
         }
     }
-    // read again: recovery may have quarantined some, which then hold no standing workflow up
-    let unfinished: Vec<_> = shared
-        .store
-        .runs()?
-        .into_iter()
-        .filter(|r| !r.state.is_terminal())
-        .collect();
     tokio::spawn(standing_loop(shared.clone(), standing_rx, unfinished));
     for dir in &watch {
         recover_claims(&shared, dir);
@@ -249,8 +249,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 /// A run the last daemon left running: resumed, or quarantined when this is the second start
-/// in a row that finds it so.
-fn recover(shared: &Arc<Shared>, run: &crate::model::RunRecord) {
+/// in a row that finds it so. Whether it goes on (is not quarantined).
+fn recover(shared: &Arc<Shared>, run: &crate::model::RunRecord) -> bool {
     let result = if run.crashes + 1 >= CRASH_LIMIT {
         let reason = format!(
             "in flight during {CRASH_LIMIT} unclean stops of uet in a row (a suspected cause); \
@@ -270,12 +270,20 @@ fn recover(shared: &Arc<Shared>, run: &crate::model::RunRecord) {
     };
     match result {
         Ok(()) if run.crashes + 1 >= CRASH_LIMIT => {
-            tracing::warn!(run = run.id, "quarantined after repeated unclean stops")
+            tracing::warn!(run = run.id, "quarantined after repeated unclean stops");
+            false
         }
         // the crash is counted once the run is driven again, not while it waits for a slot:
         // a run that never got to run after a crash is no suspect
-        Ok(()) => resume(shared, run.id, true),
-        Err(e) => tracing::error!(run = run.id, "cannot recover: {e}"),
+        Ok(()) => {
+            resume(shared, run.id, true);
+            true
+        }
+        // left as it was: still unfinished, and tried again at the next start
+        Err(e) => {
+            tracing::error!(run = run.id, "cannot recover: {e}");
+            true
+        }
     }
 }
 
@@ -294,7 +302,9 @@ async fn bind(path: &Path) -> anyhow::Result<interprocess::local_socket::tokio::
         let uid = unsafe { libc::getuid() };
         if meta.uid() != uid || meta.mode() & 0o077 != 0 {
             anyhow::bail!(
-                "the socket's folder {} has mode {:o} and owner {}: the control socket must be                  in a folder only you can enter (mode 0700, yours); choose another --socket, or                  a folder that does not exist yet (uet creates it so)",
+                "the socket's folder {} has mode {:o} and owner {}: the control socket must be \
+                 in a folder only you can enter (mode 0700, yours); choose another --socket, or \
+                 a folder that does not exist yet (uet creates it so)",
                 dir.display(),
                 meta.mode() & 0o7777,
                 meta.uid()

@@ -298,13 +298,13 @@ impl<'a> Scheduler<'a> {
         let mut grace_end: Option<tokio::time::Instant> = None;
 
         loop {
-            // a cancel wakes the steps in backoff too: whichever the loop hears first, no step
-            // starts after it
+            // checked here, not only where the loop waits: a cancel also wakes the steps in
+            // backoff, and a stop may come before this run got going; no step starts after
+            // either
             if stop.is_none() && cancel.is_cancelled() {
                 stop = Some((RunState::Canceled, "canceled on request".into()));
                 attempts_cancel.cancel();
             }
-            // a stop that came before this run got going starts nothing
             if stop.is_none() && pause_token.is_cancelled() {
                 stop = Some((RunState::Pending, PAUSED.into()));
                 let grace = pause.as_ref().map(|p| p.grace).unwrap_or_default();
@@ -328,21 +328,13 @@ impl<'a> Scheduler<'a> {
             });
             let message = tokio::select! {
                 m = rx.recv() => m,
-                _ = pause_token.cancelled(), if stop.is_none() => {
-                    stop = Some((RunState::Pending, PAUSED.into()));
-                    let grace = pause.as_ref().map(|p| p.grace).unwrap_or_default();
-                    grace_end = Some(tokio::time::Instant::now() + grace);
-                    continue;
-                }
+                // a pause or a cancel is taken up at the top of the loop
+                _ = pause_token.cancelled(), if stop.is_none() => continue,
                 _ = sleep_until(grace_end), if pausing && !attempts_cancel.is_cancelled() => {
                     attempts_cancel.cancel();
                     continue;
                 }
-                _ = cancel.cancelled(), if stop.is_none() => {
-                    stop = Some((RunState::Canceled, "canceled on request".into()));
-                    attempts_cancel.cancel();
-                    continue;
-                }
+                _ = cancel.cancelled(), if stop.is_none() => continue,
                 _ = sleep_until(deadline), if stop.is_none() => {
                     let limit = humantime::format_duration(self.plan.timeout.unwrap_or_default());
                     // a step may wait only for room on a healthy tool: that is a slow run,

@@ -801,14 +801,7 @@ impl Store {
 
     /// Every run, oldest first.
     pub fn runs(&self) -> Result<Vec<RunRecord>, StateError> {
-        let tx = self.db.begin_read().map_err(storage)?;
-        let runs = tx.open_table(RUNS).map_err(storage)?;
-        let mut out = Vec::new();
-        for item in runs.iter().map_err(storage)? {
-            let (k, v) = item.map_err(storage)?;
-            out.push(decode::<RunRow>("runs", &k.value(), v.value())?.record);
-        }
-        Ok(out)
+        self.latest_runs(usize::MAX)
     }
 
     /// A run's steps, in workflow order.

@@ -333,6 +333,24 @@ fn the_socket_is_the_owners_and_one_daemon_owns_a_state() {
         0,
         "the first daemon still serves"
     );
+
+    // a socket in a folder others can enter is refused, and the folder is left as it was
+    let env3 = Env::new();
+    let open = env3.ws.parent().unwrap().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = daemon_command(&env3, &open.join("uet.sock"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("mode 755") && err.contains("only you can enter"),
+        "{err}"
+    );
+    assert!(!err.contains("  "), "one line, no runs of spaces: {err}");
+    assert_eq!(mode(&open), 0o755);
+    assert!(!open.join("uet.sock").exists());
 }
 
 #[test]
