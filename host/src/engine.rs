@@ -171,7 +171,25 @@ struct Scheduler<'a> {
     wake_at: Option<Millis>,
     /// Set when the run should end quarantined rather than failed.
     quarantine: Option<String>,
+    /// Attempts whose starts are among `changes`, not yet handed to a commit.
+    queued: Vec<Launch<'a>>,
+    /// Attempts whose starts are in the commit in flight: they begin when it lands.
+    landing: Vec<Launch<'a>>,
 }
+
+/// An attempt about to begin: the step, its attempt number, and the tool, input and probe flag
+/// it runs with (or why it cannot run).
+type Launch<'a> = (
+    usize,
+    u32,
+    Result<(&'a Tool, serde_json::Value, bool), String>,
+);
+
+/// A commit handed to a blocking thread.
+type Commit = tokio::task::JoinHandle<Result<Duration, StateError>>;
+
+/// The longest a commit waits for more attempts to end (see `linger` in `Scheduler::run`).
+const MAX_LINGER: Duration = Duration::from_millis(1);
 
 impl<'a> Scheduler<'a> {
     fn new(
@@ -229,6 +247,8 @@ impl<'a> Scheduler<'a> {
             blocked: Vec::new(),
             wake_at: None,
             quarantine: None,
+            queued: Vec::new(),
+            landing: Vec::new(),
         })
     }
 
@@ -296,6 +316,13 @@ impl<'a> Scheduler<'a> {
         let pause_token = pause.as_ref().map(|p| p.token.clone()).unwrap_or_default();
         // set when a pause begins: running attempts are stopped at this instant
         let mut grace_end: Option<tokio::time::Instant> = None;
+        // at most one commit in flight; what comes up meanwhile waits in `changes` and goes in
+        // the next one, so the commits grow with the load instead of their number
+        let mut commit: Option<Commit> = None;
+        // while attempts are still running, a commit waits a moment for their ends, so one
+        // commit records several (group commit); never longer than the last commit took
+        let mut linger: Option<tokio::time::Instant> = None;
+        let mut last_commit = Duration::ZERO;
 
         loop {
             // checked here, not only where the loop waits: a cancel also wakes the steps in
@@ -311,9 +338,31 @@ impl<'a> Scheduler<'a> {
                 grace_end = Some(tokio::time::Instant::now() + grace);
             }
             if stop.is_none() {
-                self.start_ready(&tx, &attempts_cancel)?;
-            } else {
-                self.commit()?;
+                self.start_ready(now_millis());
+            }
+            if commit.is_none() && !self.changes.is_empty() {
+                let busy = self.running - self.queued.len() - self.landing.len();
+                let now = tokio::time::Instant::now();
+                if busy == 0 {
+                    // nothing else runs: commit here, sparing the handoff to another thread
+                    linger = None;
+                    let began = Instant::now();
+                    let result = self.store.apply(&std::mem::take(&mut self.changes));
+                    last_commit = began.elapsed();
+                    if let Err(e) = result {
+                        attempts_cancel.cancel();
+                        self.give_back();
+                        return Err(e.into());
+                    }
+                    self.landing = std::mem::take(&mut self.queued);
+                    self.launch(&tx, &attempts_cancel, stop.is_some());
+                    continue;
+                }
+                let due = *linger.get_or_insert(now + last_commit.min(MAX_LINGER));
+                if now >= due || stop.is_some() {
+                    linger = None;
+                    commit = self.submit();
+                }
             }
             if self.running == 0
                 && (stop.is_some()
@@ -328,6 +377,18 @@ impl<'a> Scheduler<'a> {
             });
             let message = tokio::select! {
                 m = rx.recv() => m,
+                _ = sleep_until(linger), if commit.is_none() && linger.is_some() => continue,
+                landed = landing(&mut commit) => {
+                    commit = None;
+                    let landed = landed.map(|took| last_commit = took);
+                    if let Err(e) = landed {
+                        attempts_cancel.cancel();
+                        self.give_back();
+                        return Err(e.into());
+                    }
+                    self.launch(&tx, &attempts_cancel, stop.is_some());
+                    continue;
+                }
                 // a pause or a cancel is taken up at the top of the loop
                 _ = pause_token.cancelled(), if stop.is_none() => continue,
                 _ = sleep_until(grace_end), if pausing && !attempts_cancel.is_cancelled() => {
@@ -379,6 +440,10 @@ impl<'a> Scheduler<'a> {
             }
         }
 
+        if let Some(commit) = commit.take() {
+            // nothing is waiting to start (nothing runs), but the commit's result still counts
+            joined(commit.await)?;
+        }
         let all_ended = self.state.iter().all(|s| s.is_terminal());
         let stop = stop.filter(|(state, _)| *state != RunState::Pending || !all_ended);
         let outcome = match stop {
@@ -428,15 +493,9 @@ impl<'a> Scheduler<'a> {
         Ok(outcome.0)
     }
 
-    /// Starts ready steps up to `max_parallel`, writing their starts (and anything else pending)
-    /// in one commit before any of them runs.
-    fn start_ready(
-        &mut self,
-        tx: &mpsc::UnboundedSender<Message>,
-        cancel: &CancellationToken,
-    ) -> Result<(), EngineError> {
-        let mut launches = Vec::new();
-        let now = now_millis();
+    /// Takes ready steps up to `max_parallel` and records their starts; they begin once the
+    /// commit holding those starts has landed, so every execution has its attempt record first.
+    fn start_ready(&mut self, now: Millis) {
         while self.running < self.plan.max_parallel {
             let Some((_, Reverse(i))) = self.ready.pop() else {
                 break;
@@ -466,35 +525,59 @@ impl<'a> Scheduler<'a> {
                 tool: tool_name,
             });
             self.running += 1;
-            launches.push((i, number, prepared));
+            self.queued.push((i, number, prepared));
         }
-        if let Err(e) = self.commit() {
-            // the attempts never start: give back what their breakers lent them, or the tools
-            // would stay short of room (or wait on a probe that never ends) for every run
-            for (_, _, prepared) in &launches {
-                if let Ok((tool, _, probe)) = prepared {
-                    self.breakers
-                        .settle(tool, *probe, Outcome::Interrupted, now_millis());
-                }
-            }
-            return Err(e);
+    }
+
+    /// Hands what has been recorded since the last commit to a blocking thread, with the
+    /// attempts waiting on it.
+    fn submit(&mut self) -> Option<Commit> {
+        if self.changes.is_empty() {
+            return None;
         }
-        for (index, number, prepared) in launches {
+        let changes = std::mem::take(&mut self.changes);
+        self.landing = std::mem::take(&mut self.queued);
+        let store = self.store.clone();
+        Some(tokio::task::spawn_blocking(move || {
+            let began = Instant::now();
+            store.apply(&changes).map(|()| began.elapsed())
+        }))
+    }
+
+    /// The commit holding these attempts' starts has landed: they begin, unless the run is
+    /// stopping, when they end at once as canceled (a pause turns that into interrupted).
+    fn launch(
+        &mut self,
+        tx: &mpsc::UnboundedSender<Message>,
+        cancel: &CancellationToken,
+        stopping: bool,
+    ) {
+        for (index, number, prepared) in std::mem::take(&mut self.landing) {
             let tx = tx.clone();
             let cancel = cancel.child_token();
+            let not_run = |outcome, error: String, input_fault| AttemptEnd {
+                index,
+                number,
+                outcome,
+                output: None,
+                error: Some(error),
+                retryable: false,
+                input_fault,
+                stdout: String::new(),
+                stderr: String::new(),
+            };
             match prepared {
                 Err(error) => {
-                    let _ = tx.send(Message::Done(AttemptEnd {
-                        index,
-                        number,
-                        outcome: Outcome::Error,
-                        output: None,
-                        error: Some(error),
-                        retryable: false,
-                        input_fault: true,
-                        stdout: String::new(),
-                        stderr: String::new(),
-                    }));
+                    let _ = tx.send(Message::Done(not_run(Outcome::Error, error, true)));
+                }
+                Ok((tool, _, probe)) if stopping || cancel.is_cancelled() => {
+                    // the breaker lent it room: the attempt's end gives it back
+                    self.in_flight[index] = Some((tool.name.clone(), probe));
+                    let _ = tx.send(Message::Done(not_run(
+                        Outcome::Canceled,
+                        "canceled".into(),
+                        false,
+                    )));
                 }
                 Ok((tool, input, probe)) => {
                     self.in_flight[index] = Some((tool.name.clone(), probe));
@@ -521,7 +604,24 @@ impl<'a> Scheduler<'a> {
                 }
             }
         }
-        Ok(())
+    }
+
+    /// A commit failed and the run stops: the attempts it lent breaker room to, started or
+    /// not, give it back, or the tools would stay short of room (or wait on a probe that never
+    /// ends) for every other run.
+    fn give_back(&mut self) {
+        let now = now_millis();
+        let waiting = self.queued.drain(..).chain(self.landing.drain(..));
+        for (_, _, prepared) in waiting {
+            if let Ok((tool, _, probe)) = prepared {
+                self.breakers.settle(tool, probe, Outcome::Interrupted, now);
+            }
+        }
+        for (name, probe) in self.in_flight.iter_mut().filter_map(Option::take) {
+            if let Some(tool) = self.tools.by_name(&name) {
+                self.breakers.settle(tool, probe, Outcome::Interrupted, now);
+            }
+        }
     }
 
     /// Asks the breakers of a step's tools, in order, for one that may take an attempt now.
@@ -879,6 +979,26 @@ pub fn requeue_unfinished(
         reason: Some(reason.to_string()),
     });
     Ok(changes)
+}
+
+/// Waits for the commit in flight, if any; never ends when there is none.
+async fn landing(commit: &mut Option<Commit>) -> Result<Duration, StateError> {
+    match commit {
+        Some(c) => joined(c.await),
+        None => std::future::pending().await,
+    }
+}
+
+/// A commit's result, or why its thread gave none.
+fn joined<T>(
+    result: Result<Result<T, StateError>, tokio::task::JoinError>,
+) -> Result<T, StateError> {
+    result.unwrap_or_else(|e| {
+        let io = std::io::Error::other(format!("the commit's thread failed: {e}"));
+        Err(StateError::Storage(Box::new(
+            redb::StorageError::Io(io).into(),
+        )))
+    })
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -238,7 +238,7 @@ async fn drain(task: tokio::task::JoinHandle<Captured>) -> Captured {
     }
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Keep {
     Head,
     Tail,
@@ -249,28 +249,38 @@ async fn capture(stream: Option<impl AsyncRead + Unpin>, limit: usize, keep: Kee
     let Some(mut stream) = stream else {
         return Captured::default();
     };
+    // read straight into what is kept, without zeroing a buffer first: most steps print
+    // little, and a zeroed 64 KiB buffer per stream was a seventh of a command step's cost
     let mut kept: Vec<u8> = Vec::new();
     let mut total: u64 = 0;
-    let mut buf = vec![0u8; 64 << 10];
+    let mut spill = [0u8; 4096];
     loop {
-        let n = match stream.read(&mut buf).await {
+        let full = keep == Keep::Head && kept.len() >= limit;
+        let read = if full {
+            // the head is kept whole: the rest is only counted
+            stream.read(&mut spill).await
+        } else {
+            if kept.capacity() - kept.len() < 1024 {
+                kept.reserve(kept.len().clamp(4096, 64 << 10));
+            }
+            stream.read_buf(&mut kept).await
+        };
+        let n = match read {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
         total += n as u64;
         match keep {
-            Keep::Head => {
-                let room = limit.saturating_sub(kept.len());
-                kept.extend_from_slice(&buf[..n.min(room)]);
+            Keep::Head => kept.truncate(limit),
+            // trimmed once it holds twice the limit, so a chatty step is not copied per read
+            Keep::Tail if kept.len() > 2 * limit => {
+                kept.drain(..kept.len() - limit);
             }
-            Keep::Tail => {
-                kept.extend_from_slice(&buf[..n]);
-                if kept.len() > limit {
-                    let cut = kept.len() - limit;
-                    kept.drain(..cut);
-                }
-            }
+            Keep::Tail => {}
         }
+    }
+    if kept.len() > limit {
+        kept.drain(..kept.len() - limit);
     }
     Captured {
         text: String::from_utf8_lossy(&kept).into_owned(),

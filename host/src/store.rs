@@ -4,6 +4,8 @@
 //! lifecycles of `model.rs`, appends the matching events, and commits the whole batch in one
 //! write transaction, or nothing of it.
 
+use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -313,10 +315,12 @@ pub enum Change {
     },
 }
 
-/// The state of one folder, open for reading and writing.
+/// The state of one folder, open for reading and writing. Cloning is cheap and gives another
+/// handle to the same open file, so a commit can be handed to a blocking thread.
+#[derive(Clone)]
 pub struct Store {
-    db: Database,
-    path: PathBuf,
+    db: std::sync::Arc<Database>,
+    path: std::sync::Arc<Path>,
     /// Bumped after every commit, so followers of the event log wake without polling.
     committed: tokio::sync::watch::Sender<u64>,
 }
@@ -336,8 +340,8 @@ impl Store {
             Err(e) => return Err(open_err(Box::new(e))),
         };
         let store = Store {
-            db,
-            path,
+            db: std::sync::Arc::new(db),
+            path: path.into(),
             committed: tokio::sync::watch::Sender::new(0),
         };
         store.init()?;
@@ -353,7 +357,7 @@ impl Store {
             match found {
                 Some(v) if v > SCHEMA_VERSION => {
                     return Err(StateError::Version {
-                        path: self.path.clone(),
+                        path: self.path.to_path_buf(),
                         found: v,
                     });
                 }
@@ -524,9 +528,14 @@ impl Store {
             let mut durations = tx.open_table(DURATIONS).map_err(storage)?;
             let mut stats = tx.open_table(TOOL_STATS).map_err(storage)?;
             let now = now_millis();
-            // each run row is read once and written once per batch, however many changes
-            // touch it
+            // each row is read once and written once per batch, however many changes touch
+            // it: a step's start, attempt and end often share a commit, and every write of a
+            // row costs its encoding and a walk of its B-tree
             let mut touched: Vec<RunRow> = Vec::new();
+            let mut step_rows = Rows::default();
+            let mut attempt_rows: BTreeMap<(RunId, String, u32), AttemptRecord> = BTreeMap::new();
+            let mut tool_stats: BTreeMap<String, ToolStats> = BTreeMap::new();
+            let mut tool_durations: BTreeMap<String, Vec<u64>> = BTreeMap::new();
             for change in changes {
                 let run_id = change_run(change);
                 let slot = match touched.iter().position(|r| r.record.id == run_id) {
@@ -575,8 +584,7 @@ impl Store {
                         output,
                         ..
                     } => {
-                        let mut row = load_step(&steps, run_id, step)?;
-                        let s = &mut row.record;
+                        let s = &mut step_rows.get(&steps, run_id, step)?.record;
                         if !s.state.can_become(*to) {
                             return Err(StateError::IllegalTransition {
                                 run: run_id,
@@ -600,23 +608,17 @@ impl Store {
                         if *to == StepState::Succeeded {
                             s.output = output.clone();
                         }
-                        steps
-                            .insert((run_id, step.as_str()), encode(&row).as_slice())
-                            .map_err(storage)?;
                         let detail = reason.clone().unwrap_or_default();
                         append_event(&mut events, run, Some(step), &format!("step.{to}"), detail)?;
                     }
                     Change::AttemptStarted {
                         step, number, tool, ..
                     } => {
-                        let mut row = load_step(&steps, run_id, step)?;
+                        let row = step_rows.get(&steps, run_id, step)?;
                         row.record.attempts = *number;
                         row.record.tool = Some(tool.clone());
                         row.record.progress = None;
                         row.record.attempt_started_at = Some(now);
-                        steps
-                            .insert((run_id, step.as_str()), encode(&row).as_slice())
-                            .map_err(storage)?;
                         let attempt = AttemptRecord {
                             number: *number,
                             tool: tool.clone(),
@@ -628,12 +630,7 @@ impl Store {
                             stderr: String::new(),
                             retry_at: None,
                         };
-                        attempts
-                            .insert(
-                                (run_id, step.as_str(), *number),
-                                encode(&attempt).as_slice(),
-                            )
-                            .map_err(storage)?;
+                        attempt_rows.insert((run_id, step.clone(), *number), attempt);
                         let detail = format!("attempt {number} with tool {tool}");
                         append_event(&mut events, run, Some(step), "attempt.started", detail)?;
                     }
@@ -647,48 +644,58 @@ impl Store {
                         retry_at,
                         ..
                     } => {
-                        let key = (run_id, step.as_str(), *number);
-                        let mut attempt: AttemptRecord = match attempts.get(key).map_err(storage)? {
-                            Some(v) => decode("attempts", &key, v.value())?,
-                            None => {
-                                return Err(StateError::UnknownAttempt {
-                                    run: run_id,
-                                    step: step.clone(),
-                                    number: *number,
-                                });
+                        let key = (run_id, step.clone(), *number);
+                        let attempt = match attempt_rows.entry(key) {
+                            Entry::Occupied(e) => e.into_mut(),
+                            Entry::Vacant(e) => {
+                                let stored = (run_id, step.as_str(), *number);
+                                let found = match attempts.get(stored).map_err(storage)? {
+                                    Some(v) => decode("attempts", &stored, v.value())?,
+                                    None => {
+                                        return Err(StateError::UnknownAttempt {
+                                            run: run_id,
+                                            step: step.clone(),
+                                            number: *number,
+                                        });
+                                    }
+                                };
+                                e.insert(found)
                             }
                         };
                         attempt.finished_at = Some(now);
                         attempt.outcome = Some(*outcome);
-                        {
-                            let tool = attempt.tool.as_str();
-                            let mut s: ToolStats = match stats.get(tool).map_err(storage)? {
+                        let took = now.saturating_sub(attempt.started_at);
+                        if !tool_stats.contains_key(&attempt.tool) {
+                            let s = match stats.get(attempt.tool.as_str()).map_err(storage)? {
                                 Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
                                 None => ToolStats::default(),
                             };
-                            s.record(*outcome, now.saturating_sub(attempt.started_at));
-                            stats.insert(tool, encode(&s).as_slice()).map_err(storage)?;
+                            tool_stats.insert(attempt.tool.clone(), s);
+                        }
+                        if let Some(s) = tool_stats.get_mut(&attempt.tool) {
+                            s.record(*outcome, took);
                         }
                         if *outcome == Outcome::Succeeded {
-                            let tool = attempt.tool.as_str();
-                            let mut kept: Vec<u64> = match durations.get(tool).map_err(storage)? {
-                                Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
-                                None => Vec::new(),
-                            };
-                            kept.push(now.saturating_sub(attempt.started_at));
-                            let extra = kept.len().saturating_sub(DURATIONS_KEPT);
-                            kept.drain(..extra);
-                            durations
-                                .insert(tool, encode(&kept).as_slice())
-                                .map_err(storage)?;
+                            if !tool_durations.contains_key(&attempt.tool) {
+                                let kept =
+                                    match durations.get(attempt.tool.as_str()).map_err(storage)? {
+                                        Some(v) => {
+                                            serde_json::from_slice(v.value()).unwrap_or_default()
+                                        }
+                                        None => Vec::new(),
+                                    };
+                                tool_durations.insert(attempt.tool.clone(), kept);
+                            }
+                            if let Some(kept) = tool_durations.get_mut(&attempt.tool) {
+                                kept.push(took);
+                                let extra = kept.len().saturating_sub(DURATIONS_KEPT);
+                                kept.drain(..extra);
+                            }
                         }
                         attempt.error = error.clone();
                         attempt.stdout = stdout.clone();
                         attempt.stderr = stderr.clone();
                         attempt.retry_at = *retry_at;
-                        attempts
-                            .insert(key, encode(&attempt).as_slice())
-                            .map_err(storage)?;
                         let kind = format!("attempt.{}", outcome_name(*outcome));
                         let mut detail = format!("attempt {number}");
                         if let Some(e) = error {
@@ -721,11 +728,8 @@ impl Store {
                         message,
                         ..
                     } => {
-                        let mut row = load_step(&steps, run_id, step)?;
+                        let row = step_rows.get(&steps, run_id, step)?;
                         row.record.progress = Some(fraction.clamp(0.0, 1.0));
-                        steps
-                            .insert((run_id, step.as_str()), encode(&row).as_slice())
-                            .map_err(storage)?;
                         let detail = format!("{:.0}% {message}", fraction * 100.0);
                         append_event(&mut events, run, Some(step), "plugin.progress", detail)?;
                     }
@@ -743,7 +747,29 @@ impl Store {
                         append_event(&mut events, run, step.as_deref(), kind, detail.clone())?;
                     }
                 }
-                runs.insert(run_id, encode(&run).as_slice())
+            }
+            for run in &touched {
+                runs.insert(run.record.id, encode(run).as_slice())
+                    .map_err(storage)?;
+            }
+            for ((run, step), row) in &step_rows.0 {
+                steps
+                    .insert((*run, step.as_str()), encode(row).as_slice())
+                    .map_err(storage)?;
+            }
+            for ((run, step, number), attempt) in &attempt_rows {
+                attempts
+                    .insert((*run, step.as_str(), *number), encode(attempt).as_slice())
+                    .map_err(storage)?;
+            }
+            for (tool, s) in &tool_stats {
+                stats
+                    .insert(tool.as_str(), encode(s).as_slice())
+                    .map_err(storage)?;
+            }
+            for (tool, kept) in &tool_durations {
+                durations
+                    .insert(tool.as_str(), encode(kept).as_slice())
                     .map_err(storage)?;
             }
         }
@@ -1029,17 +1055,32 @@ fn change_run(change: &Change) -> RunId {
     }
 }
 
-fn load_step(
-    steps: &redb::Table<(u64, &str), &[u8]>,
-    run: RunId,
-    step: &str,
-) -> Result<StepRow, StateError> {
-    match steps.get((run, step)).map_err(storage)? {
-        Some(v) => decode("steps", &(run, step), v.value()),
-        None => Err(StateError::UnknownStep {
-            run,
-            step: step.to_string(),
-        }),
+/// The step rows one batch touches, read on first use and written back once at its end.
+#[derive(Default)]
+struct Rows(BTreeMap<(RunId, String), StepRow>);
+
+impl Rows {
+    fn get(
+        &mut self,
+        steps: &redb::Table<(u64, &str), &[u8]>,
+        run: RunId,
+        step: &str,
+    ) -> Result<&mut StepRow, StateError> {
+        match self.0.entry((run, step.to_string())) {
+            Entry::Occupied(e) => Ok(e.into_mut()),
+            Entry::Vacant(e) => {
+                let row = match steps.get((run, step)).map_err(storage)? {
+                    Some(v) => decode("steps", &(run, step), v.value())?,
+                    None => {
+                        return Err(StateError::UnknownStep {
+                            run,
+                            step: step.to_string(),
+                        });
+                    }
+                };
+                Ok(e.insert(row))
+            }
+        }
     }
 }
 
@@ -1083,7 +1124,15 @@ pub fn chain_hash(previous: &str, run: RunId, e: &EventRecord) -> String {
     field(e.step.as_deref().unwrap_or("\u{0}").as_bytes());
     field(e.kind.as_bytes());
     field(e.detail.as_bytes());
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    let digest = h.finalize();
+    // by hand: a `format!` per byte was a third of the cost of recording an event
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(2 * digest.len());
+    for b in digest {
+        hex.push(HEX[usize::from(b >> 4)] as char);
+        hex.push(HEX[usize::from(b & 15)] as char);
+    }
+    hex
 }
 
 impl Store {
