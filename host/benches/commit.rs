@@ -1,7 +1,8 @@
 //! What one step of a chain costs the state: the commit that records the end of one step and
 //! the start of the next (the batch `uet run` writes between two steps of a chain), timed over
-//! a 2,000-step run in a real redb file, beside the raw cost of one durable write (4 KiB +
-//! fdatasync) in the same folder. The difference is redb's own work per commit.
+//! a 2,000-step run in a real redb file; the batch of a wide run at `max_parallel` 4 (four ends
+//! and the four starts that refill the slots); and beside them the raw cost of one durable
+//! write (4 KiB + fdatasync) in the same folder. The difference is the store's own work.
 //!
 //! `cargo bench -p uet --bench commit`
 
@@ -23,44 +24,7 @@ fn main() {
     let run = store
         .create_run("chain", "bench.toml", "/tmp", serde_json::json!({}), &steps)
         .unwrap();
-    let started = |i: usize| {
-        [
-            Change::StepState {
-                run,
-                step: steps[i].clone(),
-                to: StepState::Running,
-                reason: None,
-                output: None,
-            },
-            Change::AttemptStarted {
-                run,
-                step: steps[i].clone(),
-                number: 1,
-                tool: "true".into(),
-            },
-        ]
-    };
-    let ended = |i: usize| {
-        [
-            Change::AttemptFinished {
-                run,
-                step: steps[i].clone(),
-                number: 1,
-                outcome: Outcome::Succeeded,
-                error: None,
-                stdout: String::new(),
-                stderr: String::new(),
-                retry_at: None,
-            },
-            Change::StepState {
-                run,
-                step: steps[i].clone(),
-                to: StepState::Succeeded,
-                reason: None,
-                output: Some(serde_json::Value::Null),
-            },
-        ]
-    };
+    let (ended, started) = (batch(run, &steps, true), batch(run, &steps, false));
     let mut first = vec![Change::RunState {
         run,
         to: RunState::Running,
@@ -70,11 +34,33 @@ fn main() {
     store.apply(&first).unwrap();
     let mut commits = Vec::with_capacity(n);
     for i in 1..n {
-        let mut batch = ended(i - 1).to_vec();
-        batch.extend(started(i));
+        let mut changes = ended(i - 1).to_vec();
+        changes.extend(started(i));
         let t = Instant::now();
-        store.apply(&batch).unwrap();
+        store.apply(&changes).unwrap();
         commits.push(t.elapsed());
+    }
+
+    // a wide run at max_parallel 4: four ends and the four starts that refill the slots
+    let wide = store
+        .create_run("wide", "bench.toml", "/tmp", serde_json::json!({}), &steps)
+        .unwrap();
+    let (ended_w, started_w) = (batch(wide, &steps, true), batch(wide, &steps, false));
+    let mut first = vec![Change::RunState {
+        run: wide,
+        to: RunState::Running,
+        reason: None,
+    }];
+    (0..4).for_each(|i| first.extend(started_w(i)));
+    store.apply(&first).unwrap();
+    let mut wides = Vec::with_capacity(n / 4);
+    for k in 1..n / 4 {
+        let mut changes = Vec::new();
+        (4 * (k - 1)..4 * k).for_each(|i| changes.extend(ended_w(i)));
+        (4 * k..4 * k + 4).for_each(|i| changes.extend(started_w(i)));
+        let t = Instant::now();
+        store.apply(&changes).unwrap();
+        wides.push(t.elapsed());
     }
 
     let path = dir.path().join("fsync.bin");
@@ -91,11 +77,56 @@ fn main() {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "per commit over {} commits:", n - 1);
     report(&mut out, "end of a step + start of the next", &mut commits);
+    report(&mut out, "4 ends + 4 starts (wide)", &mut wides);
     report(
         &mut out,
         "raw durable write (4 KiB + fdatasync)",
         &mut writes,
     );
+}
+
+/// The changes that record step `i`'s start (`end` false) or its successful end.
+fn batch(run: u64, steps: &[String], end: bool) -> impl Fn(usize) -> [Change; 2] + '_ {
+    move |i| {
+        let step = steps[i].clone();
+        if end {
+            [
+                Change::AttemptFinished {
+                    run,
+                    step: step.clone(),
+                    number: 1,
+                    outcome: Outcome::Succeeded,
+                    error: None,
+                    stdout: String::new(),
+                    stderr: String::new(),
+                    retry_at: None,
+                },
+                Change::StepState {
+                    run,
+                    step,
+                    to: StepState::Succeeded,
+                    reason: None,
+                    output: Some(serde_json::Value::Null),
+                },
+            ]
+        } else {
+            [
+                Change::StepState {
+                    run,
+                    step: step.clone(),
+                    to: StepState::Running,
+                    reason: None,
+                    output: None,
+                },
+                Change::AttemptStarted {
+                    run,
+                    step,
+                    number: 1,
+                    tool: "true".into(),
+                },
+            ]
+        }
+    }
 }
 
 fn report(out: &mut impl Write, what: &str, times: &mut [Duration]) {
