@@ -323,6 +323,8 @@ impl<'a> Scheduler<'a> {
         // commit records several (group commit); never longer than the last commit took
         let mut linger: Option<tokio::time::Instant> = None;
         let mut last_commit = Duration::ZERO;
+        // for the debug log at the end: how the run's time went to commits
+        let (mut commits, mut inline, mut committing) = (0u32, 0u32, Duration::ZERO);
 
         loop {
             // checked here, not only where the loop waits: a cancel also wakes the steps in
@@ -349,6 +351,8 @@ impl<'a> Scheduler<'a> {
                     let began = Instant::now();
                     let result = self.store.apply(&std::mem::take(&mut self.changes));
                     last_commit = began.elapsed();
+                    (commits, inline, committing) =
+                        (commits + 1, inline + 1, committing + last_commit);
                     if let Err(e) = result {
                         attempts_cancel.cancel();
                         self.give_back();
@@ -380,7 +384,10 @@ impl<'a> Scheduler<'a> {
                 _ = sleep_until(linger), if commit.is_none() && linger.is_some() => continue,
                 landed = landing(&mut commit) => {
                     commit = None;
-                    let landed = landed.map(|took| last_commit = took);
+                    let landed = landed.map(|took| {
+                        last_commit = took;
+                        (commits, committing) = (commits + 1, committing + took);
+                    });
                     if let Err(e) = landed {
                         attempts_cancel.cancel();
                         self.give_back();
@@ -440,6 +447,14 @@ impl<'a> Scheduler<'a> {
             }
         }
 
+        tracing::debug!(
+            run = self.run,
+            commits,
+            on_driver_thread = inline,
+            committing = ?committing,
+            elapsed = ?started.elapsed(),
+            "run's commits"
+        );
         if let Some(commit) = commit.take() {
             // nothing is waiting to start (nothing runs), but the commit's result still counts
             joined(commit.await)?;
