@@ -1381,4 +1381,104 @@ mod tests {
         // ids keep growing across reopens
         assert_eq!(new_run(&store), run + 1);
     }
+
+    #[test]
+    fn a_whole_attempt_in_one_batch_reads_its_own_writes() {
+        // a quick step's start and end often share a commit: each change must see the rows the
+        // earlier ones of its batch wrote, though they reach the tables only at its end
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let run = new_run(&store);
+        let finished = |number, outcome| Change::AttemptFinished {
+            run,
+            step: "a".into(),
+            number,
+            outcome,
+            error: None,
+            stdout: "out".into(),
+            stderr: String::new(),
+            retry_at: None,
+        };
+        let started = |number| Change::AttemptStarted {
+            run,
+            step: "a".into(),
+            number,
+            tool: "t".into(),
+        };
+        store
+            .apply(&[
+                Change::RunState {
+                    run,
+                    to: RunState::Running,
+                    reason: None,
+                },
+                step_to(run, "a", StepState::Running),
+                started(1),
+                finished(1, Outcome::Failed),
+                started(2),
+                finished(2, Outcome::Succeeded),
+                Change::StepState {
+                    run,
+                    step: "a".into(),
+                    to: StepState::Succeeded,
+                    reason: None,
+                    output: Some(serde_json::json!({"n": 1})),
+                },
+                // another step, in the same batch
+                step_to(run, "b", StepState::Running),
+            ])
+            .unwrap();
+        let steps = store.steps(run).unwrap();
+        let a = steps.iter().find(|s| s.id == "a").unwrap();
+        assert_eq!(a.state, StepState::Succeeded);
+        assert_eq!(a.attempts, 2);
+        assert_eq!(a.output, Some(serde_json::json!({"n": 1})));
+        let attempts = store.attempts(run, "a").unwrap();
+        let outcomes: Vec<_> = attempts.iter().map(|a| a.outcome).collect();
+        assert_eq!(outcomes, [Some(Outcome::Failed), Some(Outcome::Succeeded)]);
+        assert!(
+            attempts
+                .iter()
+                .all(|a| a.stdout == "out" && a.finished_at.is_some())
+        );
+        let stats = store.tool_stats().unwrap();
+        let (_, t) = stats.iter().find(|(name, _)| name == "t").unwrap();
+        assert_eq!(t.outcomes["failed"], 1);
+        assert_eq!(t.outcomes["succeeded"], 1);
+        assert_eq!(
+            store.durations().unwrap()["t"].len(),
+            1,
+            "only the success is a duration"
+        );
+        let kinds: Vec<String> = store
+            .events(run)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "run.created",
+                "run.running",
+                "step.running",
+                "attempt.started",
+                "attempt.failed",
+                "attempt.started",
+                "attempt.succeeded",
+                "step.succeeded",
+                "step.running",
+            ]
+        );
+        assert!(store.verify(run).unwrap().is_ok());
+        // and a later batch starts from what this one wrote
+        store
+            .apply(&[step_to(run, "b", StepState::Succeeded)])
+            .unwrap();
+        assert!(
+            store
+                .apply(&[step_to(run, "a", StepState::Running)])
+                .is_err()
+        );
+    }
 }
