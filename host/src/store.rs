@@ -1227,6 +1227,12 @@ mod tests {
             .unwrap()
     }
 
+    /// The kinds of a run's events, in order.
+    fn kinds(store: &Store, run: RunId) -> Vec<String> {
+        let events = store.events(run).unwrap();
+        events.into_iter().map(|e| e.kind).collect()
+    }
+
     fn step_to(run: RunId, step: &str, to: StepState) -> Change {
         Change::StepState {
             run,
@@ -1367,12 +1373,7 @@ mod tests {
         let attempts = store.attempts(run, "a").unwrap();
         assert_eq!(attempts.len(), 1);
         assert_eq!(attempts[0].stderr, "warn");
-        let kinds: Vec<String> = store
-            .events(run)
-            .unwrap()
-            .into_iter()
-            .map(|e| e.kind)
-            .collect();
+        let kinds = kinds(&store, run);
         assert_eq!(kinds.len(), 1 + 1 + 2 * 4);
         assert_eq!(kinds[0], "run.created");
         assert_eq!(kinds[1], "run.running");
@@ -1450,12 +1451,7 @@ mod tests {
             1,
             "only the success is a duration"
         );
-        let kinds: Vec<String> = store
-            .events(run)
-            .unwrap()
-            .into_iter()
-            .map(|e| e.kind)
-            .collect();
+        let kinds = kinds(&store, run);
         assert_eq!(
             kinds,
             [
