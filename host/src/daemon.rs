@@ -251,33 +251,29 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 /// A run the last daemon left running: resumed, or quarantined when this is the second start
 /// in a row that finds it so. Whether it goes on (is not quarantined).
 fn recover(shared: &Arc<Shared>, run: &crate::model::RunRecord) -> bool {
-    let result = if run.crashes + 1 >= CRASH_LIMIT {
-        let reason = format!(
-            "in flight during {CRASH_LIMIT} unclean stops of uet in a row (a suspected cause); \
-             `uet release {}` runs it again",
-            run.id
-        );
-        engine::requeue_in_flight(&shared.store, run.id).and_then(|mut changes| {
-            changes.push(Change::RunState {
-                run: run.id,
-                to: RunState::Quarantined,
-                reason: Some(reason),
-            });
-            shared.store.apply(&changes)
-        })
-    } else {
-        Ok(())
-    };
-    match result {
-        Ok(()) if run.crashes + 1 >= CRASH_LIMIT => {
-            tracing::warn!(run = run.id, "quarantined after repeated unclean stops");
-            false
-        }
+    if run.crashes + 1 < CRASH_LIMIT {
         // the crash is counted once the run is driven again, not while it waits for a slot:
         // a run that never got to run after a crash is no suspect
+        resume(shared, run.id, true);
+        return true;
+    }
+    let reason = format!(
+        "in flight during {CRASH_LIMIT} unclean stops of uet in a row (a suspected cause); \
+         `uet release {}` runs it again",
+        run.id
+    );
+    let quarantined = engine::requeue_in_flight(&shared.store, run.id).and_then(|mut changes| {
+        changes.push(Change::RunState {
+            run: run.id,
+            to: RunState::Quarantined,
+            reason: Some(reason),
+        });
+        shared.store.apply(&changes)
+    });
+    match quarantined {
         Ok(()) => {
-            resume(shared, run.id, true);
-            true
+            tracing::warn!(run = run.id, "quarantined after repeated unclean stops");
+            false
         }
         // left as it was: still unfinished, and tried again at the next start
         Err(e) => {
@@ -654,10 +650,7 @@ fn process_claim(
     name: &str,
 ) -> Result<RunId, ClaimError> {
     let bytes = std::fs::read(claimed).map_err(|e| ClaimError::Failed(e.to_string()))?;
-    let sha = Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>();
+    let sha = crate::hex(&Sha256::digest(&bytes));
     // problems name the file as the user dropped it
     let shown = dir.join(name);
     let checked = load_tools(shared, dir)
@@ -1365,9 +1358,7 @@ fn answer(shared: &Arc<Shared>, request: Request) -> Response {
             Ok(status) => Response::Status(status),
             Err(e) => fail(e.to_string()),
         },
-        Request::Runs { limit } => match limit
-            .map_or_else(|| shared.store.runs(), |n| shared.store.latest_runs(n))
-        {
+        Request::Runs { limit } => match shared.store.latest_runs(limit.unwrap_or(usize::MAX)) {
             Ok(runs) => Response::Runs {
                 runs: runs
                     .into_iter()

@@ -349,23 +349,18 @@ impl<'a> Scheduler<'a> {
                     // nothing else runs: commit here, sparing the handoff to another thread
                     linger = None;
                     let began = Instant::now();
+                    self.landing = std::mem::take(&mut self.queued);
                     let result = self.store.apply(&std::mem::take(&mut self.changes));
                     last_commit = began.elapsed();
                     (commits, inline, committing) =
                         (commits + 1, inline + 1, committing + last_commit);
-                    if let Err(e) = result {
-                        attempts_cancel.cancel();
-                        self.give_back();
-                        return Err(e.into());
-                    }
-                    self.landing = std::mem::take(&mut self.queued);
-                    self.launch(&tx, &attempts_cancel, stop.is_some());
+                    self.landed(result, &tx, &attempts_cancel, stop.is_some())?;
                     continue;
                 }
                 let due = *linger.get_or_insert(now + last_commit.min(MAX_LINGER));
                 if now >= due || stop.is_some() {
                     linger = None;
-                    commit = self.submit();
+                    commit = Some(self.submit());
                 }
             }
             if self.running == 0
@@ -388,12 +383,7 @@ impl<'a> Scheduler<'a> {
                         last_commit = took;
                         (commits, committing) = (commits + 1, committing + took);
                     });
-                    if let Err(e) = landed {
-                        attempts_cancel.cancel();
-                        self.give_back();
-                        return Err(e.into());
-                    }
-                    self.launch(&tx, &attempts_cancel, stop.is_some());
+                    self.landed(landed, &tx, &attempts_cancel, stop.is_some())?;
                     continue;
                 }
                 // a pause or a cancel is taken up at the top of the loop
@@ -546,17 +536,32 @@ impl<'a> Scheduler<'a> {
 
     /// Hands what has been recorded since the last commit to a blocking thread, with the
     /// attempts waiting on it.
-    fn submit(&mut self) -> Option<Commit> {
-        if self.changes.is_empty() {
-            return None;
-        }
+    fn submit(&mut self) -> Commit {
         let changes = std::mem::take(&mut self.changes);
         self.landing = std::mem::take(&mut self.queued);
         let store = self.store.clone();
-        Some(tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let began = Instant::now();
             store.apply(&changes).map(|()| began.elapsed())
-        }))
+        })
+    }
+
+    /// The commit holding `landing`'s starts has ended, here or on its thread: they begin, or,
+    /// when it failed, the run stops with its error.
+    fn landed<T>(
+        &mut self,
+        result: Result<T, StateError>,
+        tx: &mpsc::UnboundedSender<Message>,
+        cancel: &CancellationToken,
+        stopping: bool,
+    ) -> Result<(), EngineError> {
+        if let Err(e) = result {
+            cancel.cancel();
+            self.give_back();
+            return Err(e.into());
+        }
+        self.launch(tx, cancel, stopping);
+        Ok(())
     }
 
     /// The commit holding these attempts' starts has landed: they begin, unless the run is

@@ -528,28 +528,17 @@ impl Store {
             let mut durations = tx.open_table(DURATIONS).map_err(storage)?;
             let mut stats = tx.open_table(TOOL_STATS).map_err(storage)?;
             let now = now_millis();
-            // each row is read once and written once per batch, however many changes touch
-            // it: a step's start, attempt and end often share a commit, and every write of a
-            // row costs its encoding and a walk of its B-tree
-            let mut touched: Vec<RunRow> = Vec::new();
-            let mut step_rows = Rows::default();
-            let mut attempt_rows: BTreeMap<(RunId, String, u32), AttemptRecord> = BTreeMap::new();
-            let mut tool_stats: BTreeMap<String, ToolStats> = BTreeMap::new();
-            let mut tool_durations: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+            let mut run_rows: Touched<RunId, RunRow> = Touched::default();
+            let mut step_rows: Touched<(RunId, String), StepRow> = Touched::default();
+            let mut attempt_rows: Touched<(RunId, String, u32), AttemptRecord> = Touched::default();
+            let mut tool_stats: Touched<String, ToolStats> = Touched::default();
+            let mut tool_durations: Touched<String, Vec<u64>> = Touched::default();
             for change in changes {
                 let run_id = change_run(change);
-                let slot = match touched.iter().position(|r| r.record.id == run_id) {
-                    Some(i) => i,
-                    None => {
-                        let row: RunRow = match runs.get(run_id).map_err(storage)? {
-                            Some(v) => decode("runs", &run_id, v.value())?,
-                            None => return Err(StateError::UnknownRun(run_id)),
-                        };
-                        touched.push(row);
-                        touched.len() - 1
-                    }
-                };
-                let run = &mut touched[slot];
+                let run = run_rows.get(run_id, || match runs.get(run_id).map_err(storage)? {
+                    Some(v) => decode("runs", &run_id, v.value()),
+                    None => Err(StateError::UnknownRun(run_id)),
+                })?;
                 match change {
                     Change::RunState { to, reason, .. } => {
                         let r = &mut run.record;
@@ -584,7 +573,9 @@ impl Store {
                         output,
                         ..
                     } => {
-                        let s = &mut step_rows.get(&steps, run_id, step)?.record;
+                        let s = &mut step_rows
+                            .get((run_id, step.clone()), || load_step(&steps, run_id, step))?
+                            .record;
                         if !s.state.can_become(*to) {
                             return Err(StateError::IllegalTransition {
                                 run: run_id,
@@ -614,7 +605,8 @@ impl Store {
                     Change::AttemptStarted {
                         step, number, tool, ..
                     } => {
-                        let row = step_rows.get(&steps, run_id, step)?;
+                        let row = step_rows
+                            .get((run_id, step.clone()), || load_step(&steps, run_id, step))?;
                         row.record.attempts = *number;
                         row.record.tool = Some(tool.clone());
                         row.record.progress = None;
@@ -630,7 +622,9 @@ impl Store {
                             stderr: String::new(),
                             retry_at: None,
                         };
-                        attempt_rows.insert((run_id, step.clone(), *number), attempt);
+                        attempt_rows
+                            .0
+                            .insert((run_id, step.clone(), *number), attempt);
                         let detail = format!("attempt {number} with tool {tool}");
                         append_event(&mut events, run, Some(step), "attempt.started", detail)?;
                     }
@@ -644,53 +638,32 @@ impl Store {
                         retry_at,
                         ..
                     } => {
-                        let key = (run_id, step.clone(), *number);
-                        let attempt = match attempt_rows.entry(key) {
-                            Entry::Occupied(e) => e.into_mut(),
-                            Entry::Vacant(e) => {
-                                let stored = (run_id, step.as_str(), *number);
-                                let found = match attempts.get(stored).map_err(storage)? {
-                                    Some(v) => decode("attempts", &stored, v.value())?,
-                                    None => {
-                                        return Err(StateError::UnknownAttempt {
-                                            run: run_id,
-                                            step: step.clone(),
-                                            number: *number,
-                                        });
-                                    }
-                                };
-                                e.insert(found)
-                            }
-                        };
+                        let key = (run_id, step.as_str(), *number);
+                        let attempt =
+                            attempt_rows.get((run_id, step.clone(), *number), || match attempts
+                                .get(key)
+                                .map_err(storage)?
+                            {
+                                Some(v) => decode("attempts", &key, v.value()),
+                                None => Err(StateError::UnknownAttempt {
+                                    run: run_id,
+                                    step: step.clone(),
+                                    number: *number,
+                                }),
+                            })?;
                         attempt.finished_at = Some(now);
                         attempt.outcome = Some(*outcome);
                         let took = now.saturating_sub(attempt.started_at);
-                        if !tool_stats.contains_key(&attempt.tool) {
-                            let s = match stats.get(attempt.tool.as_str()).map_err(storage)? {
-                                Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
-                                None => ToolStats::default(),
-                            };
-                            tool_stats.insert(attempt.tool.clone(), s);
-                        }
-                        if let Some(s) = tool_stats.get_mut(&attempt.tool) {
-                            s.record(*outcome, took);
-                        }
+                        let tool = attempt.tool.as_str();
+                        tool_stats
+                            .get(tool.to_string(), || or_default(&stats, tool))?
+                            .record(*outcome, took);
                         if *outcome == Outcome::Succeeded {
-                            if !tool_durations.contains_key(&attempt.tool) {
-                                let kept =
-                                    match durations.get(attempt.tool.as_str()).map_err(storage)? {
-                                        Some(v) => {
-                                            serde_json::from_slice(v.value()).unwrap_or_default()
-                                        }
-                                        None => Vec::new(),
-                                    };
-                                tool_durations.insert(attempt.tool.clone(), kept);
-                            }
-                            if let Some(kept) = tool_durations.get_mut(&attempt.tool) {
-                                kept.push(took);
-                                let extra = kept.len().saturating_sub(DURATIONS_KEPT);
-                                kept.drain(..extra);
-                            }
+                            let kept = tool_durations
+                                .get(tool.to_string(), || or_default(&durations, tool))?;
+                            kept.push(took);
+                            let extra = kept.len().saturating_sub(DURATIONS_KEPT);
+                            kept.drain(..extra);
                         }
                         attempt.error = error.clone();
                         attempt.stdout = stdout.clone();
@@ -728,7 +701,8 @@ impl Store {
                         message,
                         ..
                     } => {
-                        let row = step_rows.get(&steps, run_id, step)?;
+                        let row = step_rows
+                            .get((run_id, step.clone()), || load_step(&steps, run_id, step))?;
                         row.record.progress = Some(fraction.clamp(0.0, 1.0));
                         let detail = format!("{:.0}% {message}", fraction * 100.0);
                         append_event(&mut events, run, Some(step), "plugin.progress", detail)?;
@@ -748,26 +722,25 @@ impl Store {
                     }
                 }
             }
-            for run in &touched {
-                runs.insert(run.record.id, encode(run).as_slice())
-                    .map_err(storage)?;
+            for (id, run) in &run_rows.0 {
+                runs.insert(*id, encode(run).as_slice()).map_err(storage)?;
             }
             for ((run, step), row) in &step_rows.0 {
                 steps
                     .insert((*run, step.as_str()), encode(row).as_slice())
                     .map_err(storage)?;
             }
-            for ((run, step, number), attempt) in &attempt_rows {
+            for ((run, step, number), attempt) in &attempt_rows.0 {
                 attempts
                     .insert((*run, step.as_str(), *number), encode(attempt).as_slice())
                     .map_err(storage)?;
             }
-            for (tool, s) in &tool_stats {
+            for (tool, s) in &tool_stats.0 {
                 stats
                     .insert(tool.as_str(), encode(s).as_slice())
                     .map_err(storage)?;
             }
-            for (tool, kept) in &tool_durations {
+            for (tool, kept) in &tool_durations.0 {
                 durations
                     .insert(tool.as_str(), encode(kept).as_slice())
                     .map_err(storage)?;
@@ -1055,33 +1028,54 @@ fn change_run(change: &Change) -> RunId {
     }
 }
 
-/// The step rows one batch touches, read on first use and written back once at its end.
-#[derive(Default)]
-struct Rows(BTreeMap<(RunId, String), StepRow>);
+/// The rows of one table that a batch touches, each read on first use and written back once
+/// at the batch's end, however many changes touch it: a step's start, attempt and end often
+/// share a commit, and every write of a row costs its encoding and a walk of its B-tree.
+struct Touched<K, V>(BTreeMap<K, V>);
 
-impl Rows {
+impl<K, V> Default for Touched<K, V> {
+    fn default() -> Self {
+        Touched(BTreeMap::new())
+    }
+}
+
+impl<K: Ord, V> Touched<K, V> {
     fn get(
         &mut self,
-        steps: &redb::Table<(u64, &str), &[u8]>,
-        run: RunId,
-        step: &str,
-    ) -> Result<&mut StepRow, StateError> {
-        match self.0.entry((run, step.to_string())) {
+        key: K,
+        load: impl FnOnce() -> Result<V, StateError>,
+    ) -> Result<&mut V, StateError> {
+        match self.0.entry(key) {
             Entry::Occupied(e) => Ok(e.into_mut()),
-            Entry::Vacant(e) => {
-                let row = match steps.get((run, step)).map_err(storage)? {
-                    Some(v) => decode("steps", &(run, step), v.value())?,
-                    None => {
-                        return Err(StateError::UnknownStep {
-                            run,
-                            step: step.to_string(),
-                        });
-                    }
-                };
-                Ok(e.insert(row))
-            }
+            Entry::Vacant(e) => Ok(e.insert(load()?)),
         }
     }
+}
+
+fn load_step(
+    steps: &redb::Table<(u64, &str), &[u8]>,
+    run: RunId,
+    step: &str,
+) -> Result<StepRow, StateError> {
+    match steps.get((run, step)).map_err(storage)? {
+        Some(v) => decode("steps", &(run, step), v.value()),
+        None => Err(StateError::UnknownStep {
+            run,
+            step: step.to_string(),
+        }),
+    }
+}
+
+/// A tool's record in a counters table, or a fresh one: counters are a convenience, and one
+/// that cannot be read starts over rather than failing the attempt that would update it.
+fn or_default<T: Default + for<'de> Deserialize<'de>>(
+    table: &redb::Table<&str, &[u8]>,
+    tool: &str,
+) -> Result<T, StateError> {
+    Ok(match table.get(tool).map_err(storage)? {
+        Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
+        None => T::default(),
+    })
 }
 
 fn append_event(
@@ -1124,15 +1118,7 @@ pub fn chain_hash(previous: &str, run: RunId, e: &EventRecord) -> String {
     field(e.step.as_deref().unwrap_or("\u{0}").as_bytes());
     field(e.kind.as_bytes());
     field(e.detail.as_bytes());
-    let digest = h.finalize();
-    // by hand: a `format!` per byte was a third of the cost of recording an event
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut hex = String::with_capacity(2 * digest.len());
-    for b in digest {
-        hex.push(HEX[usize::from(b >> 4)] as char);
-        hex.push(HEX[usize::from(b & 15)] as char);
-    }
-    hex
+    crate::hex(&h.finalize())
 }
 
 impl Store {

@@ -404,7 +404,7 @@ impl Runtime {
             .hash(&mut engine_hash);
         let key = format!(
             "{}-{:016x}",
-            hex(&Sha256::digest(bytes)),
+            crate::hex(&Sha256::digest(bytes)),
             engine_hash.finish()
         );
         let file = dir.join(format!("{key}.cwasm"));
@@ -676,10 +676,6 @@ fn trap_reason(e: &wasmtime::Error, stderr: &str) -> String {
         Some(trap) => format!("trapped: {trap}"),
         None => format!("{e:#}"),
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// stdout/stderr for a plugin: keeps the first `limit` bytes and drops the rest without ever
