@@ -5,6 +5,7 @@ pub mod breaker;
 pub mod daemon;
 pub mod doc;
 pub mod engine;
+pub mod journal;
 pub mod metrics;
 pub mod model;
 pub mod process;

@@ -2,13 +2,16 @@
 //!
 //! Every change goes through [`Store::apply`], which checks each transition against the
 //! lifecycles of `model.rs`, appends the matching events, and commits the whole batch in one
-//! write transaction, or nothing of it.
+//! write transaction, or nothing of it. The batch is durable once its row writes are in the
+//! journal (`journal.rs`); the database file itself is made durable at checkpoints.
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
@@ -24,7 +27,7 @@ const SCHEMA_VERSION: u64 = 1;
 
 // The whole schema. Records are JSON: readable with any redb tool, and cheap next to the fsync
 // that every commit costs.
-/// Counters: `next_run`, `schema`.
+/// Counters: `next_run`, `schema`, and [`JOURNAL_GENERATION`].
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Run id → [`RunRow`].
 const RUNS: TableDefinition<u64, &[u8]> = TableDefinition::new("runs");
@@ -53,6 +56,10 @@ const TOOL_STATS: TableDefinition<&str, &[u8]> = TableDefinition::new("tool_stat
 const BREAKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("breakers");
 /// (run, seq) → [`EventRecord`].
 const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events");
+
+/// The journal generation the database's last durable commit named: the journal's records of
+/// that generation are the batches committed since, and are replayed on open.
+const JOURNAL_GENERATION: &str = "journal";
 
 /// A run as stored: the record plus the next event number of its log.
 #[derive(Serialize, Deserialize)]
@@ -98,6 +105,9 @@ pub enum StateError {
         /// Its version.
         found: u64,
     },
+    /// Reading or writing the journal failed.
+    #[error("state journal: {0}")]
+    Journal(#[from] std::io::Error),
     /// Reading or writing the database failed.
     #[error("state storage: {0}")]
     Storage(#[from] Box<redb::Error>),
@@ -319,7 +329,7 @@ pub enum Change {
 /// handle to the same open file, so a commit can be handed to a blocking thread.
 #[derive(Clone)]
 pub struct Store {
-    db: std::sync::Arc<Database>,
+    shared: std::sync::Arc<Shared>,
     path: std::sync::Arc<Path>,
     /// Bumped after every commit, so followers of the event log wake without polling.
     committed: tokio::sync::watch::Sender<u64>,
@@ -339,18 +349,60 @@ impl Store {
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StateError::InUse(path)),
             Err(e) => return Err(open_err(Box::new(e))),
         };
+        // opened after the database, whose lock keeps a second process away from both
+        let mut journal = crate::journal::Journal::open(&dir.join(crate::journal::JOURNAL_FILE))
+            .map_err(|e| open_err(Box::new(e)))?;
+        let generation = {
+            let tx = db.begin_read().map_err(storage)?;
+            match tx.open_table(META) {
+                Ok(meta) => meta
+                    .get(JOURNAL_GENERATION)
+                    .map_err(storage)?
+                    .map_or(0, |v| v.value()),
+                Err(redb::TableError::TableDoesNotExist(_)) => 0,
+                Err(e) => return Err(storage(e)),
+            }
+        };
+        journal.restart(generation);
         let store = Store {
-            db: std::sync::Arc::new(db),
+            shared: std::sync::Arc::new(Shared {
+                db,
+                journal: std::sync::Mutex::new(journal),
+            }),
             path: path.into(),
             committed: tokio::sync::watch::Sender::new(0),
         };
-        store.init()?;
+        store.init(generation)?;
         Ok(store)
     }
 
-    /// Creates every table so that reads of a fresh file find them, and checks the layout.
-    fn init(&self) -> Result<(), StateError> {
-        let tx = self.db.begin_write().map_err(storage)?;
+    /// Replays the journal's batches since the last checkpoint, creates every table so that
+    /// reads of a fresh file find them, and checks the layout; durable on return.
+    fn init(&self, generation: u64) -> Result<(), StateError> {
+        self.write_durably(|tx, journal| {
+            self.create_tables(tx)?;
+            // generation 0 is a file no journal has written to yet
+            if generation > 0 {
+                let records = journal.records(generation)?;
+                for (i, record) in records.iter().enumerate() {
+                    replay(tx, record).map_err(|error| StateError::Corrupt {
+                        table: "journal",
+                        key: format!("record {i} of generation {generation}"),
+                        error,
+                    })?;
+                }
+                if !records.is_empty() {
+                    tracing::info!(
+                        records = records.len(),
+                        "replayed the journal's batches since the last checkpoint"
+                    );
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn create_tables(&self, tx: &WriteTransaction) -> Result<(), StateError> {
         {
             let mut meta = tx.open_table(META).map_err(storage)?;
             let found = meta.get("schema").map_err(storage)?.map(|v| v.value());
@@ -377,7 +429,21 @@ impl Store {
             tx.open_table(DURATIONS).map_err(storage)?;
             tx.open_table(TOOL_STATS).map_err(storage)?;
         }
-        tx.commit().map_err(storage)
+        Ok(())
+    }
+
+    /// Runs `write` in a write transaction and commits it durably, with everything journaled
+    /// before it: for the rare writes (a new run, a prune) that need not be fast.
+    fn write_durably<T>(
+        &self,
+        write: impl FnOnce(&WriteTransaction, &crate::journal::Journal) -> Result<T, StateError>,
+    ) -> Result<T, StateError> {
+        let mut journal = self.shared.lock_journal();
+        journal.usable()?;
+        let tx = self.shared.db.begin_write().map_err(storage)?;
+        let out = write(&tx, &journal)?;
+        commit_durably(tx, &mut journal)?;
+        Ok(out)
     }
 
     /// The database file.
@@ -419,11 +485,9 @@ impl Store {
             submission,
             standing,
         } = new;
-        let tx = self.db.begin_write().map_err(storage)?;
-        let id;
-        {
+        let id = self.write_durably(|tx, _| {
             let mut meta = tx.open_table(META).map_err(storage)?;
-            id = meta
+            let id = meta
                 .get("next_run")
                 .map_err(storage)?
                 .map(|v| v.value())
@@ -471,6 +535,7 @@ impl Store {
             let mut events = tx.open_table(EVENTS).map_err(storage)?;
             append_event(
                 &mut events,
+                &mut Redo::default(),
                 &mut row,
                 None,
                 "run.created",
@@ -506,19 +571,27 @@ impl Store {
                     .insert(sub.claim, encode(&record).as_slice())
                     .map_err(storage)?;
             }
-        }
-        tx.commit().map_err(storage)?;
+            Ok(id)
+        })?;
         self.committed.send_modify(|n| *n += 1);
         Ok(id)
     }
 
     /// Applies the batch in order in one write transaction, durable on return. If any change
     /// is illegal, nothing of the batch is written.
+    ///
+    /// The transaction commits without syncing the database; its row writes then go to the
+    /// journal, whose sync makes the batch durable. Until that sync lands, a reader in this
+    /// process may already see the batch, but no follower is woken for it.
     pub fn apply(&self, changes: &[Change]) -> Result<(), StateError> {
         if changes.is_empty() {
             return Ok(());
         }
-        let tx = self.db.begin_write().map_err(storage)?;
+        let mut journal = self.shared.lock_journal();
+        journal.usable()?;
+        let mut tx = self.shared.db.begin_write().map_err(storage)?;
+        tx.set_durability(Durability::None).map_err(storage)?;
+        let mut redo = Redo::default();
         {
             let mut runs = tx.open_table(RUNS).map_err(storage)?;
             let mut steps = tx.open_table(STEPS).map_err(storage)?;
@@ -564,7 +637,14 @@ impl Store {
                             _ => r.finished_at = Some(now),
                         }
                         let detail = reason.clone().unwrap_or_default();
-                        append_event(&mut events, run, None, &format!("run.{to}"), detail)?;
+                        append_event(
+                            &mut events,
+                            &mut redo,
+                            run,
+                            None,
+                            &format!("run.{to}"),
+                            detail,
+                        )?;
                     }
                     Change::StepState {
                         step,
@@ -600,7 +680,14 @@ impl Store {
                             s.output = output.clone();
                         }
                         let detail = reason.clone().unwrap_or_default();
-                        append_event(&mut events, run, Some(step), &format!("step.{to}"), detail)?;
+                        append_event(
+                            &mut events,
+                            &mut redo,
+                            run,
+                            Some(step),
+                            &format!("step.{to}"),
+                            detail,
+                        )?;
                     }
                     Change::AttemptStarted {
                         step, number, tool, ..
@@ -626,7 +713,14 @@ impl Store {
                             .0
                             .insert((run_id, step.clone(), *number), attempt);
                         let detail = format!("attempt {number} with tool {tool}");
-                        append_event(&mut events, run, Some(step), "attempt.started", detail)?;
+                        append_event(
+                            &mut events,
+                            &mut redo,
+                            run,
+                            Some(step),
+                            "attempt.started",
+                            detail,
+                        )?;
                     }
                     Change::AttemptFinished {
                         step,
@@ -680,19 +774,27 @@ impl Store {
                                 at.saturating_sub(now)
                             ));
                         }
-                        append_event(&mut events, run, Some(step), &kind, detail)?;
+                        append_event(&mut events, &mut redo, run, Some(step), &kind, detail)?;
                     }
                     Change::Breaker {
                         step, transition, ..
                     } => {
+                        let record = encode(&transition.record);
                         breakers
-                            .insert(
-                                transition.tool.as_str(),
-                                encode(&transition.record).as_slice(),
-                            )
+                            .insert(transition.tool.as_str(), record.as_slice())
                             .map_err(storage)?;
+                        redo.row(RedoTable::Breakers)
+                            .str(&transition.tool)
+                            .bytes(&record);
                         if let Some((kind, detail)) = &transition.event {
-                            append_event(&mut events, run, step.as_deref(), kind, detail.clone())?;
+                            append_event(
+                                &mut events,
+                                &mut redo,
+                                run,
+                                step.as_deref(),
+                                kind,
+                                detail.clone(),
+                            )?;
                         }
                     }
                     Change::StepProgress {
@@ -705,7 +807,14 @@ impl Store {
                             .get((run_id, step.clone()), || load_step(&steps, run_id, step))?;
                         row.record.progress = Some(fraction.clamp(0.0, 1.0));
                         let detail = format!("{:.0}% {message}", fraction * 100.0);
-                        append_event(&mut events, run, Some(step), "plugin.progress", detail)?;
+                        append_event(
+                            &mut events,
+                            &mut redo,
+                            run,
+                            Some(step),
+                            "plugin.progress",
+                            detail,
+                        )?;
                     }
                     Change::Recovered { .. } => {
                         run.record.crashes += 1;
@@ -713,48 +822,78 @@ impl Store {
                             "found in flight after an unclean stop ({} in a row)",
                             run.record.crashes
                         );
-                        append_event(&mut events, run, None, "run.recovered", detail)?;
+                        append_event(&mut events, &mut redo, run, None, "run.recovered", detail)?;
                     }
                     Change::Event {
                         step, kind, detail, ..
                     } => {
-                        append_event(&mut events, run, step.as_deref(), kind, detail.clone())?;
+                        append_event(
+                            &mut events,
+                            &mut redo,
+                            run,
+                            step.as_deref(),
+                            kind,
+                            detail.clone(),
+                        )?;
                     }
                 }
             }
             for (id, run) in &run_rows.0 {
-                runs.insert(*id, encode(run).as_slice()).map_err(storage)?;
+                let value = encode(run);
+                runs.insert(*id, value.as_slice()).map_err(storage)?;
+                redo.row(RedoTable::Runs).u64(*id).bytes(&value);
             }
             for ((run, step), row) in &step_rows.0 {
+                let value = encode(row);
                 steps
-                    .insert((*run, step.as_str()), encode(row).as_slice())
+                    .insert((*run, step.as_str()), value.as_slice())
                     .map_err(storage)?;
+                redo.row(RedoTable::Steps).u64(*run).str(step).bytes(&value);
             }
             for ((run, step, number), attempt) in &attempt_rows.0 {
+                let value = encode(attempt);
                 attempts
-                    .insert((*run, step.as_str(), *number), encode(attempt).as_slice())
+                    .insert((*run, step.as_str(), *number), value.as_slice())
                     .map_err(storage)?;
+                redo.row(RedoTable::Attempts)
+                    .u64(*run)
+                    .str(step)
+                    .u32(*number)
+                    .bytes(&value);
             }
             for (tool, s) in &tool_stats.0 {
+                let value = encode(s);
                 stats
-                    .insert(tool.as_str(), encode(s).as_slice())
+                    .insert(tool.as_str(), value.as_slice())
                     .map_err(storage)?;
+                redo.row(RedoTable::ToolStats).str(tool).bytes(&value);
             }
             for (tool, kept) in &tool_durations.0 {
+                let value = encode(kept);
                 durations
-                    .insert(tool.as_str(), encode(kept).as_slice())
+                    .insert(tool.as_str(), value.as_slice())
                     .map_err(storage)?;
+                redo.row(RedoTable::Durations).str(tool).bytes(&value);
             }
         }
         // dropping `tx` without commit aborts it: an error above leaves nothing behind
         tx.commit().map_err(storage)?;
+        journal.append(&redo.0)?;
+        if journal.appended() >= crate::journal::CHECKPOINT_AFTER {
+            // the batch is durable already; a failed checkpoint is retried after the next one
+            let checkpoint = self.shared.db.begin_write().map_err(storage);
+            if let Err(e) = checkpoint.and_then(|tx| commit_durably(tx, &mut journal)) {
+                tracing::warn!("state checkpoint failed, retried after the next commit: {e}");
+            }
+        }
+        drop(journal);
         self.committed.send_modify(|n| *n += 1);
         Ok(())
     }
 
     /// A run, if the state has it.
     pub fn run(&self, id: RunId) -> Result<Option<RunRecord>, StateError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.shared.db.begin_read().map_err(storage)?;
         let runs = tx.open_table(RUNS).map_err(storage)?;
         match runs.get(id).map_err(storage)? {
             Some(v) => Ok(Some(decode::<RunRow>("runs", &id, v.value())?.record)),
@@ -764,7 +903,7 @@ impl Store {
 
     /// The run a claimed file became, if it was recorded.
     pub fn submission(&self, claim: &str) -> Result<Option<RunId>, StateError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.shared.db.begin_read().map_err(storage)?;
         let table = tx.open_table(SUBMISSIONS).map_err(storage)?;
         match table.get(claim).map_err(storage)? {
             Some(v) => {
@@ -777,7 +916,7 @@ impl Store {
 
     /// The plan a run was recorded with.
     pub fn plan(&self, id: RunId) -> Result<Option<serde_json::Value>, StateError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.shared.db.begin_read().map_err(storage)?;
         let plans = tx.open_table(PLANS).map_err(storage)?;
         match plans.get(id).map_err(storage)? {
             Some(v) => Ok(Some(decode("plans", &id, v.value())?)),
@@ -787,7 +926,7 @@ impl Store {
 
     /// The newest `limit` runs, oldest first: reads only those, however long the history.
     pub fn latest_runs(&self, limit: usize) -> Result<Vec<RunRecord>, StateError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.shared.db.begin_read().map_err(storage)?;
         let runs = tx.open_table(RUNS).map_err(storage)?;
         let mut out = Vec::new();
         for item in runs.iter().map_err(storage)?.rev().take(limit) {
@@ -805,7 +944,7 @@ impl Store {
 
     /// A run's steps, in workflow order.
     pub fn steps(&self, run: RunId) -> Result<Vec<StepRecord>, StateError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.shared.db.begin_read().map_err(storage)?;
         let steps = tx.open_table(STEPS).map_err(storage)?;
         let mut rows: Vec<StepRow> = Vec::new();
         for item in steps.range((run, "")..(run + 1, "")).map_err(storage)? {
@@ -818,7 +957,7 @@ impl Store {
 
     /// A step's attempts, first first.
     pub fn attempts(&self, run: RunId, step: &str) -> Result<Vec<AttemptRecord>, StateError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.shared.db.begin_read().map_err(storage)?;
         let attempts = tx.open_table(ATTEMPTS).map_err(storage)?;
         let mut out = Vec::new();
         for item in attempts
@@ -838,7 +977,7 @@ impl Store {
 
     /// The events of a run's log numbered above `after`, in order.
     pub fn events_after(&self, run: RunId, after: u64) -> Result<Vec<EventRecord>, StateError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.shared.db.begin_read().map_err(storage)?;
         let events = tx.open_table(EVENTS).map_err(storage)?;
         let mut out = Vec::new();
         for item in events
@@ -856,7 +995,7 @@ impl Store {
     /// Each run with the number of its latest event, oldest run first: what a follower of
     /// every run's log compares against to find what is new.
     pub fn event_heads(&self) -> Result<Vec<(RunId, u64)>, StateError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.shared.db.begin_read().map_err(storage)?;
         let runs = tx.open_table(RUNS).map_err(storage)?;
         let mut out = Vec::new();
         for item in runs.iter().map_err(storage)? {
@@ -869,7 +1008,7 @@ impl Store {
 
     /// The registered standing workflows: key and `{plan, source, workstream}`.
     pub fn standing(&self) -> Result<Vec<(String, serde_json::Value)>, StateError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.shared.db.begin_read().map_err(storage)?;
         let table = tx.open_table(STANDING).map_err(storage)?;
         let mut out = Vec::new();
         for item in table.iter().map_err(storage)? {
@@ -882,7 +1021,7 @@ impl Store {
 
     /// Each tool's recent successful attempt durations, in milliseconds, oldest first.
     pub fn durations(&self) -> Result<std::collections::HashMap<String, Vec<u64>>, StateError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.shared.db.begin_read().map_err(storage)?;
         let table = tx.open_table(DURATIONS).map_err(storage)?;
         let mut out = std::collections::HashMap::new();
         for item in table.iter().map_err(storage)? {
@@ -920,9 +1059,8 @@ impl Store {
         if doomed.is_empty() {
             return Ok(0);
         }
-        let tx = self.db.begin_write().map_err(storage)?;
-        let mut gone = std::collections::HashSet::new();
-        {
+        let gone = self.write_durably(|tx, _| {
+            let mut gone = std::collections::HashSet::new();
             let mut runs = tx.open_table(RUNS).map_err(storage)?;
             let mut plans = tx.open_table(PLANS).map_err(storage)?;
             let mut steps = tx.open_table(STEPS).map_err(storage)?;
@@ -963,15 +1101,15 @@ impl Store {
                         .is_none_or(|run| !gone.contains(&run))
                 })
                 .map_err(storage)?;
-        }
-        tx.commit().map_err(storage)?;
+            Ok(gone)
+        })?;
         self.committed.send_modify(|n| *n += 1);
         Ok(gone.len())
     }
 
     /// Every tool's attempt counters.
     pub fn tool_stats(&self) -> Result<Vec<(String, ToolStats)>, StateError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.shared.db.begin_read().map_err(storage)?;
         let table = tx.open_table(TOOL_STATS).map_err(storage)?;
         let mut out = Vec::new();
         for item in table.iter().map_err(storage)? {
@@ -984,7 +1122,7 @@ impl Store {
 
     /// How many steps of all runs are in each state.
     pub fn step_counts(&self) -> Result<std::collections::BTreeMap<StepState, u64>, StateError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.shared.db.begin_read().map_err(storage)?;
         let table = tx.open_table(STEPS).map_err(storage)?;
         let mut out = std::collections::BTreeMap::new();
         for item in table.iter().map_err(storage)? {
@@ -997,7 +1135,7 @@ impl Store {
 
     /// Every tool's circuit breaker as last written.
     pub fn breakers(&self) -> Result<Vec<(String, crate::breaker::BreakerRecord)>, StateError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.shared.db.begin_read().map_err(storage)?;
         let table = tx.open_table(BREAKERS).map_err(storage)?;
         let mut out = Vec::new();
         for item in table.iter().map_err(storage)? {
@@ -1013,6 +1151,171 @@ impl Store {
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.committed.subscribe()
     }
+}
+
+/// What every handle of one open state shares.
+struct Shared {
+    db: Database,
+    /// Held across a whole write, from the transaction to the journal's sync, so records
+    /// reach the journal in commit order.
+    journal: std::sync::Mutex<crate::journal::Journal>,
+}
+
+impl Shared {
+    fn lock_journal(&self) -> std::sync::MutexGuard<'_, crate::journal::Journal> {
+        // a panic mid-write aborted its transaction; the journal itself is still whole
+        self.journal.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for Shared {
+    /// A clean close leaves the database holding everything, so the next open replays nothing.
+    fn drop(&mut self) {
+        let journal = self.journal.get_mut().unwrap_or_else(|e| e.into_inner());
+        if journal.appended() == 0 || journal.usable().is_err() {
+            return;
+        }
+        let checkpoint = self.db.begin_write().map_err(storage);
+        if let Err(e) = checkpoint.and_then(|tx| commit_durably(tx, journal)) {
+            tracing::warn!("final state checkpoint failed; the next open replays the journal: {e}");
+        }
+    }
+}
+
+/// Commits `tx` durably, naming a new journal generation in it: once that lands the database
+/// holds every batch journaled before, and the journal starts over.
+fn commit_durably(
+    tx: WriteTransaction,
+    journal: &mut crate::journal::Journal,
+) -> Result<(), StateError> {
+    let began = std::time::Instant::now();
+    let journaled = journal.appended();
+    let generation = journal.generation() + 1;
+    tx.open_table(META)
+        .map_err(storage)?
+        .insert(JOURNAL_GENERATION, generation)
+        .map_err(storage)?;
+    tx.commit().map_err(storage)?;
+    journal.restart(generation);
+    tracing::debug!(journaled, took = ?began.elapsed(), "durable commit");
+    Ok(())
+}
+
+/// The tables a batch writes rows of, as tagged in the journal.
+#[derive(Clone, Copy)]
+#[repr(u8)]
+enum RedoTable {
+    Runs = 1,
+    Steps,
+    Attempts,
+    Events,
+    Breakers,
+    Durations,
+    ToolStats,
+}
+
+/// One batch's row writes in the journal's encoding: per row the table's tag, the key's parts
+/// and the value, little-endian, strings and values prefixed by their length. Replaying them is
+/// a matter of inserting each again, and doing so twice changes nothing.
+#[derive(Default)]
+struct Redo(Vec<u8>);
+
+impl Redo {
+    fn row(&mut self, table: RedoTable) -> &mut Self {
+        self.0.push(table as u8);
+        self
+    }
+
+    fn u64(&mut self, v: u64) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+
+    fn u32(&mut self, v: u32) -> &mut Self {
+        self.0.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+
+    fn str(&mut self, v: &str) -> &mut Self {
+        self.bytes(v.as_bytes())
+    }
+
+    fn bytes(&mut self, v: &[u8]) -> &mut Self {
+        self.u32(v.len() as u32);
+        self.0.extend_from_slice(v);
+        self
+    }
+}
+
+/// Reads a [`Redo`] back.
+struct Unredo<'a>(&'a [u8]);
+
+impl<'a> Unredo<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        if self.0.len() < n {
+            return Err("record ends inside a row".into());
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().unwrap_or_default(),
+        ))
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().unwrap_or_default(),
+        ))
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], String> {
+        let n = self.u32()? as usize;
+        self.take(n)
+    }
+
+    fn str(&mut self) -> Result<&'a str, String> {
+        std::str::from_utf8(self.bytes()?).map_err(|e| e.to_string())
+    }
+}
+
+/// Writes one journal record's rows into `tx`.
+fn replay(tx: &WriteTransaction, record: &[u8]) -> Result<(), String> {
+    let e = |e: redb::TableError| e.to_string();
+    let mut runs = tx.open_table(RUNS).map_err(e)?;
+    let mut steps = tx.open_table(STEPS).map_err(e)?;
+    let mut attempts = tx.open_table(ATTEMPTS).map_err(e)?;
+    let mut events = tx.open_table(EVENTS).map_err(e)?;
+    let mut breakers = tx.open_table(BREAKERS).map_err(e)?;
+    let mut durations = tx.open_table(DURATIONS).map_err(e)?;
+    let mut stats = tx.open_table(TOOL_STATS).map_err(e)?;
+    let mut r = Unredo(record);
+    while let Some((&tag, rest)) = r.0.split_first() {
+        r.0 = rest;
+        let written = match tag {
+            t if t == RedoTable::Runs as u8 => runs.insert(r.u64()?, r.bytes()?).map(drop),
+            t if t == RedoTable::Steps as u8 => {
+                steps.insert((r.u64()?, r.str()?), r.bytes()?).map(drop)
+            }
+            t if t == RedoTable::Attempts as u8 => attempts
+                .insert((r.u64()?, r.str()?, r.u32()?), r.bytes()?)
+                .map(drop),
+            t if t == RedoTable::Events as u8 => {
+                events.insert((r.u64()?, r.u64()?), r.bytes()?).map(drop)
+            }
+            t if t == RedoTable::Breakers as u8 => breakers.insert(r.str()?, r.bytes()?).map(drop),
+            t if t == RedoTable::Durations as u8 => {
+                durations.insert(r.str()?, r.bytes()?).map(drop)
+            }
+            t if t == RedoTable::ToolStats as u8 => stats.insert(r.str()?, r.bytes()?).map(drop),
+            t => return Err(format!("unknown table tag {t}")),
+        };
+        written.map_err(|e| e.to_string())?;
+    }
+    Ok(())
 }
 
 fn change_run(change: &Change) -> RunId {
@@ -1080,6 +1383,7 @@ fn or_default<T: Default + for<'de> Deserialize<'de>>(
 
 fn append_event(
     events: &mut redb::Table<(u64, u64), &[u8]>,
+    redo: &mut Redo,
     run: &mut RunRow,
     step: Option<&str>,
     kind: &str,
@@ -1094,9 +1398,14 @@ fn append_event(
         hash: String::new(),
     };
     event.hash = chain_hash(&run.last_hash, run.record.id, &event);
+    let value = encode(&event);
     events
-        .insert((run.record.id, event.seq), encode(&event).as_slice())
+        .insert((run.record.id, event.seq), value.as_slice())
         .map_err(storage)?;
+    redo.row(RedoTable::Events)
+        .u64(run.record.id)
+        .u64(event.seq)
+        .bytes(&value);
     run.next_event += 1;
     run.last_hash = event.hash.clone();
     Ok(())
@@ -1126,7 +1435,7 @@ impl Store {
     /// the chain's head kept with the run. `Ok(n)` with the number of events when it holds;
     /// `Err` says where it breaks.
     pub fn verify(&self, run: RunId) -> Result<Result<u64, String>, StateError> {
-        let tx = self.db.begin_read().map_err(storage)?;
+        let tx = self.shared.db.begin_read().map_err(storage)?;
         let runs = tx.open_table(RUNS).map_err(storage)?;
         let row: RunRow = match runs.get(run).map_err(storage)? {
             Some(v) => decode("runs", &run, v.value())?,
@@ -1462,5 +1771,75 @@ mod tests {
                 .apply(&[step_to(run, "a", StepState::Running)])
                 .is_err()
         );
+    }
+    /// The state folder's files as a crash would leave them: whatever was written, synced or not.
+    fn crash_copy(from: &Path, journal: bool) -> tempfile::TempDir {
+        let to = tempfile::tempdir().unwrap();
+        std::fs::copy(from.join(STATE_FILE), to.path().join(STATE_FILE)).unwrap();
+        if journal {
+            let name = crate::journal::JOURNAL_FILE;
+            std::fs::copy(from.join(name), to.path().join(name)).unwrap();
+        }
+        to
+    }
+
+    #[test]
+    fn a_crash_loses_no_acknowledged_batch_across_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let run = new_run(&store);
+        store
+            .apply(&[step_to(run, "a", StepState::Running)])
+            .unwrap();
+        // 200 KB of output per attempt: the journal passes a checkpoint partway through
+        let big = "x".repeat(200_000);
+        let attempts = 8;
+        for number in 1..=attempts {
+            let finished = Change::AttemptFinished {
+                run,
+                step: "a".into(),
+                number,
+                outcome: Outcome::Failed,
+                error: None,
+                stdout: format!("{number}{big}"),
+                stderr: String::new(),
+                retry_at: None,
+            };
+            let started = Change::AttemptStarted {
+                run,
+                step: "a".into(),
+                number,
+                tool: "t".into(),
+            };
+            store.apply(&[started]).unwrap();
+            store.apply(&[finished]).unwrap();
+        }
+        let journaled = store.shared.lock_journal().appended();
+        assert!(journaled > 0 && journaled < crate::journal::CHECKPOINT_AFTER);
+
+        // the database file alone holds only what the last checkpoint made durable ...
+        let bare = crash_copy(dir.path(), false);
+        let older = Store::open(bare.path())
+            .unwrap()
+            .attempts(run, "a")
+            .unwrap();
+        assert!(older.len() < attempts as usize, "{} attempts", older.len());
+        // ... and the journal replays the rest
+        let copy = crash_copy(dir.path(), true);
+        let reopened = Store::open(copy.path()).unwrap();
+        let got = reopened.attempts(run, "a").unwrap();
+        assert_eq!(got.len(), attempts as usize);
+        for (a, number) in got.iter().zip(1..) {
+            assert_eq!(a.outcome, Some(Outcome::Failed));
+            assert!(a.stdout.starts_with(&format!("{number}x")));
+        }
+        assert_eq!(reopened.verify(run).unwrap(), store.verify(run).unwrap());
+        let stats = reopened.tool_stats().unwrap();
+        assert_eq!(stats[0].1.outcomes["failed"], u64::from(attempts));
+        // the replay was checkpointed: the next open of the same files finds nothing to redo
+        drop(reopened);
+        let again = Store::open(copy.path()).unwrap();
+        assert_eq!(again.shared.lock_journal().appended(), 0);
+        assert_eq!(again.attempts(run, "a").unwrap().len(), attempts as usize);
     }
 }
