@@ -3,11 +3,13 @@
 //! Every change goes through [`Store::apply`], which checks each transition against the
 //! lifecycles of `model.rs`, appends the matching events, and commits the whole batch in one
 //! write transaction, or nothing of it. The batch is durable once its row writes are in the
-//! journal (`journal.rs`); the database file itself is made durable at checkpoints.
+//! journal (`journal.rs`); a writer thread puts them into the database behind it, and the
+//! database file itself is made durable at checkpoints.
 
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
@@ -329,8 +331,10 @@ pub enum Change {
 /// handle to the same open file, so a commit can be handed to a blocking thread.
 #[derive(Clone)]
 pub struct Store {
-    shared: std::sync::Arc<Shared>,
-    path: std::sync::Arc<Path>,
+    shared: Arc<Shared>,
+    /// The last handle to go stops the writer and checkpoints.
+    _writer: Arc<Writer>,
+    path: Arc<Path>,
     /// Bumped after every commit, so followers of the event log wake without polling.
     committed: tokio::sync::watch::Sender<u64>,
 }
@@ -364,15 +368,42 @@ impl Store {
             }
         };
         journal.restart(generation);
-        let store = Store {
-            shared: std::sync::Arc::new(Shared {
-                db,
-                journal: std::sync::Mutex::new(journal),
+        let shared = Arc::new(Shared {
+            db,
+            writes: Mutex::new(Writes {
+                journal,
+                behind: None,
+                writing: false,
+                failed: None,
+                closing: false,
             }),
+            queued: Condvar::new(),
+            caught_up: Condvar::new(),
+        });
+        let mut store = Store {
+            shared: shared.clone(),
             path: path.into(),
             committed: tokio::sync::watch::Sender::new(0),
+            _writer: Arc::new(Writer {
+                shared: shared.clone(),
+                thread: None,
+            }),
         };
         store.init(generation)?;
+        let thread = std::thread::Builder::new()
+            .name("uet-state-writer".into())
+            .spawn({
+                let shared = shared.clone();
+                move || write_behind(&shared)
+            })
+            .map_err(|e| StateError::Open {
+                path: store.path.to_path_buf(),
+                source: Box::new(e),
+            })?;
+        store._writer = Arc::new(Writer {
+            shared,
+            thread: Some(thread),
+        });
         Ok(store)
     }
 
@@ -384,12 +415,8 @@ impl Store {
             // generation 0 is a file no journal has written to yet
             if generation > 0 {
                 let records = journal.records(generation)?;
-                for (i, record) in records.iter().enumerate() {
-                    replay(tx, record).map_err(|error| StateError::Corrupt {
-                        table: "journal",
-                        key: format!("record {i} of generation {generation}"),
-                        error,
-                    })?;
+                for record in &records {
+                    replay(tx, record)?;
                 }
                 if !records.is_empty() {
                     tracing::info!(
@@ -438,12 +465,17 @@ impl Store {
         &self,
         write: impl FnOnce(&WriteTransaction, &crate::journal::Journal) -> Result<T, StateError>,
     ) -> Result<T, StateError> {
-        let mut journal = self.shared.lock_journal();
-        journal.usable()?;
+        let mut writes = self.shared.caught_up()?;
         let tx = self.shared.db.begin_write().map_err(storage)?;
-        let out = write(&tx, &journal)?;
-        commit_durably(tx, &mut journal)?;
+        let out = write(&tx, &writes.journal)?;
+        commit_durably(tx, &mut writes.journal)?;
         Ok(out)
+    }
+
+    /// A read of everything applied so far, the batches still being written behind included.
+    fn read(&self) -> Result<redb::ReadTransaction, StateError> {
+        let _caught_up = self.shared.caught_up()?;
+        self.shared.db.begin_read().map_err(storage)
     }
 
     /// The database file.
@@ -511,7 +543,8 @@ impl Store {
                 next_event: 1,
                 last_hash: String::new(),
             };
-            let mut steps = tx.open_table(STEPS).map_err(storage)?;
+            // the rows go in the way a journaled batch does
+            let mut created = Redo::default();
             for (position, step) in step_ids.iter().enumerate() {
                 let row = StepRow {
                     position: position as u32,
@@ -528,23 +561,21 @@ impl Store {
                         attempt_started_at: None,
                     },
                 };
-                steps
-                    .insert((id, step.as_str()), encode(&row).as_slice())
-                    .map_err(storage)?;
+                created
+                    .row(RedoTable::Steps)
+                    .u64(id)
+                    .str(step)
+                    .bytes(&encode(&row));
             }
-            let mut events = tx.open_table(EVENTS).map_err(storage)?;
             append_event(
-                &mut events,
-                &mut Redo::default(),
+                &mut created,
                 &mut row,
                 None,
                 "run.created",
                 format!("{} steps from {source}", step_ids.len()),
             )?;
-            tx.open_table(RUNS)
-                .map_err(storage)?
-                .insert(id, encode(&row).as_slice())
-                .map_err(storage)?;
+            created.row(RedoTable::Runs).u64(id).bytes(&encode(&row));
+            replay(tx, &created.0)?;
             tx.open_table(PLANS)
                 .map_err(storage)?
                 .insert(id, encode(&plan).as_slice())
@@ -580,26 +611,22 @@ impl Store {
     /// Applies the batch in order in one write transaction, durable on return. If any change
     /// is illegal, nothing of the batch is written.
     ///
-    /// The transaction commits without syncing the database; its row writes then go to the
-    /// journal, whose sync makes the batch durable. Until that sync lands, a reader in this
-    /// process may already see the batch, but no follower is woken for it.
+    /// The batch's rows are worked out from a read of the state, appended to the journal as
+    /// one record, and synced: then it is durable and this returns. The writer thread puts the
+    /// rows into the database meanwhile; every read and write of this store waits for it.
     pub fn apply(&self, changes: &[Change]) -> Result<(), StateError> {
         if changes.is_empty() {
             return Ok(());
         }
-        let mut journal = self.shared.lock_journal();
-        journal.usable()?;
-        let mut tx = self.shared.db.begin_write().map_err(storage)?;
-        tx.set_durability(Durability::None).map_err(storage)?;
+        let mut writes = self.shared.caught_up()?;
+        let tx = self.shared.db.begin_read().map_err(storage)?;
         let mut redo = Redo::default();
         {
-            let mut runs = tx.open_table(RUNS).map_err(storage)?;
-            let mut steps = tx.open_table(STEPS).map_err(storage)?;
-            let mut attempts = tx.open_table(ATTEMPTS).map_err(storage)?;
-            let mut events = tx.open_table(EVENTS).map_err(storage)?;
-            let mut breakers = tx.open_table(BREAKERS).map_err(storage)?;
-            let mut durations = tx.open_table(DURATIONS).map_err(storage)?;
-            let mut stats = tx.open_table(TOOL_STATS).map_err(storage)?;
+            let runs = tx.open_table(RUNS).map_err(storage)?;
+            let steps = tx.open_table(STEPS).map_err(storage)?;
+            let attempts = tx.open_table(ATTEMPTS).map_err(storage)?;
+            let durations = tx.open_table(DURATIONS).map_err(storage)?;
+            let stats = tx.open_table(TOOL_STATS).map_err(storage)?;
             let now = now_millis();
             let mut run_rows: Touched<RunId, RunRow> = Touched::default();
             let mut step_rows: Touched<(RunId, String), StepRow> = Touched::default();
@@ -637,14 +664,7 @@ impl Store {
                             _ => r.finished_at = Some(now),
                         }
                         let detail = reason.clone().unwrap_or_default();
-                        append_event(
-                            &mut events,
-                            &mut redo,
-                            run,
-                            None,
-                            &format!("run.{to}"),
-                            detail,
-                        )?;
+                        append_event(&mut redo, run, None, &format!("run.{to}"), detail)?;
                     }
                     Change::StepState {
                         step,
@@ -680,14 +700,7 @@ impl Store {
                             s.output = output.clone();
                         }
                         let detail = reason.clone().unwrap_or_default();
-                        append_event(
-                            &mut events,
-                            &mut redo,
-                            run,
-                            Some(step),
-                            &format!("step.{to}"),
-                            detail,
-                        )?;
+                        append_event(&mut redo, run, Some(step), &format!("step.{to}"), detail)?;
                     }
                     Change::AttemptStarted {
                         step, number, tool, ..
@@ -713,14 +726,7 @@ impl Store {
                             .0
                             .insert((run_id, step.clone(), *number), attempt);
                         let detail = format!("attempt {number} with tool {tool}");
-                        append_event(
-                            &mut events,
-                            &mut redo,
-                            run,
-                            Some(step),
-                            "attempt.started",
-                            detail,
-                        )?;
+                        append_event(&mut redo, run, Some(step), "attempt.started", detail)?;
                     }
                     Change::AttemptFinished {
                         step,
@@ -774,27 +780,17 @@ impl Store {
                                 at.saturating_sub(now)
                             ));
                         }
-                        append_event(&mut events, &mut redo, run, Some(step), &kind, detail)?;
+                        append_event(&mut redo, run, Some(step), &kind, detail)?;
                     }
                     Change::Breaker {
                         step, transition, ..
                     } => {
                         let record = encode(&transition.record);
-                        breakers
-                            .insert(transition.tool.as_str(), record.as_slice())
-                            .map_err(storage)?;
                         redo.row(RedoTable::Breakers)
                             .str(&transition.tool)
                             .bytes(&record);
                         if let Some((kind, detail)) = &transition.event {
-                            append_event(
-                                &mut events,
-                                &mut redo,
-                                run,
-                                step.as_deref(),
-                                kind,
-                                detail.clone(),
-                            )?;
+                            append_event(&mut redo, run, step.as_deref(), kind, detail.clone())?;
                         }
                     }
                     Change::StepProgress {
@@ -807,14 +803,7 @@ impl Store {
                             .get((run_id, step.clone()), || load_step(&steps, run_id, step))?;
                         row.record.progress = Some(fraction.clamp(0.0, 1.0));
                         let detail = format!("{:.0}% {message}", fraction * 100.0);
-                        append_event(
-                            &mut events,
-                            &mut redo,
-                            run,
-                            Some(step),
-                            "plugin.progress",
-                            detail,
-                        )?;
+                        append_event(&mut redo, run, Some(step), "plugin.progress", detail)?;
                     }
                     Change::Recovered { .. } => {
                         run.record.crashes += 1;
@@ -822,78 +811,72 @@ impl Store {
                             "found in flight after an unclean stop ({} in a row)",
                             run.record.crashes
                         );
-                        append_event(&mut events, &mut redo, run, None, "run.recovered", detail)?;
+                        append_event(&mut redo, run, None, "run.recovered", detail)?;
                     }
                     Change::Event {
                         step, kind, detail, ..
                     } => {
-                        append_event(
-                            &mut events,
-                            &mut redo,
-                            run,
-                            step.as_deref(),
-                            kind,
-                            detail.clone(),
-                        )?;
+                        append_event(&mut redo, run, step.as_deref(), kind, detail.clone())?;
                     }
                 }
             }
             for (id, run) in &run_rows.0 {
-                let value = encode(run);
-                runs.insert(*id, value.as_slice()).map_err(storage)?;
-                redo.row(RedoTable::Runs).u64(*id).bytes(&value);
+                redo.row(RedoTable::Runs).u64(*id).bytes(&encode(run));
             }
             for ((run, step), row) in &step_rows.0 {
-                let value = encode(row);
-                steps
-                    .insert((*run, step.as_str()), value.as_slice())
-                    .map_err(storage)?;
-                redo.row(RedoTable::Steps).u64(*run).str(step).bytes(&value);
+                redo.row(RedoTable::Steps)
+                    .u64(*run)
+                    .str(step)
+                    .bytes(&encode(row));
             }
             for ((run, step, number), attempt) in &attempt_rows.0 {
-                let value = encode(attempt);
-                attempts
-                    .insert((*run, step.as_str(), *number), value.as_slice())
-                    .map_err(storage)?;
                 redo.row(RedoTable::Attempts)
                     .u64(*run)
                     .str(step)
                     .u32(*number)
-                    .bytes(&value);
+                    .bytes(&encode(attempt));
             }
             for (tool, s) in &tool_stats.0 {
-                let value = encode(s);
-                stats
-                    .insert(tool.as_str(), value.as_slice())
-                    .map_err(storage)?;
-                redo.row(RedoTable::ToolStats).str(tool).bytes(&value);
+                redo.row(RedoTable::ToolStats).str(tool).bytes(&encode(s));
             }
             for (tool, kept) in &tool_durations.0 {
-                let value = encode(kept);
-                durations
-                    .insert(tool.as_str(), value.as_slice())
-                    .map_err(storage)?;
-                redo.row(RedoTable::Durations).str(tool).bytes(&value);
+                redo.row(RedoTable::Durations)
+                    .str(tool)
+                    .bytes(&encode(kept));
             }
         }
-        // dropping `tx` without commit aborts it: an error above leaves nothing behind
-        tx.commit().map_err(storage)?;
-        journal.append(&redo.0)?;
-        if journal.appended() >= crate::journal::CHECKPOINT_AFTER {
-            // the batch is durable already; a failed checkpoint is retried after the next one
-            let checkpoint = self.shared.db.begin_write().map_err(storage);
-            if let Err(e) = checkpoint.and_then(|tx| commit_durably(tx, &mut journal)) {
-                tracing::warn!("state checkpoint failed, retried after the next commit: {e}");
+        drop(tx);
+        // an error above wrote nothing; from here on the batch is the journal's
+        writes.journal.append(&redo.0)?;
+        if writes.journal.appended() >= crate::journal::CHECKPOINT_AFTER {
+            // nothing is behind (this write waited for that): this batch and the checkpoint
+            // go into the database in one durable commit
+            let checkpoint = self
+                .shared
+                .db
+                .begin_write()
+                .map_err(storage)
+                .and_then(|tx| {
+                    replay(&tx, &redo.0)?;
+                    commit_durably(tx, &mut writes.journal)
+                });
+            if let Err(e) = checkpoint {
+                // durable in the journal, but not in the database: later writes would build on
+                // a state without it, so this process writes nothing more
+                writes.failed = Some(e.to_string());
             }
+        } else {
+            writes.behind = Some(redo.0);
+            self.shared.queued.notify_one();
         }
-        drop(journal);
+        drop(writes);
         self.committed.send_modify(|n| *n += 1);
         Ok(())
     }
 
     /// A run, if the state has it.
     pub fn run(&self, id: RunId) -> Result<Option<RunRecord>, StateError> {
-        let tx = self.shared.db.begin_read().map_err(storage)?;
+        let tx = self.read()?;
         let runs = tx.open_table(RUNS).map_err(storage)?;
         match runs.get(id).map_err(storage)? {
             Some(v) => Ok(Some(decode::<RunRow>("runs", &id, v.value())?.record)),
@@ -903,7 +886,7 @@ impl Store {
 
     /// The run a claimed file became, if it was recorded.
     pub fn submission(&self, claim: &str) -> Result<Option<RunId>, StateError> {
-        let tx = self.shared.db.begin_read().map_err(storage)?;
+        let tx = self.read()?;
         let table = tx.open_table(SUBMISSIONS).map_err(storage)?;
         match table.get(claim).map_err(storage)? {
             Some(v) => {
@@ -916,7 +899,7 @@ impl Store {
 
     /// The plan a run was recorded with.
     pub fn plan(&self, id: RunId) -> Result<Option<serde_json::Value>, StateError> {
-        let tx = self.shared.db.begin_read().map_err(storage)?;
+        let tx = self.read()?;
         let plans = tx.open_table(PLANS).map_err(storage)?;
         match plans.get(id).map_err(storage)? {
             Some(v) => Ok(Some(decode("plans", &id, v.value())?)),
@@ -926,7 +909,7 @@ impl Store {
 
     /// The newest `limit` runs, oldest first: reads only those, however long the history.
     pub fn latest_runs(&self, limit: usize) -> Result<Vec<RunRecord>, StateError> {
-        let tx = self.shared.db.begin_read().map_err(storage)?;
+        let tx = self.read()?;
         let runs = tx.open_table(RUNS).map_err(storage)?;
         let mut out = Vec::new();
         for item in runs.iter().map_err(storage)?.rev().take(limit) {
@@ -944,7 +927,7 @@ impl Store {
 
     /// A run's steps, in workflow order.
     pub fn steps(&self, run: RunId) -> Result<Vec<StepRecord>, StateError> {
-        let tx = self.shared.db.begin_read().map_err(storage)?;
+        let tx = self.read()?;
         let steps = tx.open_table(STEPS).map_err(storage)?;
         let mut rows: Vec<StepRow> = Vec::new();
         for item in steps.range((run, "")..(run + 1, "")).map_err(storage)? {
@@ -957,7 +940,7 @@ impl Store {
 
     /// A step's attempts, first first.
     pub fn attempts(&self, run: RunId, step: &str) -> Result<Vec<AttemptRecord>, StateError> {
-        let tx = self.shared.db.begin_read().map_err(storage)?;
+        let tx = self.read()?;
         let attempts = tx.open_table(ATTEMPTS).map_err(storage)?;
         let mut out = Vec::new();
         for item in attempts
@@ -977,7 +960,7 @@ impl Store {
 
     /// The events of a run's log numbered above `after`, in order.
     pub fn events_after(&self, run: RunId, after: u64) -> Result<Vec<EventRecord>, StateError> {
-        let tx = self.shared.db.begin_read().map_err(storage)?;
+        let tx = self.read()?;
         let events = tx.open_table(EVENTS).map_err(storage)?;
         let mut out = Vec::new();
         for item in events
@@ -995,7 +978,7 @@ impl Store {
     /// Each run with the number of its latest event, oldest run first: what a follower of
     /// every run's log compares against to find what is new.
     pub fn event_heads(&self) -> Result<Vec<(RunId, u64)>, StateError> {
-        let tx = self.shared.db.begin_read().map_err(storage)?;
+        let tx = self.read()?;
         let runs = tx.open_table(RUNS).map_err(storage)?;
         let mut out = Vec::new();
         for item in runs.iter().map_err(storage)? {
@@ -1008,7 +991,7 @@ impl Store {
 
     /// The registered standing workflows: key and `{plan, source, workstream}`.
     pub fn standing(&self) -> Result<Vec<(String, serde_json::Value)>, StateError> {
-        let tx = self.shared.db.begin_read().map_err(storage)?;
+        let tx = self.read()?;
         let table = tx.open_table(STANDING).map_err(storage)?;
         let mut out = Vec::new();
         for item in table.iter().map_err(storage)? {
@@ -1021,7 +1004,7 @@ impl Store {
 
     /// Each tool's recent successful attempt durations, in milliseconds, oldest first.
     pub fn durations(&self) -> Result<std::collections::HashMap<String, Vec<u64>>, StateError> {
-        let tx = self.shared.db.begin_read().map_err(storage)?;
+        let tx = self.read()?;
         let table = tx.open_table(DURATIONS).map_err(storage)?;
         let mut out = std::collections::HashMap::new();
         for item in table.iter().map_err(storage)? {
@@ -1109,7 +1092,7 @@ impl Store {
 
     /// Every tool's attempt counters.
     pub fn tool_stats(&self) -> Result<Vec<(String, ToolStats)>, StateError> {
-        let tx = self.shared.db.begin_read().map_err(storage)?;
+        let tx = self.read()?;
         let table = tx.open_table(TOOL_STATS).map_err(storage)?;
         let mut out = Vec::new();
         for item in table.iter().map_err(storage)? {
@@ -1122,7 +1105,7 @@ impl Store {
 
     /// How many steps of all runs are in each state.
     pub fn step_counts(&self) -> Result<std::collections::BTreeMap<StepState, u64>, StateError> {
-        let tx = self.shared.db.begin_read().map_err(storage)?;
+        let tx = self.read()?;
         let table = tx.open_table(STEPS).map_err(storage)?;
         let mut out = std::collections::BTreeMap::new();
         for item in table.iter().map_err(storage)? {
@@ -1135,7 +1118,7 @@ impl Store {
 
     /// Every tool's circuit breaker as last written.
     pub fn breakers(&self) -> Result<Vec<(String, crate::breaker::BreakerRecord)>, StateError> {
-        let tx = self.shared.db.begin_read().map_err(storage)?;
+        let tx = self.read()?;
         let table = tx.open_table(BREAKERS).map_err(storage)?;
         let mut out = Vec::new();
         for item in table.iter().map_err(storage)? {
@@ -1153,30 +1136,116 @@ impl Store {
     }
 }
 
-/// What every handle of one open state shares.
+/// What every handle of one open state, and its writer thread, share.
 struct Shared {
     db: Database,
-    /// Held across a whole write, from the transaction to the journal's sync, so records
-    /// reach the journal in commit order.
-    journal: std::sync::Mutex<crate::journal::Journal>,
+    writes: Mutex<Writes>,
+    /// Wakes the writer thread: a batch is queued, or the store is closing.
+    queued: Condvar,
+    /// Wakes those waiting for the writer thread to finish its batch.
+    caught_up: Condvar,
+}
+
+/// The write side, under one lock held from a batch's read of the state to its journal sync,
+/// so batches reach the journal, and the database, in order.
+struct Writes {
+    journal: crate::journal::Journal,
+    /// The journaled batch the writer thread is to put into the database next. One at most:
+    /// each write waits for the one before to be in.
+    behind: Option<Vec<u8>>,
+    /// The writer thread is putting a batch in.
+    writing: bool,
+    /// Why the writer thread, or a checkpoint, failed: the database then lacks a batch the
+    /// journal has, so this process reads and writes nothing more (a restart replays it).
+    failed: Option<String>,
+    /// The last handle is gone: the writer thread finishes its batch and stops.
+    closing: bool,
 }
 
 impl Shared {
-    fn lock_journal(&self) -> std::sync::MutexGuard<'_, crate::journal::Journal> {
-        // a panic mid-write aborted its transaction; the journal itself is still whole
-        self.journal.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, Writes> {
+        // a panic mid-batch wrote nothing to the journal; what it guards is still whole
+        self.writes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The write lock, once the database holds every journaled batch.
+    fn caught_up(&self) -> Result<MutexGuard<'_, Writes>, StateError> {
+        let mut writes = self.lock();
+        while writes.behind.is_some() || writes.writing {
+            writes = self
+                .caught_up
+                .wait(writes)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        if let Some(e) = &writes.failed {
+            return Err(StateError::Journal(std::io::Error::other(format!(
+                "the state could not be written ({e}); restart uet to recover from the journal"
+            ))));
+        }
+        writes.journal.usable()?;
+        Ok(writes)
     }
 }
 
-impl Drop for Shared {
-    /// A clean close leaves the database holding everything, so the next open replays nothing.
+/// The writer thread: puts each journaled batch into the database, committed without a sync
+/// (the journal made it durable), while the engine goes on.
+fn write_behind(shared: &Shared) {
+    let mut writes = shared.lock();
+    loop {
+        if let Some(batch) = writes.behind.take() {
+            writes.writing = true;
+            drop(writes);
+            let written = write_batch(&shared.db, &batch);
+            writes = shared.lock();
+            writes.writing = false;
+            if let Err(e) = written {
+                tracing::error!("cannot write a journaled batch into the state: {e}");
+                writes.failed.get_or_insert(e.to_string());
+            }
+            shared.caught_up.notify_all();
+        } else if writes.closing {
+            return;
+        } else {
+            writes = shared
+                .queued
+                .wait(writes)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+fn write_batch(db: &Database, batch: &[u8]) -> Result<(), StateError> {
+    let mut tx = db.begin_write().map_err(storage)?;
+    tx.set_durability(Durability::None).map_err(storage)?;
+    replay(&tx, batch)?;
+    tx.commit().map_err(storage)
+}
+
+/// Owns the writer thread; dropped with the last handle of the store.
+struct Writer {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Writer {
+    /// Stops the writer thread once it is done, then checkpoints: a clean close leaves the
+    /// database holding everything, so the next open replays nothing.
     fn drop(&mut self) {
-        let journal = self.journal.get_mut().unwrap_or_else(|e| e.into_inner());
-        if journal.appended() == 0 || journal.usable().is_err() {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        self.shared.lock().closing = true;
+        self.shared.queued.notify_all();
+        let _ = thread.join();
+        let mut writes = self.shared.lock();
+        if writes.journal.appended() == 0
+            || writes.failed.is_some()
+            || writes.journal.usable().is_err()
+        {
             return;
         }
-        let checkpoint = self.db.begin_write().map_err(storage);
-        if let Err(e) = checkpoint.and_then(|tx| commit_durably(tx, journal)) {
+        let checkpoint = self.shared.db.begin_write().map_err(storage);
+        if let Err(e) = checkpoint.and_then(|tx| commit_durably(tx, &mut writes.journal)) {
             tracing::warn!("final state checkpoint failed; the next open replays the journal: {e}");
         }
     }
@@ -1250,48 +1319,56 @@ impl Redo {
 /// Reads a [`Redo`] back.
 struct Unredo<'a>(&'a [u8]);
 
+/// A journal record that passed its checksum but does not parse: a bug, not a torn write.
+fn malformed(error: String) -> StateError {
+    StateError::Corrupt {
+        table: "journal",
+        key: "a batch".into(),
+        error,
+    }
+}
+
 impl<'a> Unredo<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StateError> {
         if self.0.len() < n {
-            return Err("record ends inside a row".into());
+            return Err(malformed("it ends inside a row".into()));
         }
         let (head, rest) = self.0.split_at(n);
         self.0 = rest;
         Ok(head)
     }
 
-    fn u64(&mut self) -> Result<u64, String> {
+    fn u64(&mut self) -> Result<u64, StateError> {
         Ok(u64::from_le_bytes(
             self.take(8)?.try_into().unwrap_or_default(),
         ))
     }
 
-    fn u32(&mut self) -> Result<u32, String> {
+    fn u32(&mut self) -> Result<u32, StateError> {
         Ok(u32::from_le_bytes(
             self.take(4)?.try_into().unwrap_or_default(),
         ))
     }
 
-    fn bytes(&mut self) -> Result<&'a [u8], String> {
+    fn bytes(&mut self) -> Result<&'a [u8], StateError> {
         let n = self.u32()? as usize;
         self.take(n)
     }
 
-    fn str(&mut self) -> Result<&'a str, String> {
-        std::str::from_utf8(self.bytes()?).map_err(|e| e.to_string())
+    fn str(&mut self) -> Result<&'a str, StateError> {
+        std::str::from_utf8(self.bytes()?).map_err(|e| malformed(e.to_string()))
     }
 }
 
 /// Writes one journal record's rows into `tx`.
-fn replay(tx: &WriteTransaction, record: &[u8]) -> Result<(), String> {
-    let e = |e: redb::TableError| e.to_string();
-    let mut runs = tx.open_table(RUNS).map_err(e)?;
-    let mut steps = tx.open_table(STEPS).map_err(e)?;
-    let mut attempts = tx.open_table(ATTEMPTS).map_err(e)?;
-    let mut events = tx.open_table(EVENTS).map_err(e)?;
-    let mut breakers = tx.open_table(BREAKERS).map_err(e)?;
-    let mut durations = tx.open_table(DURATIONS).map_err(e)?;
-    let mut stats = tx.open_table(TOOL_STATS).map_err(e)?;
+fn replay(tx: &WriteTransaction, record: &[u8]) -> Result<(), StateError> {
+    let mut runs = tx.open_table(RUNS).map_err(storage)?;
+    let mut steps = tx.open_table(STEPS).map_err(storage)?;
+    let mut attempts = tx.open_table(ATTEMPTS).map_err(storage)?;
+    let mut events = tx.open_table(EVENTS).map_err(storage)?;
+    let mut breakers = tx.open_table(BREAKERS).map_err(storage)?;
+    let mut durations = tx.open_table(DURATIONS).map_err(storage)?;
+    let mut stats = tx.open_table(TOOL_STATS).map_err(storage)?;
     let mut r = Unredo(record);
     while let Some((&tag, rest)) = r.0.split_first() {
         r.0 = rest;
@@ -1311,9 +1388,9 @@ fn replay(tx: &WriteTransaction, record: &[u8]) -> Result<(), String> {
                 durations.insert(r.str()?, r.bytes()?).map(drop)
             }
             t if t == RedoTable::ToolStats as u8 => stats.insert(r.str()?, r.bytes()?).map(drop),
-            t => return Err(format!("unknown table tag {t}")),
+            t => return Err(malformed(format!("unknown table tag {t}"))),
         };
-        written.map_err(|e| e.to_string())?;
+        written.map_err(storage)?;
     }
     Ok(())
 }
@@ -1356,7 +1433,7 @@ impl<K: Ord, V> Touched<K, V> {
 }
 
 fn load_step(
-    steps: &redb::Table<(u64, &str), &[u8]>,
+    steps: &impl ReadableTable<(u64, &'static str), &'static [u8]>,
     run: RunId,
     step: &str,
 ) -> Result<StepRow, StateError> {
@@ -1372,7 +1449,7 @@ fn load_step(
 /// A tool's record in a counters table, or a fresh one: counters are a convenience, and one
 /// that cannot be read starts over rather than failing the attempt that would update it.
 fn or_default<T: Default + for<'de> Deserialize<'de>>(
-    table: &redb::Table<&str, &[u8]>,
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
     tool: &str,
 ) -> Result<T, StateError> {
     Ok(match table.get(tool).map_err(storage)? {
@@ -1382,7 +1459,6 @@ fn or_default<T: Default + for<'de> Deserialize<'de>>(
 }
 
 fn append_event(
-    events: &mut redb::Table<(u64, u64), &[u8]>,
     redo: &mut Redo,
     run: &mut RunRow,
     step: Option<&str>,
@@ -1398,14 +1474,10 @@ fn append_event(
         hash: String::new(),
     };
     event.hash = chain_hash(&run.last_hash, run.record.id, &event);
-    let value = encode(&event);
-    events
-        .insert((run.record.id, event.seq), value.as_slice())
-        .map_err(storage)?;
     redo.row(RedoTable::Events)
         .u64(run.record.id)
         .u64(event.seq)
-        .bytes(&value);
+        .bytes(&encode(&event));
     run.next_event += 1;
     run.last_hash = event.hash.clone();
     Ok(())
@@ -1435,7 +1507,7 @@ impl Store {
     /// the chain's head kept with the run. `Ok(n)` with the number of events when it holds;
     /// `Err` says where it breaks.
     pub fn verify(&self, run: RunId) -> Result<Result<u64, String>, StateError> {
-        let tx = self.shared.db.begin_read().map_err(storage)?;
+        let tx = self.read()?;
         let runs = tx.open_table(RUNS).map_err(storage)?;
         let row: RunRow = match runs.get(run).map_err(storage)? {
             Some(v) => decode("runs", &run, v.value())?,
@@ -1814,7 +1886,7 @@ mod tests {
             store.apply(&[started]).unwrap();
             store.apply(&[finished]).unwrap();
         }
-        let journaled = store.shared.lock_journal().appended();
+        let journaled = store.shared.lock().journal.appended();
         assert!(journaled > 0 && journaled < crate::journal::CHECKPOINT_AFTER);
 
         // the database file alone holds only what the last checkpoint made durable ...
@@ -1839,7 +1911,7 @@ mod tests {
         // the replay was checkpointed: the next open of the same files finds nothing to redo
         drop(reopened);
         let again = Store::open(copy.path()).unwrap();
-        assert_eq!(again.shared.lock_journal().appended(), 0);
+        assert_eq!(again.shared.lock().journal.appended(), 0);
         assert_eq!(again.attempts(run, "a").unwrap().len(), attempts as usize);
     }
 }
