@@ -1195,7 +1195,11 @@ fn write_behind(shared: &Shared) {
         if let Some(batch) = writes.behind.take() {
             writes.writing = true;
             drop(writes);
-            let written = write_batch(&shared.db, &batch);
+            // a panic here must not leave every reader waiting for a batch that never lands
+            let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                write_batch(&shared.db, &batch)
+            }))
+            .unwrap_or_else(|_| Err(malformed("writing it panicked".into())));
             writes = shared.lock();
             writes.writing = false;
             if let Err(e) = written {
