@@ -367,7 +367,12 @@ impl Store {
                 Err(e) => return Err(storage(e)),
             }
         };
-        journal.restart(generation);
+        // a new database starts at a random generation, so a journal left from another one
+        // (a state file deleted without its journal) never matches
+        journal.restart(match generation {
+            0 => rand::random::<u64>() >> 1,
+            g => g,
+        });
         let shared = Arc::new(Shared {
             db,
             writes: Mutex::new(Writes {
@@ -1917,5 +1922,33 @@ mod tests {
         let again = Store::open(copy.path()).unwrap();
         assert_eq!(again.shared.lock().journal.appended(), 0);
         assert_eq!(again.attempts(run, "a").unwrap().len(), attempts as usize);
+    }
+    #[test]
+    fn a_journal_left_from_another_database_is_not_replayed() {
+        // the first state: run 1 with steps b and a, and a batch that only its journal holds
+        let first = tempfile::tempdir().unwrap();
+        let store = Store::open(first.path()).unwrap();
+        let run = new_run(&store);
+        store
+            .apply(&[step_to(run, "a", StepState::Running)])
+            .unwrap();
+        let left = crash_copy(first.path(), true);
+        drop(store);
+
+        // a new state file beside that journal, whose first run is another workflow
+        std::fs::remove_file(left.path().join(STATE_FILE)).unwrap();
+        let store = Store::open(left.path()).unwrap();
+        let other = store
+            .create_run("x", "/x.toml", "/ws", serde_json::json!({}), &["c".into()])
+            .unwrap();
+        assert_eq!(other, run, "both are run 1");
+        let crashed = crash_copy(left.path(), true);
+        drop(store);
+
+        let reopened = Store::open(crashed.path()).unwrap();
+        let steps: Vec<_> = reopened.steps(run).unwrap();
+        let ids: Vec<_> = steps.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["c"], "the other database's rows came back");
+        assert_eq!(kinds(&reopened, run), ["run.created"]);
     }
 }
