@@ -437,12 +437,16 @@ impl<'a> Scheduler<'a> {
             }
         }
 
+        let (syncs, syncing) = self.store.journal_appends();
         tracing::debug!(
             run = self.run,
             commits,
             on_driver_thread = inline,
             committing = ?committing,
             elapsed = ?started.elapsed(),
+            // the state's, not the run's: every run of this process counts
+            journal_syncs = syncs,
+            syncing = ?syncing,
             "run's commits"
         );
         if let Some(commit) = commit.take() {

@@ -36,6 +36,8 @@ pub struct Journal {
     /// Why an append failed. After that the database may hold a batch the journal does not,
     /// so nothing more is written or checkpointed by this process.
     broken: Option<String>,
+    /// Appends so far and the time they took, write and sync: for `RUST_LOG=uet=debug`.
+    appends: (u64, std::time::Duration),
 }
 
 impl Journal {
@@ -63,6 +65,7 @@ impl Journal {
             end: 0,
             generation: 0,
             broken: None,
+            appends: (0, std::time::Duration::ZERO),
         })
     }
 
@@ -98,6 +101,11 @@ impl Journal {
         self.generation
     }
 
+    /// How many appends this journal has made since it was opened, and the time they took.
+    pub fn appends(&self) -> (u64, std::time::Duration) {
+        self.appends
+    }
+
     /// How much has been appended since the last checkpoint.
     pub fn appended(&self) -> u64 {
         self.end
@@ -129,6 +137,7 @@ impl Journal {
         record.extend_from_slice(&generation);
         record.extend_from_slice(&checksum(&generation, payload).to_le_bytes());
         record.extend_from_slice(payload);
+        let began = std::time::Instant::now();
         let written = self
             .file
             .write_all_at(&record, self.end)
@@ -136,6 +145,8 @@ impl Journal {
         match written {
             Ok(()) => {
                 self.end += record.len() as u64;
+                self.appends.0 += 1;
+                self.appends.1 += began.elapsed();
                 Ok(())
             }
             Err(e) => {

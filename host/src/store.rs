@@ -1134,6 +1134,12 @@ impl Store {
         Ok(out)
     }
 
+    /// How many batches the journal has synced since the state was opened, and the time the
+    /// writes and syncs took: the part of a commit that is the disk's.
+    pub fn journal_appends(&self) -> (u64, std::time::Duration) {
+        self.shared.lock().journal.appends()
+    }
+
     /// A receiver that sees a change after every commit: followers wait on it instead of
     /// polling the file.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
