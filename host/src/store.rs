@@ -337,6 +337,8 @@ pub struct Store {
     path: Arc<Path>,
     /// Bumped after every commit, so followers of the event log wake without polling.
     committed: tokio::sync::watch::Sender<u64>,
+    /// How many journaled batches opening the state replayed.
+    replayed: usize,
 }
 
 impl Store {
@@ -389,12 +391,13 @@ impl Store {
             shared: shared.clone(),
             path: path.into(),
             committed: tokio::sync::watch::Sender::new(0),
+            replayed: 0,
             _writer: Arc::new(Writer {
                 shared: shared.clone(),
                 thread: None,
             }),
         };
-        store.init(generation)?;
+        store.replayed = store.init(generation)?;
         let thread = std::thread::Builder::new()
             .name("uet-state-writer".into())
             .spawn({
@@ -413,8 +416,9 @@ impl Store {
     }
 
     /// Replays the journal's batches since the last checkpoint, creates every table so that
-    /// reads of a fresh file find them, and checks the layout; durable on return.
-    fn init(&self, generation: u64) -> Result<(), StateError> {
+    /// reads of a fresh file find them, and checks the layout; durable on return. Returns how
+    /// many batches it replayed.
+    fn init(&self, generation: u64) -> Result<usize, StateError> {
         self.write_durably(|tx, journal| {
             self.create_tables(tx)?;
             // generation 0 is a file no journal has written to yet
@@ -429,9 +433,16 @@ impl Store {
                         "replayed the journal's batches since the last checkpoint"
                     );
                 }
+                return Ok(records.len());
             }
-            Ok(())
+            Ok(0)
         })
+    }
+
+    /// How many journaled batches opening the state replayed into the database: none after a
+    /// clean close, which checkpoints; after a crash, the batches since the last checkpoint.
+    pub fn replayed_at_open(&self) -> usize {
+        self.replayed
     }
 
     fn create_tables(&self, tx: &WriteTransaction) -> Result<(), StateError> {
@@ -1914,6 +1925,7 @@ mod tests {
         // ... and the journal replays the rest
         let copy = crash_copy(dir.path(), true);
         let reopened = Store::open(copy.path()).unwrap();
+        assert!(reopened.replayed_at_open() > 0);
         let got = reopened.attempts(run, "a").unwrap();
         assert_eq!(got.len(), attempts as usize);
         for (a, number) in got.iter().zip(1..) {
@@ -1926,6 +1938,7 @@ mod tests {
         // the replay was checkpointed: the next open of the same files finds nothing to redo
         drop(reopened);
         let again = Store::open(copy.path()).unwrap();
+        assert_eq!(again.replayed_at_open(), 0);
         assert_eq!(again.shared.lock().journal.appended(), 0);
         assert_eq!(again.attempts(run, "a").unwrap().len(), attempts as usize);
     }
