@@ -59,6 +59,10 @@ impl Journal {
                 at += n;
             }
             file.sync_all()?;
+            // and its name, so a crash cannot leave synced records in a file no folder lists
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                File::open(dir)?.sync_all()?;
+            }
         }
         Ok(Journal {
             file,

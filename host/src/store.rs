@@ -484,7 +484,7 @@ impl Store {
         let mut writes = self.shared.caught_up()?;
         let tx = self.shared.db.begin_write().map_err(storage)?;
         let out = write(&tx, &writes.journal)?;
-        commit_durably(tx, &mut writes.journal)?;
+        commit_durably(tx, &mut writes)?;
         Ok(out)
     }
 
@@ -866,7 +866,10 @@ impl Store {
         writes.journal.append(&redo.0)?;
         if writes.journal.appended() >= crate::journal::CHECKPOINT_AFTER {
             // nothing is behind (this write waited for that): this batch and the checkpoint
-            // go into the database in one durable commit
+            // go into the database in one durable commit. Until that lands the batch is in the
+            // journal but not the database, and later writes must not build on a state without
+            // it: marked failed first, so an error or a panic below leaves it so.
+            writes.failed = Some("a checkpoint did not finish".into());
             let checkpoint = self
                 .shared
                 .db
@@ -874,11 +877,9 @@ impl Store {
                 .map_err(storage)
                 .and_then(|tx| {
                     replay(&tx, &redo.0)?;
-                    commit_durably(tx, &mut writes.journal)
+                    commit_durably(tx, &mut writes)
                 });
             if let Err(e) = checkpoint {
-                // durable in the journal, but not in the database: later writes would build on
-                // a state without it, so this process writes nothing more
                 writes.failed = Some(e.to_string());
             }
         } else {
@@ -1186,7 +1187,8 @@ struct Writes {
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Writes> {
-        // a panic mid-batch wrote nothing to the journal; what it guards is still whole
+        // a panic with the lock held came before the batch reached the journal, or inside a
+        // durable commit, which marks the store failed first: what it guards is still whole
         self.writes.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -1271,7 +1273,7 @@ impl Drop for Writer {
             return;
         }
         let checkpoint = self.shared.db.begin_write().map_err(storage);
-        if let Err(e) = checkpoint.and_then(|tx| commit_durably(tx, &mut writes.journal)) {
+        if let Err(e) = checkpoint.and_then(|tx| commit_durably(tx, &mut writes)) {
             tracing::warn!("final state checkpoint failed; the next open replays the journal: {e}");
         }
     }
@@ -1279,19 +1281,29 @@ impl Drop for Writer {
 
 /// Commits `tx` durably, naming a new journal generation in it: once that lands the database
 /// holds every batch journaled before, and the journal starts over.
-fn commit_durably(
-    tx: WriteTransaction,
-    journal: &mut crate::journal::Journal,
-) -> Result<(), StateError> {
+///
+/// A commit that fails, or panics, may still have reached the disk in part (its header can land
+/// after a failed flush), so the database may name either generation: the store then refuses
+/// all work, and a restart finds out which from the file.
+fn commit_durably(tx: WriteTransaction, writes: &mut Writes) -> Result<(), StateError> {
     let began = std::time::Instant::now();
-    let journaled = journal.appended();
-    let generation = journal.generation() + 1;
-    tx.open_table(META)
-        .map_err(storage)?
-        .insert(JOURNAL_GENERATION, generation)
-        .map_err(storage)?;
-    tx.commit().map_err(storage)?;
-    journal.restart(generation);
+    let journaled = writes.journal.appended();
+    let generation = writes.journal.generation() + 1;
+    writes.failed = Some("a durable commit did not finish".into());
+    let committed = (|| {
+        tx.open_table(META)
+            .map_err(storage)?
+            .insert(JOURNAL_GENERATION, generation)
+            .map_err(storage)?;
+        tx.commit().map_err(storage)
+    })();
+    if let Err(e) = committed {
+        writes.failed = Some(format!("a durable commit failed: {e}"));
+        return Err(e);
+    }
+    // every caller holds a store that had not failed (or marked it failed only for this)
+    writes.failed = None;
+    writes.journal.restart(generation);
     tracing::debug!(journaled, took = ?began.elapsed(), "durable commit");
     Ok(())
 }
