@@ -6,7 +6,7 @@
 //! docs/ENGINE.md ("When a change is on disk") has the whole argument.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -33,9 +33,6 @@ pub struct Journal {
     end: u64,
     /// The generation the database's last durable commit named.
     generation: u64,
-    /// Why an append failed. After that the database may hold a batch the journal does not,
-    /// so nothing more is written or checkpointed by this process.
-    broken: Option<String>,
     /// Appends so far and the time they took, write and sync: for `RUST_LOG=uet=debug`.
     appends: (u64, std::time::Duration),
 }
@@ -68,34 +65,34 @@ impl Journal {
             file,
             end: 0,
             generation: 0,
-            broken: None,
             appends: (0, std::time::Duration::ZERO),
         })
     }
 
     /// The payloads written under `generation`, in order, up to the first record that is torn,
-    /// zero or of another generation.
+    /// zero or of another generation. Read a record at a time: after a clean close the first
+    /// header already ends it.
     pub fn records(&self, generation: u64) -> io::Result<Vec<Vec<u8>>> {
-        let mut data = Vec::new();
-        let mut file = &self.file;
-        file.seek(SeekFrom::Start(0))?;
-        file.read_to_end(&mut data)?;
+        let len = self.file.metadata()?.len();
         let mut out = Vec::new();
-        let mut rest = data.as_slice();
-        while rest.len() >= HEADER {
-            let len = u32::from_le_bytes(rest[0..4].try_into().unwrap_or_default()) as usize;
-            let generation_bytes: [u8; 8] = rest[4..12].try_into().unwrap_or_default();
-            let crc = u32::from_le_bytes(rest[12..16].try_into().unwrap_or_default());
-            let Some(payload) = rest.get(HEADER..HEADER + len) else {
-                break;
-            };
-            if u64::from_le_bytes(generation_bytes) != generation
-                || checksum(&generation_bytes, payload) != crc
-            {
+        let mut at = 0u64;
+        let mut header = [0u8; HEADER];
+        while at + HEADER as u64 <= len {
+            self.file.read_exact_at(&mut header, at)?;
+            let size = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default()) as u64;
+            let generation_bytes: [u8; 8] = header[4..12].try_into().unwrap_or_default();
+            let crc = u32::from_le_bytes(header[12..16].try_into().unwrap_or_default());
+            let start = at + HEADER as u64;
+            if u64::from_le_bytes(generation_bytes) != generation || start + size > len {
                 break;
             }
-            out.push(payload.to_vec());
-            rest = &rest[HEADER + len..];
+            let mut payload = vec![0u8; size as usize];
+            self.file.read_exact_at(&mut payload, start)?;
+            if checksum(&generation_bytes, &payload) != crc {
+                break;
+            }
+            out.push(payload);
+            at = start + size;
         }
         Ok(out)
     }
@@ -115,16 +112,6 @@ impl Journal {
         self.end
     }
 
-    /// Fails if an earlier append did.
-    pub fn usable(&self) -> io::Result<()> {
-        match &self.broken {
-            Some(e) => Err(io::Error::other(format!(
-                "an earlier write to the state journal failed ({e}); restart uet to recover"
-            ))),
-            None => Ok(()),
-        }
-    }
-
     /// Starts `generation` at the beginning of the file: the database's durable commit that
     /// names it holds everything journaled before, so the older records are spent.
     pub fn restart(&mut self, generation: u64) {
@@ -134,7 +121,6 @@ impl Journal {
 
     /// Appends one record and waits until it is on disk.
     pub fn append(&mut self, payload: &[u8]) -> io::Result<()> {
-        self.usable()?;
         let generation = self.generation.to_le_bytes();
         let mut record = Vec::with_capacity(HEADER + payload.len());
         record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -142,22 +128,12 @@ impl Journal {
         record.extend_from_slice(&checksum(&generation, payload).to_le_bytes());
         record.extend_from_slice(payload);
         let began = std::time::Instant::now();
-        let written = self
-            .file
-            .write_all_at(&record, self.end)
-            .and_then(|()| self.file.sync_data());
-        match written {
-            Ok(()) => {
-                self.end += record.len() as u64;
-                self.appends.0 += 1;
-                self.appends.1 += began.elapsed();
-                Ok(())
-            }
-            Err(e) => {
-                self.broken = Some(e.to_string());
-                Err(e)
-            }
-        }
+        self.file.write_all_at(&record, self.end)?;
+        self.file.sync_data()?;
+        self.end += record.len() as u64;
+        self.appends.0 += 1;
+        self.appends.1 += began.elapsed();
+        Ok(())
     }
 }
 

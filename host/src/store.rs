@@ -387,31 +387,25 @@ impl Store {
             queued: Condvar::new(),
             caught_up: Condvar::new(),
         });
-        let mut store = Store {
-            shared: shared.clone(),
-            path: path.into(),
-            committed: tokio::sync::watch::Sender::new(0),
-            replayed: 0,
-            _writer: Arc::new(Writer {
-                shared: shared.clone(),
-                thread: None,
-            }),
-        };
-        store.replayed = store.init(generation)?;
+        // started before the replay, which it waits for like any write: nothing is queued yet
         let thread = std::thread::Builder::new()
             .name("uet-state-writer".into())
             .spawn({
                 let shared = shared.clone();
                 move || write_behind(&shared)
             })
-            .map_err(|e| StateError::Open {
-                path: store.path.to_path_buf(),
-                source: Box::new(e),
-            })?;
-        store._writer = Arc::new(Writer {
-            shared,
-            thread: Some(thread),
-        });
+            .map_err(|e| open_err(Box::new(e)))?;
+        let mut store = Store {
+            shared: shared.clone(),
+            path: path.into(),
+            committed: tokio::sync::watch::Sender::new(0),
+            replayed: 0,
+            _writer: Arc::new(Writer {
+                shared,
+                thread: Some(thread),
+            }),
+        };
+        store.replayed = store.init(generation)?;
         Ok(store)
     }
 
@@ -863,7 +857,12 @@ impl Store {
         }
         drop(tx);
         // an error above wrote nothing; from here on the batch is the journal's
-        writes.journal.append(&redo.0)?;
+        if let Err(e) = writes.journal.append(&redo.0) {
+            // whether the record reached the disk is unknown, and the journal's end with it:
+            // this process writes nothing more, and a restart reads what is there
+            writes.failed = Some(format!("a journal write failed: {e}"));
+            return Err(e.into());
+        }
         if writes.journal.appended() >= crate::journal::CHECKPOINT_AFTER {
             // nothing is behind (this write waited for that): this batch and the checkpoint
             // go into the database in one durable commit. Until that lands the batch is in the
@@ -1178,8 +1177,9 @@ struct Writes {
     behind: Option<Vec<u8>>,
     /// The writer thread is putting a batch in.
     writing: bool,
-    /// Why the writer thread, or a checkpoint, failed: the database then lacks a batch the
-    /// journal has, so this process reads and writes nothing more (a restart replays it).
+    /// Why a journal write, the writer thread or a durable commit failed: the journal's end,
+    /// or what the database holds, is then unknown, so this process reads and writes nothing
+    /// more (a restart settles it from the files).
     failed: Option<String>,
     /// The last handle is gone: the writer thread finishes its batch and stops.
     closing: bool,
@@ -1206,7 +1206,6 @@ impl Shared {
                 "the state could not be written ({e}); restart uet to recover from the journal"
             ))));
         }
-        writes.journal.usable()?;
         Ok(writes)
     }
 }
@@ -1266,10 +1265,7 @@ impl Drop for Writer {
         self.shared.queued.notify_all();
         let _ = thread.join();
         let mut writes = self.shared.lock();
-        if writes.journal.appended() == 0
-            || writes.failed.is_some()
-            || writes.journal.usable().is_err()
-        {
+        if writes.journal.appended() == 0 || writes.failed.is_some() {
             return;
         }
         let checkpoint = self.shared.db.begin_write().map_err(storage);
