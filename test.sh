@@ -19,6 +19,8 @@ echo "== fmt"
 cargo fmt --all -- --check
 echo "== clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# the parsers-only build the fuzz targets use
+cargo clippy -p uet --no-default-features --lib --locked -- -D warnings
 echo "== plugins (wasm32-wasip2)"
 scripts/build-plugins
 echo "== tests"

@@ -5,9 +5,12 @@
 //! [`Request::Hello`]; the daemon answers [`Response::Hello`] (or an error if the versions do
 //! not match) and then answers each request with one response.
 
-use std::path::{Path, PathBuf};
+#[cfg(feature = "runtime")]
+use std::path::Path;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+#[cfg(feature = "runtime")]
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::model::RunId;
@@ -191,6 +194,7 @@ pub enum FrameError {
     Malformed(String),
 }
 
+#[cfg(feature = "runtime")]
 /// Writes one frame.
 pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     w: &mut W,
@@ -227,6 +231,7 @@ pub fn decode_frame<T: for<'de> Deserialize<'de>>(
         .map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
+#[cfg(feature = "runtime")]
 /// Reads one frame; `None` at a clean end of the connection.
 pub async fn read_frame<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
     r: &mut R,
@@ -248,6 +253,7 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
         .map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
+#[cfg(feature = "runtime")]
 /// The socket clients use when neither `--socket` nor `UET_SOCKET` says: per user, in
 /// `$XDG_RUNTIME_DIR/uet/`, else `/tmp/uet-UID/`.
 pub fn default_socket() -> PathBuf {
@@ -259,17 +265,20 @@ pub fn default_socket() -> PathBuf {
     dir.join("uet.sock")
 }
 
+#[cfg(feature = "runtime")]
 /// The local-socket name of a socket file.
 pub fn socket_name(path: &Path) -> std::io::Result<interprocess::local_socket::Name<'_>> {
     use interprocess::local_socket::{GenericFilePath, ToFsName};
     path.to_fs_name::<GenericFilePath>()
 }
 
+#[cfg(feature = "runtime")]
 /// A connected client, past the hello.
 pub struct Client {
     stream: interprocess::local_socket::tokio::Stream,
 }
 
+#[cfg(feature = "runtime")]
 impl Client {
     /// Connects and exchanges versions. A peer that accepted the connection but answered the
     /// hello with anything else is an [`std::io::ErrorKind::InvalidData`] error: something
@@ -309,7 +318,8 @@ impl Client {
     }
 }
 
-#[cfg(test)]
+// the tests drive frames through tokio streams
+#[cfg(all(test, feature = "runtime"))]
 mod tests {
     use super::*;
 

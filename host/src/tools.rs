@@ -48,7 +48,20 @@ pub struct Tool {
     /// Exit codes that decide whether a retry can help (command tools).
     pub exit_codes: ExitCodes,
     /// What a WASM plugin said of itself, once asked.
-    pub described: Option<crate::wasm::Description>,
+    pub described: Option<Description>,
+}
+
+/// What a plugin says about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Description {
+    /// Its name.
+    pub name: String,
+    /// Its version.
+    pub version: String,
+    /// What it can do.
+    pub capabilities: Vec<String>,
+    /// A JSON schema of its input, as JSON text.
+    pub input_schema: String,
 }
 
 /// What a tool runs.

@@ -62,18 +62,8 @@ pub fn cache_dir(state: &Path) -> PathBuf {
         .unwrap_or_else(|| state.join("cache"))
 }
 
-/// What a plugin says about itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Description {
-    /// Its name.
-    pub name: String,
-    /// Its version.
-    pub version: String,
-    /// What it can do.
-    pub capabilities: Vec<String>,
-    /// A JSON schema of its input, as JSON text.
-    pub input_schema: String,
-}
+// Kept with the tools file, which holds it once asked and builds without the WASM runtime.
+pub use crate::tools::Description;
 
 /// Something a plugin reported while it ran.
 #[derive(Debug, Clone, PartialEq)]
