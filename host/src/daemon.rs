@@ -90,6 +90,8 @@ struct Shared {
     standing: mpsc::UnboundedSender<StandingMsg>,
     /// Every tool's circuit breaker, shared by all runs.
     breakers: Arc<Breakers>,
+    /// Where command steps' process groups are noted while they run.
+    groups: Arc<crate::process::Groups>,
     /// Where `GET /metrics` is served, if it is.
     metrics_at: Mutex<Option<String>>,
     /// When retention last ran, and whether a run is already scheduled.
@@ -115,7 +117,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         e => e.into(),
     })?;
     // steps a killed daemon left running must not go on beside their retries
-    let reaped = crate::process::reap_groups(&engine::groups_dir(&store));
+    let (groups, reaped) = engine::open_groups(&store)
+        .map_err(|e| anyhow::anyhow!("cannot open the process-group ledger in {}: {e}", config.state.display()))?;
     if reaped > 0 {
         tracing::warn!("killed {reaped} process groups left running by an earlier uet");
     }
@@ -169,6 +172,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         inbox: inbox_tx,
         standing: standing_tx,
         breakers,
+        groups: Arc::new(groups),
         metrics_at: Mutex::new(None),
         pruned: Mutex::new((Instant::now(), false)),
         watchers: Mutex::new(HashMap::new()),
@@ -834,6 +838,7 @@ fn start(
                     grace: shared.config.grace,
                 }),
                 breakers: shared.breakers.clone(),
+                groups: shared.groups.clone(),
             };
             engine::execute(&shared.store, spec, cancel, None)
                 .await

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{Admission, Breakers, Phase};
 use crate::model::{Millis, Outcome, RunId, RunState, StepState, now_millis};
-use crate::process::{CommandSpec, Exit, run_command};
+use crate::process::{CommandSpec, Exit, Groups, run_command};
 use crate::store::{Change, StateError, Store};
 use crate::template;
 use crate::tools::{RetryPolicy, Tool, ToolKind, Tools};
@@ -56,6 +56,8 @@ pub struct RunSpec<'a> {
     pub pause: Option<Pause>,
     /// Everyone's circuit breakers (one set per process, shared by its runs).
     pub breakers: Arc<Breakers>,
+    /// Where command steps' process groups are noted while they run (one per state).
+    pub groups: Arc<Groups>,
 }
 
 /// A stop that is not an end: see [`RunSpec::pause`].
@@ -163,6 +165,7 @@ struct Scheduler<'a> {
     notices: Option<mpsc::UnboundedSender<Notice>>,
     rng: rand::rngs::SmallRng,
     breakers: Arc<Breakers>,
+    groups: Arc<Groups>,
     /// Per step: the tool its attempt in flight runs on, and whether it is a breaker's probe.
     in_flight: Vec<Option<(String, bool)>>,
     /// Ready steps whose tools' breakers all said wait, with those tools' names.
@@ -243,6 +246,7 @@ impl<'a> Scheduler<'a> {
             notices,
             rng: rand::make_rng(),
             breakers: spec.breakers.clone(),
+            groups: spec.groups.clone(),
             in_flight: vec![None; n],
             blocked: Vec::new(),
             wake_at: None,
@@ -350,7 +354,9 @@ impl<'a> Scheduler<'a> {
                     linger = None;
                     let began = Instant::now();
                     self.landing = std::mem::take(&mut self.queued);
-                    let result = self.store.apply(&std::mem::take(&mut self.changes));
+                    let result = self
+                        .store
+                        .apply_sync_behind(&std::mem::take(&mut self.changes));
                     last_commit = began.elapsed();
                     (commits, inline, committing) =
                         (commits + 1, inline + 1, committing + last_commit);
@@ -546,7 +552,7 @@ impl<'a> Scheduler<'a> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
             let began = Instant::now();
-            store.apply(&changes).map(|()| began.elapsed())
+            store.apply_sync_behind(&changes).map(|()| began.elapsed())
         })
     }
 
@@ -618,7 +624,7 @@ impl<'a> Scheduler<'a> {
                         timeout,
                         wasm: self.wasm.clone(),
                         reports: tx.clone(),
-                        ledger: groups_dir(self.store),
+                        groups: self.groups.clone(),
                     };
                     let tool = Arc::new(tool.clone());
                     tokio::spawn(async move {
@@ -931,15 +937,11 @@ impl<'a> Scheduler<'a> {
     }
 }
 
-/// Where the process groups of running command steps are noted, beside the state file: a uet
-/// that opens the state after an unclean stop kills what is left of them
-/// ([`crate::process::reap_groups`]).
-pub fn groups_dir(store: &Store) -> PathBuf {
-    store
-        .path()
-        .parent()
-        .unwrap_or(Path::new("."))
-        .join("groups")
+/// Opens the ledger of command steps' process groups beside the state file, killing the groups
+/// an earlier uet left running there (see [`Groups`]); returns it and how many it killed.
+pub fn open_groups(store: &Store) -> std::io::Result<(Groups, usize)> {
+    let dir = store.path().parent().unwrap_or(Path::new("."));
+    Groups::open(&dir.join("uet.groups"))
 }
 
 /// The changes that put a run's in-flight steps back in the queue after its driver stopped
@@ -1068,7 +1070,7 @@ struct AttemptContext {
     timeout: Option<Duration>,
     wasm: Option<Arc<Runtime>>,
     reports: mpsc::UnboundedSender<Message>,
-    ledger: PathBuf,
+    groups: Arc<Groups>,
 }
 
 async fn run_attempt(
@@ -1124,7 +1126,7 @@ async fn run_attempt(
                     ),
                 ],
                 timeout: ctx.timeout,
-                ledger: Some(ctx.ledger.clone()),
+                groups: Some(ctx.groups.clone()),
             };
             let result = run_command(spec, cancel).await;
             end.stdout = bounded(&result.stdout.text);

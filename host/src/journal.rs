@@ -33,7 +33,8 @@ pub struct Journal {
     end: u64,
     /// The generation the database's last durable commit named.
     generation: u64,
-    /// Appends so far and the time they took, write and sync: for `RUST_LOG=uet=debug`.
+    /// Syncs so far and the time they took (with the write, for an append): for
+    /// `RUST_LOG=uet=debug`.
     appends: (u64, std::time::Duration),
 }
 
@@ -121,19 +122,37 @@ impl Journal {
 
     /// Appends one record and waits until it is on disk.
     pub fn append(&mut self, payload: &[u8]) -> io::Result<()> {
+        let began = std::time::Instant::now();
+        self.write(payload)?;
+        self.file.sync_data()?;
+        self.synced(began.elapsed());
+        Ok(())
+    }
+
+    /// Appends one record to the page cache; a sync ([`Journal::syncer`]) makes it durable.
+    /// Records reach the disk in order or not at all as far as a replay can tell: it stops at
+    /// the first one missing or torn.
+    pub fn write(&mut self, payload: &[u8]) -> io::Result<()> {
         let generation = self.generation.to_le_bytes();
         let mut record = Vec::with_capacity(HEADER + payload.len());
         record.extend_from_slice(&(payload.len() as u32).to_le_bytes());
         record.extend_from_slice(&generation);
         record.extend_from_slice(&checksum(&generation, payload).to_le_bytes());
         record.extend_from_slice(payload);
-        let began = std::time::Instant::now();
         self.file.write_all_at(&record, self.end)?;
-        self.file.sync_data()?;
         self.end += record.len() as u64;
-        self.appends.0 += 1;
-        self.appends.1 += began.elapsed();
         Ok(())
+    }
+
+    /// A handle to sync the journal with from another thread, without holding the journal.
+    pub fn syncer(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
+    /// Counts a sync that took `took`, for [`Journal::appends`].
+    pub fn synced(&mut self, took: std::time::Duration) {
+        self.appends.0 += 1;
+        self.appends.1 += took;
     }
 }
 

@@ -4,8 +4,10 @@
 //! started, and its output is read as it comes, keeping only a bounded part, so neither a full
 //! pipe nor a flood of output can stall or exhaust the host.
 
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -37,8 +39,8 @@ pub struct CommandSpec {
     pub env: Vec<(String, String)>,
     /// Wall-clock limit.
     pub timeout: Option<Duration>,
-    /// A folder where the process group is noted while it runs (see [`reap_groups`]).
-    pub ledger: Option<PathBuf>,
+    /// Where the process group is noted while it runs (see [`Groups`]).
+    pub groups: Option<Arc<Groups>>,
 }
 
 /// How the process ended.
@@ -106,8 +108,8 @@ pub async fn run_command(spec: CommandSpec, cancel: CancellationToken) -> Comman
         Err(e) => return failed(format!("cannot start `{program}`: {e}")),
     };
     let pgid = child.id().map(|id| id as i32);
-    let noted = match (&spec.ledger, pgid) {
-        (Some(dir), Some(pgid)) => note_group(dir, pgid),
+    let noted = match (&spec.groups, pgid) {
+        (Some(groups), Some(pgid)) => groups.note(pgid).map(|slot| (groups, slot)),
         _ => None,
     };
 
@@ -152,8 +154,8 @@ pub async fn run_command(spec: CommandSpec, cancel: CancellationToken) -> Comman
     if let Some(pgid) = pgid {
         kill_group(pgid);
     }
-    if let Some(note) = noted {
-        let _ = std::fs::remove_file(note);
+    if let Some((groups, slot)) = noted {
+        groups.clear(slot);
     }
     if matches!(exit, Exit::TimedOut | Exit::Canceled) {
         let _ = child.kill().await;
@@ -168,52 +170,117 @@ pub async fn run_command(spec: CommandSpec, cancel: CancellationToken) -> Comman
     }
 }
 
-/// Notes a running process group in `dir` as a file named by its id holding the leader's
-/// start time, so that a later [`reap_groups`] can tell it from a process that reused the id.
-fn note_group(dir: &Path, pgid: i32) -> Option<PathBuf> {
-    let path = dir.join(pgid.to_string());
-    let started = start_time(pgid)?;
-    std::fs::create_dir_all(dir).ok()?;
-    std::fs::write(&path, started.to_string()).ok()?;
-    Some(path)
+/// The process groups of running command steps, noted in one file beside the state while they
+/// run, so that a uet that opens the state after an unclean stop (a `kill -9`, a crash) can
+/// kill what is left of them: steps must not run on unseen beside their own retries.
+///
+/// A note is a 16-byte slot (group id, then the boot-clock time it was noted), written in place
+/// and zeroed when the attempt ends: two small writes to the page cache per attempt, where a
+/// file created and removed per attempt, with the leader's start time read from `/proc`, cost
+/// about 100 µs. Notes are not synced: they matter when uet dies and the machine does not, and
+/// a power loss ends the steps too.
+#[derive(Debug)]
+pub struct Groups {
+    file: std::fs::File,
+    /// Slots free for reuse, and the first never used.
+    slots: std::sync::Mutex<(Vec<u64>, u64)>,
 }
 
-/// The start time of a process, in clock ticks since boot (field 22 of `/proc/PID/stat`).
+const SLOT: usize = 16;
+
+impl Groups {
+    /// Opens the ledger at `path`, first killing the groups an earlier uet left noted there;
+    /// returns it and how many groups were killed.
+    pub fn open(path: &Path) -> std::io::Result<(Groups, usize)> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let mut killed = 0;
+        let mut notes = Vec::new();
+        std::io::Read::read_to_end(&mut &file, &mut notes)?;
+        for slot in notes.chunks_exact(SLOT) {
+            let pgid = i32::from_le_bytes(slot[..4].try_into().expect("4 bytes"));
+            let noted = u64::from_le_bytes(slot[8..].try_into().expect("8 bytes"));
+            // a group whose leader has exited may still have members: killed too. A leader
+            // that started after the note is another process that reused the id (the kernel
+            // does not reuse an id while its group has members, so the old group is empty)
+            if pgid > 1 && start_time(pgid).is_none_or(|started| started <= noted) {
+                kill_group(pgid);
+                killed += 1;
+            }
+        }
+        file.set_len(0)?;
+        let groups = Groups {
+            file,
+            slots: std::sync::Mutex::new((Vec::new(), 0)),
+        };
+        Ok((groups, killed))
+    }
+
+    /// Notes a running group; the slot it took, to clear when the group is gone.
+    fn note(&self, pgid: i32) -> Option<u64> {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            match slots.0.pop() {
+                Some(free) => free,
+                None => {
+                    slots.1 += 1;
+                    slots.1 - 1
+                }
+            }
+        };
+        let mut note = [0u8; SLOT];
+        note[..4].copy_from_slice(&pgid.to_le_bytes());
+        note[8..].copy_from_slice(&boot_clock().to_le_bytes());
+        match self.file.write_all_at(&note, slot * SLOT as u64) {
+            Ok(()) => Some(slot),
+            Err(e) => {
+                tracing::warn!("cannot note process group {pgid}: {e}");
+                self.free(slot);
+                None
+            }
+        }
+    }
+
+    /// Clears a slot: its group is gone.
+    fn clear(&self, slot: u64) {
+        let _ = self.file.write_all_at(&[0u8; SLOT], slot * SLOT as u64);
+        self.free(slot);
+    }
+
+    fn free(&self, slot: u64) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        slots.0.push(slot);
+    }
+}
+
+/// Nanoseconds since boot, on the clock `/proc/PID/stat` gives start times on.
+fn boot_clock() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given; CLOCK_BOOTTIME exists on every
+    // kernel uet runs on
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// When a process started, in nanoseconds since boot (field 22 of `/proc/PID/stat`, in clock
+/// ticks): rounded down, so never after the true start.
 fn start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // the command name (field 2) may hold spaces and parentheses: count from its end
     let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Kills the process groups noted in `dir` by an earlier uet that stopped without ending them
-/// (a `kill -9`, a crash): steps must not run on unseen beside their own retries. A group whose
-/// leader's id now belongs to another process is left alone (the kernel does not reuse an id
-/// while its group has members, so the old group is empty then). Returns how many were killed.
-pub fn reap_groups(dir: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    let mut killed = 0;
-    for entry in entries.flatten() {
-        let path = entry.path();
-        let pgid = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.parse::<i32>().ok());
-        let noted = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|t| t.trim().parse::<u64>().ok());
-        if let (Some(pgid), Some(noted)) = (pgid, noted)
-            && pgid > 1
-            && start_time(pgid).is_none_or(|now| now == noted)
-        {
-            kill_group(pgid);
-            killed += 1;
-        }
-        let _ = std::fs::remove_file(&path);
-    }
-    killed
+    let ticks: u64 = rest.split_whitespace().nth(19)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions
+    let per_second = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .ok()
+        .filter(|&hz| hz > 0)?;
+    Some(ticks * (1_000_000_000 / per_second))
 }
 
 fn kill_group(pgid: i32) {
@@ -300,7 +367,7 @@ mod tests {
             stdin: Vec::new(),
             env: vec![("UET_TEST".into(), "yes".into())],
             timeout: None,
-            ledger: None,
+            groups: None,
         }
     }
 
@@ -455,22 +522,43 @@ mod tests {
         .unwrap();
         let grandchild: i32 = line.trim().parse().unwrap();
         let pgid = leader.id() as i32;
-        note_group(dir.path(), pgid).unwrap();
-        // a note whose start time does not match is a reused id: left alone
-        let mut other = std::process::Command::new("sleep")
-            .arg("30")
-            .process_group(0)
-            .spawn()
-            .unwrap();
+        let path = dir.path().join("groups");
+        let (groups, killed) = Groups::open(&path).unwrap();
+        assert_eq!(killed, 0);
+        groups.note(pgid).unwrap();
+        let sleeper = || {
+            std::process::Command::new("sleep")
+                .arg("30")
+                .process_group(0)
+                .spawn()
+                .unwrap()
+        };
+        // a note made before its leader started is of another process that reused the id:
+        // left alone
+        let other = sleeper();
         let other_pid = other.id() as i32;
-        std::fs::write(dir.path().join(other_pid.to_string()), "1").unwrap();
+        let mut stale = [0u8; SLOT];
+        stale[..4].copy_from_slice(&other_pid.to_le_bytes());
+        stale[8..].copy_from_slice(&1u64.to_le_bytes());
+        groups.file.write_all_at(&stale, 5 * SLOT as u64).unwrap();
+        // a group whose attempt ended is no longer noted
+        let ended = sleeper();
+        let ended_pid = ended.id() as i32;
+        let slot = groups.note(ended_pid).unwrap();
+        groups.clear(slot);
+        drop(groups);
 
-        assert_eq!(reap_groups(dir.path()), 1);
+        // as a uet opening the state after a kill -9 of the one that noted them
+        let (_, killed) = Groups::open(&path).unwrap();
+        assert_eq!(killed, 1);
         let _ = leader.wait();
         assert!(gone(grandchild), "the whole group is killed");
         assert!(!gone(other_pid), "a reused id is spared");
-        kill_group(other_pid);
-        let _ = other.wait();
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert!(!gone(ended_pid), "a cleared note is not reaped");
+        for (mut child, pid) in [(other, other_pid), (ended, ended_pid)] {
+            kill_group(pid);
+            let _ = child.wait();
+        }
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "the ledger starts empty");
     }
 }

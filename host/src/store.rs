@@ -375,8 +375,10 @@ impl Store {
             0 => rand::random::<u64>() >> 1,
             g => g,
         });
+        let syncer = journal.syncer().map_err(|e| open_err(Box::new(e)))?;
         let shared = Arc::new(Shared {
             db,
+            syncer,
             writes: Mutex::new(Writes {
                 journal,
                 behind: None,
@@ -625,6 +627,22 @@ impl Store {
     /// one record, and synced: then it is durable and this returns. The writer thread puts the
     /// rows into the database meanwhile; every read and write of this store waits for it.
     pub fn apply(&self, changes: &[Change]) -> Result<(), StateError> {
+        self.apply_with(changes, true)
+    }
+
+    /// [`Store::apply`], returning once the batch is written to the journal, before it is
+    /// synced: the writer thread syncs it next, and every later read and write of this store
+    /// waits for that, so nothing is reported from a batch not yet on disk.
+    ///
+    /// For the engine's commits within a run, so that the attempts a batch starts run while it
+    /// is synced: a `kill -9` of uet loses nothing (the written record is in the kernel's
+    /// page cache), and a power loss in the sync's window, which ends those attempts too,
+    /// leaves the state as of an earlier batch. See ENGINE.md, "When a change is on disk".
+    pub fn apply_sync_behind(&self, changes: &[Change]) -> Result<(), StateError> {
+        self.apply_with(changes, false)
+    }
+
+    fn apply_with(&self, changes: &[Change], sync: bool) -> Result<(), StateError> {
         if changes.is_empty() {
             return Ok(());
         }
@@ -857,7 +875,12 @@ impl Store {
         }
         drop(tx);
         // an error above wrote nothing; from here on the batch is the journal's
-        if let Err(e) = writes.journal.append(&redo.0) {
+        let written = if sync {
+            writes.journal.append(&redo.0)
+        } else {
+            writes.journal.write(&redo.0)
+        };
+        if let Err(e) = written {
             // whether the record reached the disk is unknown, and the journal's end with it:
             // this process writes nothing more, and a restart reads what is there
             writes.failed = Some(format!("a journal write failed: {e}"));
@@ -865,7 +888,8 @@ impl Store {
         }
         if writes.journal.appended() >= crate::journal::CHECKPOINT_AFTER {
             // nothing is behind (this write waited for that): this batch and the checkpoint
-            // go into the database in one durable commit. Until that lands the batch is in the
+            // go into the database in one durable commit, which makes the batch durable
+            // whether or not its journal record was synced. Until that lands the batch is in the
             // journal but not the database, and later writes must not build on a state without
             // it: marked failed first, so an error or a panic below leaves it so.
             writes.failed = Some("a checkpoint did not finish".into());
@@ -882,7 +906,7 @@ impl Store {
                 writes.failed = Some(e.to_string());
             }
         } else {
-            writes.behind = Some(redo.0);
+            writes.behind = Some((redo.0, !sync));
             self.shared.queued.notify_one();
         }
         drop(writes);
@@ -1161,6 +1185,8 @@ impl Store {
 /// What every handle of one open state, and its writer thread, share.
 struct Shared {
     db: Database,
+    /// The journal's file, for the writer thread to sync batches written to it unsynced.
+    syncer: std::fs::File,
     writes: Mutex<Writes>,
     /// Wakes the writer thread: a batch is queued, or the store is closing.
     queued: Condvar,
@@ -1172,9 +1198,9 @@ struct Shared {
 /// so batches reach the journal, and the database, in order.
 struct Writes {
     journal: crate::journal::Journal,
-    /// The journaled batch the writer thread is to put into the database next. One at most:
-    /// each write waits for the one before to be in.
-    behind: Option<Vec<u8>>,
+    /// The journaled batch the writer thread is to put into the database next, and whether it
+    /// must sync the journal first. One at most: each write waits for the one before to be in.
+    behind: Option<(Vec<u8>, bool)>,
     /// The writer thread is putting a batch in.
     writing: bool,
     /// Why a journal write, the writer thread or a durable commit failed: the journal's end,
@@ -1211,20 +1237,33 @@ impl Shared {
 }
 
 /// The writer thread: puts each journaled batch into the database, committed without a sync
-/// (the journal made it durable), while the engine goes on.
+/// (the journal made it durable), while the engine goes on; a batch written to the journal
+/// unsynced is synced first.
 fn write_behind(shared: &Shared) {
     let mut writes = shared.lock();
     loop {
-        if let Some(batch) = writes.behind.take() {
+        if let Some((batch, unsynced)) = writes.behind.take() {
             writes.writing = true;
             drop(writes);
+            let began = std::time::Instant::now();
+            let synced = if unsynced {
+                shared.syncer.sync_data().map(|()| Some(began.elapsed()))
+            } else {
+                Ok(None)
+            };
             // a panic here must not leave every reader waiting for a batch that never lands
-            let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                write_batch(&shared.db, &batch)
-            }))
-            .unwrap_or_else(|_| Err(malformed("writing it panicked".into())));
+            let written = match &synced {
+                Err(e) => Err(StateError::Journal(std::io::Error::new(e.kind(), e.to_string()))),
+                Ok(_) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    write_batch(&shared.db, &batch)
+                }))
+                .unwrap_or_else(|_| Err(malformed("writing it panicked".into()))),
+            };
             writes = shared.lock();
             writes.writing = false;
+            if let Ok(Some(took)) = synced {
+                writes.journal.synced(took);
+            }
             if let Err(e) = written {
                 tracing::error!("cannot write a journaled batch into the state: {e}");
                 writes.failed.get_or_insert(e.to_string());
@@ -1950,6 +1989,26 @@ mod tests {
         assert_eq!(again.shared.lock().journal.appended(), 0);
         assert_eq!(again.attempts(run, "a").unwrap().len(), attempts as usize);
     }
+    #[test]
+    fn a_batch_synced_behind_is_on_disk_before_anything_reads_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let run = new_run(&store);
+        let (synced, _) = store.journal_appends();
+        store
+            .apply_sync_behind(&[step_to(run, "a", StepState::Running)])
+            .unwrap();
+        // the read waits for the writer thread, which syncs the batch before it puts it in
+        let steps = store.steps(run).unwrap();
+        assert_eq!(steps.iter().find(|s| s.id == "a").unwrap().state, StepState::Running);
+        assert_eq!(store.journal_appends().0, synced + 1, "one sync, by the writer");
+        // and a crash after that finds it in the journal
+        let copy = crash_copy(dir.path(), true);
+        let reopened = Store::open(copy.path()).unwrap();
+        assert_eq!(reopened.replayed_at_open(), 1);
+        assert_eq!(kinds(&reopened, run), ["run.created", "step.running"]);
+    }
+
     #[test]
     fn a_journal_left_from_another_database_is_not_replayed() {
         // the first state: run 1 with steps b and a, and a batch that only its journal holds
