@@ -453,6 +453,8 @@ impl<'a> Scheduler<'a> {
             // the state's, not the run's: every run of this process counts
             journal_syncs = syncs,
             syncing = ?syncing,
+            // and the process's own CPU time, its steps' processes not counted
+            cpu = ?own_cpu(),
             "run's commits"
         );
         if let Some(commit) = commit.take() {
@@ -935,6 +937,18 @@ impl<'a> Scheduler<'a> {
         }
         Ok(())
     }
+}
+
+/// The CPU time this process has used, user and system, without its children's.
+fn own_cpu() -> Duration {
+    // SAFETY: getrusage fills the struct it is given
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut usage);
+        usage
+    };
+    let time = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    time(usage.ru_utime) + time(usage.ru_stime)
 }
 
 /// Opens the ledger of command steps' process groups beside the state file, killing the groups

@@ -6,12 +6,10 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 /// stdout is the step's output and is kept in the state: 1 MiB is far more than any JSON result
@@ -94,36 +92,30 @@ pub async fn run_command(spec: CommandSpec, cancel: CancellationToken) -> Comman
     let Some(program) = spec.argv.first() else {
         return failed("empty command".into());
     };
-    let mut cmd = Command::new(program);
-    cmd.args(&spec.argv[1..])
-        .current_dir(&spec.cwd)
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    let mut child = match cmd.spawn() {
+    let child = match crate::spawn::spawn(&spec.argv, &spec.cwd, &spec.env) {
         Ok(child) => child,
         Err(e) => return failed(format!("cannot start `{program}`: {e}")),
     };
-    let pgid = child.id().map(|id| id as i32);
-    let noted = match (&spec.groups, pgid) {
-        (Some(groups), Some(pgid)) => groups.note(pgid).map(|slot| (groups, slot)),
-        _ => None,
-    };
+    let crate::spawn::Child {
+        pid: pgid,
+        stdin: mut child_stdin,
+        stdout,
+        stderr,
+        exit: mut waiter,
+    } = child;
+    let noted = spec
+        .groups
+        .as_ref()
+        .and_then(|groups| groups.note(pgid).map(|slot| (groups, slot)));
 
-    let stdin = child.stdin.take();
     let input = spec.stdin;
     let feed = async move {
-        if let Some(mut stdin) = stdin {
-            // a child that exits or closes stdin early is not an error of ours
-            let _ = stdin.write_all(&input).await;
-            let _ = stdin.shutdown().await;
-        }
+        // a child that exits or closes stdin early is not an error of ours; the pipe closes
+        // when this ends
+        let _ = child_stdin.write_all(&input).await;
     };
-    let stdout = tokio::spawn(capture(child.stdout.take(), STDOUT_LIMIT, Keep::Head));
-    let stderr = tokio::spawn(capture(child.stderr.take(), STDERR_LIMIT, Keep::Tail));
+    let stdout = tokio::spawn(capture(Some(stdout), STDOUT_LIMIT, Keep::Head));
+    let stderr = tokio::spawn(capture(Some(stderr), STDERR_LIMIT, Keep::Tail));
 
     let deadline = async {
         match spec.timeout {
@@ -135,15 +127,10 @@ pub async fn run_command(spec: CommandSpec, cancel: CancellationToken) -> Comman
     // keep us waiting once the child itself has exited
     let feeder = tokio::spawn(feed);
     let exit = tokio::select! {
-        status = child.wait() => match status {
-            Ok(status) => {
-                use std::os::unix::process::ExitStatusExt;
-                match (status.code(), status.signal()) {
-                    (Some(code), _) => Exit::Code(code),
-                    (None, Some(sig)) => Exit::Signal(sig),
-                    (None, None) => Exit::Code(-1),
-                }
-            }
+        status = waiter.wait() => match status {
+            Ok(status) if libc::WIFEXITED(status) => Exit::Code(libc::WEXITSTATUS(status)),
+            Ok(status) if libc::WIFSIGNALED(status) => Exit::Signal(libc::WTERMSIG(status)),
+            Ok(_) => Exit::Code(-1),
             Err(e) => Exit::SpawnFailed(format!("cannot wait for `{program}`: {e}")),
         },
         _ = deadline => Exit::TimedOut,
@@ -151,14 +138,13 @@ pub async fn run_command(spec: CommandSpec, cancel: CancellationToken) -> Comman
     };
     feeder.abort();
     // the leader is done (or must be): nothing it started may outlive the attempt
-    if let Some(pgid) = pgid {
-        kill_group(pgid);
-    }
+    kill_group(pgid);
     if let Some((groups, slot)) = noted {
         groups.clear(slot);
     }
     if matches!(exit, Exit::TimedOut | Exit::Canceled) {
-        let _ = child.kill().await;
+        // killed with its group just now: reaped here rather than by the waiter's drop
+        let _ = waiter.wait().await;
     }
     let stdout = drain(stdout).await;
     let stderr = drain(stderr).await;
@@ -359,6 +345,7 @@ async fn capture(stream: Option<impl AsyncRead + Unpin>, limit: usize, keep: Kee
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Stdio;
 
     fn spec(script: &str) -> CommandSpec {
         CommandSpec {
@@ -401,6 +388,32 @@ mod tests {
         assert_eq!(r.stdout.text, r#"{"a": 1}"#);
         assert_eq!(r.stderr.text, "yes\n");
         assert!(!r.stdout.truncated);
+    }
+
+    #[tokio::test]
+    async fn the_environment_is_inherited_with_the_attempt_s_own_on_top() {
+        let cwd = tempfile::tempdir().unwrap();
+        let mut s = spec("printf '%s|%s|%s|' \"$HOME\" \"$UET_TEST\" \"$PATH\"; pwd");
+        s.cwd = cwd.path().to_path_buf();
+        s.env.push(("HOME".into(), "/elsewhere".into()));
+        let r = run_command(s, CancellationToken::new()).await;
+        assert_eq!(r.exit, Exit::Code(0));
+        let path = std::env::var("PATH").unwrap();
+        let here = cwd.path().canonicalize().unwrap();
+        assert_eq!(
+            r.stdout.text,
+            format!("/elsewhere|yes|{path}|{}\n", here.display())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_closed_pipe_ends_a_writer_quietly_as_in_a_shell() {
+        // uet ignores SIGPIPE; its steps get the default back, so `yes` ends by the signal
+        // instead of complaining of a broken pipe
+        let r = run_command(spec("yes | head -n 1"), CancellationToken::new()).await;
+        assert_eq!(r.exit, Exit::Code(0));
+        assert_eq!(r.stdout.text, "y\n");
+        assert_eq!(r.stderr.text, "");
     }
 
     #[tokio::test]
