@@ -56,6 +56,7 @@ fn main() {
             } = child;
             drop(stdin);
             exit.wait().await.unwrap();
+            exit.reap();
             took[3] += t.elapsed();
         }
     });

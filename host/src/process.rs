@@ -128,24 +128,25 @@ pub async fn run_command(spec: CommandSpec, cancel: CancellationToken) -> Comman
     let feeder = tokio::spawn(feed);
     let exit = tokio::select! {
         status = waiter.wait() => match status {
-            Ok(status) if libc::WIFEXITED(status) => Exit::Code(libc::WEXITSTATUS(status)),
-            Ok(status) if libc::WIFSIGNALED(status) => Exit::Signal(libc::WTERMSIG(status)),
-            Ok(_) => Exit::Code(-1),
+            Ok(crate::spawn::Ended::Code(code)) => Exit::Code(code),
+            Ok(crate::spawn::Ended::Signal(signal)) => Exit::Signal(signal),
             Err(e) => Exit::SpawnFailed(format!("cannot wait for `{program}`: {e}")),
         },
         _ = deadline => Exit::TimedOut,
         _ = cancel.cancelled() => Exit::Canceled,
     };
     feeder.abort();
-    // the leader is done (or must be): nothing it started may outlive the attempt
+    // the leader is done (or must be): nothing it started may outlive the attempt. It is not
+    // reaped yet, so the group's id cannot have been reused
     kill_group(pgid);
     if let Some((groups, slot)) = noted {
         groups.clear(slot);
     }
     if matches!(exit, Exit::TimedOut | Exit::Canceled) {
-        // killed with its group just now: reaped here rather than by the waiter's drop
+        // killed with its group just now: waited for here rather than by the waiter's drop
         let _ = waiter.wait().await;
     }
+    waiter.reap();
     let stdout = drain(stdout).await;
     let stderr = drain(stderr).await;
     CommandResult {
@@ -161,7 +162,7 @@ pub async fn run_command(spec: CommandSpec, cancel: CancellationToken) -> Comman
 /// kill what is left of them: steps must not run on unseen beside their own retries.
 ///
 /// A note is a 16-byte slot (group id, then the boot-clock time it was noted), written in place
-/// and zeroed when the attempt ends: two small writes to the page cache per attempt, where a
+/// and zeroed when the attempt ends, after a first slot that names the boot: two small writes to the page cache per attempt, where a
 /// file created and removed per attempt, with the leader's start time read from `/proc`, cost
 /// about 100 µs. Notes are not synced: they matter when uet dies and the machine does not, and
 /// a power loss ends the steps too.
@@ -187,6 +188,11 @@ impl Groups {
         let mut killed = 0;
         let mut notes = Vec::new();
         std::io::Read::read_to_end(&mut &file, &mut notes)?;
+        let boot = boot_id();
+        // the first slot names the boot the notes are of: after a reboot the ids and the boot
+        // clock start over, and every group noted then is gone anyway
+        let this_boot = notes.get(..SLOT).is_some_and(|header| header == boot);
+        let notes = if this_boot { &notes[SLOT..] } else { &[][..] };
         for slot in notes.chunks_exact(SLOT) {
             let pgid = i32::from_le_bytes(slot[..4].try_into().expect("4 bytes"));
             let noted = u64::from_le_bytes(slot[8..].try_into().expect("8 bytes"));
@@ -199,6 +205,7 @@ impl Groups {
             }
         }
         file.set_len(0)?;
+        file.write_all_at(&boot, 0)?;
         let groups = Groups {
             file,
             slots: std::sync::Mutex::new((Vec::new(), 0)),
@@ -221,7 +228,7 @@ impl Groups {
         let mut note = [0u8; SLOT];
         note[..4].copy_from_slice(&pgid.to_le_bytes());
         note[8..].copy_from_slice(&boot_clock().to_le_bytes());
-        match self.file.write_all_at(&note, slot * SLOT as u64) {
+        match self.file.write_all_at(&note, (slot + 1) * SLOT as u64) {
             Ok(()) => Some(slot),
             Err(e) => {
                 tracing::warn!("cannot note process group {pgid}: {e}");
@@ -233,7 +240,7 @@ impl Groups {
 
     /// Clears a slot: its group is gone.
     fn clear(&self, slot: u64) {
-        let _ = self.file.write_all_at(&[0u8; SLOT], slot * SLOT as u64);
+        let _ = self.file.write_all_at(&[0u8; SLOT], (slot + 1) * SLOT as u64);
         self.free(slot);
     }
 
@@ -241,6 +248,22 @@ impl Groups {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         slots.0.push(slot);
     }
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`, its 32 hex digits as 16 bytes); zeros
+/// where there is none, when a ledger is taken as this boot's.
+fn boot_id() -> [u8; SLOT] {
+    let mut id = [0u8; SLOT];
+    if let Ok(text) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+        let digits: Vec<u8> = text
+            .bytes()
+            .filter_map(|b| (b as char).to_digit(16).map(|d| d as u8))
+            .collect();
+        for (byte, pair) in id.iter_mut().zip(digits.chunks_exact(2)) {
+            *byte = pair[0] << 4 | pair[1];
+        }
+    }
+    id
 }
 
 /// Nanoseconds since boot, on the clock `/proc/PID/stat` gives start times on.
@@ -572,6 +595,30 @@ mod tests {
             kill_group(pid);
             let _ = child.wait();
         }
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "the ledger starts empty");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            boot_id(),
+            "the ledger starts over, naming this boot"
+        );
+
+        // notes from another boot are not this boot's processes, whatever their ids
+        let sleeping = sleeper();
+        let sleeping_pid = sleeping.id() as i32;
+        let mut ledger = vec![0xee; SLOT];
+        ledger.extend_from_slice(&sleeping_pid.to_le_bytes());
+        ledger.extend_from_slice(&[0; 4]);
+        ledger.extend_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(&path, &ledger).unwrap();
+        let (_, killed) = Groups::open(&path).unwrap();
+        assert_eq!(killed, 0);
+        assert!(!gone(sleeping_pid), "another boot's note is not reaped");
+        // the same note under this boot's id is
+        ledger[..SLOT].copy_from_slice(&boot_id());
+        std::fs::write(&path, &ledger).unwrap();
+        let (_, killed) = Groups::open(&path).unwrap();
+        assert_eq!(killed, 1);
+        let mut sleeping = sleeping;
+        let _ = sleeping.wait();
+        assert!(gone(sleeping_pid));
     }
 }

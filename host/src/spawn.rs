@@ -123,11 +123,22 @@ pub fn spawn(argv: &[String], cwd: &Path, env: &[(String, String)]) -> io::Resul
     })
 }
 
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// It exited with this code.
+    Code(i32),
+    /// This signal ended it.
+    Signal(i32),
+}
+
 impl Exit {
-    /// Waits for the process to end and reaps it: its wait status.
-    pub async fn wait(&mut self) -> io::Result<libc::c_int> {
+    /// Waits for the process to end, without reaping it: until [`Exit::reap`], the exited
+    /// leader keeps its id, and so its process group's, from being reused, and the group can
+    /// still be killed safely.
+    pub async fn wait(&mut self) -> io::Result<Ended> {
         if self.reaped {
-            return Err(io::Error::other("already waited for"));
+            return Err(io::Error::other("already reaped"));
         }
         // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.pid, 0) };
@@ -137,32 +148,60 @@ impl Exit {
             fd if fd >= 0 => Some(unsafe {
                 AsyncFd::register(OwnedFd::from_raw_fd(fd as RawFd)).map_err(io::Error::from)?
             }),
-            // kernels before 5.3 have no pidfd: polled instead
+            // no pidfd (a kernel before 5.3, a seccomp filter, no descriptors left): polled,
+            // backing off so that long steps cost few wake-ups
             _ => None,
         };
+        let mut poll = std::time::Duration::from_millis(1);
         loop {
-            if let Some(status) = self.try_reap()? {
-                return Ok(status);
+            if let Some(ended) = self.ended()? {
+                return Ok(ended);
             }
             match &pidfd {
                 Some(fd) => fd.readable().await?.clear_ready(),
-                None => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
+                None => {
+                    tokio::time::sleep(poll).await;
+                    poll = (poll * 2).min(std::time::Duration::from_millis(50));
+                }
             }
         }
     }
 
-    /// Reaps the process if it has ended.
-    fn try_reap(&mut self) -> io::Result<Option<libc::c_int>> {
-        let mut status = 0;
-        // SAFETY: waitpid on our own child, writing its status into `status`
-        match unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) } {
-            0 => Ok(None),
-            -1 => Err(io::Error::last_os_error()),
-            _ => {
-                self.reaped = true;
-                Ok(Some(status))
+    /// How the process ended, if it has, leaving it unreaped.
+    fn ended(&mut self) -> io::Result<Option<Ended>> {
+        // SAFETY: waitid on our own child, writing into `info`; WNOWAIT leaves it a zombie
+        let info = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+            if libc::waitid(libc::P_PID, self.pid as libc::id_t, &mut info, flags) == -1 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ECHILD) {
+                    // not ours to wait for (any more): its id may be another process's now,
+                    // so nothing may signal it
+                    self.reaped = true;
+                }
+                return Err(e);
             }
+            info
+        };
+        // SAFETY: waitid filled a SIGCHLD siginfo (or left it zeroed: no child has ended)
+        let (pid, code, status) = unsafe { (info.si_pid(), info.si_code, info.si_status()) };
+        Ok((pid != 0).then_some(if code == libc::CLD_EXITED {
+            Ended::Code(status)
+        } else {
+            Ended::Signal(status)
+        }))
+    }
+
+    /// Reaps the process once [`Exit::wait`] has seen it end.
+    pub fn reap(&mut self) {
+        if self.reaped {
+            return;
         }
+        let mut status = 0;
+        // SAFETY: waitpid on our own ended child
+        unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
+        self.reaped = true;
     }
 }
 
@@ -171,9 +210,15 @@ impl Drop for Exit {
         if self.reaped {
             return;
         }
-        // SAFETY: kill and waitpid on our own, not yet reaped, child
-        unsafe { libc::kill(self.pid, libc::SIGKILL) };
-        if !matches!(self.try_reap(), Ok(Some(_))) {
+        // SAFETY: kill and waitpid on our own, not yet reaped, child: its id and its group's
+        // are still ours
+        unsafe {
+            libc::kill(-self.pid, libc::SIGKILL);
+            libc::kill(self.pid, libc::SIGKILL);
+        }
+        let mut status = 0;
+        // SAFETY: as above
+        if unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) } == 0 {
             // it dies in a moment: reaped off this thread, which must not block
             let pid = self.pid;
             std::thread::spawn(move || {

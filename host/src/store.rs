@@ -904,6 +904,10 @@ impl Store {
                 });
             if let Err(e) = checkpoint {
                 writes.failed = Some(e.to_string());
+                if !sync {
+                    // its journal record was not synced either: nothing holds the batch
+                    return Err(e);
+                }
             }
         } else {
             writes.behind = Some((redo.0, !sync));
@@ -1169,8 +1173,9 @@ impl Store {
         Ok(out)
     }
 
-    /// How many batches the journal has synced since the state was opened, and the time the
-    /// writes and syncs took: the part of a commit that is the disk's.
+    /// How many journal syncs the state has made since it was opened (one per batch, on the
+    /// caller's thread or the writer's), and the time they took: the part of a commit that is
+    /// the disk's.
     pub fn journal_appends(&self) -> (u64, std::time::Duration) {
         self.shared.lock().journal.appends()
     }
