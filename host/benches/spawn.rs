@@ -52,11 +52,11 @@ fn main() {
             let t = Instant::now();
             let child = uet::spawn::spawn(&argv, Path::new("."), &attempt_env()).unwrap();
             let uet::spawn::Child {
-                stdin, mut exit, ..
+                stdin, mut waiter, ..
             } = child;
             drop(stdin);
-            exit.wait().await.unwrap();
-            exit.reap();
+            waiter.wait().await.unwrap();
+            waiter.reap();
             took[3] += t.elapsed();
         }
     });

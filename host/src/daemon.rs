@@ -117,8 +117,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         e => e.into(),
     })?;
     // steps a killed daemon left running must not go on beside their retries
-    let (groups, reaped) = engine::open_groups(&store)
-        .map_err(|e| anyhow::anyhow!("cannot open the process-group ledger in {}: {e}", config.state.display()))?;
+    let (groups, reaped) = engine::open_groups(&store)?;
     if reaped > 0 {
         tracing::warn!("killed {reaped} process groups left running by an earlier uet");
     }

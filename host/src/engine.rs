@@ -443,7 +443,7 @@ impl<'a> Scheduler<'a> {
             }
         }
 
-        let (syncs, syncing) = self.store.journal_appends();
+        let (syncs, syncing) = self.store.journal_syncs();
         tracing::debug!(
             run = self.run,
             commits,
@@ -954,8 +954,17 @@ fn own_cpu() -> Duration {
 /// Opens the ledger of command steps' process groups beside the state file, killing the groups
 /// an earlier uet left running there (see [`Groups`]); returns it and how many it killed.
 pub fn open_groups(store: &Store) -> std::io::Result<(Groups, usize)> {
-    let dir = store.path().parent().unwrap_or(Path::new("."));
-    Groups::open(&dir.join("uet.groups"))
+    let path = store
+        .path()
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join("uet.groups");
+    Groups::open(&path).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot open the process-group ledger {}: {e}", path.display()),
+        )
+    })
 }
 
 /// The changes that put a run's in-flight steps back in the queue after its driver stopped

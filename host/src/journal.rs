@@ -35,7 +35,7 @@ pub struct Journal {
     generation: u64,
     /// Syncs so far and the time they took (with the write, for an append): for
     /// `RUST_LOG=uet=debug`.
-    appends: (u64, std::time::Duration),
+    syncs: (u64, std::time::Duration),
 }
 
 impl Journal {
@@ -66,7 +66,7 @@ impl Journal {
             file,
             end: 0,
             generation: 0,
-            appends: (0, std::time::Duration::ZERO),
+            syncs: (0, std::time::Duration::ZERO),
         })
     }
 
@@ -103,9 +103,10 @@ impl Journal {
         self.generation
     }
 
-    /// How many appends this journal has made since it was opened, and the time they took.
-    pub fn appends(&self) -> (u64, std::time::Duration) {
-        self.appends
+    /// How many syncs this journal has had since it was opened, appends' and [`Journal::synced`]
+    /// ones, and the time they took.
+    pub fn syncs(&self) -> (u64, std::time::Duration) {
+        self.syncs
     }
 
     /// How much has been appended since the last checkpoint.
@@ -149,10 +150,10 @@ impl Journal {
         self.file.try_clone()
     }
 
-    /// Counts a sync that took `took`, for [`Journal::appends`].
+    /// Counts a sync made through [`Journal::syncer`] that took `took`.
     pub fn synced(&mut self, took: std::time::Duration) {
-        self.appends.0 += 1;
-        self.appends.1 += took;
+        self.syncs.0 += 1;
+        self.syncs.1 += took;
     }
 }
 

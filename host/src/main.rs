@@ -847,12 +847,7 @@ fn cmd_run(
     let store = Store::open(&state_dir)
         .with_context(|| format!("cannot open the state in {}", state_dir.display()))?;
     // this process owns the state now: steps an earlier uet left running are stopped
-    let (groups, _) = engine::open_groups(&store).with_context(|| {
-        format!(
-            "cannot open the process-group ledger in {}",
-            state_dir.display()
-        )
-    })?;
+    let (groups, _) = engine::open_groups(&store).map_err(anyhow::Error::from)?;
     let source = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
     let workstream = source.parent().unwrap_or(Path::new(".")).to_path_buf();
     let step_ids: Vec<String> = plan.steps.iter().map(|s| s.id.clone()).collect();

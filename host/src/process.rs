@@ -101,7 +101,7 @@ pub async fn run_command(spec: CommandSpec, cancel: CancellationToken) -> Comman
         stdin: mut child_stdin,
         stdout,
         stderr,
-        exit: mut waiter,
+        mut waiter,
     } = child;
     let noted = spec
         .groups
@@ -114,8 +114,8 @@ pub async fn run_command(spec: CommandSpec, cancel: CancellationToken) -> Comman
         // when this ends
         let _ = child_stdin.write_all(&input).await;
     };
-    let stdout = tokio::spawn(capture(Some(stdout), STDOUT_LIMIT, Keep::Head));
-    let stderr = tokio::spawn(capture(Some(stderr), STDERR_LIMIT, Keep::Tail));
+    let stdout = tokio::spawn(capture(stdout, STDOUT_LIMIT, Keep::Head));
+    let stderr = tokio::spawn(capture(stderr, STDERR_LIMIT, Keep::Tail));
 
     let deadline = async {
         match spec.timeout {
@@ -321,10 +321,7 @@ enum Keep {
 }
 
 /// Reads a stream to its end, keeping at most `limit` bytes of its head or tail.
-async fn capture(stream: Option<impl AsyncRead + Unpin>, limit: usize, keep: Keep) -> Captured {
-    let Some(mut stream) = stream else {
-        return Captured::default();
-    };
+async fn capture(mut stream: impl AsyncRead + Unpin, limit: usize, keep: Keep) -> Captured {
     // read straight into what is kept, without zeroing a buffer first: most steps print
     // little, and a zeroed 64 KiB buffer per stream was a seventh of a command step's cost
     let mut kept: Vec<u8> = Vec::new();

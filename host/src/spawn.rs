@@ -22,12 +22,12 @@ pub struct Child {
     pub stdin: pipe::Sender,
     pub stdout: pipe::Receiver,
     pub stderr: pipe::Receiver,
-    pub exit: Exit,
+    pub waiter: Waiter,
 }
 
 /// Waits for one child; kills and reaps it when dropped unwaited, so a dropped attempt leaves
 /// no zombie behind.
-pub struct Exit {
+pub struct Waiter {
     pid: i32,
     reaped: bool,
 }
@@ -111,7 +111,7 @@ pub fn spawn(argv: &[String], cwd: &Path, env: &[(String, String)]) -> io::Resul
         result
     };
     spawned?;
-    let exit = Exit { pid, reaped: false };
+    let waiter = Waiter { pid, reaped: false };
     // the child's ends close here: the parent keeps only its own
     drop((stdin_child, stdout_child, stderr_child));
     Ok(Child {
@@ -119,7 +119,7 @@ pub fn spawn(argv: &[String], cwd: &Path, env: &[(String, String)]) -> io::Resul
         stdin: pipe::Sender::from_owned_fd_unchecked(nonblocking(stdin_parent)?)?,
         stdout: pipe::Receiver::from_owned_fd_unchecked(nonblocking(stdout_parent)?)?,
         stderr: pipe::Receiver::from_owned_fd_unchecked(nonblocking(stderr_parent)?)?,
-        exit,
+        waiter,
     })
 }
 
@@ -132,8 +132,8 @@ pub enum Ended {
     Signal(i32),
 }
 
-impl Exit {
-    /// Waits for the process to end, without reaping it: until [`Exit::reap`], the exited
+impl Waiter {
+    /// Waits for the process to end, without reaping it: until [`Waiter::reap`], the exited
     /// leader keeps its id, and so its process group's, from being reused, and the group can
     /// still be killed safely.
     pub async fn wait(&mut self) -> io::Result<Ended> {
@@ -193,7 +193,7 @@ impl Exit {
         }))
     }
 
-    /// Reaps the process once [`Exit::wait`] has seen it end.
+    /// Reaps the process once [`Waiter::wait`] has seen it end.
     pub fn reap(&mut self) {
         if self.reaped {
             return;
@@ -205,7 +205,7 @@ impl Exit {
     }
 }
 
-impl Drop for Exit {
+impl Drop for Waiter {
     fn drop(&mut self) {
         if self.reaped {
             return;

@@ -1176,8 +1176,8 @@ impl Store {
     /// How many journal syncs the state has made since it was opened (one per batch, on the
     /// caller's thread or the writer's), and the time they took: the part of a commit that is
     /// the disk's.
-    pub fn journal_appends(&self) -> (u64, std::time::Duration) {
-        self.shared.lock().journal.appends()
+    pub fn journal_syncs(&self) -> (u64, std::time::Duration) {
+        self.shared.lock().journal.syncs()
     }
 
     /// A receiver that sees a change after every commit: followers wait on it instead of
@@ -1256,17 +1256,20 @@ fn write_behind(shared: &Shared) {
             } else {
                 Ok(None)
             };
-            // a panic here must not leave every reader waiting for a batch that never lands
-            let written = match &synced {
-                Err(e) => Err(StateError::Journal(std::io::Error::new(e.kind(), e.to_string()))),
-                Ok(_) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    write_batch(&shared.db, &batch)
-                }))
-                .unwrap_or_else(|_| Err(malformed("writing it panicked".into()))),
+            let (took, written) = match synced {
+                Err(e) => (None, Err(StateError::Journal(e))),
+                // a panic here must not leave every reader waiting for a batch that never lands
+                Ok(took) => (
+                    took,
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        write_batch(&shared.db, &batch)
+                    }))
+                    .unwrap_or_else(|_| Err(malformed("writing it panicked".into()))),
+                ),
             };
             writes = shared.lock();
             writes.writing = false;
-            if let Ok(Some(took)) = synced {
+            if let Some(took) = took {
                 writes.journal.synced(took);
             }
             if let Err(e) = written {
@@ -1999,14 +2002,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let run = new_run(&store);
-        let (synced, _) = store.journal_appends();
+        let (synced, _) = store.journal_syncs();
         store
             .apply_sync_behind(&[step_to(run, "a", StepState::Running)])
             .unwrap();
         // the read waits for the writer thread, which syncs the batch before it puts it in
         let steps = store.steps(run).unwrap();
         assert_eq!(steps.iter().find(|s| s.id == "a").unwrap().state, StepState::Running);
-        assert_eq!(store.journal_appends().0, synced + 1, "one sync, by the writer");
+        assert_eq!(store.journal_syncs().0, synced + 1, "one sync, by the writer");
         // and a crash after that finds it in the journal
         let copy = crash_copy(dir.path(), true);
         let reopened = Store::open(copy.path()).unwrap();
