@@ -188,12 +188,6 @@ type Launch<'a> = (
     Result<(&'a Tool, serde_json::Value, bool), String>,
 );
 
-/// A commit handed to a blocking thread.
-type Commit = tokio::task::JoinHandle<Result<Duration, StateError>>;
-
-/// The longest a commit waits for more attempts to end (see `linger` in `Scheduler::run`).
-const MAX_LINGER: Duration = Duration::from_millis(1);
-
 impl<'a> Scheduler<'a> {
     fn new(
         store: &'a Store,
@@ -276,8 +270,10 @@ impl<'a> Scheduler<'a> {
             });
         }
         // a step found running was in flight when its last driver stopped: it goes again
-        self.changes
-            .extend(requeue_in_flight(self.store, self.run)?);
+        if self.state.contains(&StepState::Running) {
+            self.changes
+                .extend(requeue_in_flight(self.store, self.run)?);
+        }
         for state in &mut self.state {
             if *state == StepState::Running {
                 *state = StepState::Pending;
@@ -320,15 +316,8 @@ impl<'a> Scheduler<'a> {
         let pause_token = pause.as_ref().map(|p| p.token.clone()).unwrap_or_default();
         // set when a pause begins: running attempts are stopped at this instant
         let mut grace_end: Option<tokio::time::Instant> = None;
-        // at most one commit in flight; what comes up meanwhile waits in `changes` and goes in
-        // the next one, so the commits grow with the load instead of their number
-        let mut commit: Option<Commit> = None;
-        // while attempts are still running, a commit waits a moment for their ends, so one
-        // commit records several (group commit); never longer than the last commit took
-        let mut linger: Option<tokio::time::Instant> = None;
-        let mut last_commit = Duration::ZERO;
         // for the debug log at the end: how the run's time went to commits
-        let (mut commits, mut inline, mut committing) = (0u32, 0u32, Duration::ZERO);
+        let (mut commits, mut committing) = (0u32, Duration::ZERO);
 
         loop {
             // checked here, not only where the loop waits: a cancel also wakes the steps in
@@ -346,28 +335,19 @@ impl<'a> Scheduler<'a> {
             if stop.is_none() {
                 self.start_ready(now_millis());
             }
-            if commit.is_none() && !self.changes.is_empty() {
-                let busy = self.running - self.queued.len() - self.landing.len();
-                let now = tokio::time::Instant::now();
-                if busy == 0 {
-                    // nothing else runs: commit here, sparing the handoff to another thread
-                    linger = None;
-                    let began = Instant::now();
-                    self.landing = std::mem::take(&mut self.queued);
-                    let result = self
-                        .store
-                        .apply_sync_behind(&std::mem::take(&mut self.changes));
-                    last_commit = began.elapsed();
-                    (commits, inline, committing) =
-                        (commits + 1, inline + 1, committing + last_commit);
-                    self.landed(result, &tx, &attempts_cancel, stop.is_some())?;
-                    continue;
-                }
-                let due = *linger.get_or_insert(now + last_commit.min(MAX_LINGER));
-                if now >= due || stop.is_some() {
-                    linger = None;
-                    commit = Some(self.submit());
-                }
+            if !self.changes.is_empty() {
+                // at once, on the driver's thread: a commit only writes the journal (the writer
+                // thread syncs it and groups the database's transactions, see store.rs), so a
+                // free slot is refilled as soon as the attempt that held it has ended, as
+                // `make -j` does, instead of waiting for its round
+                let began = Instant::now();
+                self.landing = std::mem::take(&mut self.queued);
+                let result = self
+                    .store
+                    .apply_sync_behind(&std::mem::take(&mut self.changes));
+                (commits, committing) = (commits + 1, committing + began.elapsed());
+                self.landed(result, &tx, &attempts_cancel, stop.is_some())?;
+                continue;
             }
             if self.running == 0
                 && (stop.is_some()
@@ -382,16 +362,6 @@ impl<'a> Scheduler<'a> {
             });
             let message = tokio::select! {
                 m = rx.recv() => m,
-                _ = sleep_until(linger), if commit.is_none() && linger.is_some() => continue,
-                landed = landing(&mut commit) => {
-                    commit = None;
-                    let landed = landed.map(|took| {
-                        last_commit = took;
-                        (commits, committing) = (commits + 1, committing + took);
-                    });
-                    self.landed(landed, &tx, &attempts_cancel, stop.is_some())?;
-                    continue;
-                }
                 // a pause or a cancel is taken up at the top of the loop
                 _ = pause_token.cancelled(), if stop.is_none() => continue,
                 _ = sleep_until(grace_end), if pausing && !attempts_cancel.is_cancelled() => {
@@ -444,23 +414,21 @@ impl<'a> Scheduler<'a> {
         }
 
         let (syncs, syncing) = self.store.journal_syncs();
+        let (transactions, hurried) = self.store.writer_transactions();
         tracing::debug!(
             run = self.run,
             commits,
-            on_driver_thread = inline,
             committing = ?committing,
             elapsed = ?started.elapsed(),
             // the state's, not the run's: every run of this process counts
             journal_syncs = syncs,
+            writer_transactions = transactions,
+            hurried,
             syncing = ?syncing,
             // and the process's own CPU time, its steps' processes not counted
             cpu = ?own_cpu(),
             "run's commits"
         );
-        if let Some(commit) = commit.take() {
-            // nothing is waiting to start (nothing runs), but the commit's result still counts
-            joined(commit.await)?;
-        }
         let all_ended = self.state.iter().all(|s| s.is_terminal());
         let stop = stop.filter(|(state, _)| *state != RunState::Pending || !all_ended);
         let outcome = match stop {
@@ -546,20 +514,8 @@ impl<'a> Scheduler<'a> {
         }
     }
 
-    /// Hands what has been recorded since the last commit to a blocking thread, with the
-    /// attempts waiting on it.
-    fn submit(&mut self) -> Commit {
-        let changes = std::mem::take(&mut self.changes);
-        self.landing = std::mem::take(&mut self.queued);
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            let began = Instant::now();
-            store.apply_sync_behind(&changes).map(|()| began.elapsed())
-        })
-    }
-
-    /// The commit holding `landing`'s starts has ended, here or on its thread: they begin, or,
-    /// when it failed, the run stops with its error.
+    /// The commit holding `landing`'s starts has ended: they begin, or, when it failed, the run
+    /// stops with its error.
     fn landed<T>(
         &mut self,
         result: Result<T, StateError>,
@@ -627,6 +583,7 @@ impl<'a> Scheduler<'a> {
                         wasm: self.wasm.clone(),
                         reports: tx.clone(),
                         groups: self.groups.clone(),
+                        crowded: self.running > 1,
                     };
                     let tool = Arc::new(tool.clone());
                     tokio::spawn(async move {
@@ -1030,26 +987,6 @@ pub fn requeue_unfinished(
     Ok(changes)
 }
 
-/// Waits for the commit in flight, if any; never ends when there is none.
-async fn landing(commit: &mut Option<Commit>) -> Result<Duration, StateError> {
-    match commit {
-        Some(c) => joined(c.await),
-        None => std::future::pending().await,
-    }
-}
-
-/// A commit's result, or why its thread gave none.
-fn joined<T>(
-    result: Result<Result<T, StateError>, tokio::task::JoinError>,
-) -> Result<T, StateError> {
-    result.unwrap_or_else(|e| {
-        let io = std::io::Error::other(format!("the commit's thread failed: {e}"));
-        Err(StateError::Storage(Box::new(
-            redb::StorageError::Io(io).into(),
-        )))
-    })
-}
-
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -1094,6 +1031,8 @@ struct AttemptContext {
     wasm: Option<Arc<Runtime>>,
     reports: mpsc::UnboundedSender<Message>,
     groups: Arc<Groups>,
+    /// Other attempts of the run are in flight: a command starts on a blocking thread.
+    crowded: bool,
 }
 
 async fn run_attempt(
@@ -1150,6 +1089,7 @@ async fn run_attempt(
                 ],
                 timeout: ctx.timeout,
                 groups: Some(ctx.groups.clone()),
+                start_aside: ctx.crowded,
             };
             let result = run_command(spec, cancel).await;
             end.stdout = bounded(&result.stdout.text);

@@ -15,11 +15,11 @@ pub const JOURNAL_FILE: &str = "uet.journal";
 
 /// Zero-filled when the journal is created, so appends overwrite blocks the file already has
 /// and the fdatasync after each carries no change of size or extents.
-const PREALLOCATED: u64 = 4 << 20;
+const PREALLOCATED: u64 = 8 << 20;
 
 /// A checkpoint is due once this much has been appended since the last: sooner costs more
 /// durable B-tree commits, later a longer replay after a crash and a larger file between.
-pub const CHECKPOINT_AFTER: u64 = 1 << 20;
+pub const CHECKPOINT_AFTER: u64 = 4 << 20;
 
 /// A record's header: payload length (u32), generation (u64), crc32 of both and the payload.
 const HEADER: usize = 16;

@@ -39,6 +39,10 @@ pub struct CommandSpec {
     pub timeout: Option<Duration>,
     /// Where the process group is noted while it runs (see [`Groups`]).
     pub groups: Option<Arc<Groups>>,
+    /// Start it on a blocking thread: the thread that starts a process stands still until the
+    /// child has exec'd, and the caller's has other attempts to see to meanwhile. A lone
+    /// attempt (a chain's) starts on its own thread, sparing the handoff.
+    pub start_aside: bool,
 }
 
 /// How the process ended.
@@ -92,7 +96,18 @@ pub async fn run_command(spec: CommandSpec, cancel: CancellationToken) -> Comman
     let Some(program) = spec.argv.first() else {
         return failed("empty command".into());
     };
-    let child = match crate::spawn::spawn(&spec.argv, &spec.cwd, &spec.env) {
+    let child = if spec.start_aside {
+        let (argv, cwd, env) = (spec.argv.clone(), spec.cwd.clone(), spec.env.clone());
+        let starting = tokio::task::spawn_blocking(move || crate::spawn::start(&argv, &cwd, &env));
+        match starting.await {
+            Ok(Ok(started)) => started.into_child(),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    } else {
+        crate::spawn::spawn(&spec.argv, &spec.cwd, &spec.env)
+    };
+    let child = match child {
         Ok(child) => child,
         Err(e) => return failed(format!("cannot start `{program}`: {e}")),
     };
@@ -375,6 +390,7 @@ mod tests {
             env: vec![("UET_TEST".into(), "yes".into())],
             timeout: None,
             groups: None,
+            start_aside: false,
         }
     }
 
@@ -401,13 +417,29 @@ mod tests {
 
     #[tokio::test]
     async fn stdin_goes_in_and_stdout_comes_out() {
-        let mut s = spec("cat; echo \"$UET_TEST\" >&2; exit 4");
-        s.stdin = br#"{"a": 1}"#.to_vec();
+        // started on this thread, and on a blocking one (as beside other attempts) alike
+        for aside in [false, true] {
+            let mut s = spec("cat; echo \"$UET_TEST\" >&2; exit 4");
+            s.stdin = br#"{"a": 1}"#.to_vec();
+            s.start_aside = aside;
+            let r = run_command(s, CancellationToken::new()).await;
+            assert_eq!(r.exit, Exit::Code(4));
+            assert_eq!(r.stdout.text, r#"{"a": 1}"#);
+            assert_eq!(r.stderr.text, "yes\n");
+            assert!(!r.stdout.truncated);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_program_that_cannot_start_aside_is_a_spawn_failure() {
+        let mut s = spec("");
+        s.argv = vec!["/nonexistent/uet-test-program".into()];
+        s.start_aside = true;
         let r = run_command(s, CancellationToken::new()).await;
-        assert_eq!(r.exit, Exit::Code(4));
-        assert_eq!(r.stdout.text, r#"{"a": 1}"#);
-        assert_eq!(r.stderr.text, "yes\n");
-        assert!(!r.stdout.truncated);
+        match r.exit {
+            Exit::SpawnFailed(e) => assert!(e.contains("cannot start"), "{e}"),
+            other => panic!("expected a spawn failure, got {other:?}"),
+        }
     }
 
     #[tokio::test]

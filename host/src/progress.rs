@@ -194,21 +194,24 @@ pub fn load(store: &Store, run: RunId) -> Result<Option<Progress>, StateError> {
     let Some(record) = store.run(run)? else {
         return Ok(None);
     };
+    let steps = store.steps(run)?;
+    load_for(store, &record, &steps)
+}
+
+/// [`load`], for a run whose record and steps the caller has already read.
+pub fn load_for(
+    store: &Store,
+    record: &RunRecord,
+    steps: &[StepRecord],
+) -> Result<Option<Progress>, StateError> {
     let Some(plan) = store
-        .plan(run)?
+        .plan(record.id)?
         .and_then(|p| serde_json::from_value::<Plan>(p).ok())
     else {
         return Ok(None);
     };
-    let steps = store.steps(run)?;
     let medians = medians(&store.durations()?);
-    Ok(Some(estimate(
-        &record,
-        &plan,
-        &steps,
-        &medians,
-        now_millis(),
-    )))
+    Ok(Some(estimate(record, &plan, steps, &medians, now_millis())))
 }
 
 /// A bar for a person: `[########------------] 40%`.

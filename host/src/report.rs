@@ -22,7 +22,7 @@ impl RunView {
             return Ok(None);
         };
         let steps = store.steps(id)?;
-        let progress = crate::progress::load(store, id)?;
+        let progress = crate::progress::load_for(store, &run, &steps)?;
         Ok(Some(RunView {
             run,
             steps,

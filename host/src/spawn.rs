@@ -32,9 +32,40 @@ pub struct Waiter {
     reaped: bool,
 }
 
+/// A process just started, its pipes not yet handed to the runtime ([`Started::into_child`]).
+pub struct Started {
+    pid: i32,
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    waiter: Waiter,
+}
+
+impl Started {
+    /// Registers the pipes with the runtime: on a runtime thread.
+    pub fn into_child(self) -> io::Result<Child> {
+        Ok(Child {
+            pid: self.pid,
+            stdin: pipe::Sender::from_owned_fd_unchecked(nonblocking(self.stdin)?)?,
+            stdout: pipe::Receiver::from_owned_fd_unchecked(nonblocking(self.stdout)?)?,
+            stderr: pipe::Receiver::from_owned_fd_unchecked(nonblocking(self.stderr)?)?,
+            waiter: self.waiter,
+        })
+    }
+}
+
+/// [`start`], then [`Started::into_child`].
+pub fn spawn(argv: &[String], cwd: &Path, env: &[(String, String)]) -> io::Result<Child> {
+    start(argv, cwd, env)?.into_child()
+}
+
 /// Starts `argv` in `cwd`, in a new process group of its own, with the inherited environment
 /// plus `env`, its stdio on pipes. The program is looked up on `PATH` like a shell would.
-pub fn spawn(argv: &[String], cwd: &Path, env: &[(String, String)]) -> io::Result<Child> {
+///
+/// The calling thread stands still until the child has exec'd (posix_spawn is a vfork): some
+/// 100 µs here, the child resetting every signal's handler first. The engine calls it on a
+/// blocking thread, so the scheduler goes on meanwhile.
+pub fn start(argv: &[String], cwd: &Path, env: &[(String, String)]) -> io::Result<Started> {
     let args = argv
         .iter()
         .map(|a| c_string(a.as_bytes()))
@@ -114,11 +145,11 @@ pub fn spawn(argv: &[String], cwd: &Path, env: &[(String, String)]) -> io::Resul
     let waiter = Waiter { pid, reaped: false };
     // the child's ends close here: the parent keeps only its own
     drop((stdin_child, stdout_child, stderr_child));
-    Ok(Child {
+    Ok(Started {
         pid,
-        stdin: pipe::Sender::from_owned_fd_unchecked(nonblocking(stdin_parent)?)?,
-        stdout: pipe::Receiver::from_owned_fd_unchecked(nonblocking(stdout_parent)?)?,
-        stderr: pipe::Receiver::from_owned_fd_unchecked(nonblocking(stderr_parent)?)?,
+        stdin: stdin_parent,
+        stdout: stdout_parent,
+        stderr: stderr_parent,
         waiter,
     })
 }
