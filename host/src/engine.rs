@@ -414,7 +414,7 @@ impl<'a> Scheduler<'a> {
         }
 
         let (syncs, syncing) = self.store.journal_syncs();
-        let (transactions, hurried) = self.store.writer_transactions();
+        let (transactions, hurried, writing) = self.store.writer_transactions();
         tracing::debug!(
             run = self.run,
             commits,
@@ -424,6 +424,7 @@ impl<'a> Scheduler<'a> {
             journal_syncs = syncs,
             writer_transactions = transactions,
             hurried,
+            writing = ?writing,
             syncing = ?syncing,
             // and the process's own CPU time, its steps' processes not counted
             cpu = ?own_cpu(),

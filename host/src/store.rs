@@ -409,6 +409,9 @@ impl Store {
                 applied: 0,
                 pending: Pending::default(),
                 waiting: 0,
+                writing: false,
+                settling: 0,
+                writing_time: std::time::Duration::ZERO,
                 transactions: 0,
                 hurried: 0,
                 failed: None,
@@ -505,11 +508,29 @@ impl Store {
         write: impl FnOnce(&WriteTransaction, &mut Writes) -> Result<T, StateError>,
     ) -> Result<T, StateError> {
         let mut writes = self.shared.settled()?;
-        // what it writes may change rows the batches read back from `pending`
-        writes.pending = Pending::default();
         let tx = self.shared.db.begin_write().map_err(storage)?;
-        let out = write(&tx, &mut writes)?;
-        commit_durably(tx, &mut writes)?;
+        // a failed write leaves the batches unwritten (the writer thread would not write them
+        // again): the store refuses work then, and a restart replays them from the journal
+        writes.failed = Some("a durable write did not finish".into());
+        let behind = writes.take_behind();
+        // readers waiting for these batches go on once this lock is let go
+        self.shared.caught_up.notify_all();
+        replay_behind(&tx, &behind)?;
+        // what it writes may change rows the batches read back from `pending`, and a write
+        // that fails must not leave any of its own there
+        writes.pending = Pending::default();
+        writes.failed = None;
+        let out = match write(&tx, &mut writes) {
+            Ok(out) => out,
+            Err(e) => {
+                writes.pending = Pending::default();
+                if !behind.is_empty() {
+                    writes.failed = Some(format!("a durable write failed: {e}"));
+                }
+                return Err(e);
+            }
+        };
+        commit_durably(tx, &mut writes).inspect_err(|_| writes.pending = Pending::default())?;
         Ok(out)
     }
 
@@ -642,16 +663,17 @@ impl Store {
     /// Applies the batch in order in one write transaction, durable on return. If any change
     /// is illegal, nothing of the batch is written.
     ///
-    /// The batch's rows are worked out from a read of the state, appended to the journal as
-    /// one record, and synced: then it is durable and this returns. The writer thread puts the
-    /// rows into the database meanwhile; every read and write of this store waits for it.
+    /// The batch's rows are worked out from a read of the state (the rows of batches the writer
+    /// thread has not put in yet are read from memory), appended to the journal as one record,
+    /// and synced: then it is durable and this returns. The writer thread puts the rows into
+    /// the database behind it; every read of this store waits for the batches before it.
     pub fn apply(&self, changes: &[Change]) -> Result<(), StateError> {
         self.apply_with(changes, true)
     }
 
     /// [`Store::apply`], returning once the batch is written to the journal, before it is
-    /// synced: the writer thread syncs it next, and every later read and write of this store
-    /// waits for that, so nothing is reported from a batch not yet on disk.
+    /// synced: the writer thread syncs it next, and every later read of this store waits for
+    /// that, so nothing is reported from a batch not yet on disk.
     ///
     /// For the engine's commits within a run, so that the attempts a batch starts run while it
     /// is synced: a `kill -9` of uet loses nothing (the written record is in the kernel's
@@ -666,12 +688,14 @@ impl Store {
             return Ok(());
         }
         let mut writes = self.shared.usable()?;
-        let checkpoint = writes.journal.appended() >= crate::journal::CHECKPOINT_AFTER;
+        let mut checkpoint = writes.journal.appended() >= crate::journal::CHECKPOINT_AFTER;
         if checkpoint {
-            // this batch goes into the database with the checkpoint, so every batch before it
-            // must be in first
+            // this batch goes into the database with the checkpoint, and every batch before it
+            // with it
             drop(writes);
             writes = self.shared.settled()?;
+            // unless a commit that got the lock first checkpointed
+            checkpoint = writes.journal.appended() >= crate::journal::CHECKPOINT_AFTER;
         }
         // rows of batches still behind are read from `pending`, the rest from the database:
         // the writer thread takes `writes` to drop a row from `pending`, after the database has
@@ -931,6 +955,7 @@ impl Store {
             writes.synced = seq;
         }
         let p = &mut writes.pending;
+        p.added += redo.0.len();
         p.runs.extend(run_rows.0.into_iter().map(|(k, v)| (k, (seq, v))));
         p.steps.extend(step_rows.0.into_iter().map(|(k, v)| (k, (seq, v))));
         p.attempts.extend(attempt_rows.0.into_iter().map(|(k, v)| (k, (seq, v))));
@@ -949,6 +974,9 @@ impl Store {
                 .begin_write()
                 .map_err(storage)
                 .and_then(|tx| {
+                    let behind = writes.take_behind();
+                    self.shared.caught_up.notify_all();
+                    replay_behind(&tx, &behind)?;
                     replay(&tx, &[&redo.0])?;
                     commit_durably(tx, &mut writes)
                 });
@@ -967,7 +995,11 @@ impl Store {
                 batch: redo.0,
                 at: std::time::Instant::now(),
             });
-            self.shared.queued.notify_one();
+            // otherwise the writer thread is busy, or waits for a time it set by the first
+            let queued = writes.behind.len();
+            if queued == 1 || queued >= GATHER_MOST {
+                self.shared.queued.notify_one();
+            }
         }
         drop(writes);
         self.committed.send_modify(|n| *n += 1);
@@ -1237,11 +1269,11 @@ impl Store {
     }
 
     /// How many transactions the writer thread has put batches into the database with since
-    /// the state was opened, and how many of those it was hurried into by a read or a durable
-    /// write waiting for them: the rest gathered batches for up to [`GATHER`].
-    pub fn writer_transactions(&self) -> (u64, u64) {
+    /// the state was opened, how many of those it was hurried into by a read waiting for them
+    /// (the rest gathered batches for up to [`GATHER`]), and the time they took.
+    pub fn writer_transactions(&self) -> (u64, u64, std::time::Duration) {
         let writes = self.shared.lock();
-        (writes.transactions, writes.hurried)
+        (writes.transactions, writes.hurried, writes.writing_time)
     }
 
     /// A receiver that sees a change after every commit: followers wait on it instead of
@@ -1279,6 +1311,12 @@ struct Writes {
     pending: Pending,
     /// How many wait for the database to catch up: the writer thread stops gathering.
     waiting: usize,
+    /// The writer thread has taken batches and is putting them in.
+    writing: bool,
+    /// How many wait to write the database directly: the writer thread takes no batches.
+    settling: usize,
+    /// The time the writer thread's transactions took, for `RUST_LOG=uet=debug`.
+    writing_time: std::time::Duration,
     /// The writer thread's transactions, and those of them it made for someone waiting.
     transactions: u64,
     hurried: u64,
@@ -1301,8 +1339,9 @@ struct Behind {
 /// The rows batches wrote, decoded, each with the number of the last batch that wrote it: a
 /// batch reads them before the database, so it builds on the batches before it without waiting
 /// for the writer thread, and decodes nothing a batch just before it encoded (a step's row is
-/// read back two or three times in a few milliseconds). Rows the database has are kept up to
-/// [`Pending::KEPT`]; every direct write of the database drops them.
+/// read back two or three times in a few milliseconds). Rows the database has are kept until
+/// there are [`Pending::KEPT`] rows or [`Pending::KEPT_BYTES`] of batches since the last
+/// trim; every direct write of the database drops them.
 #[derive(Default)]
 struct Pending {
     runs: HashMap<RunId, (u64, RunRow)>,
@@ -1310,10 +1349,14 @@ struct Pending {
     attempts: HashMap<(RunId, String, u32), (u64, AttemptRecord)>,
     stats: HashMap<String, (u64, ToolStats)>,
     durations: HashMap<String, (u64, Vec<u64>)>,
+    /// The encoded size of the batches added since the rows the database has were last dropped:
+    /// a bound on what they hold (a step's row carries its output, up to 1 MiB).
+    added: usize,
 }
 
 impl Pending {
     const KEPT: usize = 1 << 15;
+    const KEPT_BYTES: usize = 8 << 20;
 
     /// The database holds the batches up to `seq`: their rows may be read from there again.
     fn applied(&mut self, seq: u64) {
@@ -1322,15 +1365,32 @@ impl Pending {
             + self.attempts.len()
             + self.stats.len()
             + self.durations.len();
-        if kept < Self::KEPT {
+        if kept < Self::KEPT && self.added < Self::KEPT_BYTES {
             return;
         }
+        self.added = 0;
         self.runs.retain(|_, (s, _)| *s > seq);
         self.steps.retain(|_, (s, _)| *s > seq);
         self.attempts.retain(|_, (s, _)| *s > seq);
         self.stats.retain(|_, (s, _)| *s > seq);
         self.durations.retain(|_, (s, _)| *s > seq);
     }
+}
+
+impl Writes {
+    /// Takes the batches the writer thread has not: under [`Shared::settled`]'s lock, a
+    /// durable commit writes them itself, before its own rows.
+    fn take_behind(&mut self) -> Vec<Behind> {
+        let taken = std::mem::take(&mut self.behind);
+        (self.synced, self.applied) = (self.written, self.written);
+        taken
+    }
+}
+
+/// A durable commit's first rows: the batches it took from the writer thread.
+fn replay_behind(tx: &WriteTransaction, behind: &[Behind]) -> Result<(), StateError> {
+    let records: Vec<&[u8]> = behind.iter().map(|b| b.batch.as_slice()).collect();
+    replay(tx, &records)
 }
 
 impl Shared {
@@ -1362,10 +1422,19 @@ impl Shared {
         }
     }
 
-    /// The write lock, once the database holds every journaled batch: for the writes that go
-    /// into the database directly (durable commits), which must come after all of them.
+    /// The write lock, with no batch in the writer thread's hands: for the writes that go into
+    /// the database directly (durable commits), which must come after every journaled batch.
+    /// The batches still in `behind` are the caller's to write first ([`Writes::take_behind`]);
+    /// waiting for the writer thread to put them in instead could take as long as runs keep
+    /// committing.
     fn settled(&self) -> Result<MutexGuard<'_, Writes>, StateError> {
-        let writes = self.wait_for(self.lock(), |w| w.applied >= w.written);
+        let mut writes = self.lock();
+        // the writer thread takes no more batches meanwhile (see `write_behind`)
+        writes.settling += 1;
+        writes = self.wait_for(writes, |w| !w.writing);
+        writes.settling -= 1;
+        // to take batches again once this lock is let go
+        self.queued.notify_one();
         match &writes.failed {
             Some(e) => Err(failed(e)),
             None => Ok(writes),
@@ -1460,6 +1529,14 @@ fn write_behind(shared: &Shared) {
             }
             continue;
         }
+        if writes.settling > 0 {
+            // a durable write takes what is behind itself
+            writes = shared
+                .queued
+                .wait(writes)
+                .unwrap_or_else(|e| e.into_inner());
+            continue;
+        }
         let gathering = writes.behind[0].at.elapsed();
         if writes.waiting == 0
             && !writes.closing
@@ -1476,14 +1553,18 @@ fn write_behind(shared: &Shared) {
         let batches = std::mem::take(&mut writes.behind);
         writes.transactions += 1;
         writes.hurried += u64::from(writes.waiting > 0);
+        writes.writing = true;
         drop(writes);
+        let began = std::time::Instant::now();
         // a panic here must not leave every reader waiting for a batch that never lands
         let written = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             write_batches(&shared.db, &batches)
         }))
         .unwrap_or_else(|_| Err(malformed("writing it panicked".into())));
         writes = shared.lock();
-        writes.applied = last;
+        writes.writing = false;
+        writes.writing_time += began.elapsed();
+        writes.applied = writes.applied.max(last);
         writes.pending.applied(last);
         if let Err(e) = written {
             tracing::error!("cannot write a journaled batch into the state: {e}");
@@ -1651,7 +1732,8 @@ impl<'a> Unredo<'a> {
 /// written once, with its last value (a step's row changes two or three times in a few
 /// milliseconds, the run's with every batch).
 fn replay(tx: &WriteTransaction, records: &[&[u8]]) -> Result<(), StateError> {
-    let mut latest: HashMap<(u8, &[u8]), &[u8]> = HashMap::new();
+    // in key order: neighbouring rows go into the same pages one after the other
+    let mut latest: BTreeMap<(u8, &[u8]), &[u8]> = BTreeMap::new();
     for record in records {
         let mut r = Unredo(record);
         while let Some((&tag, rest)) = r.0.split_first() {
@@ -2457,5 +2539,94 @@ mod tests {
             Err(StateError::UnknownRun(r)) => assert_eq!(r, run),
             other => panic!("expected an unknown run, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_durable_write_takes_the_batches_behind_it_along() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let run = new_run(&store);
+        for batch in step_batches(run, "a") {
+            store.apply_sync_behind(&batch).unwrap();
+        }
+        // a new run is committed durably, with whatever the writer thread had not put in yet
+        let other = new_run(&store);
+        let bare = crash_copy(dir.path(), false);
+        let reopened = Store::open(bare.path()).unwrap();
+        assert_eq!(reopened.replayed_at_open(), 0);
+        let steps = reopened.steps(run).unwrap();
+        assert_eq!(steps[1].state, StepState::Succeeded, "{steps:?}");
+        assert_eq!(reopened.verify(run).unwrap(), Ok(5));
+        assert!(reopened.run(other).unwrap().is_some());
+        // and the store goes on from there
+        store
+            .apply_sync_behind(&[step_to(run, "b", StepState::Running)])
+            .unwrap();
+        assert_eq!(store.steps(run).unwrap()[0].state, StepState::Running);
+    }
+
+    #[test]
+    fn reads_durable_writes_and_batches_from_many_threads_all_finish() {
+        // batches, new runs (durable writes, which take the batches behind them) and reads,
+        // side by side: each thread must get through, whoever takes the batches in
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        let (threads, rounds) = (8, 150);
+        let handles: Vec<_> = (0..threads)
+            .map(|role| {
+                let (store, done) = (store.clone(), done.clone());
+                std::thread::spawn(move || {
+                    for _ in 0..rounds {
+                        match role {
+                            0 | 1 => {
+                                let run = new_run(&store);
+                                for batch in step_batches(run, "a") {
+                                    store.apply_sync_behind(&batch).unwrap();
+                                }
+                            }
+                            2 | 3 => drop(new_run(&store)),
+                            _ => drop(store.latest_runs(5).unwrap()),
+                        }
+                    }
+                    done.send(role).unwrap();
+                })
+            })
+            .collect();
+        for _ in 0..threads {
+            finished
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .expect("a thread is stuck");
+        }
+        for handle in handles {
+            handle.join().unwrap();
+        }
+        assert_eq!(store.runs().unwrap().len(), 4 * rounds);
+    }
+
+    #[test]
+    fn a_reader_waiting_for_batches_a_durable_write_took_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let run = new_run(&store);
+        // the writer thread is kept from taking batches, as while a durable write waits for it
+        store.shared.lock().settling += 1;
+        store
+            .apply_sync_behind(&[step_to(run, "a", StepState::Running)])
+            .unwrap();
+        let (done, read) = std::sync::mpsc::channel();
+        let reader = {
+            let store = store.clone();
+            std::thread::spawn(move || done.send(store.steps(run).unwrap()).unwrap())
+        };
+        // the reader waits for the batch; a new run's durable write takes it in instead
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        new_run(&store);
+        let steps = read
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the reader was left waiting");
+        assert_eq!(steps[1].state, StepState::Running);
+        reader.join().unwrap();
+        store.shared.lock().settling -= 1;
     }
 }
