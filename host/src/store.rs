@@ -3,8 +3,8 @@
 //! Every change goes through [`Store::apply`], which checks each transition against the
 //! lifecycles of `model.rs`, appends the matching events, and commits the whole batch in one
 //! write transaction, or nothing of it. The batch is durable once its row writes are in the
-//! journal (`journal.rs`); a writer thread puts them into the database behind it, and the
-//! database file itself is made durable at checkpoints.
+//! journal (`journal.rs`) and synced; a writer thread puts them into the database behind it,
+//! and the database file itself is made durable at checkpoints.
 
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, HashMap};
@@ -418,25 +418,28 @@ impl Store {
                 closing: false,
             }),
             queued: Condvar::new(),
+            unsynced: Condvar::new(),
             caught_up: Condvar::new(),
         });
         // started before the replay, which it waits for like any write: nothing is queued yet
-        let thread = std::thread::Builder::new()
-            .name("uet-state-writer".into())
-            .spawn({
-                let shared = shared.clone();
-                move || write_behind(&shared)
-            })
-            .map_err(|e| open_err(Box::new(e)))?;
+        let mut threads = Vec::new();
+        for (name, work) in [
+            ("uet-state-writer", write_behind as fn(&Shared)),
+            ("uet-state-sync", sync_behind),
+        ] {
+            let shared = shared.clone();
+            let thread = std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || work(&shared))
+                .map_err(|e| open_err(Box::new(e)))?;
+            threads.push(thread);
+        }
         let mut store = Store {
             shared: shared.clone(),
             path: path.into(),
             committed: tokio::sync::watch::Sender::new(0),
             replayed: 0,
-            _writer: Arc::new(Writer {
-                shared,
-                thread: Some(thread),
-            }),
+            _writer: Arc::new(Writer { shared, threads }),
         };
         store.replayed = store.init(generation)?;
         Ok(store)
@@ -672,7 +675,7 @@ impl Store {
     }
 
     /// [`Store::apply`], returning once the batch is written to the journal, before it is
-    /// synced: the writer thread syncs it next, and every later read of this store waits for
+    /// synced: the sync thread syncs it next, and every later read of this store waits for
     /// that, so nothing is reported from a batch not yet on disk.
     ///
     /// For the engine's commits within a run, so that the attempts a batch starts run while it
@@ -995,9 +998,11 @@ impl Store {
                 batch: redo.0,
                 at: std::time::Instant::now(),
             });
-            // otherwise the writer thread is busy, or waits for a time it set by the first
-            let queued = writes.behind.len();
-            if queued == 1 || queued >= GATHER_MOST {
+            // otherwise each is busy, or waits for a time it set by an earlier batch
+            if !sync && writes.synced + 1 == seq {
+                self.shared.unsynced.notify_one();
+            }
+            if sync || writes.behind.len() >= GATHER_MOST {
                 self.shared.queued.notify_one();
             }
         }
@@ -1289,8 +1294,10 @@ struct Shared {
     /// The journal's file, for the writer thread to sync batches written to it unsynced.
     syncer: std::fs::File,
     writes: Mutex<Writes>,
-    /// Wakes the writer thread: a batch is queued, or the store is closing.
+    /// Wakes the writer thread: a batch is queued or synced, or the store is closing.
     queued: Condvar,
+    /// Wakes the sync thread: a batch was written unsynced, or the store is closing.
+    unsynced: Condvar,
     /// Wakes those waiting for the writer thread to finish its batch.
     caught_up: Condvar,
 }
@@ -1452,6 +1459,7 @@ impl Shared {
         }
         writes.waiting += 1;
         self.queued.notify_one();
+        self.unsynced.notify_one();
         while !done(&writes) && writes.failed.is_none() {
             writes = self
                 .caught_up
@@ -1471,66 +1479,78 @@ fn failed(reason: &str) -> StateError {
 
 /// How long the writer thread lets batches gather before it puts them into the database,
 /// unless someone waits for them, and how many it lets gather at most: one transaction for a
-/// few milliseconds' batches costs little more than one for a single batch. Syncs are not
-/// held back.
+/// few milliseconds' batches costs little more than one for a single batch.
 const GATHER: std::time::Duration = std::time::Duration::from_millis(10);
-const GATHER_MOST: usize = 256;
+const GATHER_MOST: usize = 64;
 
-/// How long a batch written unsynced may wait for others to share its sync: a sync costs the
-/// writer thread some 40 µs of CPU here whatever it carries, and a wide run commits every few
-/// hundred microseconds. It is also how much longer than one sync a power loss can reach back.
-const SYNC_GATHER: std::time::Duration = std::time::Duration::from_micros(500);
+/// How long a batch written unsynced may wait for others to share its sync: a sync costs
+/// some 40 µs of CPU here whatever it carries, and a wide run commits every few hundred
+/// microseconds. It is also how much longer than one sync a power loss can reach back.
+const SYNC_GATHER: std::time::Duration = std::time::Duration::from_millis(1);
 
-/// The writer thread: syncs each batch written to the journal unsynced as soon as it comes,
-/// then puts the journaled batches into the database, committed without a sync (the journal
-/// made them durable), a few milliseconds' worth at a time, while the engine goes on.
-fn write_behind(shared: &Shared) {
+/// The sync thread: syncs the journal records written unsynced as they come, a thread of its
+/// own so that the writer thread's transactions never hold a sync back.
+fn sync_behind(shared: &Shared) {
     let mut writes = shared.lock();
     loop {
-        let Some(last) = writes.behind.last().map(|b| b.seq) else {
+        if writes.synced >= writes.written || writes.failed.is_some() {
             if writes.closing {
                 return;
             }
             writes = shared
-                .queued
+                .unsynced
                 .wait(writes)
                 .unwrap_or_else(|e| e.into_inner());
             continue;
-        };
-        if writes.synced < last {
-            let synced = writes.synced;
-            let oldest = writes.behind.iter().find(|b| b.seq > synced).map(|b| b.at);
-            let age = oldest.map(|at| at.elapsed()).unwrap_or(SYNC_GATHER);
-            if writes.waiting == 0 && !writes.closing && age < SYNC_GATHER {
-                writes = shared
-                    .queued
-                    .wait_timeout(writes, SYNC_GATHER - age)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
-                continue;
-            }
-            // one sync covers every record written before it
-            drop(writes);
-            let began = std::time::Instant::now();
-            let synced = shared.syncer.sync_data();
-            let took = began.elapsed();
-            writes = shared.lock();
-            writes.journal.synced(took);
-            match synced {
-                Ok(()) => writes.synced = writes.synced.max(last),
-                Err(e) => {
-                    tracing::error!("cannot sync the state's journal: {e}");
-                    writes.failed.get_or_insert(format!("a journal sync failed: {e}"));
-                    // nothing more goes in; whoever waits for these batches learns why
-                    writes.behind.clear();
-                    writes.applied = writes.written;
-                    shared.caught_up.notify_all();
-                }
-            }
+        }
+        let synced = writes.synced;
+        let oldest = writes.behind.iter().find(|b| b.seq > synced).map(|b| b.at);
+        let age = oldest.map_or(SYNC_GATHER, |at| at.elapsed());
+        if writes.waiting == 0 && !writes.closing && age < SYNC_GATHER {
+            writes = shared
+                .unsynced
+                .wait_timeout(writes, SYNC_GATHER - age)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
             continue;
         }
-        if writes.settling > 0 {
-            // a durable write takes what is behind itself
+        // one sync covers every record written before it
+        let target = writes.written;
+        drop(writes);
+        let began = std::time::Instant::now();
+        let result = shared.syncer.sync_data();
+        let took = began.elapsed();
+        writes = shared.lock();
+        writes.journal.synced(took);
+        match result {
+            Ok(()) => writes.synced = writes.synced.max(target),
+            Err(e) => {
+                tracing::error!("cannot sync the state's journal: {e}");
+                writes.failed.get_or_insert(format!("a journal sync failed: {e}"));
+                // nothing more goes in; whoever waits for these batches learns why
+                writes.behind.clear();
+                writes.applied = writes.written;
+                shared.caught_up.notify_all();
+            }
+        }
+        // the writer thread may put them in now
+        shared.queued.notify_one();
+    }
+}
+
+/// The writer thread: puts the journaled batches, once synced, into the database, committed
+/// without a sync (the journal made them durable), a few milliseconds' worth at a time, while
+/// the engine goes on.
+fn write_behind(shared: &Shared) {
+    let mut writes = shared.lock();
+    loop {
+        let synced = writes.synced;
+        let ready = writes.behind.partition_point(|b| b.seq <= synced);
+        if ready == 0 || writes.settling > 0 {
+            // nothing synced to put in yet, or a durable write takes what is behind itself
+            if writes.closing && writes.behind.is_empty() {
+                return;
+            }
             writes = shared
                 .queued
                 .wait(writes)
@@ -1541,7 +1561,7 @@ fn write_behind(shared: &Shared) {
         if writes.waiting == 0
             && !writes.closing
             && gathering < GATHER
-            && writes.behind.len() < GATHER_MOST
+            && ready < GATHER_MOST
         {
             writes = shared
                 .queued
@@ -1550,7 +1570,8 @@ fn write_behind(shared: &Shared) {
                 .0;
             continue;
         }
-        let batches = std::mem::take(&mut writes.behind);
+        let batches: Vec<Behind> = writes.behind.drain(..ready).collect();
+        let last = batches.last().map_or(0, |b| b.seq);
         writes.transactions += 1;
         writes.hurried += u64::from(writes.waiting > 0);
         writes.writing = true;
@@ -1585,19 +1606,20 @@ fn write_batches(db: &Database, batches: &[Behind]) -> Result<(), StateError> {
 /// Owns the writer thread; dropped with the last handle of the store.
 struct Writer {
     shared: Arc<Shared>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    /// The writer thread and the sync thread.
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Drop for Writer {
-    /// Stops the writer thread once it is done, then checkpoints: a clean close leaves the
-    /// database holding everything, so the next open replays nothing.
+    /// Stops the writer and sync threads once they are done, then checkpoints: a clean close
+    /// leaves the database holding everything, so the next open replays nothing.
     fn drop(&mut self) {
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
         self.shared.lock().closing = true;
         self.shared.queued.notify_all();
-        let _ = thread.join();
+        self.shared.unsynced.notify_all();
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
+        }
         let mut writes = self.shared.lock();
         if writes.journal.appended() == 0 || writes.failed.is_some() {
             return;
@@ -2410,10 +2432,10 @@ mod tests {
         store
             .apply_sync_behind(&[step_to(run, "a", StepState::Running)])
             .unwrap();
-        // the read waits for the writer thread, which syncs the batch before it puts it in
+        // the read waits for the writer thread, which puts the batch in once it is synced
         let steps = store.steps(run).unwrap();
         assert_eq!(steps.iter().find(|s| s.id == "a").unwrap().state, StepState::Running);
-        assert_eq!(store.journal_syncs().0, synced + 1, "one sync, by the writer");
+        assert_eq!(store.journal_syncs().0, synced + 1, "one sync, by the sync thread");
         // and a crash after that finds it in the journal
         let copy = crash_copy(dir.path(), true);
         let reopened = Store::open(copy.path()).unwrap();
