@@ -422,7 +422,11 @@ impl Store {
             caught_up: Condvar::new(),
         });
         // started before the replay, which it waits for like any write: nothing is queued yet
-        let mut threads = Vec::new();
+        // dropped on an error here, it stops the threads already started
+        let mut writer = Writer {
+            shared: shared.clone(),
+            threads: Vec::new(),
+        };
         for (name, work) in [
             ("uet-state-writer", write_behind as fn(&Shared)),
             ("uet-state-sync", sync_behind),
@@ -432,14 +436,14 @@ impl Store {
                 .name(name.into())
                 .spawn(move || work(&shared))
                 .map_err(|e| open_err(Box::new(e)))?;
-            threads.push(thread);
+            writer.threads.push(thread);
         }
         let mut store = Store {
             shared: shared.clone(),
             path: path.into(),
             committed: tokio::sync::watch::Sender::new(0),
             replayed: 0,
-            _writer: Arc::new(Writer { shared, threads }),
+            _writer: Arc::new(writer),
         };
         store.replayed = store.init(generation)?;
         Ok(store)
@@ -948,7 +952,8 @@ impl Store {
         if let Err(e) = written {
             // whether the record reached the disk is unknown, and the journal's end with it:
             // this process writes nothing more, and a restart reads what is there
-            writes.failed = Some(format!("a journal write failed: {e}"));
+            self.shared
+                .fail(&mut writes, format!("a journal write failed: {e}"));
             return Err(e.into());
         }
         writes.written += 1;
@@ -965,9 +970,9 @@ impl Store {
         p.stats.extend(tool_stats.0.into_iter().map(|(k, v)| (k, (seq, v))));
         p.durations.extend(tool_durations.0.into_iter().map(|(k, v)| (k, (seq, v))));
         if checkpoint {
-            // nothing is behind (this write waited for that): this batch and the checkpoint
-            // go into the database in one durable commit, which makes the batch durable
-            // whether or not its journal record was synced. Until that lands the batch is in the
+            // no batch is in the writer thread's hands (this write waited for that): those still
+            // behind, this batch and the checkpoint go into the database in one durable commit,
+            // which makes them durable whether or not their journal records were synced. Until that lands the batch is in the
             // journal but not the database, and later writes must not build on a state without
             // it: marked failed first, so an error or a panic below leaves it so.
             writes.failed = Some("a checkpoint did not finish".into());
@@ -985,6 +990,7 @@ impl Store {
                 });
             if let Err(e) = checkpoint {
                 writes.failed = Some(e.to_string());
+                self.shared.fail(&mut writes, e.to_string());
                 if !sync {
                     // its journal record was not synced either: nothing holds the batch
                     return Err(e);
@@ -1266,9 +1272,9 @@ impl Store {
         Ok(out)
     }
 
-    /// How many journal syncs the state has made since it was opened (one per batch, on the
-    /// caller's thread or the writer's), and the time they took: the part of a commit that is
-    /// the disk's.
+    /// How many journal syncs the state has made since it was opened (on the caller's thread,
+    /// or the sync thread's, which a batch written unsynced shares with those near it), and the
+    /// time they took: the part of a commit that is the disk's.
     pub fn journal_syncs(&self) -> (u64, std::time::Duration) {
         self.shared.lock().journal.syncs()
     }
@@ -1291,7 +1297,7 @@ impl Store {
 /// What every handle of one open state, and its writer thread, share.
 struct Shared {
     db: Database,
-    /// The journal's file, for the writer thread to sync batches written to it unsynced.
+    /// The journal's file, for the sync thread to sync batches written to it unsynced.
     syncer: std::fs::File,
     writes: Mutex<Writes>,
     /// Wakes the writer thread: a batch is queued or synced, or the store is closing.
@@ -1405,6 +1411,20 @@ impl Shared {
         // a panic with the lock held came before the batch reached the journal, or inside a
         // durable commit, which marks the store failed first: what it guards is still whole
         self.writes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the store failed: a journal write or sync, the writer thread or a durable commit
+    /// failed, so what the journal or the database holds is unknown. This process writes
+    /// nothing more (a restart settles it from the files); the batches behind are dropped,
+    /// after a last try at syncing what was acknowledged, and everyone waiting is told.
+    fn fail(&self, writes: &mut Writes, reason: String) {
+        writes.failed.get_or_insert(reason);
+        let _ = self.syncer.sync_data();
+        writes.behind.clear();
+        (writes.synced, writes.applied) = (writes.written, writes.written);
+        self.caught_up.notify_all();
+        self.queued.notify_all();
+        self.unsynced.notify_all();
     }
 
     /// The write lock, unless the store has failed.
@@ -1526,11 +1546,7 @@ fn sync_behind(shared: &Shared) {
             Ok(()) => writes.synced = writes.synced.max(target),
             Err(e) => {
                 tracing::error!("cannot sync the state's journal: {e}");
-                writes.failed.get_or_insert(format!("a journal sync failed: {e}"));
-                // nothing more goes in; whoever waits for these batches learns why
-                writes.behind.clear();
-                writes.applied = writes.written;
-                shared.caught_up.notify_all();
+                shared.fail(&mut writes, format!("a journal sync failed: {e}"));
             }
         }
         // the writer thread may put them in now
@@ -1544,6 +1560,17 @@ fn sync_behind(shared: &Shared) {
 fn write_behind(shared: &Shared) {
     let mut writes = shared.lock();
     loop {
+        if writes.failed.is_some() {
+            // this process writes nothing more (see `Shared::fail`)
+            if writes.closing {
+                return;
+            }
+            writes = shared
+                .queued
+                .wait(writes)
+                .unwrap_or_else(|e| e.into_inner());
+            continue;
+        }
         let synced = writes.synced;
         let ready = writes.behind.partition_point(|b| b.seq <= synced);
         if ready == 0 || writes.settling > 0 {
@@ -1570,7 +1597,7 @@ fn write_behind(shared: &Shared) {
                 .0;
             continue;
         }
-        let batches: Vec<Behind> = writes.behind.drain(..ready).collect();
+        let batches: Vec<Behind> = writes.behind.drain(..ready.min(GATHER_MOST)).collect();
         let last = batches.last().map_or(0, |b| b.seq);
         writes.transactions += 1;
         writes.hurried += u64::from(writes.waiting > 0);
@@ -1589,7 +1616,7 @@ fn write_behind(shared: &Shared) {
         writes.pending.applied(last);
         if let Err(e) = written {
             tracing::error!("cannot write a journaled batch into the state: {e}");
-            writes.failed.get_or_insert(e.to_string());
+            shared.fail(&mut writes, e.to_string());
         }
         shared.caught_up.notify_all();
     }
@@ -2650,5 +2677,42 @@ mod tests {
         assert_eq!(steps[1].state, StepState::Running);
         reader.join().unwrap();
         store.shared.lock().settling -= 1;
+    }
+
+    #[test]
+    fn after_a_failure_waiting_readers_and_the_close_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let run = new_run(&store);
+        // a batch behind, kept from the writer thread, and a reader waiting for it
+        store.shared.lock().settling += 1;
+        store
+            .apply_sync_behind(&[step_to(run, "a", StepState::Running)])
+            .unwrap();
+        let (done, read) = std::sync::mpsc::channel();
+        {
+            let store = store.clone();
+            std::thread::spawn(move || done.send(store.steps(run).map(drop)).unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        {
+            let mut writes = store.shared.lock();
+            store.shared.fail(&mut writes, "a test's failure".into());
+            writes.settling -= 1;
+        }
+        let got = read
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the reader was left waiting");
+        assert!(got.unwrap_err().to_string().contains("a test's failure"));
+        assert!(store.apply(&[step_to(run, "b", StepState::Running)]).is_err());
+        // and the last handle's close stops both threads
+        let (closed, close) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            drop(store);
+            closed.send(()).unwrap();
+        });
+        close
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("closing the failed store hung");
     }
 }
