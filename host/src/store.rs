@@ -2653,29 +2653,36 @@ mod tests {
         assert_eq!(store.runs().unwrap().len(), 4 * rounds);
     }
 
-    #[test]
-    fn a_reader_waiting_for_batches_a_durable_write_took_goes_on() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let run = new_run(&store);
-        // the writer thread is kept from taking batches, as while a durable write waits for it
+    /// A batch behind that the writer thread is kept from taking (as while a durable write
+    /// waits for it), and a reader waiting for it: what the reader gets comes out of the
+    /// receiver.
+    fn a_reader_waiting(
+        store: &Store,
+        run: RunId,
+    ) -> std::sync::mpsc::Receiver<Result<Vec<StepRecord>, StateError>> {
         store.shared.lock().settling += 1;
         store
             .apply_sync_behind(&[step_to(run, "a", StepState::Running)])
             .unwrap();
         let (done, read) = std::sync::mpsc::channel();
-        let reader = {
-            let store = store.clone();
-            std::thread::spawn(move || done.send(store.steps(run).unwrap()).unwrap())
-        };
-        // the reader waits for the batch; a new run's durable write takes it in instead
+        let store = store.clone();
+        std::thread::spawn(move || done.send(store.steps(run)).unwrap());
         std::thread::sleep(std::time::Duration::from_millis(50));
+        read
+    }
+
+    #[test]
+    fn a_reader_waiting_for_batches_a_durable_write_took_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let run = new_run(&store);
+        let read = a_reader_waiting(&store, run);
+        // a new run's durable write takes the batch in
         new_run(&store);
         let steps = read
             .recv_timeout(std::time::Duration::from_secs(10))
             .expect("the reader was left waiting");
-        assert_eq!(steps[1].state, StepState::Running);
-        reader.join().unwrap();
+        assert_eq!(steps.unwrap()[1].state, StepState::Running);
         store.shared.lock().settling -= 1;
     }
 
@@ -2684,17 +2691,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let run = new_run(&store);
-        // a batch behind, kept from the writer thread, and a reader waiting for it
-        store.shared.lock().settling += 1;
-        store
-            .apply_sync_behind(&[step_to(run, "a", StepState::Running)])
-            .unwrap();
-        let (done, read) = std::sync::mpsc::channel();
-        {
-            let store = store.clone();
-            std::thread::spawn(move || done.send(store.steps(run).map(drop)).unwrap());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        let read = a_reader_waiting(&store, run);
         {
             let mut writes = store.shared.lock();
             store.shared.fail(&mut writes, "a test's failure".into());
