@@ -174,10 +174,9 @@ struct Scheduler<'a> {
     wake_at: Option<Millis>,
     /// Set when the run should end quarantined rather than failed.
     quarantine: Option<String>,
-    /// Attempts whose starts are among `changes`, not yet handed to a commit.
+    /// Attempts whose starts are among `changes`: they begin once the commit holding them has
+    /// landed.
     queued: Vec<Launch<'a>>,
-    /// Attempts whose starts are in the commit in flight: they begin when it lands.
-    landing: Vec<Launch<'a>>,
 }
 
 /// An attempt about to begin: the step, its attempt number, and the tool, input and probe flag
@@ -246,7 +245,6 @@ impl<'a> Scheduler<'a> {
             wake_at: None,
             quarantine: None,
             queued: Vec::new(),
-            landing: Vec::new(),
         })
     }
 
@@ -341,7 +339,6 @@ impl<'a> Scheduler<'a> {
                 // free slot is refilled as soon as the attempt that held it has ended, as
                 // `make -j` does, instead of waiting for its round
                 let began = Instant::now();
-                self.landing = std::mem::take(&mut self.queued);
                 let result = self
                     .store
                     .apply_sync_behind(&std::mem::take(&mut self.changes));
@@ -515,7 +512,7 @@ impl<'a> Scheduler<'a> {
         }
     }
 
-    /// The commit holding `landing`'s starts has ended: they begin, or, when it failed, the run
+    /// The commit holding `queued`'s starts has ended: they begin, or, when it failed, the run
     /// stops with its error.
     fn landed<T>(
         &mut self,
@@ -541,7 +538,7 @@ impl<'a> Scheduler<'a> {
         cancel: &CancellationToken,
         stopping: bool,
     ) {
-        for (index, number, prepared) in std::mem::take(&mut self.landing) {
+        for (index, number, prepared) in std::mem::take(&mut self.queued) {
             let tx = tx.clone();
             let cancel = cancel.child_token();
             let not_run = |outcome, error: String, input_fault| AttemptEnd {
@@ -601,8 +598,7 @@ impl<'a> Scheduler<'a> {
     /// ends) for every other run.
     fn give_back(&mut self) {
         let now = now_millis();
-        let waiting = self.queued.drain(..).chain(self.landing.drain(..));
-        for (_, _, prepared) in waiting {
+        for (_, _, prepared) in self.queued.drain(..) {
             if let Ok((tool, _, probe)) = prepared {
                 self.breakers.settle(tool, probe, Outcome::Interrupted, now);
             }

@@ -1406,6 +1406,24 @@ fn replay_behind(tx: &WriteTransaction, behind: &[Behind]) -> Result<(), StateEr
     replay(tx, &records)
 }
 
+/// Waits on `condvar` with the write lock, for at most `up_to` when given; poisoning is
+/// passed over as in [`Shared::lock`].
+fn wait_on<'s>(
+    condvar: &Condvar,
+    writes: MutexGuard<'s, Writes>,
+    up_to: Option<std::time::Duration>,
+) -> MutexGuard<'s, Writes> {
+    match up_to {
+        Some(t) => {
+            condvar
+                .wait_timeout(writes, t)
+                .unwrap_or_else(|e| e.into_inner())
+                .0
+        }
+        None => condvar.wait(writes).unwrap_or_else(|e| e.into_inner()),
+    }
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Writes> {
         // a panic with the lock held came before the batch reached the journal, or inside a
@@ -1481,10 +1499,7 @@ impl Shared {
         self.queued.notify_one();
         self.unsynced.notify_one();
         while !done(&writes) && writes.failed.is_none() {
-            writes = self
-                .caught_up
-                .wait(writes)
-                .unwrap_or_else(|e| e.into_inner());
+            writes = wait_on(&self.caught_up, writes, None);
         }
         writes.waiting -= 1;
         writes
@@ -1517,21 +1532,14 @@ fn sync_behind(shared: &Shared) {
             if writes.closing {
                 return;
             }
-            writes = shared
-                .unsynced
-                .wait(writes)
-                .unwrap_or_else(|e| e.into_inner());
+            writes = wait_on(&shared.unsynced, writes, None);
             continue;
         }
         let synced = writes.synced;
         let oldest = writes.behind.iter().find(|b| b.seq > synced).map(|b| b.at);
         let age = oldest.map_or(SYNC_GATHER, |at| at.elapsed());
         if writes.waiting == 0 && !writes.closing && age < SYNC_GATHER {
-            writes = shared
-                .unsynced
-                .wait_timeout(writes, SYNC_GATHER - age)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            writes = wait_on(&shared.unsynced, writes, Some(SYNC_GATHER - age));
             continue;
         }
         // one sync covers every record written before it
@@ -1560,28 +1568,16 @@ fn sync_behind(shared: &Shared) {
 fn write_behind(shared: &Shared) {
     let mut writes = shared.lock();
     loop {
-        if writes.failed.is_some() {
-            // this process writes nothing more (see `Shared::fail`)
-            if writes.closing {
-                return;
-            }
-            writes = shared
-                .queued
-                .wait(writes)
-                .unwrap_or_else(|e| e.into_inner());
-            continue;
-        }
         let synced = writes.synced;
         let ready = writes.behind.partition_point(|b| b.seq <= synced);
-        if ready == 0 || writes.settling > 0 {
-            // nothing synced to put in yet, or a durable write takes what is behind itself
-            if writes.closing && writes.behind.is_empty() {
+        // once the store failed this process writes nothing more (see `Shared::fail`); else
+        // nothing synced may be there yet, or a durable write takes what is behind itself
+        let failed = writes.failed.is_some();
+        if failed || ready == 0 || writes.settling > 0 {
+            if writes.closing && (failed || writes.behind.is_empty()) {
                 return;
             }
-            writes = shared
-                .queued
-                .wait(writes)
-                .unwrap_or_else(|e| e.into_inner());
+            writes = wait_on(&shared.queued, writes, None);
             continue;
         }
         let gathering = writes.behind[0].at.elapsed();
@@ -1590,11 +1586,7 @@ fn write_behind(shared: &Shared) {
             && gathering < GATHER
             && ready < GATHER_MOST
         {
-            writes = shared
-                .queued
-                .wait_timeout(writes, GATHER - gathering)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            writes = wait_on(&shared.queued, writes, Some(GATHER - gathering));
             continue;
         }
         let batches: Vec<Behind> = writes.behind.drain(..ready.min(GATHER_MOST)).collect();
