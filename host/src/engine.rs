@@ -334,10 +334,10 @@ impl<'a> Scheduler<'a> {
                 self.start_ready(now_millis());
             }
             if !self.changes.is_empty() {
-                // at once, on the driver's thread: a commit only writes the journal (the writer
-                // thread syncs it and groups the database's transactions, see store.rs), so a
-                // free slot is refilled as soon as the attempt that held it has ended, as
-                // `make -j` does, instead of waiting for its round
+                // at once, on the driver's thread: a commit only writes the journal (the sync
+                // and writer threads group the syncs and the database's transactions, see
+                // store.rs), so a free slot is refilled as soon as the attempt that held it has
+                // ended, as `make -j` does, instead of waiting for its round
                 let began = Instant::now();
                 let result = self
                     .store
