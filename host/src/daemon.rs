@@ -35,6 +35,21 @@ const CRASH_LIMIT: u32 = 2;
 /// stay far below [`protocol::MAX_FRAME`] however long the backlog is.
 const EVENTS_PER_FRAME: usize = 1000;
 
+/// Control connections served at once: far more than people and scripts need, and few enough
+/// that a client holding connections open cannot take every file descriptor.
+const MAX_CONNECTIONS: usize = 256;
+
+/// How long a new connection may take to send its first request, and an open one to send the
+/// rest of a request it began: a client that stalls is dropped, not waited for.
+const REQUEST_TIME: Duration = Duration::from_secs(10);
+
+/// How long a connection may sit between requests (`uet top` asks every second or so).
+const IDLE_TIME: Duration = Duration::from_secs(600);
+
+/// The first and the longest pause after a failed accept.
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+
 /// How often a watched folder that was deleted is looked for, until it is back.
 const REAPPEAR_POLL: Duration = Duration::from_millis(250);
 
@@ -227,16 +242,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         ));
     }
 
-    loop {
-        use interprocess::local_socket::tokio::prelude::*;
-        tokio::select! {
-            conn = listener.accept() => match conn {
-                Ok(conn) => { tokio::spawn(client(shared.clone(), conn)); }
-                Err(e) => tracing::warn!("accept failed: {e}"),
-            },
-            _ = shared.shutdown.cancelled() => break,
-        }
-    }
+    accept_loop(&shared, &listener).await;
 
     // stop taking work; running steps get the grace period (the engine sees the same token),
     // then their runs go back to pending for the next start
@@ -249,6 +255,54 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     tracing::info!("uet daemon stopped");
     Ok(())
+}
+
+/// Accepts control connections until shutdown: at most [`MAX_CONNECTIONS`] at once (the
+/// others wait in the kernel's queue), and a failing accept (out of file descriptors, say) is
+/// retried after a pause that grows, logged at most once a second, instead of spinning.
+async fn accept_loop(shared: &Arc<Shared>, listener: &interprocess::local_socket::tokio::Listener) {
+    use interprocess::local_socket::tokio::prelude::*;
+    let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut pause = Duration::ZERO;
+    let mut last_logged: Option<Instant> = None;
+    let mut unlogged = 0u64;
+    loop {
+        let permit = tokio::select! {
+            permit = open.clone().acquire_owned() => permit.expect("never closed"),
+            _ = shared.shutdown.cancelled() => return,
+        };
+        tokio::select! {
+            conn = listener.accept() => match conn {
+                Ok(conn) => {
+                    pause = Duration::ZERO;
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        client(shared, conn).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    unlogged += 1;
+                    if last_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        let more = if unlogged > 1 {
+                            format!(" ({} times since the last report)", unlogged)
+                        } else {
+                            String::new()
+                        };
+                        tracing::warn!("cannot accept a control connection: {e}{more}");
+                        last_logged = Some(Instant::now());
+                        unlogged = 0;
+                    }
+                    pause = (pause * 2).clamp(ACCEPT_PAUSE_MIN, ACCEPT_PAUSE_MAX);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = shared.shutdown.cancelled() => return,
+                    }
+                }
+            },
+            _ = shared.shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// A run the last daemon left running: resumed, or quarantined when this is the second start
@@ -317,7 +371,15 @@ async fn bind(path: &Path) -> anyhow::Result<interprocess::local_socket::tokio::
         // the mode given is masked by the umask: make sure of it
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        // only a socket can be a crashed daemon's leftover: anything else is somebody's file
+        if !meta.file_type().is_socket() {
+            anyhow::bail!(
+                "{} exists and is not a socket: it was left alone; choose another --socket",
+                path.display()
+            );
+        }
         match protocol::Client::connect(path).await {
             Ok(_) => anyhow::bail!("a uet daemon already answers on {}", path.display()),
             // nobody listens: a crashed daemon's leftover
@@ -1163,9 +1225,13 @@ fn fire(shared: &Arc<Shared>, entry: &mut Standing, what: &str) {
 async fn client(shared: Arc<Shared>, mut conn: interprocess::local_socket::tokio::Stream) {
     let mut greeted = false;
     loop {
-        let request: Request = match protocol::read_frame(&mut conn).await {
+        let idle = if greeted { IDLE_TIME } else { REQUEST_TIME };
+        let read = protocol::read_frame_within(&mut conn, idle, REQUEST_TIME).await;
+        let request: Request = match read {
             Ok(Some(r)) => r,
             Ok(None) => return,
+            // nobody is waiting for an answer
+            Err(protocol::FrameError::TimedOut(_) | protocol::FrameError::Io(_)) => return,
             Err(e) => {
                 let _ = protocol::write_frame(
                     &mut conn,

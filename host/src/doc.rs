@@ -639,6 +639,21 @@ pub fn parse_bytes(text: &str) -> Option<u64> {
     n.checked_mul(mult).filter(|&n| n > 0)
 }
 
+/// A size in the units [`parse_bytes`] reads: `512 B`, `64 KiB`, `1.5 MiB`.
+pub fn show_bytes(n: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (size, unit) in UNITS {
+        if n >= size {
+            return if n.is_multiple_of(size) {
+                format!("{} {unit}", n / size)
+            } else {
+                format!("{:.1} {unit}", n as f64 / size as f64)
+            };
+        }
+    }
+    format!("{n} B")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

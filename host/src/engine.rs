@@ -1062,7 +1062,10 @@ async fn run_attempt(
             run_plugin(runtime, tool, path.clone(), input, ctx, cancel, &mut end).await;
         }
         ToolKind::Command { argv } => {
-            let argv: Result<Vec<String>, _> = argv.iter().map(|t| t.render(&input)).collect();
+            let argv: Result<Vec<String>, _> = argv
+                .iter()
+                .map(|t| t.render_arg(&input, tool.allow_options))
+                .collect();
             let argv = match argv {
                 Ok(argv) => argv,
                 Err(e) => {
@@ -1085,6 +1088,7 @@ async fn run_attempt(
                     ),
                 ],
                 timeout: ctx.timeout,
+                stdout_limit: tool.output_limit(),
                 groups: Some(ctx.groups.clone()),
                 start_aside: ctx.crowded,
             };
@@ -1108,12 +1112,18 @@ async fn run_attempt(
                 }
             };
             match result.exit {
+                // a cut output would reach later steps as something the tool never said
+                Exit::Code(0) if result.stdout.truncated => {
+                    end.outcome = Outcome::Failed;
+                    end.input_fault = true;
+                    end.error = Some(over_output(
+                        result.stdout.total_bytes,
+                        tool.output_limit(),
+                    ));
+                }
                 Exit::Code(0) => {
                     end.outcome = Outcome::Succeeded;
                     end.output = Some(parse_output(&result.stdout.text));
-                    if result.stdout.truncated {
-                        tracing::warn!(step = %ctx.step, bytes = result.stdout.total_bytes, "stdout was cut to its limit");
-                    }
                 }
                 Exit::Code(code) => {
                     end.outcome = Outcome::Failed;
@@ -1175,7 +1185,9 @@ async fn run_plugin(
         memory: tool.memory,
         timeout: ctx.timeout,
         fuel: tool.fuel,
+        output: tool.output_limit(),
     };
+    let limits_output = limits.output;
     let index = end.index;
     let reports = ctx.reports.clone();
     let sink = Box::new(move |r: Report| {
@@ -1197,6 +1209,11 @@ async fn run_plugin(
     end.stdout = bounded(&result.stdout);
     end.stderr = bounded(&result.stderr);
     match result.outcome {
+        WasmOutcome::Output(text) if text.len() > limits_output => {
+            end.outcome = Outcome::Failed;
+            end.input_fault = true;
+            end.error = Some(over_output(text.len() as u64, limits_output));
+        }
         WasmOutcome::Output(text) => {
             end.outcome = Outcome::Succeeded;
             end.output = Some(parse_output(&text));
@@ -1231,6 +1248,15 @@ async fn run_plugin(
         }
         WasmOutcome::Error(why) => end.error = Some(why),
     }
+}
+
+/// Why an attempt whose output is over its tool's limit failed.
+fn over_output(bytes: u64, limit: usize) -> String {
+    format!(
+        "its output of {} is over the tool's limit of {} (limits.output in the tools file)",
+        crate::doc::show_bytes(bytes),
+        crate::doc::show_bytes(limit as u64)
+    )
 }
 
 /// stdout as JSON when it is JSON; otherwise its text (trimmed of the final newline).

@@ -20,8 +20,8 @@ macro_rules! runtime_modules {
 }
 
 runtime_modules!(
-    breaker, daemon, engine, journal, metrics, process, progress, report, scaffold, spawn, store,
-    top, wasm,
+    beneath, breaker, daemon, engine, journal, metrics, process, progress, report, scaffold, spawn,
+    store, top, wasm,
 );
 
 /// Lower-case hex of a digest: event hashes, submission checksums, plugin cache keys. By table,

@@ -12,10 +12,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-/// stdout is the step's output and is kept in the state: 1 MiB is far more than any JSON result
-/// a step should hand on, and small enough to hold many attempts in memory at once.
-pub const STDOUT_LIMIT: usize = 1 << 20;
-
 /// stderr is kept for people reading a failure; its end is where the error usually is, so the
 /// last 64 KiB are kept.
 pub const STDERR_LIMIT: usize = 64 << 10;
@@ -37,6 +33,8 @@ pub struct CommandSpec {
     pub env: Vec<(String, String)>,
     /// Wall-clock limit.
     pub timeout: Option<Duration>,
+    /// How much of stdout is kept (the tool's `limits.output`); the rest is counted.
+    pub stdout_limit: usize,
     /// Where the process group is noted while it runs (see [`Groups`]).
     pub groups: Option<Arc<Groups>>,
     /// Start it on a blocking thread: the thread that starts a process stands still until the
@@ -76,7 +74,7 @@ pub struct Captured {
 pub struct CommandResult {
     /// How it ended.
     pub exit: Exit,
-    /// Its stdout: the first [`STDOUT_LIMIT`] bytes.
+    /// Its stdout: the first [`CommandSpec::stdout_limit`] bytes.
     pub stdout: Captured,
     /// Its stderr: the last [`STDERR_LIMIT`] bytes.
     pub stderr: Captured,
@@ -129,7 +127,7 @@ pub async fn run_command(spec: CommandSpec, cancel: CancellationToken) -> Comman
         // when this ends
         let _ = child_stdin.write_all(&input).await;
     };
-    let stdout = tokio::spawn(capture(stdout, STDOUT_LIMIT, Keep::Head));
+    let stdout = tokio::spawn(capture(stdout, spec.stdout_limit, Keep::Head));
     let stderr = tokio::spawn(capture(stderr, STDERR_LIMIT, Keep::Tail));
 
     let deadline = async {
@@ -389,6 +387,7 @@ mod tests {
             stdin: Vec::new(),
             env: vec![("UET_TEST".into(), "yes".into())],
             timeout: None,
+            stdout_limit: 1 << 20,
             groups: None,
             start_aside: false,
         }
@@ -533,7 +532,7 @@ mod tests {
         .await;
         assert_eq!(r.exit, Exit::Code(0));
         assert_eq!(r.stdout.total_bytes, 50_000_000);
-        assert_eq!(r.stdout.text.len(), STDOUT_LIMIT);
+        assert_eq!(r.stdout.text.len(), 1 << 20);
         assert!(r.stdout.truncated);
         assert_eq!(r.stderr.text.len(), STDERR_LIMIT);
         assert!(

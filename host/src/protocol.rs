@@ -192,6 +192,9 @@ pub enum FrameError {
     /// The frame is not the JSON expected.
     #[error("malformed message: {0}")]
     Malformed(String),
+    /// The peer sent nothing, or not the whole frame, in the time allowed.
+    #[error("timed out waiting for {0}")]
+    TimedOut(&'static str),
 }
 
 #[cfg(feature = "runtime")]
@@ -242,15 +245,50 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
         Err(e) => return Err(e.into()),
     }
+    read_body(r, len).await.map(Some)
+}
+
+#[cfg(feature = "runtime")]
+/// Reads one frame as a server must from a peer it does not trust: waiting at most `idle` for
+/// the frame to begin, then at most `whole` for the rest of it, so a client that sends half a
+/// frame and stalls cannot hold its connection (and its share of the daemon) forever.
+pub async fn read_frame_within<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
+    r: &mut R,
+    idle: std::time::Duration,
+    whole: std::time::Duration,
+) -> Result<Option<T>, FrameError> {
+    let mut len = [0u8; 4];
+    match tokio::time::timeout(idle, r.read(&mut len[..1])).await {
+        Err(_) => return Err(FrameError::TimedOut("a request")),
+        Ok(Ok(0)) => return Ok(None),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => return Err(e.into()),
+    }
+    tokio::time::timeout(whole, async {
+        r.read_exact(&mut len[1..]).await?;
+        read_body(r, len).await
+    })
+    .await
+    .map_err(|_| FrameError::TimedOut("the rest of a request"))?
+    .map(Some)
+}
+
+#[cfg(feature = "runtime")]
+async fn read_body<R: AsyncRead + Unpin, T: for<'de> Deserialize<'de>>(
+    r: &mut R,
+    len: [u8; 4],
+) -> Result<T, FrameError> {
     let len = u32::from_be_bytes(len) as usize;
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
-    serde_json::from_slice(&body)
-        .map(Some)
-        .map_err(|e| FrameError::Malformed(e.to_string()))
+    // grown as the bytes come, not allocated at the size a peer announced
+    let mut body = Vec::with_capacity(len.min(64 << 10));
+    let read = r.take(len as u64).read_to_end(&mut body).await?;
+    if read < len {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
+    serde_json::from_slice(&body).map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
 #[cfg(feature = "runtime")]

@@ -71,6 +71,32 @@ impl Template {
         })
     }
 
+    /// The key whose value begins the argument, if one does: a value there that starts with
+    /// `-` would be read by most programs as an option, not as the value it was meant to be.
+    pub fn leading_key(&self) -> Option<&str> {
+        match self.0.first() {
+            Some(Part::Key(k)) => Some(k),
+            _ => None,
+        }
+    }
+
+    /// Fills an argument as [`Template::render`] does, refusing a value that would begin the
+    /// argument with `-` unless the tool allows options from its input: a workflow that says
+    /// `path = "--output=/etc/x"` must not choose the program's options.
+    pub fn render_arg(
+        &self,
+        input: &serde_json::Value,
+        allow_options: bool,
+    ) -> Result<String, TemplateError> {
+        let arg = self.render(input)?;
+        match self.leading_key() {
+            Some(key) if !allow_options && arg.starts_with('-') => {
+                Err(TemplateError(option_refusal(key, &arg)))
+            }
+            _ => Ok(arg),
+        }
+    }
+
     /// Fills the placeholders from a step input: strings as they are, anything else as JSON.
     pub fn render(&self, input: &serde_json::Value) -> Result<String, TemplateError> {
         let mut out = String::new();
@@ -90,6 +116,15 @@ impl Template {
         }
         Ok(out)
     }
+}
+
+/// Why a value that starts with `-` was not put where a program reads options.
+pub fn option_refusal(key: &str, value: &str) -> String {
+    let shown: String = value.chars().take(40).collect();
+    format!(
+        "`{key}` is {shown:?}, which starts with `-` and would be read as an option; the tool \
+         takes such values only with `allow_options = true` in its entry"
+    )
 }
 
 impl fmt::Display for Template {

@@ -10,6 +10,14 @@ use serde::{Deserialize, Serialize};
 use crate::doc::{Fields, Problem, Problems, Source};
 use crate::template::{Template, TemplateError};
 
+/// Output an attempt may hand back when its tool does not say: outputs are kept in the state
+/// and handed to later steps, and 1 MiB is far more than any JSON result a step should pass on.
+pub const DEFAULT_OUTPUT: u64 = 1 << 20;
+
+/// The largest `limits.output` a tool may set: an output lives in memory, in the journal and in
+/// `uet show`'s answer, whose frames are at most 16 MiB.
+pub const MAX_OUTPUT: u64 = 8 << 20;
+
 /// The name of the tools file looked for beside a workflow.
 pub const TOOLS_FILE: &str = "tools.toml";
 
@@ -37,6 +45,9 @@ pub struct Tool {
     pub memory: Option<u64>,
     /// Fuel limit (WASM tools).
     pub fuel: Option<u64>,
+    /// The most bytes of output an attempt may hand back (a command's stdout, a plugin's
+    /// result); more fails the attempt. [`DEFAULT_OUTPUT`] when `None`.
+    pub output: Option<u64>,
     /// Folders of the workstream the tool may read and write (WASM tools).
     pub sandbox: Sandbox,
     /// Extra attempts after the first, unless the workflow says otherwise.
@@ -47,8 +58,18 @@ pub struct Tool {
     pub breaker: Option<Breaker>,
     /// Exit codes that decide whether a retry can help (command tools).
     pub exit_codes: ExitCodes,
+    /// Whether a `{key}` that begins an argument may be filled with a value starting with `-`
+    /// (command tools): off, so a workflow cannot slip options into the operator's command.
+    pub allow_options: bool,
     /// What a WASM plugin said of itself, once asked.
     pub described: Option<Description>,
+}
+
+impl Tool {
+    /// The most bytes of output an attempt may hand back.
+    pub fn output_limit(&self) -> usize {
+        self.output.unwrap_or(DEFAULT_OUTPUT) as usize
+    }
 }
 
 /// What a plugin says about itself.
@@ -310,6 +331,7 @@ const TOOL_KEYS: &[&str] = &[
     "retry",
     "breaker",
     "exit_codes",
+    "allow_options",
     "description",
 ];
 
@@ -394,18 +416,35 @@ fn read_tool(
         timeout: None,
         memory: None,
         fuel: None,
+        output: None,
         sandbox: Sandbox::default(),
         retries: f.integer(src, "retries", 0, 100).map(|n| n as u32),
         retry: RetryPolicy::default(),
         breaker: None,
         exit_codes: ExitCodes::default(),
+        allow_options: f.boolean(src, "allow_options").unwrap_or(false),
         described: None,
     };
     if let Some(mut limits) = f.table(src, "limits") {
         tool.timeout = limits.duration(src, "timeout");
         tool.memory = limits.bytes(src, "memory");
         tool.fuel = limits.integer(src, "fuel", 1, i64::MAX).map(|n| n as u64);
-        limits.finish(src, &["timeout", "memory", "fuel"]);
+        tool.output = limits.bytes(src, "output");
+        if let Some(n) = tool.output
+            && n > MAX_OUTPUT
+        {
+            let span = limits.node("output").map(|n| n.span.clone());
+            if let Some(span) = span {
+                src.error(
+                    &span,
+                    format!(
+                        "{label}: limits.output is at most 8MiB (outputs are kept in the state)"
+                    ),
+                );
+            }
+            tool.output = None;
+        }
+        limits.finish(src, &["timeout", "memory", "fuel", "output"]);
     }
     if let Some(mut sandbox) = f.table(src, "sandbox") {
         for (key, list) in [
@@ -413,7 +452,10 @@ fn read_tool(
             ("write", &mut tool.sandbox.write),
         ] {
             for (dir, span) in sandbox.strings(src, key).unwrap_or_default() {
-                if Path::new(&dir).is_absolute() || dir.split('/').any(|c| c == "..") {
+                if dir.is_empty() {
+                    // an empty entry would grant the whole workstream unseen: `.` says so
+                    src.error(&span, format!("{label}: sandbox.{key} entry is empty (write \".\" to grant the whole workstream)"));
+                } else if Path::new(&dir).is_absolute() || dir.split('/').any(|c| c == "..") {
                     src.error(&span, format!("{label}: sandbox.{key} entry {dir:?} must stay inside the workstream (relative, no `..`)"));
                 } else {
                     list.push(dir);

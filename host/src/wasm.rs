@@ -104,6 +104,8 @@ pub struct Limits {
     pub timeout: Option<Duration>,
     /// Instructions, roughly (wasmtime fuel).
     pub fuel: Option<u64>,
+    /// Bytes of output `run` may return; the caller checks it once the output is back.
+    pub output: usize,
 }
 
 /// How an attempt ended.
@@ -442,20 +444,27 @@ impl Runtime {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .socket_addr_check(|_, _| Box::pin(async { false }));
+        // each descriptor is held until its folder is preopened: the preopen opens the very
+        // folder it names, not a path
+        let mut opened = Vec::new();
         if let Some(g) = grants {
             for dir in &g.write {
-                let host = g.workstream.join(dir);
-                std::fs::create_dir_all(&host)
-                    .map_err(|e| format!("cannot create {}: {e}", host.display()))?;
-                wasi.preopened_dir(&host, dir, FsPerms::ReadWrite)
-                    .map_err(|e| format!("cannot grant {}: {e:#}", host.display()))?;
+                let fd = crate::beneath::open_folder(&g.workstream, dir, true)
+                    .map_err(|e| format!("sandbox write grant {dir:?} refused: {e}"))?;
+                wasi.preopened_dir(crate::beneath::fd_path(&fd), dir, FsPerms::ReadWrite)
+                    .map_err(|e| format!("cannot grant {dir:?}: {e:#}"))?;
+                opened.push(fd);
             }
             for dir in g.read.iter().filter(|d| !g.write.contains(d)) {
-                let host = g.workstream.join(dir);
-                if host.is_dir() {
-                    wasi.preopened_dir(&host, dir, FsPerms::ReadOnly)
-                        .map_err(|e| format!("cannot grant {}: {e:#}", host.display()))?;
-                }
+                let fd = match crate::beneath::open_folder(&g.workstream, dir, false) {
+                    Ok(fd) => fd,
+                    // a folder the workstream does not have (yet) is simply not there
+                    Err(crate::beneath::BeneathError::Missing(_)) => continue,
+                    Err(e) => return Err(format!("sandbox read grant {dir:?} refused: {e}")),
+                };
+                wasi.preopened_dir(crate::beneath::fd_path(&fd), dir, FsPerms::ReadOnly)
+                    .map_err(|e| format!("cannot grant {dir:?}: {e:#}"))?;
+                opened.push(fd);
             }
         }
         let memory = limits.memory.unwrap_or(DEFAULT_MEMORY);

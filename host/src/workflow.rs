@@ -583,6 +583,24 @@ fn check_tools(src: &mut Source<'_>, written: &[Written<'_>], tools: &Tools) {
                                 );
                             }
                         }
+                        // a value written in the workflow is known now; one filled from an
+                        // upstream output is checked when the step runs
+                        for key in argv.iter().filter_map(|t| t.leading_key()) {
+                            if let Some(serde_json::Value::String(v)) =
+                                refs_free.and_then(|m| m.get(key))
+                                && v.starts_with('-')
+                                && !tool.allow_options
+                            {
+                                src.error(
+                                    span,
+                                    format!(
+                                        "step `{}`: {}",
+                                        w.id,
+                                        crate::template::option_refusal(key, v)
+                                    ),
+                                );
+                            }
+                        }
                     }
                 }
             },

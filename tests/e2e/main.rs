@@ -4,6 +4,7 @@ mod util;
 
 mod daemon;
 mod daemon_ops;
+mod hardening;
 mod monitoring;
 mod plugins;
 mod progress;

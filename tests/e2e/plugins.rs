@@ -406,3 +406,157 @@ fn a_scaffolded_plugin_builds_and_runs_as_it_is() {
     run.expect(0);
     assert_eq!(step(&out, "m")["output"], json!({"chars": 5}));
 }
+
+/// A workstream's folders belong to whoever may drop files there, so a grant that is a link
+/// would hand the plugin whatever the link points at.
+#[test]
+fn grants_never_follow_links_out_of_the_workstream() {
+    let env = workstream();
+    let elsewhere = tempfile::tempdir().unwrap();
+    std::fs::write(elsewhere.path().join("secret"), "not for plugins\n").unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), env.ws.join("out")).unwrap();
+    std::os::unix::fs::symlink(elsewhere.path(), env.ws.join("docs/link")).unwrap();
+    env.write(
+        "tools.toml",
+        &format!(
+            r#"
+[[tools]]
+name = "template"
+wasm = "{template}"
+sandbox = {{ write = ["out"] }}
+
+[[tools]]
+name = "reader"
+wasm = "{hostile}"
+sandbox = {{ read = ["docs/link"] }}
+
+[[tools]]
+name = "docs-reader"
+wasm = "{hostile}"
+sandbox = {{ read = ["docs"] }}
+"#,
+            template = plugin("template").display(),
+            hostile = plugin("hostile").display(),
+        ),
+    );
+    env.write(
+        "links.toml",
+        r#"
+name = "links"
+[[steps]]
+id = "plant"
+tool = "template"
+with = { out = "out/authorized_keys", template = "ssh-ed25519 AAAA attacker" }
+[[steps]]
+id = "steal"
+tool = "reader"
+with = { mode = "read", path = "docs/link/secret" }
+[[steps]]
+id = "below"
+tool = "docs-reader"
+with = { mode = "read", path = "docs/link/secret" }
+"#,
+    );
+    let (run, out) = env.run_json("links.toml");
+    run.expect(1);
+    for id in ["plant", "steal"] {
+        let s = step(&out, id);
+        assert_eq!(s["state"], "failed", "{s}");
+        assert!(
+            s["reason"].as_str().unwrap().contains("is a symbolic link"),
+            "{s}"
+        );
+        // refused before the plugin ran, and not worth a retry
+        assert_eq!(s["attempts"], 1, "{s}");
+    }
+    assert!(!elsewhere.path().join("authorized_keys").exists());
+    // a link below a granted folder does not lead out of it either
+    let below = step(&out, "below");
+    assert_eq!(below["state"], "failed", "{below}");
+    assert!(
+        !below["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not for plugins")
+    );
+}
+
+#[test]
+fn an_empty_grant_is_refused_where_it_is_written() {
+    let env = workstream();
+    env.write(
+        "tools.toml",
+        &format!(
+            "[[tools]]\nname = \"reader\"\nwasm = \"{}\"\nsandbox = {{ read = [\"\"] }}\n",
+            plugin("hostile").display()
+        ),
+    );
+    env.write(
+        "flow.toml",
+        "name = \"f\"\n[[steps]]\nid = \"a\"\ntool = \"reader\"\nwith = { mode = \"ok\" }\n",
+    );
+    let run = env.uet(&["validate", "flow.toml"]).expect(2);
+    assert!(
+        run.stderr().contains("tools.toml:4:")
+            && run.stderr().contains("sandbox.read entry is empty"),
+        "{}",
+        run.describe()
+    );
+}
+
+#[test]
+fn a_plugin_s_output_is_capped_by_its_tool() {
+    let env = workstream();
+    env.write(
+        "tools.toml",
+        &format!(
+            r#"
+[[tools]]
+name = "hostile"
+wasm = "{hostile}"
+
+[[tools]]
+name = "roomy"
+wasm = "{hostile}"
+limits = {{ output = "4MiB" }}
+"#,
+            hostile = plugin("hostile").display(),
+        ),
+    );
+    env.write(
+        "big.toml",
+        r#"
+name = "big"
+[[steps]]
+id = "huge"
+tool = "hostile"
+with = { mode = "big", size = 50000000 }
+[[steps]]
+id = "roomy"
+tool = "roomy"
+with = { mode = "big", size = 2000000 }
+"#,
+    );
+    let (run, out) = env.run_json("big.toml");
+    run.expect(1);
+    let huge = step(&out, "huge");
+    assert_eq!(huge["state"], "failed", "{huge}");
+    assert_eq!(huge["attempts"], 1, "{huge}");
+    assert!(
+        huge["reason"]
+            .as_str()
+            .unwrap()
+            .contains("over the tool's limit of 1 MiB (limits.output"),
+        "{huge}"
+    );
+    assert!(huge["output"].is_null());
+    let roomy = step(&out, "roomy");
+    assert_eq!(roomy["state"], "succeeded");
+    assert_eq!(roomy["output"]["big"].as_str().unwrap().len(), 2_000_000);
+    // nothing of the refused output reached the state
+    let state = std::fs::metadata(env.state.join("uet.redb")).unwrap().len()
+        + std::fs::metadata(env.state.join("uet.journal"))
+            .unwrap()
+            .len();
+    assert!(state < 40 << 20, "state holds {state} bytes");
+}

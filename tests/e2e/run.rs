@@ -416,3 +416,74 @@ fn ctrl_c_cancels_the_run_and_its_processes() {
         assert!(gone(pid), "process {pid} outlived the cancel");
     }
 }
+
+/// A workflow fills a command's `{key}`s, but the options are the operator's: a value that
+/// would begin an argument with `-` is refused, written in the workflow or handed on by a step.
+#[test]
+fn workflow_values_cannot_become_a_command_s_options() {
+    let env = Env::new();
+    env.write("list.txt", "b\na\n");
+    env.write(
+        "tools.toml",
+        r#"
+[[tools]]
+name = "sort"
+command = ["sort", "{path}"]
+
+[[tools]]
+name = "sort-with-options"
+command = ["sort", "{flag}", "list.txt"]
+allow_options = true
+
+[[tools]]
+name = "say"
+command = ["sh", "-c", "echo '\"--output=planted.txt\"'"]
+"#,
+    );
+    env.write(
+        "written.toml",
+        "name = \"w\"\n[[steps]]\nid = \"s\"\ntool = \"sort\"\nwith = { path = \"--output=planted.txt\" }\n",
+    );
+    let run = env.uet(&["validate", "written.toml"]).expect(2);
+    assert!(
+        run.stderr().contains("written.toml:4:")
+            && run
+                .stderr()
+                .contains("starts with `-` and would be read as an option"),
+        "{}",
+        run.describe()
+    );
+    env.write(
+        "handed.toml",
+        r#"
+name = "h"
+[[steps]]
+id = "say"
+tool = "say"
+[[steps]]
+id = "sort"
+tool = "sort"
+needs = ["say"]
+with = { path = "${steps.say.output}" }
+[[steps]]
+id = "allowed"
+tool = "sort-with-options"
+with = { flag = "--output=sorted.txt" }
+"#,
+    );
+    let (run, out) = env.run_json("handed.toml");
+    run.expect(1);
+    let sort = step(&out, "sort");
+    assert_eq!(sort["state"], "failed", "{sort}");
+    assert!(
+        sort["reason"]
+            .as_str()
+            .unwrap()
+            .contains("allow_options = true"),
+        "{sort}"
+    );
+    assert!(!env.ws.join("planted.txt").exists());
+    // a tool that says so takes options from its input
+    assert_eq!(step(&out, "allowed")["state"], "succeeded");
+    assert_eq!(env.read("sorted.txt"), "a\nb\n");
+}

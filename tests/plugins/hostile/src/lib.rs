@@ -18,6 +18,9 @@ pub struct Input {
     /// A path, for the file modes.
     #[serde(default)]
     pub path: String,
+    /// Bytes, for the output mode.
+    #[serde(default)]
+    pub size: usize,
 }
 
 impl Plugin for Hostile {
@@ -75,6 +78,8 @@ impl Plugin for Hostile {
                 }
                 Ok(json!({}))
             }
+            // a result far larger than any step should hand on
+            "big" => Ok(json!({"big": "x".repeat(input.size)})),
             other => Err(Error::fatal(format!("unknown mode {other:?}"))),
         }
     }
