@@ -24,12 +24,18 @@ use crate::tools::{TOOLS_FILE, Tools};
 use crate::wasm::Runtime;
 use crate::workflow::{self, Plan};
 
+mod intake;
+
 /// Where the daemon's claimed files wait, inside a watched folder.
 const CLAIMED: &str = ".uet/claimed";
 
 /// A run found in flight at this many daemon starts in a row (each after an unclean stop) is
 /// quarantined as a suspected cause instead of being resumed again.
 const CRASH_LIMIT: u32 = 2;
+
+/// Bytes of steps per page of `uet show`: half a frame, so the run's own fields and a last
+/// step with a large output still fit.
+const SHOW_PAGE: usize = 8 << 20;
 
 /// Events per frame of a followed stream: an event's detail is a line or two, so a thousand
 /// stay far below [`protocol::MAX_FRAME`] however long the backlog is.
@@ -49,6 +55,18 @@ const IDLE_TIME: Duration = Duration::from_secs(600);
 /// The first and the longest pause after a failed accept.
 const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+
+/// How long a file held open by some process, and not changing, is waited for before it is
+/// read anyway (its close event may have been lost when the kernel's queue overflowed).
+const OPEN_WAIT: Duration = Duration::from_secs(60);
+
+/// Dropped files read and checked at once. Checking a file at the size limit can take a few
+/// hundred MB (a 100,000-step workflow takes 380 MB to plan): a burst of large drops is
+/// taken in a few at a time, so memory stays bounded however many arrive.
+const CLAIMS_AT_ONCE: usize = 4;
+
+/// How long taking in one dropped file may take before the inbox stops waiting for it.
+const CLAIM_TIME: Duration = Duration::from_secs(60);
 
 /// How often a watched folder that was deleted is looked for, until it is back.
 const REAPPEAR_POLL: Duration = Duration::from_millis(250);
@@ -80,6 +98,8 @@ pub struct Config {
     pub keep_for: Option<Duration>,
     /// Retention: only this many finished runs are kept, the newest.
     pub keep_runs: Option<usize>,
+    /// The largest dropped or submitted file read; a larger one is refused unread.
+    pub max_file: u64,
 }
 
 /// Retention runs at start, then at most this often as runs end: it reads every run.
@@ -87,10 +107,23 @@ const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
 /// What the inbox task hears from the folder watchers.
 enum Inbox {
-    /// A path changed; `true` when it was renamed in, so it is complete already.
-    Path(PathBuf, bool),
+    /// A path changed, and how.
+    Path(PathBuf, Seen),
     /// A watched folder is gone (deleted or moved away).
     Gone(PathBuf),
+}
+
+/// What a watcher saw happen to a path in a watched folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    /// It was renamed in: complete already.
+    RenamedIn,
+    /// Something opened it (a writer, perhaps).
+    Opened,
+    /// Something that had it open closed it.
+    Closed,
+    /// Anything else: written, made, listed at start.
+    Changed,
 }
 
 struct Shared {
@@ -464,7 +497,7 @@ fn at_watch_limit(e: &notify::Error) -> bool {
 /// Watches a folder's direct children for submissions, and queues what is there already (a
 /// writer may still be busy with those: they settle first).
 fn watch_inbox(shared: &Arc<Shared>, dir: &Path) -> anyhow::Result<()> {
-    use notify::event::{EventKind, ModifyKind, RenameMode};
+    use notify::event::{AccessKind, EventKind, ModifyKind, RenameMode};
     let tx = shared.inbox.clone();
     let folder = dir.to_path_buf();
     let watcher = make_watcher(
@@ -475,13 +508,18 @@ fn watch_inbox(shared: &Arc<Shared>, dir: &Path) -> anyhow::Result<()> {
             // the kernel's queue overflowed: events were lost, so look at everything again
             if event.need_rescan() {
                 for entry in std::fs::read_dir(&folder).into_iter().flatten().flatten() {
-                    let _ = tx.send(Inbox::Path(entry.path(), false));
+                    let _ = tx.send(Inbox::Path(entry.path(), Seen::Changed));
                 }
             }
             let renamed_in = matches!(
                 event.kind,
                 EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
             );
+            let seen = match event.kind {
+                EventKind::Access(AccessKind::Open(_)) => Seen::Opened,
+                EventKind::Access(AccessKind::Close(_)) => Seen::Closed,
+                _ => Seen::Changed,
+            };
             // the folder itself removed or moved away: even if one of the same name is already
             // back (a quick `rm -r` and `mkdir`), this watch is on the old one
             let self_gone = matches!(
@@ -493,15 +531,17 @@ fn watch_inbox(shared: &Arc<Shared>, dir: &Path) -> anyhow::Result<()> {
             for (i, path) in event.paths.into_iter().enumerate() {
                 if path == folder && (self_gone || !folder.is_dir()) {
                     let _ = tx.send(Inbox::Gone(folder.clone()));
+                } else if renamed_in && i + 1 == count {
+                    let _ = tx.send(Inbox::Path(path, Seen::RenamedIn));
                 } else {
-                    let _ = tx.send(Inbox::Path(path, renamed_in && i + 1 == count));
+                    let _ = tx.send(Inbox::Path(path, seen));
                 }
             }
         },
     )?;
     lock(&shared.watchers).insert((dir.to_path_buf(), false), watcher);
     for entry in std::fs::read_dir(dir)?.flatten() {
-        let _ = shared.inbox.send(Inbox::Path(entry.path(), false));
+        let _ = shared.inbox.send(Inbox::Path(entry.path(), Seen::Changed));
     }
     Ok(())
 }
@@ -586,15 +626,20 @@ fn is_submission(path: &Path, watch: &[PathBuf]) -> bool {
         && !name.starts_with('.')
         && !name.ends_with('~')
         && !name.ends_with(".tmp")
-        && path.is_file()
+        // a link is claimed to be refused; a FIFO, a folder or a device is not a submission
+        && path
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_file() || m.file_type().is_symlink())
 }
 
 /// Waits until each candidate file has stopped changing, then claims it.
 async fn inbox(shared: Arc<Shared>, mut messages: mpsc::UnboundedReceiver<Inbox>) {
     let settling: Arc<Mutex<std::collections::HashSet<PathBuf>>> = Arc::default();
+    let opened: Arc<Mutex<HashMap<PathBuf, u32>>> = Arc::default();
+    let claiming = Arc::new(Semaphore::new(CLAIMS_AT_ONCE));
     let mut gone: std::collections::HashSet<PathBuf> = Default::default();
     while let Some(message) = messages.recv().await {
-        let (path, complete) = match message {
+        let (path, seen) = match message {
             Inbox::Gone(dir) => {
                 // one waiter per folder, however many events said so
                 if gone.insert(dir.clone()) {
@@ -602,12 +647,12 @@ async fn inbox(shared: Arc<Shared>, mut messages: mpsc::UnboundedReceiver<Inbox>
                     let (tx, dir2) = (shared.inbox.clone(), dir.clone());
                     tokio::spawn(async move {
                         await_folder(shared, dir2.clone()).await;
-                        let _ = tx.send(Inbox::Path(dir2, false));
+                        let _ = tx.send(Inbox::Path(dir2, Seen::Changed));
                     });
                 }
                 continue;
             }
-            Inbox::Path(path, complete) => (path, complete),
+            Inbox::Path(path, seen) => (path, seen),
         };
         // the waiter sends the folder itself once it is watched again
         if gone.remove(&path) {
@@ -616,39 +661,70 @@ async fn inbox(shared: Arc<Shared>, mut messages: mpsc::UnboundedReceiver<Inbox>
         if !is_submission(&path, &shared.config.watch) {
             continue;
         }
+        match seen {
+            Seen::Opened => *lock(&opened).entry(path.clone()).or_default() += 1,
+            Seen::Closed => {
+                let mut opened = lock(&opened);
+                if let Some(n) = opened.get_mut(&path) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            Seen::RenamedIn | Seen::Changed => {}
+        }
         if !lock(&settling).insert(path.clone()) {
             continue;
         }
         let shared = shared.clone();
         let settling = settling.clone();
+        let opened = opened.clone();
+        let claiming = claiming.clone();
         tokio::spawn(async move {
-            if !complete {
-                settle(&path, shared.config.settle).await;
+            if seen != Seen::RenamedIn {
+                settle(&path, shared.config.settle, &opened).await;
             }
             lock(&settling).remove(&path);
-            if path.is_file() {
+            lock(&opened).remove(&path);
+            let Ok(_turn) = claiming.acquire().await else {
+                return;
+            };
+            if path.symlink_metadata().is_ok() {
                 let shared2 = shared.clone();
-                let _ = tokio::task::spawn_blocking(move || claim(&shared2, &path)).await;
+                let claiming = tokio::task::spawn_blocking(move || claim(&shared2, &path));
+                // a claim reads only plain files, but of any file system: one that hangs is
+                // given up on here (its thread may stay stuck) and the inbox goes on
+                if tokio::time::timeout(CLAIM_TIME, claiming).await.is_err() {
+                    tracing::error!("taking in a dropped file took over {CLAIM_TIME:?}; given up");
+                }
             }
         });
     }
 }
 
-/// Returns once the file's size and modification time have held still for `window`.
-async fn settle(path: &Path, window: Duration) {
+/// Returns once the file's size and modification time have held still for `window` and no
+/// process holds it open, as far as the kernel's open and close events tell (a writer that
+/// pauses with the file open is waited for). Without those events (polling) stillness alone
+/// decides, and a file held open and still for [`OPEN_WAIT`] is taken anyway, in case a close
+/// event was lost.
+async fn settle(path: &Path, window: Duration, opened: &Mutex<HashMap<PathBuf, u32>>) {
     let stamp = |p: &Path| {
-        std::fs::metadata(p)
+        std::fs::symlink_metadata(p)
             .ok()
             .map(|m| (m.len(), m.modified().ok()))
     };
     let mut last = stamp(path);
+    let mut still_since = Instant::now();
     loop {
         tokio::time::sleep(window).await;
         let now = stamp(path);
-        if now == last {
+        if now != last {
+            last = now;
+            still_since = Instant::now();
+            continue;
+        }
+        let open = lock(opened).get(path).is_some_and(|&n| n > 0);
+        if !open || still_since.elapsed() >= OPEN_WAIT {
             return;
         }
-        last = now;
     }
 }
 
@@ -669,41 +745,66 @@ fn claim(shared: &Arc<Shared>, path: &Path) -> Option<Result<RunId, ClaimError>>
         .unwrap_or_default()
         .to_string_lossy()
         .into_owned();
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let claimed = dir.join(CLAIMED).join(format!("{stamp}-{name}"));
+    if name.len() > intake::MAX_NAME {
+        // its claim's name would not fit a file name: refused from where it lies
+        let refusal = intake::Refusal::NameTooLong(name.len());
+        return Some(Err(refuse(dir, path, &intake::shortened(&name), &refusal)));
+    }
+    let claim = intake::ClaimName::now(&name);
+    let claimed = dir.join(CLAIMED).join(claim.to_string());
     std::fs::rename(path, &claimed).ok()?;
-    Some(process_claim(shared, dir, &claimed, &name))
+    Some(process_claim(shared, dir, &claimed, &claim))
 }
 
-/// Finishes claims a crash interrupted: recorded ones are removed, the others processed.
+/// Finishes claims a crash interrupted: recorded ones are removed, the others taken in again,
+/// unless taking one in has already stopped the daemon [`intake::CLAIM_TRIES`] times.
 fn recover_claims(shared: &Arc<Shared>, dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir.join(CLAIMED)) else {
+    let claims = dir.join(CLAIMED);
+    let Ok(entries) = std::fs::read_dir(&claims) else {
         return;
     };
     for entry in entries.flatten() {
         let claimed = entry.path();
-        let claim = claimed
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        let name = claim
-            .split_once('-')
-            .map(|(_, n)| n.to_string())
-            .unwrap_or(claim.clone());
-        match shared.store.submission(&claim) {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let claim = intake::ClaimName::parse(&file_name).unwrap_or_else(|| intake::ClaimName {
+            stamp: 0,
+            tries: 1,
+            name: file_name.clone(),
+        });
+        match shared.store.submission(&file_name) {
             Ok(Some(_)) => {
                 let _ = std::fs::remove_file(&claimed);
             }
-            Ok(None) => {
-                let _ = process_claim(shared, dir, &claimed, &name);
+            Ok(None) if claim.tries >= intake::CLAIM_TRIES => {
+                let _ = refuse(dir, &claimed, &claim.name, &intake::Refusal::Crashed);
             }
-            Err(e) => tracing::error!("cannot check claim {claim}: {e}"),
+            Ok(None) => {
+                // the try is counted on disk before the file is read again: if reading it
+                // stops this daemon too, the next start knows
+                let again = claim.retried();
+                let renamed = claims.join(again.to_string());
+                let counted = std::fs::rename(&claimed, &renamed)
+                    .and_then(|()| std::fs::File::open(&claims)?.sync_all());
+                match counted {
+                    Ok(()) => {
+                        let _ = process_claim(shared, dir, &renamed, &again);
+                    }
+                    Err(e) => tracing::error!("cannot take claim {file_name} in again: {e}"),
+                }
+            }
+            Err(e) => tracing::error!("cannot check claim {file_name}: {e}"),
         }
     }
+}
+
+/// Moves a refused file to `rejected/` with a report of why; the file itself was not read.
+fn refuse(dir: &Path, from: &Path, name: &str, refusal: &intake::Refusal) -> ClaimError {
+    let report = format!("{}: refused: {refusal}\n", dir.join(name).display());
+    match intake::reject(dir, from, name, &report) {
+        Ok(at) => tracing::warn!(file = %dir.join(name).display(), report = %at.display(), "submission refused: {refusal}"),
+        Err(e) => tracing::error!(file = %from.display(), "cannot move a refused submission to rejected/: {e}"),
+    }
+    ClaimError::Rejected(report)
 }
 
 /// Validates a claimed file; records and starts its run, or moves it to `rejected/` with a
@@ -712,19 +813,20 @@ fn process_claim(
     shared: &Arc<Shared>,
     dir: &Path,
     claimed: &Path,
-    name: &str,
+    claim: &intake::ClaimName,
 ) -> Result<RunId, ClaimError> {
-    let bytes = std::fs::read(claimed).map_err(|e| ClaimError::Failed(e.to_string()))?;
+    let name = &claim.name;
+    let bytes = match intake::read_dropped(claimed, shared.config.max_file) {
+        Ok(bytes) => bytes,
+        Err(refusal) => return Err(refuse(dir, claimed, name, &refusal)),
+    };
     let sha = crate::hex(&Sha256::digest(&bytes));
     // problems name the file as the user dropped it
     let shown = dir.join(name);
     let checked = load_tools(shared, dir)
         .and_then(|tools| workflow::parse(&shown, &bytes, &tools).map(|plan| (plan, tools)));
-    let claim = claimed
-        .file_name()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .into_owned();
+    drop(bytes);
+    let claim = claim.to_string();
     match checked {
         Ok((plan, tools)) => {
             let submission = Submission {
@@ -746,12 +848,16 @@ fn process_claim(
             }
         }
         Err(problems) => {
-            let rejected = dir.join("rejected");
-            let _ = std::fs::create_dir_all(&rejected);
             let report = format!("{problems}\n");
-            let _ = std::fs::write(rejected.join(format!("{name}.error.txt")), &report);
-            let _ = std::fs::rename(claimed, rejected.join(name));
-            tracing::warn!(file = %shown.display(), "submission rejected: {} problems", problems.0.len());
+            match intake::reject(dir, claimed, name, &report) {
+                Ok(at) => tracing::warn!(
+                    file = %shown.display(),
+                    report = %at.display(),
+                    "submission rejected: {} problems",
+                    problems.count()
+                ),
+                Err(e) => tracing::error!(file = %shown.display(), "cannot move a rejected submission to rejected/: {e}"),
+            }
             Err(ClaimError::Rejected(report))
         }
     }
@@ -1268,8 +1374,8 @@ async fn client(shared: Arc<Shared>, mut conn: interprocess::local_socket::tokio
                 shared.shutdown.cancel();
                 return;
             }
-            Request::Events { run, follow: true } => {
-                follow_events(&shared, &mut conn, run).await;
+            Request::Events { run, follow } => {
+                stream_events(&shared, &mut conn, run, follow).await;
                 return;
             }
             request => {
@@ -1303,12 +1409,14 @@ async fn client(shared: Arc<Shared>, mut conn: interprocess::local_socket::tokio
     }
 }
 
-/// Streams events as they are committed: what the log holds now, then every new event, until
-/// the run (if one was named) has ended, the client hangs up or the daemon stops.
-async fn follow_events(
+/// Streams what the event log holds now, a frame at a time, then [`Response::Done`]; when
+/// following, every new event as it is committed, until the run (if one was named) has ended,
+/// the client hangs up or the daemon stops.
+async fn stream_events(
     shared: &Arc<Shared>,
     conn: &mut interprocess::local_socket::tokio::Stream,
     run: Option<RunId>,
+    follow: bool,
 ) {
     use tokio::io::AsyncReadExt;
     let mut commits = shared.store.subscribe();
@@ -1348,34 +1456,32 @@ async fn follow_events(
                 None => format!("run {run} is gone"),
             })
         });
-        let batch = match new_events(&shared.store, run, &mut seen) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!("cannot read events: {e}");
-                return;
+        // a long backlog is read and sent a frame at a time, each well under the frame limit;
+        // the first frame goes out even when empty, so a client sees the stream has begun
+        loop {
+            let batch = match new_events(&shared.store, run, &mut seen, EVENTS_PER_FRAME) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!("cannot read events: {e}");
+                    return;
+                }
+            };
+            let full = batch.len() == EVENTS_PER_FRAME;
+            if started && batch.is_empty() {
+                break;
             }
-        };
-        // always answer once, so a client sees the stream has begun; a long backlog goes in
-        // several frames, each well under the frame limit
-        if !started && batch.is_empty() {
+            started = true;
             if protocol::write_frame(conn, &Response::Events { events: batch })
                 .await
                 .is_err()
             {
                 return;
             }
-        } else {
-            for chunk in batch.chunks(EVENTS_PER_FRAME) {
-                let frame = Response::Events {
-                    events: chunk.to_vec(),
-                };
-                if protocol::write_frame(conn, &frame).await.is_err() {
-                    return;
-                }
+            if !full {
+                break;
             }
         }
-        started = true;
-        if let Some(message) = ended {
+        if let Some(message) = ended.or_else(|| (!follow).then(String::new)) {
             let _ = protocol::write_frame(conn, &Response::Done { message }).await;
             return;
         }
@@ -1389,11 +1495,12 @@ async fn follow_events(
     }
 }
 
-/// The events committed since the last call, per run in `seen`.
+/// At most `limit` of the events committed since the last call, per run in `seen`.
 fn new_events(
     store: &Store,
     run: Option<RunId>,
     seen: &mut HashMap<RunId, u64>,
+    limit: usize,
 ) -> Result<Vec<serde_json::Value>, crate::store::StateError> {
     let heads = match run {
         Some(r) => vec![(r, u64::MAX)],
@@ -1405,9 +1512,12 @@ fn new_events(
         if head <= last {
             continue;
         }
-        for e in store.events_after(r, last)? {
+        for e in store.events_page(r, last, limit - out.len())? {
             seen.insert(r, e.seq);
             out.push(crate::report::event_json(r, &e));
+        }
+        if out.len() == limit {
+            break;
         }
     }
     Ok(out)
@@ -1443,24 +1553,14 @@ fn answer(shared: &Arc<Shared>, request: Request) -> Response {
             },
             Err(e) => fail(e.to_string()),
         },
-        Request::Show { run } => match RunView::load(&shared.store, run) {
+        Request::Show { run, from } => match RunView::load(&shared.store, run) {
             Ok(Some(view)) => Response::Run {
-                run: view.to_json(),
+                run: view.page_json(from, SHOW_PAGE),
             },
             Ok(None) => invalid(format!("no run {run}")),
             Err(e) => fail(e.to_string()),
         },
-        Request::Events { run, follow: _ } => {
-            if let Some(r) = run
-                && matches!(shared.store.run(r), Ok(None))
-            {
-                return invalid(format!("no run {r}"));
-            }
-            match new_events(&shared.store, run, &mut HashMap::new()) {
-                Ok(events) => Response::Events { events },
-                Err(e) => fail(e.to_string()),
-            }
-        }
+        Request::Events { .. } => unreachable!("streamed by the connection"),
         Request::Tools => {
             let mut files: Vec<PathBuf> = match &shared.config.tools {
                 Some(f) => vec![f.clone()],
@@ -1548,7 +1648,7 @@ fn submit(shared: &Arc<Shared>, path: &Path) -> Response {
             },
         };
     }
-    let bytes = match std::fs::read(path) {
+    let bytes = match intake::read_submitted(path, shared.config.max_file) {
         Ok(b) => b,
         Err(e) => return invalid(format!("{}: {e}", path.display())),
     };

@@ -35,20 +35,94 @@ impl std::fmt::Display for Problem {
     }
 }
 
+/// Problems listed per file at most: enough to fix a file by, and a file of five million bad
+/// lines makes a report of a hundred lines, not of half a gigabyte.
+pub const MAX_PROBLEMS: usize = 100;
+
+/// The largest workflow or tools file read: far above any hand-written file (a 100,000-step
+/// workflow is about 5 MiB), and a bound on what one dropped file can make the daemon parse.
+pub const MAX_FILE: u64 = 8 << 20;
+
 /// Every problem found in one or more files; the error type of loading a workflow or tools file.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problems(pub Vec<Problem>);
+pub struct Problems {
+    /// The problems listed, at most [`MAX_PROBLEMS`] per file.
+    pub list: Vec<Problem>,
+    /// How many more were found and not listed.
+    pub unlisted: usize,
+}
+
+impl Problems {
+    /// These problems, all listed.
+    pub fn new(list: Vec<Problem>) -> Problems {
+        Problems { list, unlisted: 0 }
+    }
+
+    /// One problem of a whole file.
+    pub fn of_file(file: &Path, message: impl Into<String>) -> Problems {
+        Problems::new(vec![Problem {
+            file: file.to_path_buf(),
+            position: None,
+            message: message.into(),
+        }])
+    }
+
+    /// How many problems were found, listed or not.
+    pub fn count(&self) -> usize {
+        self.list.len() + self.unlisted
+    }
+
+    /// Adds another file's problems.
+    pub fn extend(&mut self, other: Problems) {
+        self.list.extend(other.list);
+        self.unlisted += other.unlisted;
+    }
+}
 
 impl std::fmt::Display for Problems {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (i, p) in self.0.iter().enumerate() {
+        for (i, p) in self.list.iter().enumerate() {
             if i > 0 {
                 writeln!(f)?;
             }
             write!(f, "{p}")?;
         }
+        if self.unlisted > 0 {
+            write!(
+                f,
+                "\n… and {} more problems, not listed (the first {MAX_PROBLEMS} of a file are)",
+                self.unlisted
+            )?;
+        }
         Ok(())
     }
+}
+
+/// Reads a workflow or tools file of at most `limit` bytes, never more: a larger file (or one
+/// that grows while read) is a problem of the file, whose message says `what` it was to be.
+pub fn read_file(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, Problems> {
+    use std::io::Read;
+    let cannot = |e: std::io::Error| Problems::of_file(path, format!("cannot read {what}: {e}"));
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let mut bytes = Vec::new();
+    file.take(limit + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > limit {
+        return Err(too_large(path, limit, what));
+    }
+    Ok(bytes)
+}
+
+/// The problem of a file over its size limit.
+pub fn too_large(path: &Path, limit: u64, what: &str) -> Problems {
+    Problems::of_file(
+        path,
+        format!(
+            "is larger than {}, the most read of {what}",
+            show_bytes(limit)
+        ),
+    )
 }
 
 impl std::error::Error for Problems {}
@@ -141,6 +215,8 @@ pub struct Source<'a> {
     /// Byte offset of the start of every line, for turning spans into line:col.
     line_starts: Vec<usize>,
     problems: Vec<Problem>,
+    /// Problems found past [`MAX_PROBLEMS`], counted only.
+    unlisted: usize,
 }
 
 impl<'a> Source<'a> {
@@ -154,6 +230,7 @@ impl<'a> Source<'a> {
             text,
             line_starts,
             problems: Vec::new(),
+            unlisted: 0,
         }
     }
 
@@ -178,6 +255,10 @@ impl<'a> Source<'a> {
 
     /// Records a problem at a byte offset.
     pub fn error_at(&mut self, offset: usize, message: impl Into<String>) {
+        if self.problems.len() >= MAX_PROBLEMS {
+            self.unlisted += 1;
+            return;
+        }
         let position = Some(self.position(offset));
         self.problems.push(Problem {
             file: self.path.to_path_buf(),
@@ -193,6 +274,10 @@ impl<'a> Source<'a> {
 
     /// Records a problem of the whole file.
     pub fn error_file(&mut self, message: impl Into<String>) {
+        if self.problems.len() >= MAX_PROBLEMS {
+            self.unlisted += 1;
+            return;
+        }
         self.problems.push(Problem {
             file: self.path.to_path_buf(),
             position: None,
@@ -206,10 +291,13 @@ impl<'a> Source<'a> {
     }
 
     /// The problems found, in the order of their place in the file.
-    pub fn into_problems(mut self) -> Vec<Problem> {
+    pub fn into_problems(mut self) -> Problems {
         // stable: problems at one place keep the order they were found in
         self.problems.sort_by_key(|p| p.position.unwrap_or((0, 0)));
-        self.problems
+        Problems {
+            list: self.problems,
+            unlisted: self.unlisted,
+        }
     }
 
     /// Parses the text as TOML or JSON (by the file's extension; TOML unless it ends in
@@ -235,19 +323,47 @@ impl<'a> Source<'a> {
     }
 
     fn parse_toml(&mut self) -> Option<Node> {
-        let (doc, errors) = toml::de::DeTable::parse_recoverable(self.text);
-        if !errors.is_empty() {
-            for e in errors {
-                let offset = e.span().map(|s| s.start).unwrap_or(0);
-                self.error_at(offset, format!("TOML syntax: {}", e.message()));
-            }
+        // the strict parse keeps its first error only; the errors are then listed apart
+        let Ok(doc) = toml::de::DeTable::parse(self.text) else {
+            self.toml_syntax_errors();
             return None;
-        }
+        };
         let span = doc.span();
         Some(Node {
             span,
             value: Value::Table(toml_table(doc.into_inner())),
         })
+    }
+
+    /// Records every TOML syntax error. The recovering parser makes an error of each bad
+    /// line at once (a file of a million bad lines took gigabytes), so the text is parsed a
+    /// window of whole lines at a time, each window's errors recorded (or, past the limit, only
+    /// counted) and dropped before the next. A window starts afresh, so a construct cut in two
+    /// by a window's end may add an error there: only ever in a file that has one already.
+    fn toml_syntax_errors(&mut self) {
+        const WINDOW: usize = 64 << 10;
+        let text = self.text;
+        let mut start = 0;
+        while start < text.len() {
+            let mut end = (start + WINDOW).min(text.len());
+            if end < text.len() {
+                // whole lines, unless one line is longer than the window
+                end = text[start..end]
+                    .rfind('\n')
+                    .map(|i| start + i + 1)
+                    .unwrap_or_else(|| text[end..].find('\n').map_or(text.len(), |i| end + i + 1));
+            }
+            let (_, errors) = toml::de::DeTable::parse_recoverable(&text[start..end]);
+            for e in errors {
+                let at = e.span().map(|s| s.start).unwrap_or(0);
+                // a window's end is not the file's: what the parser says of it is not so
+                if at >= end - start && end < text.len() {
+                    continue;
+                }
+                self.error_at(start + at, format!("TOML syntax: {}", e.message()));
+            }
+            start = end;
+        }
     }
 
     fn parse_json(&mut self) -> Option<Node> {
@@ -662,7 +778,7 @@ mod tests {
         let path = PathBuf::from(name);
         let mut src = Source::new(&path, text);
         let node = src.parse();
-        (node, src.into_problems())
+        (node, src.into_problems().list)
     }
 
     #[test]

@@ -277,7 +277,7 @@ fn main() -> ExitCode {
                 limit: (!all).then_some(limit),
             },
         ),
-        Command::Show { run, client: c } => client(&c, Request::Show { run }),
+        Command::Show { run, client: c } => client(&c, Request::Show { run, from: 0 }),
         Command::Submit { file, client: c } => match std::path::absolute(&file) {
             Ok(path) => client(&c, Request::Submit { path }),
             Err(e) => Err(anyhow!("{}: {e}", file.display()).into()),
@@ -356,7 +356,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(Failure::Problems(p)) => {
             eprintln!("{p}");
-            let n = p.0.len();
+            let n = p.count();
             eprintln!(
                 "uet: {n} problem{}; nothing was run",
                 if n == 1 { "" } else { "s" }
@@ -402,6 +402,8 @@ struct DaemonFile {
     keep_for: Option<std::time::Duration>,
     /// Keep only this many finished runs.
     keep_runs: Option<usize>,
+    /// The largest workflow file read from a watched folder ("8MiB").
+    max_file: Option<String>,
 }
 
 mod humantime_opt {
@@ -454,6 +456,12 @@ fn cmd_daemon(
         metrics: file.metrics,
         keep_for: file.keep_for,
         keep_runs: file.keep_runs,
+        max_file: match &file.max_file {
+            Some(text) => uet::doc::parse_bytes(text).ok_or_else(|| {
+                anyhow!("max_file: bad size {text:?}; write e.g. \"8MiB\" or \"512KiB\"")
+            })?,
+            None => uet::doc::MAX_FILE,
+        },
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(uet::daemon::serve(config))?;
@@ -495,7 +503,11 @@ fn client_quiet(args: &ClientArgs, request: Request, quiet: bool) -> Result<u8, 
                 return Ok(exit::NO_DAEMON);
             }
         };
-        let streaming = matches!(request, Request::Events { follow: true, .. });
+        let streaming = matches!(request, Request::Events { .. });
+        let following = matches!(request, Request::Events { follow: true, .. });
+        if let Request::Show { run, .. } = request {
+            return show_pages(&mut client, &socket, args, run).await;
+        }
         let mut response = client.call(&request).await;
         loop {
             let r = match response {
@@ -506,8 +518,8 @@ fn client_quiet(args: &ClientArgs, request: Request, quiet: bool) -> Result<u8, 
                 }
             };
             if let (true, Response::Done { message }) = (streaming, &r) {
-                // the end of a stream: a note for a person, nothing in a JSON-lines stream
-                if !args.json {
+                // the end of a followed run: a note for a person, nothing in a JSON-lines stream
+                if following && !args.json {
                     eprintln!("uet: {message}");
                 }
                 return Ok(exit::OK);
@@ -520,6 +532,50 @@ fn client_quiet(args: &ClientArgs, request: Request, quiet: bool) -> Result<u8, 
             response = client.next().await;
         }
     })
+}
+
+/// `uet show`: the run a page at a time (a run of many steps does not fit one answer), printed
+/// as one object.
+async fn show_pages(
+    client: &mut Client,
+    socket: &Path,
+    args: &ClientArgs,
+    run: u64,
+) -> Result<u8, Failure> {
+    let mut from = 0;
+    let mut whole: Option<serde_json::Value> = None;
+    loop {
+        let page = match client.call(&Request::Show { run, from }).await {
+            Ok(Response::Run { run: page }) => page,
+            Ok(other) => return Ok(print_response(args, other)),
+            Err(e) => {
+                eprintln!(
+                    "uet: the daemon on {} stopped answering: {e}",
+                    socket.display()
+                );
+                return Ok(exit::NO_DAEMON);
+            }
+        };
+        let next = page["steps_next"].as_u64();
+        match &mut whole {
+            None => whole = Some(page),
+            Some(w) => {
+                let more = page["steps"].as_array().cloned().unwrap_or_default();
+                if let Some(steps) = w["steps"].as_array_mut() {
+                    steps.extend(more);
+                }
+            }
+        }
+        match next {
+            Some(n) if n as usize > from => from = n as usize,
+            _ => break,
+        }
+    }
+    let mut run = whole.unwrap_or_default();
+    if let Some(o) = run.as_object_mut() {
+        o.remove("steps_next");
+    }
+    Ok(print_response(args, Response::Run { run }))
 }
 
 /// Prints one answer of the daemon and says what the command's exit code is.
@@ -781,7 +837,7 @@ fn tools_path(workflow: &Path, given: Option<&Path>) -> PathBuf {
 }
 
 fn cmd_validate(files: &[PathBuf], tools: Option<&Path>) -> Result<u8, Failure> {
-    let mut problems = Vec::new();
+    let mut problems = Problems::new(Vec::new());
     for file in files {
         let tools_file = tools_path(file, tools);
         let mut tools = if tools.is_none() && !tools_file.exists() {
@@ -796,7 +852,7 @@ fn cmd_validate(files: &[PathBuf], tools: Option<&Path>) -> Result<u8, Failure> 
             match Tools::load(&tools_file) {
                 Ok(t) => t,
                 Err(p) => {
-                    problems.extend(p.0);
+                    problems.extend(p);
                     continue;
                 }
             }
@@ -806,7 +862,7 @@ fn cmd_validate(files: &[PathBuf], tools: Option<&Path>) -> Result<u8, Failure> 
             .and_then(|state| plugin_runtime(&mut tools, &state, false))
         {
             match failure {
-                Failure::Problems(p) => problems.extend(p.0),
+                Failure::Problems(p) => problems.extend(p),
                 Failure::Other(e) => return Err(Failure::Other(e)),
             }
             continue;
@@ -818,13 +874,13 @@ fn cmd_validate(files: &[PathBuf], tools: Option<&Path>) -> Result<u8, Failure> 
                 plan.name,
                 plan.steps.len()
             ),
-            Err(p) => problems.extend(p.0),
+            Err(p) => problems.extend(p),
         }
     }
-    if problems.is_empty() {
+    if problems.count() == 0 {
         Ok(exit::OK)
     } else {
-        Err(Failure::Problems(Problems(problems)))
+        Err(Failure::Problems(problems))
     }
 }
 

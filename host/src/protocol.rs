@@ -39,10 +39,14 @@ pub enum Request {
         #[serde(default)]
         limit: Option<usize>,
     },
-    /// One run with its steps.
+    /// One run with its steps, from step `from` on: as many as fit a frame (a large run is
+    /// shown a page at a time; the answer's `steps_next` says where the next page starts).
     Show {
         /// The run.
         run: RunId,
+        /// The index of the first step to send.
+        #[serde(default)]
+        from: usize,
     },
     /// Run a workflow file; its folder is the workstream.
     Submit {
@@ -64,9 +68,9 @@ pub enum Request {
         /// The run.
         run: RunId,
     },
-    /// The event log of one run, or of every run. With `follow`, the daemon keeps sending
-    /// [`Response::Events`] frames as events happen, until the run ends (then
-    /// [`Response::Done`]) or the client hangs up.
+    /// The event log of one run, or of every run, as [`Response::Events`] frames of at most a
+    /// thousand events, then [`Response::Done`]. With `follow`, the daemon keeps sending
+    /// frames as events happen, until the run ends or the client hangs up.
     Events {
         /// The run; every run when absent.
         run: Option<RunId>,
@@ -113,7 +117,8 @@ pub enum Response {
         /// The runs.
         runs: Vec<serde_json::Value>,
     },
-    /// The answer to [`Request::Show`]: the object `uet show --json` prints.
+    /// The answer to [`Request::Show`]: the object `uet show --json` prints, with
+    /// `steps_next` when more steps follow on another page.
     Run {
         /// The run.
         run: serde_json::Value,
@@ -364,11 +369,11 @@ mod tests {
     #[tokio::test]
     async fn frames_round_trip_and_refuse_what_they_must() {
         let (mut a, mut b) = tokio::io::duplex(1 << 16);
-        write_frame(&mut a, &Request::Show { run: 7 })
+        write_frame(&mut a, &Request::Show { run: 7, from: 0 })
             .await
             .unwrap();
         let got: Option<Request> = read_frame(&mut b).await.unwrap();
-        assert_eq!(got, Some(Request::Show { run: 7 }));
+        assert_eq!(got, Some(Request::Show { run: 7, from: 0 }));
 
         a.write_all(&(u32::MAX).to_be_bytes()).await.unwrap();
         assert!(matches!(

@@ -32,23 +32,34 @@ impl RunView {
 
     /// The object `uet run --json` and `uet show --json` print.
     pub fn to_json(&self) -> serde_json::Value {
-        let steps: Vec<_> = self
-            .steps
-            .iter()
-            .map(|s| {
-                json!({
-                    "id": s.id,
-                    "state": s.state,
-                    "attempts": s.attempts,
-                    "output": s.output,
-                    "tool": s.tool,
-                    "reason": s.reason,
-                    "started_at": s.started_at,
-                    "finished_at": s.finished_at,
-                    "duration_ms": duration_ms(s.started_at, s.finished_at),
-                })
-            })
-            .collect();
+        self.page_json(0, usize::MAX)
+    }
+
+    /// [`RunView::to_json`] with the steps from `from` on, as many as fit in about
+    /// `max_bytes` (at least one); when more follow, `steps_next` says where they start.
+    pub fn page_json(&self, from: usize, max_bytes: usize) -> serde_json::Value {
+        let mut size = 0;
+        let mut steps = Vec::new();
+        for s in self.steps.iter().skip(from) {
+            let step = step_json(s);
+            if max_bytes < usize::MAX {
+                size += step.to_string().len();
+                if size > max_bytes && !steps.is_empty() {
+                    break;
+                }
+            }
+            steps.push(step);
+        }
+        let mut run = self.run_json();
+        let next = from + steps.len();
+        run["steps"] = serde_json::Value::Array(steps);
+        if next < self.steps.len() {
+            run["steps_next"] = json!(next);
+        }
+        run
+    }
+
+    fn run_json(&self) -> serde_json::Value {
         json!({
             "run_id": self.run.id,
             "name": self.run.name,
@@ -62,7 +73,7 @@ impl RunView {
             "finished_at": self.run.finished_at,
             "duration_ms": duration_ms(self.run.started_at, self.run.finished_at),
             "progress": self.progress,
-            "steps": steps,
+            "steps": [],
         })
     }
 
@@ -70,6 +81,21 @@ impl RunView {
     pub fn to_text(&self) -> String {
         text(&self.to_json())
     }
+}
+
+/// One step of [`RunView::to_json`].
+fn step_json(s: &StepRecord) -> serde_json::Value {
+    json!({
+                "id": s.id,
+                "state": s.state,
+                "attempts": s.attempts,
+                "output": s.output,
+                "tool": s.tool,
+                "reason": s.reason,
+                "started_at": s.started_at,
+                "finished_at": s.finished_at,
+                "duration_ms": duration_ms(s.started_at, s.finished_at),
+            })
 }
 
 /// The summary of [`RunView::to_text`], from the JSON object (as a client receives it).

@@ -1103,12 +1103,23 @@ impl Store {
 
     /// The events of a run's log numbered above `after`, in order.
     pub fn events_after(&self, run: RunId, after: u64) -> Result<Vec<EventRecord>, StateError> {
+        self.events_page(run, after, usize::MAX)
+    }
+
+    /// At most `limit` of a run's events after event number `after`, oldest first.
+    pub fn events_page(
+        &self,
+        run: RunId,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StateError> {
         let tx = self.read()?;
         let events = tx.open_table(EVENTS).map_err(storage)?;
         let mut out = Vec::new();
         for item in events
             .range((run, after.saturating_add(1))..=(run, u64::MAX))
             .map_err(storage)?
+            .take(limit)
         {
             let (k, v) = item.map_err(storage)?;
             out.push(decode("events", &k.value(), v.value())?);

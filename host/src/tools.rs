@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::doc::{Fields, Problem, Problems, Source};
+use crate::doc::{Fields, Problems, Source};
 use crate::template::{Template, TemplateError};
 
 /// Output an attempt may hand back when its tool does not say: outputs are kept in the state
@@ -233,13 +233,20 @@ impl Tools {
         // relative programs and plugins resolve against this file's folder, wherever the
         // tools later run from
         let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        let bytes = std::fs::read(path).map_err(|e| {
-            Problems(vec![Problem {
-                file: path.to_path_buf(),
-                position: None,
-                message: format!("cannot read the tools file: {e} (put a tools.toml beside the workflow, or pass --tools FILE)"),
-            }])
-        })?;
+        let bytes = crate::doc::read_file(path, crate::doc::MAX_FILE, "a tools file").map_err(
+            |mut p| {
+                if let Some(first) = p
+                    .list
+                    .first_mut()
+                    .filter(|p| p.message.starts_with("cannot read"))
+                {
+                    first
+                        .message
+                        .push_str(" (put a tools.toml beside the workflow, or pass --tools FILE)");
+                }
+                p
+            },
+        )?;
         Self::parse(path, &bytes)
     }
 
@@ -248,7 +255,7 @@ impl Tools {
         let text = crate::workflow::decode_text(path, bytes)?;
         let mut src = Source::new(path, text);
         let Some(root) = src.parse() else {
-            return Err(Problems(src.into_problems()));
+            return Err(src.into_problems());
         };
         let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
         let mut tools = Vec::new();
@@ -280,7 +287,7 @@ impl Tools {
             }
         }
         if src.has_problems() {
-            return Err(Problems(src.into_problems()));
+            return Err(src.into_problems());
         }
         Ok(Tools {
             path: path.to_path_buf(),

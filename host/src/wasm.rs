@@ -627,7 +627,7 @@ pub fn describe_tools(
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(crate::doc::Problems(problems))
+        Err(crate::doc::Problems::new(problems))
     }
 }
 

@@ -163,3 +163,243 @@ fn a_stalled_client_is_dropped() {
     assert!(started.elapsed() < Duration::from_secs(25));
     assert_eq!(daemon.client(&env, &["status"]).code(), 0);
 }
+
+/// Waits for a file to appear, failing after 20 s.
+fn wait_for(path: &Path) {
+    let waited = Instant::now();
+    while !path.exists() {
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The most memory a process has held (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib << 10
+}
+
+/// One dropped file of five million bad lines took 1.39 GB and wrote a 439 MB report.
+#[test]
+fn a_flood_of_bad_lines_gets_a_short_report_and_takes_little_memory() {
+    let env = Env::new();
+    tools(&env);
+    let daemon = Daemon::start(&env);
+    let huge = "!\n".repeat(5_000_000);
+    let big = "!\n".repeat(1_000_000);
+    crate::daemon::drop_file(&env, "huge.toml", &huge);
+    crate::daemon::drop_file(&env, "big.toml", &big);
+    for name in ["huge.toml", "big.toml"] {
+        wait_for(&env.ws.join(format!("rejected/{name}.error.txt")));
+    }
+    let report = |n: &str| env.read(&format!("rejected/{n}.error.txt"));
+    assert!(
+        report("huge.toml").contains("is larger than 8 MiB"),
+        "{}",
+        report("huge.toml")
+    );
+    let big_report = report("big.toml");
+    assert!(
+        big_report.lines().count() <= 102,
+        "{} lines",
+        big_report.lines().count()
+    );
+    // every line is a problem; a window of the parse may count one twice
+    let more: u64 = big_report
+        .split("… and ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of the rest: {big_report}"));
+    assert!((999_900..1_001_000).contains(&more), "{more} more problems");
+    let peak = peak_rss(daemon.child.id());
+    assert!(peak < 300 << 20, "the daemon peaked at {} MiB", peak >> 20);
+    assert_eq!(daemon.client(&env, &["status"]).code(), 0);
+
+    // `uet validate` reads them the same way
+    let outside = env.ws.parent().unwrap();
+    std::fs::write(outside.join("huge.toml"), &huge).unwrap();
+    std::fs::write(outside.join("big.toml"), &big).unwrap();
+    let run = env
+        .uet(&[
+            "validate",
+            "../huge.toml",
+            "../big.toml",
+            "--tools",
+            "tools.toml",
+        ])
+        .expect(2);
+    assert!(
+        run.stderr().contains("is larger than 8 MiB"),
+        "{}",
+        run.describe()
+    );
+    // the huge file's line, a hundred problems, the count of the rest, the summary
+    assert!(
+        run.stderr().lines().count() <= 103,
+        "{}",
+        run.stderr().lines().count()
+    );
+    assert!(run.stderr().contains("uet: 100"), "{}", run.describe());
+}
+
+/// A link is dropped to have the daemon read (and run, and quote) a file the dropper cannot
+/// read; a link that becomes a FIFO froze the claims.
+#[test]
+fn links_fifos_and_hard_links_dropped_are_refused_unread() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    tools(&env);
+    let daemon = Daemon::start(&env);
+    let outside = env.ws.parent().unwrap().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    let secret = outside.join("secret.toml");
+    std::fs::write(&secret, "password = \"hunter2\"\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let good = outside.join("good.toml");
+    std::fs::write(&good, crate::daemon::GOOD).unwrap();
+    let fifo = outside.join("fifo");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid C string
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let mut links = vec![("leak.toml", &secret), ("elsewhere.toml", &good)];
+    let names: Vec<String> = (0..40).map(|i| format!("flip-{i}.toml")).collect();
+    for n in &names {
+        links.push((n.as_str(), &fifo));
+    }
+    for (name, target) in &links {
+        std::os::unix::fs::symlink(target, env.ws.join(name)).unwrap();
+    }
+    let twin = outside.join("twin.toml");
+    std::fs::write(&twin, crate::daemon::GOOD).unwrap();
+    std::fs::hard_link(&twin, env.ws.join("twin.toml")).unwrap();
+    for (name, _) in &links {
+        wait_for(&env.ws.join(format!("rejected/{name}.error.txt")));
+    }
+    wait_for(&env.ws.join("rejected/twin.toml.error.txt"));
+    let report = env.read("rejected/leak.toml.error.txt");
+    assert!(report.contains("symbolic link"), "{report}");
+    assert!(
+        !report.contains("hunter2") && !report.contains("password"),
+        "{report}"
+    );
+    let mode = std::fs::metadata(env.ws.join("rejected/leak.toml.error.txt"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(
+        env.read("rejected/twin.toml.error.txt")
+            .contains("hard links")
+    );
+    // nothing ran, the daemon answers, and a plain drop still runs
+    assert_eq!(daemon.client(&env, &["status"]).code(), 0);
+    assert!(daemon.runs(&env).is_empty());
+    crate::daemon::drop_file(&env, "plain.toml", crate::daemon::GOOD);
+    let runs = daemon.wait_for_runs(&env, 1);
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0]["state"], "succeeded");
+}
+
+#[test]
+fn long_names_and_names_rejected_twice_have_a_defined_place() {
+    let env = Env::new();
+    tools(&env);
+    let daemon = Daemon::start(&env);
+    // 245 bytes: its claim's name would have been too long, and it never ran nor said why
+    let long = format!("{}.toml", "a".repeat(240));
+    crate::daemon::drop_file(&env, &long, crate::daemon::GOOD);
+    let kept = "a".repeat(200);
+    wait_for(&env.ws.join(format!("rejected/{kept}.error.txt")));
+    let report = env.read(&format!("rejected/{kept}.error.txt"));
+    assert!(report.contains("its name is 245 bytes long"), "{report}");
+    assert!(env.ws.join("rejected").join(&kept).exists());
+
+    for text in ["colour = 1\n", "shade = 2\n"] {
+        crate::daemon::drop_file(&env, "bad.toml", text);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    wait_for(&env.ws.join("rejected/2-bad.toml.error.txt"));
+    assert!(env.read("rejected/bad.toml.error.txt").contains("colour"));
+    assert!(env.read("rejected/2-bad.toml.error.txt").contains("shade"));
+    assert_eq!(env.read("rejected/2-bad.toml"), "shade = 2\n");
+    assert!(daemon.runs(&env).is_empty());
+}
+
+/// A writer that pauses with the file open is waited for: the file used to be read after the
+/// 200 ms settle window, half written.
+#[test]
+fn a_writer_that_pauses_with_the_file_open_is_waited_for() {
+    use std::io::Write;
+    let env = Env::new();
+    tools(&env);
+    let daemon = Daemon::start(&env);
+    let path = env.ws.join("paused.toml");
+    let mut file = std::fs::File::create(&path).unwrap();
+    file.write_all(crate::daemon::GOOD.as_bytes()).unwrap();
+    file.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(1200));
+    file.write_all(b"[[steps]]\nid = \"second\"\ntool = \"echo\"\nwith = { hi = 2 }\n")
+        .unwrap();
+    drop(file);
+    let runs = daemon.wait_for_runs(&env, 1);
+    assert_eq!(runs[0]["state"], "succeeded");
+    let show = daemon.client(&env, &["show", "1", "--json"]).expect(0);
+    let run: serde_json::Value = serde_json::from_str(&show.stdout()).unwrap();
+    assert_eq!(run["steps"].as_array().unwrap().len(), 2, "{run}");
+}
+
+/// A claimed file whose taking-in killed the daemon was read again at every start, killing it
+/// again; now the second crash sets it aside.
+#[test]
+fn a_claim_that_stopped_the_daemon_twice_is_set_aside() {
+    let env = Env::new();
+    tools(&env);
+    let claimed = env.ws.join(".uet/claimed");
+    std::fs::create_dir_all(&claimed).unwrap();
+    // as a crash during the second try leaves them, and one after the first
+    std::fs::write(
+        claimed.join("1700000000000000000.2-boom.toml"),
+        crate::daemon::GOOD,
+    )
+    .unwrap();
+    std::fs::write(
+        claimed.join("1700000000000000001-once.toml"),
+        crate::daemon::GOOD.replace("hello", "once"),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&env);
+    let runs = daemon.wait_for_runs(&env, 1);
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0]["name"], "once");
+    let report = env.read("rejected/boom.toml.error.txt");
+    assert!(
+        report.contains("uet stopped while taking it in, 2 times"),
+        "{report}"
+    );
+    assert_eq!(std::fs::read_dir(&claimed).unwrap().count(), 0);
+}
+
+#[test]
+fn a_workflow_over_the_step_limit_is_refused_where_its_steps_are() {
+    let env = Env::new();
+    tools(&env);
+    let mut text = String::from("name = \"huge\"\n");
+    for i in 0..100_001 {
+        text.push_str(&format!("[[steps]]\nid = \"s{i}\"\ntool = \"echo\"\n"));
+    }
+    env.write("huge.toml", &text);
+    let run = env.uet(&["validate", "huge.toml"]).expect(2);
+    assert!(
+        run.stderr()
+            .contains("huge.toml:2:1: workflow: 100001 steps, over the limit of 100000"),
+        "{}",
+        run.describe()
+    );
+}
