@@ -1380,10 +1380,17 @@ async fn client(shared: Arc<Shared>, mut conn: interprocess::local_socket::tokio
             }
             request => {
                 let shared = shared.clone();
+                let state = shared.store.path().to_path_buf();
                 tokio::task::spawn_blocking(move || answer(&shared, request))
                     .await
                     .unwrap_or_else(|e| Response::Error {
-                        message: format!("internal error: {e}"),
+                        // a panic in a request is the database's on a damaged page, or a bug:
+                        // this request fails, the daemon goes on
+                        message: format!(
+                            "the daemon failed to answer ({e}); if its state {} is damaged, \
+                             `uet state check` says so once the daemon is stopped",
+                            state.display()
+                        ),
                         invalid: false,
                     })
             }

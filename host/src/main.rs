@@ -186,6 +186,9 @@ enum Command {
     },
     /// Stop the daemon gracefully.
     Shutdown(ClientArgs),
+    /// Check the state file, or put its last good copy back (no daemon may hold it).
+    #[command(subcommand)]
+    State(StateCommand),
     /// Work with plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
@@ -209,6 +212,27 @@ struct ClientArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Read every row and verify every run's event chain, writing nothing; exit 1 when the
+    /// state is damaged.
+    Check {
+        /// The state folder.
+        #[arg(long, env = "UET_STATE")]
+        state: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// When the state is damaged: set the file aside (uet.redb.damaged-SECONDS) and put the
+    /// last good copy (uet.redb.bak) in its place, with the journal's changes since it.
+    Recover {
+        /// The state folder.
+        #[arg(long, env = "UET_STATE")]
+        state: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -237,7 +261,35 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
+std::thread_local! {
+    /// Set while a panic is caught and reported as an error (the database's, on a damaged
+    /// page): the panic hook then keeps it off the terminal.
+    static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` on the state `file`, turning a panic inside it (redb's, on a damaged page) into an
+/// error that names the file and says what to do.
+fn guarded<T>(file: &Path, f: impl FnOnce() -> Result<T, Failure>) -> Result<T, Failure> {
+    QUIET_PANICS.with(|q| q.set(true));
+    let result = uet::store::repair::quietly(f);
+    QUIET_PANICS.with(|q| q.set(false));
+    result.unwrap_or_else(|panic| {
+        Err(anyhow!(
+            "the state file {} cannot be read: {panic}; `uet state check` says what is damaged, \
+             `uet state recover` puts the last good copy back",
+            file.display()
+        )
+        .into())
+    })
+}
+
 fn main() -> ExitCode {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !QUIET_PANICS.with(|q| q.get()) {
+            default_hook(info);
+        }
+    }));
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -332,7 +384,7 @@ fn main() -> ExitCode {
                 true,
             );
             match code {
-                Ok(exit::NO_DAEMON) => with_local_state(state, |store| {
+                Ok(exit::NO_DAEMON) => with_local_state(state, true, |store| {
                     Ok(print_response(
                         &c,
                         uet::daemon::prune_answer(store, older_than_ms, keep),
@@ -342,6 +394,8 @@ fn main() -> ExitCode {
             }
         }
         Command::Shutdown(c) => client(&c, Request::Shutdown),
+        Command::State(StateCommand::Check { state, json }) => cmd_state_check(state, json),
+        Command::State(StateCommand::Recover { state }) => cmd_state_recover(state),
         Command::Plugin(PluginCommand::New { name, sdk }) => {
             let sdk = sdk.unwrap_or_else(uet::scaffold::default_sdk);
             uet::scaffold::new_plugin(Path::new("."), &name, &sdk)
@@ -758,17 +812,149 @@ fn cmd_tools(
 }
 
 /// Runs `f` on the state folder when no daemon holds it.
+/// Runs `f` on the state in `state` (else the default folder), opened here because no daemon
+/// answers. A command that only reads opens it without writing anything, and never creates a
+/// state that is not there; only a state that uet left unclean is recovered first.
 fn with_local_state(
     state: Option<PathBuf>,
+    writes: bool,
     f: impl FnOnce(&Store) -> Result<u8, Failure>,
 ) -> Result<u8, Failure> {
     let state = match state {
         Some(dir) => dir,
         None => default_state_dir()?,
     };
-    let store = Store::open(&state)
-        .with_context(|| format!("cannot open the state in {}", state.display()))?;
-    f(&store)
+    let file = state.join(uet::store::STATE_FILE);
+    let opened = guarded(&file, || {
+        let opened = if writes {
+            Store::open(&state)
+        } else {
+            match Store::open_read_only(&state) {
+                Err(uet::store::StateError::Unclean(_)) => {
+                    tracing::info!("recovering the state {} first", file.display());
+                    Store::open(&state)
+                }
+                other => other,
+            }
+        };
+        Ok(opened.with_context(|| format!("cannot open the state in {}", state.display()))?)
+    })?;
+    guarded(&file, || f(&opened))
+}
+
+fn state_dir(state: Option<PathBuf>) -> Result<PathBuf, Failure> {
+    Ok(match state {
+        Some(dir) => dir,
+        None => default_state_dir()?,
+    })
+}
+
+/// `uet state check`: 0 when every row reads and every chain verifies, 1 when not.
+fn cmd_state_check(state: Option<PathBuf>, json: bool) -> Result<u8, Failure> {
+    let dir = state_dir(state)?;
+    QUIET_PANICS.with(|q| q.set(true));
+    let checked = uet::store::repair::check(&dir);
+    QUIET_PANICS.with(|q| q.set(false));
+    let health = checked.with_context(|| format!("cannot check the state in {}", dir.display()))?;
+    let backup = health.backup.as_ref().map(|(path, at)| {
+        let age = at.elapsed().unwrap_or_default().as_secs();
+        (path.display().to_string(), age)
+    });
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "file": health.file,
+                "sound": health.is_sound(),
+                "unclean": health.unclean,
+                "rows": health.rows,
+                "runs": health.runs,
+                "damage": health.damage,
+                "unlisted": health.unlisted,
+                "backup": backup.as_ref().map(|(p, age)| serde_json::json!({"file": p, "age_seconds": age})),
+            })
+        );
+    } else {
+        let how = if health.unclean {
+            " (it was not closed cleanly: a recovered copy was checked)"
+        } else {
+            ""
+        };
+        if health.is_sound() {
+            println!(
+                "{}: sound{how}: {} rows, {} runs with their event chains verified",
+                health.file.display(),
+                health.rows,
+                health.runs
+            );
+        } else {
+            println!("{}: damaged{how}:", health.file.display());
+            for d in &health.damage {
+                println!("  {d}");
+            }
+            if health.unlisted > 0 {
+                println!("  … and {} more", health.unlisted);
+            }
+            match &backup {
+                Some((p, age)) => println!(
+                    "`uet state recover` sets it aside and puts back {p}, written {} ago",
+                    humantime::format_duration(std::time::Duration::from_secs(*age))
+                ),
+                None => println!("there is no good copy to put back (no uet.redb.bak)"),
+            }
+        }
+    }
+    Ok(if health.is_sound() {
+        exit::OK
+    } else {
+        exit::RUN_FAILED
+    })
+}
+
+/// `uet state recover`: sets a damaged file aside and puts the last good copy back.
+fn cmd_state_recover(state: Option<PathBuf>) -> Result<u8, Failure> {
+    use uet::store::repair::Recovered;
+    let dir = state_dir(state)?;
+    QUIET_PANICS.with(|q| q.set(true));
+    let recovered = uet::store::repair::recover(&dir);
+    QUIET_PANICS.with(|q| q.set(false));
+    match recovered.with_context(|| format!("cannot recover the state in {}", dir.display()))? {
+        Recovered::Sound(health) => {
+            println!(
+                "{}: sound, nothing to recover ({} runs)",
+                health.file.display(),
+                health.runs
+            );
+            Ok(exit::OK)
+        }
+        Recovered::Restored {
+            health,
+            damaged,
+            copy_written,
+            runs,
+            replayed,
+        } => {
+            let age = copy_written.elapsed().unwrap_or_default().as_secs();
+            println!(
+                "{}: the damaged file is kept as {}; the copy written {} ago is back, with {} \
+                 journaled batches since it: {runs} runs",
+                health.file.display(),
+                damaged.display(),
+                humantime::format_duration(std::time::Duration::from_secs(age)),
+                replayed
+            );
+            Ok(exit::OK)
+        }
+        Recovered::SetAside { health, damaged } => {
+            println!(
+                "{}: the damaged file is kept as {}; there was no good copy, so the next uet \
+                 starts a new history",
+                health.file.display(),
+                damaged.display()
+            );
+            Ok(exit::RUN_FAILED)
+        }
+    }
 }
 
 fn cmd_metrics(state: Option<PathBuf>, args: &ClientArgs) -> Result<u8, Failure> {
@@ -776,7 +962,7 @@ fn cmd_metrics(state: Option<PathBuf>, args: &ClientArgs) -> Result<u8, Failure>
     if code != exit::NO_DAEMON {
         return Ok(code);
     }
-    with_local_state(state, |store| {
+    with_local_state(state, false, |store| {
         let breakers = store.breakers().context("cannot read the breakers")?;
         let text = uet::metrics::render(store, &breakers, None).context("cannot read the state")?;
         print!("{text}");
@@ -790,7 +976,7 @@ fn cmd_verify(run: u64, state: Option<PathBuf>, args: &ClientArgs) -> Result<u8,
         return Ok(code);
     }
     // no daemon holds the state: read it here
-    with_local_state(state, |store| {
+    with_local_state(state, false, |store| {
         Ok(print_response(args, uet::daemon::verify_answer(store, run)))
     })
 }

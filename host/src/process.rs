@@ -192,11 +192,13 @@ impl Groups {
     /// Opens the ledger at `path`, first killing the groups an earlier uet left noted there;
     /// returns it and how many groups were killed.
     pub fn open(path: &Path) -> std::io::Result<(Groups, usize)> {
+        use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(path)?;
         let mut killed = 0;
         let mut notes = Vec::new();
@@ -209,10 +211,7 @@ impl Groups {
         for slot in notes.chunks_exact(SLOT) {
             let pgid = i32::from_le_bytes(slot[..4].try_into().expect("4 bytes"));
             let noted = u64::from_le_bytes(slot[8..].try_into().expect("8 bytes"));
-            // a group whose leader has exited may still have members: killed too. A leader
-            // that started after the note is another process that reused the id (the kernel
-            // does not reuse an id while its group has members, so the old group is empty)
-            if pgid > 1 && start_time(pgid).is_none_or(|started| started <= noted) {
+            if pgid > 1 && ours(pgid, noted) {
                 kill_group(pgid);
                 killed += 1;
             }
@@ -303,6 +302,51 @@ fn start_time(pid: i32) -> Option<u64> {
         .ok()
         .filter(|&hz| hz > 0)?;
     Some(ticks * (1_000_000_000 / per_second))
+}
+
+/// How long after a step's leader started its group may be noted: the note is written as soon
+/// as the spawn returns, so even a loaded machine takes far less. A process that started longer
+/// before its note is not the one noted, whatever the ledger says.
+const NOTE_WITHIN: u64 = 5_000_000_000;
+
+/// Whether the group a note names is one a uet started: its leader started at most
+/// [`NOTE_WITHIN`] before the note (a leader that started after it reused the id; the kernel
+/// does not reuse an id while its group has members, so the old group is empty). A group whose
+/// leader has exited may still have members: they are killed too when every one of them started
+/// after the leader could have, so a forged or stale note cannot name somebody else's group.
+fn ours(pgid: i32, noted: u64) -> bool {
+    let earliest = noted.saturating_sub(NOTE_WITHIN);
+    if let Some(started) = start_time(pgid) {
+        return (earliest..=noted).contains(&started);
+    }
+    let members = group_members(pgid);
+    !members.is_empty() && members.iter().all(|&(_, started)| started >= earliest)
+}
+
+/// The processes of a group, with their start times, from `/proc`.
+fn group_members(pgid: i32) -> Vec<(i32, u64)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut members = Vec::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        // after the name: state, ppid, pgrp
+        if rest.split_whitespace().nth(2).and_then(|g| g.parse::<i32>().ok()) == Some(pgid)
+            && let Some(started) = start_time(pid)
+        {
+            members.push((pid, started));
+        }
+    }
+    members
 }
 
 fn kill_group(pgid: i32) {
@@ -632,15 +676,30 @@ mod tests {
         // notes from another boot are not this boot's processes, whatever their ids
         let sleeping = sleeper();
         let sleeping_pid = sleeping.id() as i32;
-        let mut ledger = vec![0xee; SLOT];
-        ledger.extend_from_slice(&sleeping_pid.to_le_bytes());
-        ledger.extend_from_slice(&[0; 4]);
-        ledger.extend_from_slice(&u64::MAX.to_le_bytes());
+        let note = |pid: i32, noted: u64| {
+            let mut ledger = vec![0xee; SLOT];
+            ledger.extend_from_slice(&pid.to_le_bytes());
+            ledger.extend_from_slice(&[0; 4]);
+            ledger.extend_from_slice(&noted.to_le_bytes());
+            ledger
+        };
+        let started = start_time(sleeping_pid).unwrap();
+        let mut ledger = note(sleeping_pid, started + 1_000_000);
         std::fs::write(&path, &ledger).unwrap();
         let (_, killed) = Groups::open(&path).unwrap();
         assert_eq!(killed, 0);
         assert!(!gone(sleeping_pid), "another boot's note is not reaped");
-        // the same note under this boot's id is
+        // a note written long after the group's leader started is not of a group uet
+        // started: a forged ledger cannot have somebody else's processes killed
+        for forged in [started + 10 * NOTE_WITHIN, u64::MAX] {
+            let mut ledger = note(sleeping_pid, forged);
+            ledger[..SLOT].copy_from_slice(&boot_id());
+            std::fs::write(&path, &ledger).unwrap();
+            let (_, killed) = Groups::open(&path).unwrap();
+            assert_eq!(killed, 0);
+            assert!(!gone(sleeping_pid), "a forged note is not reaped");
+        }
+        // the true note under this boot's id is
         ledger[..SLOT].copy_from_slice(&boot_id());
         std::fs::write(&path, &ledger).unwrap();
         let (_, killed) = Groups::open(&path).unwrap();
@@ -648,5 +707,47 @@ mod tests {
         let mut sleeping = sleeping;
         let _ = sleeping.wait();
         assert!(gone(sleeping_pid));
+    }
+
+    #[test]
+    fn a_group_whose_leader_is_gone_is_reaped_only_when_its_members_came_after_the_note() {
+        use std::os::unix::process::CommandExt;
+        // a leader that leaves a member behind, as `sh -c "cmd &"` does
+        let spawn_orphaning = || {
+            let mut leader = std::process::Command::new("sh")
+                .args(["-c", "sleep 30 & echo $!"])
+                .stdout(Stdio::piped())
+                .process_group(0)
+                .spawn()
+                .unwrap();
+            let pgid = leader.id() as i32;
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(leader.stdout.take().unwrap()),
+                &mut line,
+            )
+            .unwrap();
+            leader.wait().unwrap();
+            (pgid, line.trim().parse::<i32>().unwrap())
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("groups");
+        let ledger = |pgid: i32, noted: u64| {
+            let mut l = boot_id().to_vec();
+            l.extend_from_slice(&pgid.to_le_bytes());
+            l.extend_from_slice(&[0; 4]);
+            l.extend_from_slice(&noted.to_le_bytes());
+            l
+        };
+        let (pgid, member) = spawn_orphaning();
+        let member_started = start_time(member).unwrap();
+        // noted long after the member started: not ours
+        std::fs::write(&path, ledger(pgid, member_started + 10 * NOTE_WITHIN)).unwrap();
+        assert_eq!(Groups::open(&path).unwrap().1, 0);
+        assert!(!gone(member));
+        // noted as uet notes, at the leader's start
+        std::fs::write(&path, ledger(pgid, member_started)).unwrap();
+        assert_eq!(Groups::open(&path).unwrap().1, 1);
+        assert!(gone(member));
     }
 }

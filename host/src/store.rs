@@ -25,6 +25,21 @@ use crate::model::{
 /// The database file inside a state folder.
 pub const STATE_FILE: &str = "uet.redb";
 
+/// The copy of the database kept before redb repairs it after an unclean stop.
+pub const BEFORE_REPAIR_FILE: &str = "uet.redb.before-repair";
+
+/// The last good copy of the database, written now and then from a consistent read of it
+/// (see [`Shared::back_up_if_due`]); `uet state recover` puts it back.
+pub const BACKUP_FILE: &str = "uet.redb.bak";
+
+/// How often the last good copy is renewed at most: each copy reads and writes the whole
+/// file, so a large state is not copied at every checkpoint, and what a damaged file can
+/// lose is the changes since, unless the journal still holds them.
+const BACKUP_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// A state file this small is copied at every checkpoint and close: a few milliseconds.
+const BACKUP_ALWAYS: u64 = 4 << 20;
+
 /// The layout version this build writes; a file from a newer layout is refused, not misread.
 const SCHEMA_VERSION: u64 = 1;
 
@@ -59,6 +74,27 @@ const TOOL_STATS: TableDefinition<&str, &[u8]> = TableDefinition::new("tool_stat
 const BREAKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("breakers");
 /// (run, seq) → [`EventRecord`].
 const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events");
+
+/// Applies the macro `$each` to every table of the schema, by the name of its definition: the
+/// one list that creating, copying and checking the state go by.
+macro_rules! every_table {
+    ($each:ident) => {
+        $each!(META);
+        $each!(RUNS);
+        $each!(PLANS);
+        $each!(STEPS);
+        $each!(ATTEMPTS);
+        $each!(SUBMISSIONS);
+        $each!(STANDING);
+        $each!(DURATIONS);
+        $each!(TOOL_STATS);
+        $each!(BREAKERS);
+        $each!(EVENTS);
+    };
+}
+
+// after `every_table!`, which it uses
+pub mod repair;
 
 /// The journal generation the database's last durable commit named: the journal's records of
 /// that generation are the batches committed since, and are replayed on open.
@@ -119,6 +155,23 @@ pub enum StateError {
     /// Another process has the state file open.
     #[error("the state file {0} is in use by another uet process")]
     InUse(PathBuf),
+    /// A command that only reads found no state to read (none is created for it).
+    #[error("there is no state in {0} (no {STATE_FILE}); check --state or $UET_STATE")]
+    Missing(PathBuf),
+    /// The state file is empty while its journal is there: it was truncated or replaced.
+    #[error(
+        "the state file {0} is empty, but its journal is beside it: the file was truncated or \
+         replaced, and opening it would start a new history; `uet state recover` restores the \
+         last good copy"
+    )]
+    Emptied(PathBuf),
+    /// Reading only, the state was found not closed cleanly: it must be recovered (redb's
+    /// repair, a journal replay) by a command that may write.
+    #[error("the state file {0} was not closed cleanly and must be recovered before it is read")]
+    Unclean(PathBuf),
+    /// The state was opened to be read only, and something tried to write it.
+    #[error("the state file {0} is open for reading only")]
+    ReadOnly(PathBuf),
     /// The file was written by a newer uet.
     #[error(
         "the state file {path} has layout version {found}; this uet reads version {SCHEMA_VERSION}"
@@ -183,6 +236,157 @@ pub enum StateError {
 /// Converts any redb error into a [`StateError::Storage`].
 fn storage(e: impl Into<redb::Error>) -> StateError {
     StateError::Storage(Box::new(e.into()))
+}
+
+/// The database file, open to be written, or only read: a command that reads does not
+/// write the file (not even the flag a clean close leaves) when it was closed cleanly.
+enum Db {
+    Open(Database),
+    ReadOnly(redb::ReadOnlyDatabase, PathBuf),
+}
+
+/// Refuses a state folder whose database file is empty while its journal is not: opening it
+/// would quietly start a new history (run ids from 1) over the lost one.
+fn refuse_emptied(dir: &Path) -> Result<(), StateError> {
+    let path = dir.join(STATE_FILE);
+    let empty = std::fs::metadata(&path).is_ok_and(|m| m.len() == 0);
+    if empty && dir.join(crate::journal::JOURNAL_FILE).exists() {
+        return Err(StateError::Emptied(path));
+    }
+    Ok(())
+}
+
+/// The journal generation the database's last durable commit named; 0 for a new file.
+fn journal_generation(db: &Db) -> Result<u64, StateError> {
+    let tx = db.begin_read()?;
+    match tx.open_table(META) {
+        Ok(meta) => Ok(meta
+            .get(JOURNAL_GENERATION)
+            .map_err(storage)?
+            .map_or(0, |v| v.value())),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+        Err(e) => Err(storage(e)),
+    }
+}
+
+/// Copies a file to `to` (replacing it) readable by its owner only, synced.
+fn copy_privately(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = to.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    std::io::copy(&mut std::fs::File::open(from)?, &mut out)?;
+    out.sync_all()?;
+    std::fs::rename(&tmp, to)?;
+    if let Some(dir) = to.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Writes the last good copy of the database into `dir` ([`BACKUP_FILE`]) from one read
+/// transaction: a consistent snapshot, taken while commits go on, by reading every row. A
+/// row that cannot be read (a damaged page) fails the copy, and the last good copy is kept.
+/// Returns the rows copied.
+fn write_backup(db: &Db, dir: &Path) -> Result<u64, StateError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = dir.join(format!("{BACKUP_FILE}.tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    // made 0600 before redb writes a byte of it
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    let copied = (|| {
+        let out = Database::create(&tmp).map_err(storage)?;
+        let from = db.begin_read()?;
+        let to = out.begin_write().map_err(storage)?;
+        let mut rows = 0;
+        macro_rules! copy {
+            ($table:ident) => {
+                rows += copy_table(&from, &to, $table)?;
+            };
+        }
+        every_table!(copy);
+        to.commit().map_err(storage)?;
+        Ok::<u64, StateError>(rows)
+    })();
+    let rows = match copied {
+        Ok(rows) => rows,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dir.join(BACKUP_FILE))?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(rows)
+}
+
+/// A table opened for reading; `None` when the file does not have it yet.
+fn existing<K: redb::Key + 'static, V: redb::Value + 'static>(
+    tx: &redb::ReadTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<Option<ReadOnlyTable<K, V>>, StateError> {
+    match tx.open_table(table) {
+        Ok(t) => Ok(Some(t)),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(storage(e)),
+    }
+}
+
+/// Copies every row of one table; a table the source does not have yet is skipped.
+fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    from: &redb::ReadTransaction,
+    to: &WriteTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<u64, StateError> {
+    let Some(source) = existing(from, table)? else {
+        return Ok(0);
+    };
+    let mut target = to.open_table(table).map_err(storage)?;
+    let mut rows = 0;
+    for row in source.iter().map_err(storage)? {
+        let (k, v) = row.map_err(storage)?;
+        target.insert(k.value(), v.value()).map_err(storage)?;
+        rows += 1;
+    }
+    Ok(rows)
+}
+
+/// Whether the last good copy is to be renewed: it is missing or older than
+/// [`BACKUP_EVERY`], or the state is small enough ([`BACKUP_ALWAYS`]) that a copy costs less
+/// than what it saves.
+fn backup_due(dir: &Path) -> bool {
+    let small = std::fs::metadata(dir.join(STATE_FILE)).is_ok_and(|m| m.len() <= BACKUP_ALWAYS);
+    small
+        || std::fs::metadata(dir.join(BACKUP_FILE))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age >= BACKUP_EVERY)
+}
+
+impl Db {
+    fn begin_read(&self) -> Result<redb::ReadTransaction, StateError> {
+        match self {
+            Db::Open(db) => db.begin_read().map_err(storage),
+            Db::ReadOnly(db, _) => db.begin_read().map_err(storage),
+        }
+    }
+
+    fn begin_write(&self) -> Result<WriteTransaction, StateError> {
+        match self {
+            Db::Open(db) => db.begin_write().map_err(storage),
+            Db::ReadOnly(_, path) => Err(StateError::ReadOnly(path.clone())),
+        }
+    }
 }
 
 /// The upper bounds (seconds) of the attempt-duration histogram buckets; `+Inf` is implied.
@@ -364,69 +568,65 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed) the state in `dir`.
+    /// Opens (creating if needed) the state in `dir`. A new folder is made 0700 and the files
+    /// in it are 0600: they hold what steps output. When the database must be repaired (uet
+    /// stopped uncleanly), a copy of it is kept first as `uet.redb.before-repair`.
     pub fn open(dir: &Path) -> Result<Store, StateError> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         let path = dir.join(STATE_FILE);
         let open_err = |e: Box<dyn std::error::Error + Send + Sync>| StateError::Open {
             path: path.clone(),
             source: e,
         };
-        std::fs::create_dir_all(dir).map_err(|e| open_err(Box::new(e)))?;
-        let db = match Database::create(&path) {
+        if !dir.is_dir() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| open_err(Box::new(e)))?;
+        }
+        refuse_emptied(dir)?;
+        let create = |repair: bool| {
+            let mut builder = redb::Builder::new();
+            if !repair {
+                builder.set_repair_callback(|session| session.abort());
+            }
+            builder.create(&path)
+        };
+        let db = match create(false) {
+            Err(redb::DatabaseError::RepairAborted) => {
+                // redb rewrites the file to repair it: if that fails too, this copy is what is left
+                let copy = dir.join(BEFORE_REPAIR_FILE);
+                tracing::warn!(
+                    "the state file {} was not closed cleanly: repairing it (a copy is kept as {})",
+                    path.display(),
+                    copy.display()
+                );
+                copy_privately(&path, &copy).map_err(|e| open_err(Box::new(e)))?;
+                create(true)
+            }
+            other => other,
+        };
+        let db = match db {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StateError::InUse(path)),
             Err(e) => return Err(open_err(Box::new(e))),
         };
+        // created with the umask by redb; an older uet's file may be open to all
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| open_err(Box::new(e)))?;
+        let db = Db::Open(db);
         // opened after the database, whose lock keeps a second process away from both
         let mut journal = crate::journal::Journal::open(&dir.join(crate::journal::JOURNAL_FILE))
             .map_err(|e| open_err(Box::new(e)))?;
-        let generation = {
-            let tx = db.begin_read().map_err(storage)?;
-            match tx.open_table(META) {
-                Ok(meta) => meta
-                    .get(JOURNAL_GENERATION)
-                    .map_err(storage)?
-                    .map_or(0, |v| v.value()),
-                Err(redb::TableError::TableDoesNotExist(_)) => 0,
-                Err(e) => return Err(storage(e)),
-            }
-        };
+        let generation = journal_generation(&db)?;
         // a new database starts at a random generation, so a journal left from another one
         // (a state file deleted without its journal) never matches
         journal.restart(match generation {
             0 => rand::random::<u64>() >> 1,
             g => g,
         });
-        let syncer = journal.syncer().map_err(|e| open_err(Box::new(e)))?;
-        let shared = Arc::new(Shared {
-            db,
-            syncer,
-            writes: Mutex::new(Writes {
-                journal,
-                behind: Vec::new(),
-                written: 0,
-                synced: 0,
-                applied: 0,
-                pending: Pending::default(),
-                waiting: 0,
-                writing: false,
-                settling: 0,
-                writing_time: std::time::Duration::ZERO,
-                transactions: 0,
-                hurried: 0,
-                failed: None,
-                closing: false,
-            }),
-            queued: Condvar::new(),
-            unsynced: Condvar::new(),
-            caught_up: Condvar::new(),
-        });
-        // started before the replay, which it waits for like any write: nothing is queued yet
-        // dropped on an error here, it stops the threads already started
-        let mut writer = Writer {
-            shared: shared.clone(),
-            threads: Vec::new(),
-        };
+        let (shared, mut writer) = Shared::new(db, path.clone(), journal, false)?;
         for (name, work) in [
             ("uet-state-writer", write_behind as fn(&Shared)),
             ("uet-state-sync", sync_behind),
@@ -449,6 +649,43 @@ impl Store {
         Ok(store)
     }
 
+    /// Opens the state in `dir` to read it, writing nothing: no folder or file is created,
+    /// and the file is not touched. [`StateError::Missing`] when there is no state there, and
+    /// [`StateError::Unclean`] when uet stopped uncleanly and the state must be recovered
+    /// ([`Store::open`] does) before it can be read.
+    pub fn open_read_only(dir: &Path) -> Result<Store, StateError> {
+        let path = dir.join(STATE_FILE);
+        if !path.is_file() {
+            return Err(StateError::Missing(dir.to_path_buf()));
+        }
+        refuse_emptied(dir)?;
+        let db = match redb::Builder::new().open_read_only(&path) {
+            Ok(db) => Db::ReadOnly(db, path.clone()),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StateError::InUse(path)),
+            Err(redb::DatabaseError::RepairAborted) => return Err(StateError::Unclean(path)),
+            Err(e) => {
+                return Err(StateError::Open {
+                    path,
+                    source: Box::new(e),
+                });
+            }
+        };
+        let mut journal =
+            crate::journal::Journal::open_read_only(&dir.join(crate::journal::JOURNAL_FILE))?;
+        let generation = journal_generation(&db)?;
+        if generation > 0 && !journal.records(generation)?.is_empty() {
+            return Err(StateError::Unclean(path));
+        }
+        journal.restart(generation);
+        let (shared, writer) = Shared::new(db, path.clone(), journal, true)?;
+        Ok(Store {
+            shared,
+            path: path.into(),
+            committed: tokio::sync::watch::Sender::new(0),
+            replayed: 0,
+            _writer: Arc::new(writer),
+        })
+    }
     /// Replays the journal's batches since the last checkpoint, creates every table so that
     /// reads of a fresh file find them, and checks the layout; durable on return. Returns how
     /// many batches it replayed.
@@ -494,17 +731,13 @@ impl Store {
                     meta.insert("schema", SCHEMA_VERSION).map_err(storage)?;
                 }
             }
-            tx.open_table(RUNS).map_err(storage)?;
-            tx.open_table(PLANS).map_err(storage)?;
-            tx.open_table(STEPS).map_err(storage)?;
-            tx.open_table(ATTEMPTS).map_err(storage)?;
-            tx.open_table(EVENTS).map_err(storage)?;
-            tx.open_table(SUBMISSIONS).map_err(storage)?;
-            tx.open_table(STANDING).map_err(storage)?;
-            tx.open_table(BREAKERS).map_err(storage)?;
-            tx.open_table(DURATIONS).map_err(storage)?;
-            tx.open_table(TOOL_STATS).map_err(storage)?;
         }
+        macro_rules! create {
+            ($table:ident) => {
+                tx.open_table($table).map_err(storage)?;
+            };
+        }
+        every_table!(create);
         Ok(())
     }
 
@@ -515,7 +748,7 @@ impl Store {
         write: impl FnOnce(&WriteTransaction, &mut Writes) -> Result<T, StateError>,
     ) -> Result<T, StateError> {
         let mut writes = self.shared.settled()?;
-        let tx = self.shared.db.begin_write().map_err(storage)?;
+        let tx = self.shared.db.begin_write()?;
         // a failed write leaves the batches unwritten (the writer thread would not write them
         // again): the store refuses work then, and a restart replays them from the journal
         writes.failed = Some("a durable write did not finish".into());
@@ -538,13 +771,15 @@ impl Store {
             }
         };
         commit_durably(tx, &mut writes).inspect_err(|_| writes.pending = Pending::default())?;
+        drop(writes);
+        self.shared.back_up_if_due();
         Ok(out)
     }
 
     /// A read of everything applied so far, the batches still being written behind included.
     fn read(&self) -> Result<redb::ReadTransaction, StateError> {
         self.shared.caught_up()?;
-        self.shared.db.begin_read().map_err(storage)
+        self.shared.db.begin_read()
     }
 
     /// The database file.
@@ -976,12 +1211,7 @@ impl Store {
             // journal but not the database, and later writes must not build on a state without
             // it: marked failed first, so an error or a panic below leaves it so.
             writes.failed = Some("a checkpoint did not finish".into());
-            let checkpoint = self
-                .shared
-                .db
-                .begin_write()
-                .map_err(storage)
-                .and_then(|tx| {
+            let checkpoint = self.shared.db.begin_write().and_then(|tx| {
                     let behind = writes.take_behind();
                     self.shared.caught_up.notify_all();
                     replay_behind(&tx, &behind)?;
@@ -998,6 +1228,7 @@ impl Store {
             }
             // the database has it, durably
             (writes.synced, writes.applied) = (seq, seq);
+            self.shared.back_up_if_due();
         } else {
             writes.behind.push(Behind {
                 seq,
@@ -1307,7 +1538,14 @@ impl Store {
 
 /// What every handle of one open state, and its writer thread, share.
 struct Shared {
-    db: Database,
+    db: Db,
+    /// The database file.
+    path: PathBuf,
+    /// Opened to be read only: every write is refused before it starts.
+    read_only: bool,
+    /// The thread writing a copy of the state ([`Shared::back_up_if_due`]), if one was started:
+    /// a close waits for it, so the file is closed when the store is.
+    backup: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The journal's file, for the sync thread to sync batches written to it unsynced.
     syncer: std::fs::File,
     writes: Mutex<Writes>,
@@ -1436,6 +1674,49 @@ fn wait_on<'s>(
 }
 
 impl Shared {
+    /// The shared state of a store over `db`, and the owner of its threads (none started yet:
+    /// an open for reading starts none).
+    fn new(
+        db: Db,
+        path: PathBuf,
+        journal: crate::journal::Journal,
+        read_only: bool,
+    ) -> Result<(Arc<Shared>, Writer), StateError> {
+        let syncer = journal.syncer()?;
+        let shared = Arc::new(Shared {
+            db,
+            path,
+            read_only,
+            backup: Mutex::new(None),
+            syncer,
+            writes: Mutex::new(Writes {
+                journal,
+                behind: Vec::new(),
+                written: 0,
+                synced: 0,
+                applied: 0,
+                pending: Pending::default(),
+                waiting: 0,
+                writing: false,
+                settling: 0,
+                writing_time: std::time::Duration::ZERO,
+                transactions: 0,
+                hurried: 0,
+                failed: None,
+                closing: false,
+            }),
+            queued: Condvar::new(),
+            unsynced: Condvar::new(),
+            caught_up: Condvar::new(),
+        });
+        // dropped on an error before the store is whole, it stops the threads already started
+        let writer = Writer {
+            shared: shared.clone(),
+            threads: Vec::new(),
+        };
+        Ok((shared, writer))
+    }
+
     fn lock(&self) -> MutexGuard<'_, Writes> {
         // a panic with the lock held came before the batch reached the journal, or inside a
         // durable commit, which marks the store failed first: what it guards is still whole
@@ -1456,8 +1737,51 @@ impl Shared {
         self.unsynced.notify_all();
     }
 
+    /// Renews the last good copy of the state on a thread of its own when it is due (at most
+    /// every [`BACKUP_EVERY`]): it reads a snapshot, so commits go on meanwhile. A panic of
+    /// the database while reading a damaged page ends the copy, not the process.
+    fn back_up_if_due(self: &Arc<Self>) {
+        let dir = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        if self.read_only || !backup_due(&dir) {
+            return;
+        }
+        let mut running = self.backup.lock().unwrap_or_else(|e| e.into_inner());
+        if running.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let shared = self.clone();
+        // the thread's own handle of the store is let go when it ends: only a store's last
+        // handle closes it
+        let started = std::thread::Builder::new()
+            .name("uet-state-backup".into())
+            .spawn(move || shared.back_up(&dir));
+        *running = started.ok();
+    }
+
+    /// Writes the last good copy now, and says how it went in the log.
+    fn back_up(&self, dir: &Path) {
+        let began = std::time::Instant::now();
+        let copied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            write_backup(&self.db, dir)
+        }));
+        match copied {
+            Ok(Ok(rows)) => tracing::debug!(rows, took = ?began.elapsed(), "wrote the state's last good copy"),
+            Ok(Err(e)) => tracing::error!(
+                "cannot copy the state {}: {e}; the last good copy is kept (`uet state check` says more)",
+                self.path.display()
+            ),
+            Err(_) => tracing::error!(
+                "the state {} could not be read whole (its database panicked): the last good copy is kept; `uet state check` says more",
+                self.path.display()
+            ),
+        }
+    }
+
     /// The write lock, unless the store has failed.
     fn usable(&self) -> Result<MutexGuard<'_, Writes>, StateError> {
+        if self.read_only {
+            return Err(StateError::ReadOnly(self.path.clone()));
+        }
         let writes = self.lock();
         match &writes.failed {
             Some(e) => Err(failed(e)),
@@ -1484,6 +1808,9 @@ impl Shared {
     /// waiting for the writer thread to put them in instead could take as long as runs keep
     /// committing.
     fn settled(&self) -> Result<MutexGuard<'_, Writes>, StateError> {
+        if self.read_only {
+            return Err(StateError::ReadOnly(self.path.clone()));
+        }
         let mut writes = self.lock();
         // the writer thread takes no more batches meanwhile (see `write_behind`)
         writes.settling += 1;
@@ -1625,8 +1952,8 @@ fn write_behind(shared: &Shared) {
     }
 }
 
-fn write_batches(db: &Database, batches: &[Behind]) -> Result<(), StateError> {
-    let mut tx = db.begin_write().map_err(storage)?;
+fn write_batches(db: &Db, batches: &[Behind]) -> Result<(), StateError> {
+    let mut tx = db.begin_write()?;
     tx.set_durability(Durability::None).map_err(storage)?;
     let records: Vec<&[u8]> = batches.iter().map(|b| b.batch.as_slice()).collect();
     replay(&tx, &records)?;
@@ -1644,6 +1971,11 @@ impl Drop for Writer {
     /// Stops the writer and sync threads once they are done, then checkpoints: a clean close
     /// leaves the database holding everything, so the next open replays nothing.
     fn drop(&mut self) {
+        // a copy being written holds a handle of the store: the file closes once it is done
+        let copying = self.shared.backup.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(thread) = copying {
+            let _ = thread.join();
+        }
         self.shared.lock().closing = true;
         self.shared.queued.notify_all();
         self.shared.unsynced.notify_all();
@@ -1654,9 +1986,16 @@ impl Drop for Writer {
         if writes.journal.appended() == 0 || writes.failed.is_some() {
             return;
         }
-        let checkpoint = self.shared.db.begin_write().map_err(storage);
+        let checkpoint = self.shared.db.begin_write();
         if let Err(e) = checkpoint.and_then(|tx| commit_durably(tx, &mut writes)) {
             tracing::warn!("final state checkpoint failed; the next open replays the journal: {e}");
+            return;
+        }
+        drop(writes);
+        // the last chance of a short-lived uet (`uet run`) to leave a copy: made here, at once
+        let dir = self.shared.path.parent().unwrap_or(Path::new("."));
+        if backup_due(dir) {
+            self.shared.back_up(dir);
         }
     }
 }
@@ -1907,7 +2246,7 @@ fn load_step(
 /// The tables a batch reads rows back from, each opened the first time a row it needs is not
 /// in [`Pending`]: most batches of a run find all but a starting step's row there.
 struct Reader<'d> {
-    db: &'d Database,
+    db: &'d Db,
     tx: Option<redb::ReadTransaction>,
     runs: Option<Rows<u64>>,
     steps: Option<Rows<(u64, &'static str)>>,
@@ -1920,7 +2259,7 @@ struct Reader<'d> {
 type Rows<K> = ReadOnlyTable<K, &'static [u8]>;
 
 impl<'d> Reader<'d> {
-    fn new(db: &'d Database) -> Self {
+    fn new(db: &'d Db) -> Self {
         Reader {
             db,
             tx: None,
@@ -1955,7 +2294,7 @@ impl<'d> Reader<'d> {
 
 /// `slot`'s table, opened (with the read transaction, if it is the first) unless it was.
 fn opened<'s, K: redb::Key + 'static, V: redb::Value + 'static>(
-    db: &Database,
+    db: &Db,
     tx: &mut Option<redb::ReadTransaction>,
     slot: &'s mut Option<ReadOnlyTable<K, V>>,
     table: TableDefinition<K, V>,
@@ -1965,7 +2304,7 @@ fn opened<'s, K: redb::Key + 'static, V: redb::Value + 'static>(
         None => {
             let began = match tx.take() {
                 Some(began) => began,
-                None => db.begin_read().map_err(storage)?,
+                None => db.begin_read()?,
             };
             tx.insert(began).open_table(table).map_err(storage)?
         }

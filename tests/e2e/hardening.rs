@@ -403,3 +403,191 @@ fn a_workflow_over_the_step_limit_is_refused_where_its_steps_are() {
         run.describe()
     );
 }
+
+fn sha(path: &Path) -> String {
+    use sha2::Digest;
+    let bytes = std::fs::read(path).unwrap_or_default();
+    format!("{:x}", sha2::Sha256::digest(bytes))
+}
+
+/// A state with one finished run, written by `uet run`.
+fn state_with_a_run() -> Env {
+    let env = Env::new();
+    tools(&env);
+    env.write("hello.toml", crate::daemon::GOOD);
+    env.uet(&["run", "hello.toml"]).expect(0);
+    env
+}
+
+#[test]
+fn commands_that_read_write_nothing_and_create_no_state() {
+    let env = state_with_a_run();
+    let files = ["uet.redb", "uet.journal", "uet.groups"].map(|f| env.state.join(f));
+    let before: Vec<String> = files.iter().map(|f| sha(f)).collect();
+    let state = env.state.to_str().unwrap().to_string();
+    let socket = env.ws.parent().unwrap().join("none/uet.sock");
+    let socket = socket.to_str().unwrap();
+    env.uet(&["verify", "1", "--state", &state, "--socket", socket])
+        .expect(0);
+    env.uet(&["metrics", "--state", &state, "--socket", socket])
+        .expect(0);
+    env.uet(&["state", "check", "--state", &state]).expect(0);
+    let after: Vec<String> = files.iter().map(|f| sha(f)).collect();
+    assert_eq!(before, after, "a read changed the state's files");
+
+    // a state folder named by mistake is not made
+    let typo = env.ws.parent().unwrap().join("typo");
+    let run = env
+        .uet(&[
+            "verify",
+            "1",
+            "--state",
+            typo.to_str().unwrap(),
+            "--socket",
+            socket,
+        ])
+        .expect(2);
+    assert!(
+        run.stderr().contains("there is no state in"),
+        "{}",
+        run.describe()
+    );
+    assert!(!typo.exists());
+}
+
+#[test]
+fn the_state_is_its_owner_s_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = state_with_a_run();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&env.state), 0o700);
+    for f in ["uet.redb", "uet.journal", "uet.groups", "uet.redb.bak"] {
+        assert_eq!(mode(&env.state.join(f)), 0o600, "{f}");
+    }
+}
+
+/// Random bytes over the middle of the file made `uet metrics` panic, after which the repair
+/// failed and every run was lost.
+#[test]
+fn a_damaged_state_is_reported_and_recovered_from_its_last_good_copy() {
+    let env = state_with_a_run();
+    let file = env.state.join("uet.redb");
+    assert!(
+        env.state.join("uet.redb.bak").exists(),
+        "no good copy was kept"
+    );
+    let mut bytes = std::fs::read(&file).unwrap();
+    let (from, to) = (bytes.len() / 4, bytes.len() * 3 / 4);
+    let mut seed = 0x9e3779b97f4a7c15u64;
+    for b in &mut bytes[from..to] {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        *b = seed as u8;
+    }
+    std::fs::write(&file, &bytes).unwrap();
+    let damaged = sha(&file);
+    let state = env.state.to_str().unwrap().to_string();
+    let socket = env.ws.parent().unwrap().join("none/uet.sock");
+    let socket = socket.to_str().unwrap();
+    for cmd in [
+        &["metrics", "--state", &state, "--socket", socket][..],
+        &["verify", "1", "--state", &state, "--socket", socket],
+    ] {
+        let run = env.uet(cmd).expect(2);
+        assert!(
+            run.stderr().contains(file.to_str().unwrap()) && !run.stderr().contains("panicked at"),
+            "{}",
+            run.describe()
+        );
+    }
+    assert_eq!(sha(&file), damaged, "a read repaired the file in place");
+    let check = env.uet(&["state", "check", "--state", &state]).expect(1);
+    assert!(check.stdout().contains("damaged"), "{}", check.describe());
+    assert!(
+        check.stdout().contains("uet state recover"),
+        "{}",
+        check.describe()
+    );
+    let recover = env.uet(&["state", "recover", "--state", &state]).expect(0);
+    assert!(
+        recover.stdout().contains("is back"),
+        "{}",
+        recover.describe()
+    );
+    let kept: Vec<_> = std::fs::read_dir(&env.state)
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("uet.redb.damaged-")
+        })
+        .collect();
+    assert_eq!(kept.len(), 1, "the damaged file is kept");
+    assert_eq!(sha(&kept[0].path()), damaged);
+    env.uet(&["verify", "1", "--state", &state, "--socket", socket])
+        .expect(0);
+    env.uet(&["state", "check", "--state", &state]).expect(0);
+    env.uet(&["run", "hello.toml"]).expect(0);
+}
+
+/// A state file cut to nothing became a new database: the history gone and run ids from 1.
+#[test]
+fn an_emptied_state_file_is_refused_not_started_over() {
+    let env = state_with_a_run();
+    let file = env.state.join("uet.redb");
+    std::fs::write(&file, b"").unwrap();
+    let run = env.uet(&["run", "hello.toml"]).expect(2);
+    assert!(
+        run.stderr().contains("is empty, but its journal"),
+        "{}",
+        run.describe()
+    );
+    assert_eq!(std::fs::metadata(&file).unwrap().len(), 0);
+    let state = env.state.to_str().unwrap();
+    env.uet(&["state", "recover", "--state", state]).expect(0);
+    let (run, out) = env.run_json("hello.toml");
+    run.expect(0);
+    assert_eq!(out["run_id"], 2, "the history goes on");
+}
+
+/// A run whose steps' outputs add up to more than a frame could not be shown at all.
+#[test]
+fn a_run_too_large_for_one_answer_is_shown_a_page_at_a_time() {
+    let env = Env::new();
+    env.write(
+        "tools.toml",
+        r#"
+[[tools]]
+name = "wide"
+command = ["sh", "-c", "printf '\"'; head -c 700000 /dev/zero | tr '\\0' x; printf '\"'"]
+"#,
+    );
+    let mut text = String::from("name = \"large\"\nmax_parallel = 8\n");
+    for i in 0..40 {
+        text.push_str(&format!("[[steps]]\nid = \"s{i:02}\"\ntool = \"wide\"\n"));
+    }
+    let daemon = Daemon::start(&env);
+    crate::daemon::drop_file(&env, "large.toml", &text);
+    let runs = daemon.wait_for_runs(&env, 1);
+    assert_eq!(runs[0]["state"], "succeeded", "{runs:?}");
+    let show = daemon.client(&env, &["show", "1", "--json"]).expect(0);
+    assert!(
+        show.output.stdout.len() > 16 << 20,
+        "not larger than a frame"
+    );
+    let run: serde_json::Value = serde_json::from_slice(&show.output.stdout).unwrap();
+    let steps = run["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 40);
+    assert!(
+        steps
+            .iter()
+            .all(|s| s["output"].as_str().unwrap().len() == 700_000)
+    );
+    assert_eq!(steps[39]["id"], "s39");
+    assert!(run.get("steps_next").is_none());
+    // and the event log, a frame at a time
+    let events = daemon.client(&env, &["events", "1", "--json"]).expect(0);
+    assert!(events.stdout().lines().count() >= 80, "{}", events.stdout());
+}
