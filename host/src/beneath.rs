@@ -52,12 +52,25 @@ impl std::error::Error for BeneathError {}
 /// folders that are missing when `create`. `rel` is `/`-separated; `.` (or `./`) is `root`
 /// itself; `..`, an absolute path and an empty one are refused.
 pub fn open_folder(root: &Path, rel: &str, create: bool) -> Result<OwnedFd, BeneathError> {
+    // the root itself is the operator's (a watched folder) or the submitter's own: opened as
+    // given
+    let root_fd = open_at(None, root.as_os_str().as_bytes(), true)
+        .map_err(|e| BeneathError::Io(root.to_path_buf(), e))?;
+    open_folder_at(&root_fd, root, rel, create)
+}
+
+/// [`open_folder`] from a folder already open, `root` naming it in messages.
+pub fn open_folder_at(
+    root_fd: &OwnedFd,
+    root: &Path,
+    rel: &str,
+    create: bool,
+) -> Result<OwnedFd, BeneathError> {
     if rel.is_empty() || rel.starts_with('/') || rel.split('/').any(|c| c == "..") {
         return Err(BeneathError::Outside(rel.to_string()));
     }
-    // the root itself is the operator's (a watched folder) or the submitter's own: opened as
-    // given
-    let mut here = open_at(None, root.as_os_str().as_bytes(), true)
+    let mut here = root_fd
+        .try_clone()
         .map_err(|e| BeneathError::Io(root.to_path_buf(), e))?;
     let mut walked = root.to_path_buf();
     for part in rel.split('/').filter(|c| !c.is_empty() && *c != ".") {

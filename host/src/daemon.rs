@@ -26,9 +26,6 @@ use crate::workflow::{self, Plan};
 
 mod intake;
 
-/// Where the daemon's claimed files wait, inside a watched folder.
-const CLAIMED: &str = ".uet/claimed";
-
 /// A run found in flight at this many daemon starts in a row (each after an unclean stop) is
 /// quarantined as a suspected cause instead of being resumed again.
 const CRASH_LIMIT: u32 = 2;
@@ -188,7 +185,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()))
         .collect();
     for dir in &watch {
-        std::fs::create_dir_all(dir.join(CLAIMED))?;
+        // the daemon's own folders, made now: one a dropper made first (or a link in its
+        // place) is refused here, before anything is taken in
+        let inbox = intake::Inbox::open(dir)
+            .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+        inbox
+            .claimed()
+            .and_then(|_| inbox.rejected())
+            .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
     }
     let mut tools_files: Vec<PathBuf> = watch.iter().map(|d| d.join(TOOLS_FILE)).collect();
     tools_files.extend(config.tools.clone());
@@ -593,9 +597,10 @@ async fn await_folder(shared: Arc<Shared>, dir: PathBuf) {
         if !dir.is_dir() {
             continue;
         }
-        let again = std::fs::create_dir_all(dir.join(CLAIMED))
+        let again = intake::Inbox::open(&dir)
+            .and_then(|inbox| inbox.claimed().and_then(|_| inbox.rejected()))
             .map_err(anyhow::Error::from)
-            .and_then(|()| watch_inbox(&shared, &dir))
+            .and_then(|_| watch_inbox(&shared, &dir))
             .and_then(|()| {
                 if had_tree {
                     watch_tree(&shared, &dir)
@@ -626,10 +631,9 @@ fn is_submission(path: &Path, watch: &[PathBuf]) -> bool {
         && !name.starts_with('.')
         && !name.ends_with('~')
         && !name.ends_with(".tmp")
-        // a link is claimed to be refused; a FIFO, a folder or a device is not a submission
-        && path
-            .symlink_metadata()
-            .is_ok_and(|m| m.file_type().is_file() || m.file_type().is_symlink())
+        // a link, a FIFO or a device is claimed to be refused with a report; a folder is the
+        // workstream's data
+        && path.symlink_metadata().is_ok_and(|m| !m.is_dir())
 }
 
 /// Waits until each candidate file has stopped changing, then claims it.
@@ -679,17 +683,38 @@ async fn inbox(shared: Arc<Shared>, mut messages: mpsc::UnboundedReceiver<Inbox>
         let opened = opened.clone();
         let claiming = claiming.clone();
         tokio::spawn(async move {
-            if seen != Seen::RenamedIn {
-                settle(&path, shared.config.settle, &opened).await;
-            }
-            lock(&settling).remove(&path);
-            lock(&opened).remove(&path);
-            let Ok(_turn) = claiming.acquire().await else {
-                return;
+            let turn = loop {
+                let settled = match seen {
+                    Seen::RenamedIn => None,
+                    _ => Some(settle(&path, shared.config.settle, &opened).await),
+                };
+                let Ok(turn) = claiming.clone().acquire_owned().await else {
+                    return;
+                };
+                // the wait for a turn may have been long: a file changed or opened meanwhile
+                // is waited for again
+                let unchanged = settled.is_none_or(|(stamp, held_open)| {
+                    let open = lock(&opened).get(&path).is_some_and(|&n| n > 0);
+                    stamp == file_stamp(&path) && (held_open || !open)
+                });
+                if unchanged {
+                    break turn;
+                }
             };
+            {
+                // from here, an event about the path starts its settling anew
+                let mut opened = lock(&opened);
+                lock(&settling).remove(&path);
+                opened.remove(&path);
+            }
             if path.symlink_metadata().is_ok() {
                 let shared2 = shared.clone();
-                let claiming = tokio::task::spawn_blocking(move || claim(&shared2, &path));
+                // the turn is held until the claim ends, even one given up on below: a claim
+                // that hangs must not let a fifth start beside it
+                let claiming = tokio::task::spawn_blocking(move || {
+                    let _turn = turn;
+                    claim(&shared2, &path)
+                });
                 // a claim reads only plain files, but of any file system: one that hangs is
                 // given up on here (its thread may stay stuck) and the inbox goes on
                 if tokio::time::timeout(CLAIM_TIME, claiming).await.is_err() {
@@ -704,18 +729,17 @@ async fn inbox(shared: Arc<Shared>, mut messages: mpsc::UnboundedReceiver<Inbox>
 /// process holds it open, as far as the kernel's open and close events tell (a writer that
 /// pauses with the file open is waited for). Without those events (polling) stillness alone
 /// decides, and a file held open and still for [`OPEN_WAIT`] is taken anyway, in case a close
-/// event was lost.
-async fn settle(path: &Path, window: Duration, opened: &Mutex<HashMap<PathBuf, u32>>) {
-    let stamp = |p: &Path| {
-        std::fs::symlink_metadata(p)
-            .ok()
-            .map(|m| (m.len(), m.modified().ok()))
-    };
-    let mut last = stamp(path);
+/// event was lost. Returns the file's stamp then, and whether it was taken though held open.
+async fn settle(
+    path: &Path,
+    window: Duration,
+    opened: &Mutex<HashMap<PathBuf, u32>>,
+) -> (Stamp, bool) {
+    let mut last = file_stamp(path);
     let mut still_since = Instant::now();
     loop {
         tokio::time::sleep(window).await;
-        let now = stamp(path);
+        let now = file_stamp(path);
         if now != last {
             last = now;
             still_since = Instant::now();
@@ -723,9 +747,18 @@ async fn settle(path: &Path, window: Duration, opened: &Mutex<HashMap<PathBuf, u
         }
         let open = lock(opened).get(path).is_some_and(|&n| n > 0);
         if !open || still_since.elapsed() >= OPEN_WAIT {
-            return;
+            return (last, open);
         }
     }
+}
+
+/// What says a file has changed: its size and modification time (`None` when it is gone).
+type Stamp = Option<(u64, Option<std::time::SystemTime>)>;
+
+fn file_stamp(path: &Path) -> Stamp {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.len(), m.modified().ok()))
 }
 
 /// Why a claimed file did not become a run.
@@ -737,35 +770,66 @@ enum ClaimError {
 }
 
 /// Claims a file by renaming it out of the inbox (only one claimer can win a rename), then
-/// records it. `None` when another claimer won.
+/// records it. `None` when another claimer won, or the claim could not be made (logged).
 fn claim(shared: &Arc<Shared>, path: &Path) -> Option<Result<RunId, ClaimError>> {
     let dir = path.parent()?;
-    let name = path
-        .file_name()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .into_owned();
+    let name = path.file_name()?.to_str()?.to_string();
+    let inbox = intake::Inbox::open(dir)
+        .inspect_err(|e| tracing::error!(folder = %dir.display(), "cannot take files in: {e}"))
+        .ok()?;
     if name.len() > intake::MAX_NAME {
         // its claim's name would not fit a file name: refused from where it lies
         let refusal = intake::Refusal::NameTooLong(name.len());
-        return Some(Err(refuse(dir, path, &intake::shortened(&name), &refusal)));
+        let shown = intake::shortened(&name);
+        return Some(Err(refuse(&inbox, inbox.fd(), &name, &shown, &refusal)));
     }
+    let claimed = inbox
+        .claimed()
+        .inspect_err(|e| tracing::error!(folder = %dir.display(), "cannot take files in: {e}"))
+        .ok()?;
     let claim = intake::ClaimName::now(&name);
-    let claimed = dir.join(CLAIMED).join(claim.to_string());
-    std::fs::rename(path, &claimed).ok()?;
-    Some(process_claim(shared, dir, &claimed, &claim))
+    match intake::rename_at(inbox.fd(), &name, &claimed, &claim.to_string(), false) {
+        Ok(()) => {}
+        // another claimer won
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::error!(file = %path.display(), "cannot claim it: {e}");
+            return None;
+        }
+    }
+    // a panic here (a bug on some input) must leave a report, not a claim that is read again
+    // and again at every start
+    let taken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        process_claim(shared, &inbox, &claimed, &claim)
+    }));
+    Some(taken.unwrap_or_else(|_| {
+        let refusal = intake::Refusal::Crashed;
+        Err(refuse(&inbox, &claimed, &claim.to_string(), &name, &refusal))
+    }))
 }
 
 /// Finishes claims a crash interrupted: recorded ones are removed, the others taken in again,
 /// unless taking one in has already stopped the daemon [`intake::CLAIM_TRIES`] times.
 fn recover_claims(shared: &Arc<Shared>, dir: &Path) {
-    let claims = dir.join(CLAIMED);
-    let Ok(entries) = std::fs::read_dir(&claims) else {
-        return;
+    let folders = intake::Inbox::open(dir).and_then(|inbox| {
+        let claimed = inbox.claimed()?;
+        Ok((inbox, claimed))
+    });
+    let (inbox, claimed) = match folders {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(folder = %dir.display(), "cannot look for claims a crash left: {e}");
+            return;
+        }
     };
-    for entry in entries.flatten() {
-        let claimed = entry.path();
-        let file_name = entry.file_name().to_string_lossy().into_owned();
+    let names = match intake::names_in(&claimed) {
+        Ok(names) => names,
+        Err(e) => {
+            tracing::error!(folder = %dir.display(), "cannot look for claims a crash left: {e}");
+            return;
+        }
+    };
+    for file_name in names {
         let claim = intake::ClaimName::parse(&file_name).unwrap_or_else(|| intake::ClaimName {
             stamp: 0,
             tries: 1,
@@ -773,23 +837,27 @@ fn recover_claims(shared: &Arc<Shared>, dir: &Path) {
         });
         match shared.store.submission(&file_name) {
             Ok(Some(_)) => {
-                let _ = std::fs::remove_file(&claimed);
+                let _ = intake::remove_at(&claimed, &file_name);
             }
             Ok(None) if claim.tries >= intake::CLAIM_TRIES => {
-                let _ = refuse(dir, &claimed, &claim.name, &intake::Refusal::Crashed);
+                let _ = refuse(&inbox, &claimed, &file_name, &claim.name, &intake::Refusal::Crashed);
             }
             Ok(None) => {
                 // the try is counted on disk before the file is read again: if reading it
                 // stops this daemon too, the next start knows
                 let again = claim.retried();
-                let renamed = claims.join(again.to_string());
-                let counted = std::fs::rename(&claimed, &renamed)
-                    .and_then(|()| std::fs::File::open(&claims)?.sync_all());
-                match counted {
-                    Ok(()) => {
-                        let _ = process_claim(shared, dir, &renamed, &again);
-                    }
-                    Err(e) => tracing::error!("cannot take claim {file_name} in again: {e}"),
+                let counted = intake::rename_at(&claimed, &file_name, &claimed, &again.to_string(), true)
+                    .and_then(|()| intake::sync_folder(&claimed));
+                if let Err(e) = counted {
+                    tracing::error!("cannot take claim {file_name} in again: {e}");
+                    continue;
+                }
+                let taken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    process_claim(shared, &inbox, &claimed, &again)
+                }));
+                if taken.is_err() {
+                    let refusal = intake::Refusal::Crashed;
+                    let _ = refuse(&inbox, &claimed, &again.to_string(), &claim.name, &refusal);
                 }
             }
             Err(e) => tracing::error!("cannot check claim {file_name}: {e}"),
@@ -797,12 +865,20 @@ fn recover_claims(shared: &Arc<Shared>, dir: &Path) {
     }
 }
 
-/// Moves a refused file to `rejected/` with a report of why; the file itself was not read.
-fn refuse(dir: &Path, from: &Path, name: &str, refusal: &intake::Refusal) -> ClaimError {
-    let report = format!("{}: refused: {refusal}\n", dir.join(name).display());
-    match intake::reject(dir, from, name, &report) {
-        Ok(at) => tracing::warn!(file = %dir.join(name).display(), report = %at.display(), "submission refused: {refusal}"),
-        Err(e) => tracing::error!(file = %from.display(), "cannot move a refused submission to rejected/: {e}"),
+/// Moves a refused file (`from` in the folder `from_dir`) to `rejected/` as `name`, with a
+/// report of why; the file itself was not read.
+fn refuse(
+    inbox: &intake::Inbox,
+    from_dir: &std::os::fd::OwnedFd,
+    from: &str,
+    name: &str,
+    refusal: &intake::Refusal,
+) -> ClaimError {
+    let shown = inbox.path.join(name);
+    let report = format!("{}: refused: {refusal}\n", shown.display());
+    match intake::reject(inbox, from_dir, from, name, &report) {
+        Ok(at) => tracing::warn!(file = %shown.display(), report = %at.display(), "submission refused: {refusal}"),
+        Err(e) => tracing::error!(file = %shown.display(), "cannot move a refused submission to rejected/: {e}"),
     }
     ClaimError::Rejected(report)
 }
@@ -811,14 +887,16 @@ fn refuse(dir: &Path, from: &Path, name: &str, refusal: &intake::Refusal) -> Cla
 /// report of every problem.
 fn process_claim(
     shared: &Arc<Shared>,
-    dir: &Path,
-    claimed: &Path,
+    inbox: &intake::Inbox,
+    claimed: &std::os::fd::OwnedFd,
     claim: &intake::ClaimName,
 ) -> Result<RunId, ClaimError> {
     let name = &claim.name;
-    let bytes = match intake::read_dropped(claimed, shared.config.max_file) {
+    let claim_name = claim.to_string();
+    let dir = inbox.path.as_path();
+    let bytes = match intake::read_dropped(claimed, &claim_name, shared.config.max_file) {
         Ok(bytes) => bytes,
-        Err(refusal) => return Err(refuse(dir, claimed, name, &refusal)),
+        Err(refusal) => return Err(refuse(inbox, claimed, &claim_name, name, &refusal)),
     };
     let sha = crate::hex(&Sha256::digest(&bytes));
     // problems name the file as the user dropped it
@@ -826,17 +904,16 @@ fn process_claim(
     let checked = load_tools(shared, dir)
         .and_then(|tools| workflow::parse(&shown, &bytes, &tools).map(|plan| (plan, tools)));
     drop(bytes);
-    let claim = claim.to_string();
     match checked {
         Ok((plan, tools)) => {
             let submission = Submission {
-                claim: &claim,
+                claim: &claim_name,
                 sha256: &sha,
             };
             let why = format!("dropped {name}");
             match record(shared, &plan, &shown, dir, Some(submission), &why) {
                 Ok(run) => {
-                    let _ = std::fs::remove_file(claimed);
+                    let _ = intake::remove_at(claimed, &claim_name);
                     tracing::info!(run, file = %shown.display(), "submission accepted");
                     start(shared, run, plan, dir.to_path_buf(), tools, false);
                     Ok(run)
@@ -849,7 +926,7 @@ fn process_claim(
         }
         Err(problems) => {
             let report = format!("{problems}\n");
-            match intake::reject(dir, claimed, name, &report) {
+            match intake::reject(inbox, claimed, &claim_name, name, &report) {
                 Ok(at) => tracing::warn!(
                     file = %shown.display(),
                     report = %at.display(),
@@ -1560,10 +1637,8 @@ fn answer(shared: &Arc<Shared>, request: Request) -> Response {
             },
             Err(e) => fail(e.to_string()),
         },
-        Request::Show { run, from } => match RunView::load(&shared.store, run) {
-            Ok(Some(view)) => Response::Run {
-                run: view.page_json(from, SHOW_PAGE),
-            },
+        Request::Show { run, from } => match RunView::load_page(&shared.store, run, from, SHOW_PAGE) {
+            Ok(Some(page)) => Response::Run { run: page },
             Ok(None) => invalid(format!("no run {run}")),
             Err(e) => fail(e.to_string()),
         },

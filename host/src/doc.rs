@@ -99,15 +99,45 @@ impl std::fmt::Display for Problems {
 }
 
 /// Reads a workflow or tools file of at most `limit` bytes, never more: a larger file (or one
-/// that grows while read) is a problem of the file, whose message says `what` it was to be.
+/// that grows while read) is a problem of the file, whose message says `what` it was to be. It
+/// is opened without waiting on a FIFO, and only a plain file is read.
 pub fn read_file(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, Problems> {
-    use std::io::Read;
+    let (file, _) = open_plain(path, what)?;
+    read_opened(path, file, limit, what)
+}
+
+/// Opens a file to read without blocking on a FIFO or a device (`O_NONBLOCK`), and only when
+/// what was opened is a plain file; with what it is.
+pub fn open_plain(path: &Path, what: &str) -> Result<(std::fs::File, std::fs::Metadata), Problems> {
+    use std::os::unix::fs::OpenOptionsExt;
     let cannot = |e: std::io::Error| Problems::of_file(path, format!("cannot read {what}: {e}"));
-    let file = std::fs::File::open(path).map_err(cannot)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(cannot)?;
+    let meta = file.metadata().map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(Problems::of_file(
+            path,
+            format!("is not a plain file, so it is not read as {what}"),
+        ));
+    }
+    Ok((file, meta))
+}
+
+/// Reads at most `limit` bytes of an opened file.
+pub fn read_opened(
+    path: &Path,
+    file: std::fs::File,
+    limit: u64,
+    what: &str,
+) -> Result<Vec<u8>, Problems> {
+    use std::io::Read;
     let mut bytes = Vec::new();
     file.take(limit + 1)
         .read_to_end(&mut bytes)
-        .map_err(cannot)?;
+        .map_err(|e| Problems::of_file(path, format!("cannot read {what}: {e}")))?;
     if bytes.len() as u64 > limit {
         return Err(too_large(path, limit, what));
     }
@@ -347,11 +377,17 @@ impl<'a> Source<'a> {
         while start < text.len() {
             let mut end = (start + WINDOW).min(text.len());
             if end < text.len() {
-                // whole lines, unless one line is longer than the window
-                end = text[start..end]
-                    .rfind('\n')
-                    .map(|i| start + i + 1)
-                    .unwrap_or_else(|| text[end..].find('\n').map_or(text.len(), |i| end + i + 1));
+                // whole lines; a line longer than the window is cut, at a character's edge
+                let bytes = &text.as_bytes()[start..end];
+                end = match bytes.iter().rposition(|&b| b == b'\n') {
+                    Some(i) => start + i + 1,
+                    None => {
+                        while !text.is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        end
+                    }
+                };
             }
             let (_, errors) = toml::de::DeTable::parse_recoverable(&text[start..end]);
             for e in errors {

@@ -1039,6 +1039,35 @@ async fn run_attempt(
     index: usize,
     cancel: CancellationToken,
 ) -> AttemptEnd {
+    let mut end = attempt(tool, input, ctx, index, cancel).await;
+    // a reason is kept in the attempt, the step and the event log, and shown in every answer:
+    // bounded like the captured output, whatever a tool said
+    if let Some(error) = end.error.take() {
+        end.error = Some(bounded(&error));
+    }
+    // the output as kept and shown: a string of control characters takes six times its bytes
+    // once escaped as JSON
+    if let Some(serde_json::Value::String(text)) = &end.output
+        && text.len() * 6 > tool.output_limit()
+    {
+        let shown = serde_json::Value::String(text.clone()).to_string().len();
+        if shown > tool.output_limit() {
+            end.output = None;
+            end.outcome = Outcome::Failed;
+            end.input_fault = true;
+            end.error = Some(over_output(shown as u64, tool.output_limit()));
+        }
+    }
+    end
+}
+
+async fn attempt(
+    tool: &Tool,
+    input: serde_json::Value,
+    ctx: &AttemptContext,
+    index: usize,
+    cancel: CancellationToken,
+) -> AttemptEnd {
     let mut end = AttemptEnd {
         index,
         number: ctx.number,

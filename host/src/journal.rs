@@ -50,6 +50,8 @@ impl Journal {
             .truncate(false)
             .mode(0o600)
             .open(path)?;
+        // an older uet made it with the umask
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         let len = file.metadata()?.len();
         if len < PREALLOCATED {
             let zeros = vec![0u8; 1 << 16];

@@ -504,7 +504,11 @@ fn cmd_daemon(
         watch,
         tools: tools.or(file.tools),
         max_runs: file.max_runs.unwrap_or(8),
-        settle: file.settle.unwrap_or(std::time::Duration::from_millis(200)),
+        // a window of nothing would poll the file as fast as the machine can
+        settle: file
+            .settle
+            .unwrap_or(std::time::Duration::from_millis(200))
+            .max(std::time::Duration::from_millis(10)),
         grace: file.grace.unwrap_or(std::time::Duration::from_secs(10)),
         poll: file.poll,
         metrics: file.metrics,

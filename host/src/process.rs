@@ -83,7 +83,7 @@ pub struct CommandResult {
 }
 
 /// Runs a command to its end, its timeout or a cancel.
-pub async fn run_command(spec: CommandSpec, cancel: CancellationToken) -> CommandResult {
+pub async fn run_command(mut spec: CommandSpec, cancel: CancellationToken) -> CommandResult {
     let started = Instant::now();
     let failed = |msg: String| CommandResult {
         exit: Exit::SpawnFailed(msg),
@@ -91,6 +91,13 @@ pub async fn run_command(spec: CommandSpec, cancel: CancellationToken) -> Comman
         stderr: Captured::default(),
         duration: started.elapsed(),
     };
+    // the token the ledger notes the group with, in the step's environment too: what a later
+    // uet checks before it kills a noted group, so a note cannot name somebody else's
+    let token = spec.groups.is_some().then(|| {
+        let token = rand::random::<u32>() | 1;
+        spec.env.push((GROUP_TOKEN.into(), format!("{token:08x}")));
+        token
+    });
     let Some(program) = spec.argv.first() else {
         return failed("empty command".into());
     };
@@ -116,10 +123,9 @@ pub async fn run_command(spec: CommandSpec, cancel: CancellationToken) -> Comman
         stderr,
         mut waiter,
     } = child;
-    let noted = spec
-        .groups
-        .as_ref()
-        .and_then(|groups| groups.note(pgid).map(|slot| (groups, slot)));
+    let noted = spec.groups.as_ref().zip(token).and_then(|(groups, token)| {
+        groups.note(pgid, token).map(|slot| (groups, slot))
+    });
 
     let input = spec.stdin;
     let feed = async move {
@@ -200,6 +206,8 @@ impl Groups {
             .truncate(false)
             .mode(0o600)
             .open(path)?;
+        // an older uet made it with the umask
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
         let mut killed = 0;
         let mut notes = Vec::new();
         std::io::Read::read_to_end(&mut &file, &mut notes)?;
@@ -210,8 +218,9 @@ impl Groups {
         let notes = if this_boot { &notes[SLOT..] } else { &[][..] };
         for slot in notes.chunks_exact(SLOT) {
             let pgid = i32::from_le_bytes(slot[..4].try_into().expect("4 bytes"));
+            let token = u32::from_le_bytes(slot[4..8].try_into().expect("4 bytes"));
             let noted = u64::from_le_bytes(slot[8..].try_into().expect("8 bytes"));
-            if pgid > 1 && ours(pgid, noted) {
+            if pgid > 1 && ours(pgid, token, noted) {
                 kill_group(pgid);
                 killed += 1;
             }
@@ -225,8 +234,9 @@ impl Groups {
         Ok((groups, killed))
     }
 
-    /// Notes a running group; the slot it took, to clear when the group is gone.
-    fn note(&self, pgid: i32) -> Option<u64> {
+    /// Notes a running group, started with `token` in its environment; the slot it took, to
+    /// clear when the group is gone.
+    fn note(&self, pgid: i32, token: u32) -> Option<u64> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             match slots.0.pop() {
@@ -239,6 +249,7 @@ impl Groups {
         };
         let mut note = [0u8; SLOT];
         note[..4].copy_from_slice(&pgid.to_le_bytes());
+        note[4..8].copy_from_slice(&token.to_le_bytes());
         note[8..].copy_from_slice(&boot_clock().to_le_bytes());
         match self.file.write_all_at(&note, (slot + 1) * SLOT as u64) {
             Ok(()) => Some(slot),
@@ -309,18 +320,36 @@ fn start_time(pid: i32) -> Option<u64> {
 /// before its note is not the one noted, whatever the ledger says.
 const NOTE_WITHIN: u64 = 5_000_000_000;
 
+/// The variable a step's environment carries its ledger token in.
+const GROUP_TOKEN: &str = "UET_GROUP_TOKEN";
+
 /// Whether the group a note names is one a uet started: its leader started at most
 /// [`NOTE_WITHIN`] before the note (a leader that started after it reused the id; the kernel
-/// does not reuse an id while its group has members, so the old group is empty). A group whose
-/// leader has exited may still have members: they are killed too when every one of them started
-/// after the leader could have, so a forged or stale note cannot name somebody else's group.
-fn ours(pgid: i32, noted: u64) -> bool {
+/// does not reuse an id while its group has members, so the old group is empty), and carries
+/// the note's token in its environment, which only uet put there and only the process's own
+/// user (or root) can read. A group whose leader has exited may still have members: they are
+/// killed too when one carries the token and none started before the leader could have. A note
+/// forged, stale or of an older uet (no token) names no group that is killed.
+fn ours(pgid: i32, token: u32, noted: u64) -> bool {
     let earliest = noted.saturating_sub(NOTE_WITHIN);
+    if token == 0 {
+        return false;
+    }
     if let Some(started) = start_time(pgid) {
-        return (earliest..=noted).contains(&started);
+        return (earliest..=noted).contains(&started) && carries(pgid, token);
     }
     let members = group_members(pgid);
-    !members.is_empty() && members.iter().all(|&(_, started)| started >= earliest)
+    members.iter().all(|&(_, started)| started >= earliest)
+        && members.iter().any(|&(pid, _)| carries(pid, token))
+}
+
+/// Whether a process's environment holds the ledger token `token`.
+fn carries(pid: i32, token: u32) -> bool {
+    let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+        return false;
+    };
+    let wanted = format!("{GROUP_TOKEN}={token:08x}");
+    environ.split(|&b| b == 0).any(|var| var == wanted.as_bytes())
 }
 
 /// The processes of a group, with their start times, from `/proc`.
@@ -612,12 +641,12 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn reaping_kills_noted_groups_and_spares_reused_ids() {
+    /// A group leader started as a step is: in a group of its own, with a ledger token.
+    fn step_like(script: &str, token: u32) -> (std::process::Child, i32) {
         use std::os::unix::process::CommandExt;
-        let dir = tempfile::tempdir().unwrap();
         let mut leader = std::process::Command::new("sh")
-            .args(["-c", "sleep 30 & echo $!; wait"])
+            .args(["-c", script])
+            .env(GROUP_TOKEN, format!("{token:08x}"))
             .stdout(Stdio::piped())
             .process_group(0)
             .spawn()
@@ -628,31 +657,41 @@ mod tests {
             &mut line,
         )
         .unwrap();
-        let grandchild: i32 = line.trim().parse().unwrap();
+        (leader, line.trim().parse().unwrap())
+    }
+
+    /// A ledger of one note, under this boot's id.
+    fn ledger(pgid: i32, token: u32, noted: u64) -> Vec<u8> {
+        let mut l = boot_id().to_vec();
+        l.extend_from_slice(&pgid.to_le_bytes());
+        l.extend_from_slice(&token.to_le_bytes());
+        l.extend_from_slice(&noted.to_le_bytes());
+        l
+    }
+
+    #[test]
+    fn reaping_kills_noted_groups_and_spares_reused_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = 0x5eed_0001;
+        let (mut leader, grandchild) = step_like("sleep 30 & echo $!; wait", token);
         let pgid = leader.id() as i32;
         let path = dir.path().join("groups");
         let (groups, killed) = Groups::open(&path).unwrap();
         assert_eq!(killed, 0);
-        groups.note(pgid).unwrap();
-        let sleeper = || {
-            std::process::Command::new("sleep")
-                .arg("30")
-                .process_group(0)
-                .spawn()
-                .unwrap()
-        };
+        groups.note(pgid, token).unwrap();
         // a note made before its leader started is of another process that reused the id:
         // left alone
-        let other = sleeper();
+        let (mut other, _) = step_like("echo 0; exec sleep 30", token);
         let other_pid = other.id() as i32;
         let mut stale = [0u8; SLOT];
         stale[..4].copy_from_slice(&other_pid.to_le_bytes());
+        stale[4..8].copy_from_slice(&token.to_le_bytes());
         stale[8..].copy_from_slice(&1u64.to_le_bytes());
         groups.file.write_all_at(&stale, 5 * SLOT as u64).unwrap();
         // a group whose attempt ended is no longer noted
-        let ended = sleeper();
+        let (mut ended, _) = step_like("echo 0; exec sleep 30", token);
         let ended_pid = ended.id() as i32;
-        let slot = groups.note(ended_pid).unwrap();
+        let slot = groups.note(ended_pid, token).unwrap();
         groups.clear(slot);
         drop(groups);
 
@@ -663,7 +702,7 @@ mod tests {
         assert!(gone(grandchild), "the whole group is killed");
         assert!(!gone(other_pid), "a reused id is spared");
         assert!(!gone(ended_pid), "a cleared note is not reaped");
-        for (mut child, pid) in [(other, other_pid), (ended, ended_pid)] {
+        for (child, pid) in [(&mut other, other_pid), (&mut ended, ended_pid)] {
             kill_group(pid);
             let _ = child.wait();
         }
@@ -672,81 +711,59 @@ mod tests {
             boot_id(),
             "the ledger starts over, naming this boot"
         );
+    }
 
-        // notes from another boot are not this boot's processes, whatever their ids
-        let sleeping = sleeper();
-        let sleeping_pid = sleeping.id() as i32;
-        let note = |pid: i32, noted: u64| {
-            let mut ledger = vec![0xee; SLOT];
-            ledger.extend_from_slice(&pid.to_le_bytes());
-            ledger.extend_from_slice(&[0; 4]);
-            ledger.extend_from_slice(&noted.to_le_bytes());
-            ledger
-        };
-        let started = start_time(sleeping_pid).unwrap();
-        let mut ledger = note(sleeping_pid, started + 1_000_000);
-        std::fs::write(&path, &ledger).unwrap();
-        let (_, killed) = Groups::open(&path).unwrap();
-        assert_eq!(killed, 0);
-        assert!(!gone(sleeping_pid), "another boot's note is not reaped");
-        // a note written long after the group's leader started is not of a group uet
-        // started: a forged ledger cannot have somebody else's processes killed
-        for forged in [started + 10 * NOTE_WITHIN, u64::MAX] {
-            let mut ledger = note(sleeping_pid, forged);
-            ledger[..SLOT].copy_from_slice(&boot_id());
-            std::fs::write(&path, &ledger).unwrap();
+    /// A ledger others could write (or an older uet's) must not have somebody else's processes
+    /// killed: a note counts only with the right boot, time and token.
+    #[test]
+    fn only_a_note_with_the_boot_time_and_token_of_its_group_reaps_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("groups");
+        let token = 0x5eed_0002;
+        let (mut sleeping, _) = step_like("echo 0; exec sleep 30", token);
+        let pid = sleeping.id() as i32;
+        let started = start_time(pid).unwrap();
+        let noted = started + 1_000_000;
+        let mut another_boot = ledger(pid, token, noted);
+        another_boot[..SLOT].fill(0xee);
+        for (forged, why) in [
+            (another_boot, "another boot's note"),
+            (ledger(pid, token, started + 10 * NOTE_WITHIN), "a note long after the start"),
+            (ledger(pid, token, u64::MAX), "a note at the end of time"),
+            (ledger(pid, token ^ 0xff, noted), "a note with another token"),
+            (ledger(pid, 0, noted), "a note without a token (an older uet's)"),
+        ] {
+            std::fs::write(&path, &forged).unwrap();
             let (_, killed) = Groups::open(&path).unwrap();
-            assert_eq!(killed, 0);
-            assert!(!gone(sleeping_pid), "a forged note is not reaped");
+            assert_eq!(killed, 0, "{why}");
+            assert!(!gone(pid), "{why} is not reaped");
         }
-        // the true note under this boot's id is
-        ledger[..SLOT].copy_from_slice(&boot_id());
-        std::fs::write(&path, &ledger).unwrap();
+        std::fs::write(&path, ledger(pid, token, noted)).unwrap();
         let (_, killed) = Groups::open(&path).unwrap();
         assert_eq!(killed, 1);
-        let mut sleeping = sleeping;
         let _ = sleeping.wait();
-        assert!(gone(sleeping_pid));
+        assert!(gone(pid));
     }
 
     #[test]
-    fn a_group_whose_leader_is_gone_is_reaped_only_when_its_members_came_after_the_note() {
-        use std::os::unix::process::CommandExt;
-        // a leader that leaves a member behind, as `sh -c "cmd &"` does
-        let spawn_orphaning = || {
-            let mut leader = std::process::Command::new("sh")
-                .args(["-c", "sleep 30 & echo $!"])
-                .stdout(Stdio::piped())
-                .process_group(0)
-                .spawn()
-                .unwrap();
-            let pgid = leader.id() as i32;
-            let mut line = String::new();
-            std::io::BufRead::read_line(
-                &mut std::io::BufReader::new(leader.stdout.take().unwrap()),
-                &mut line,
-            )
-            .unwrap();
-            leader.wait().unwrap();
-            (pgid, line.trim().parse::<i32>().unwrap())
-        };
+    fn a_group_whose_leader_is_gone_is_reaped_by_the_token_its_members_carry() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("groups");
-        let ledger = |pgid: i32, noted: u64| {
-            let mut l = boot_id().to_vec();
-            l.extend_from_slice(&pgid.to_le_bytes());
-            l.extend_from_slice(&[0; 4]);
-            l.extend_from_slice(&noted.to_le_bytes());
-            l
-        };
-        let (pgid, member) = spawn_orphaning();
+        let token = 0x5eed_0003;
+        // a leader that leaves a member behind, as `sh -c "cmd &"` does
+        let (mut leader, member) = step_like("sleep 30 & echo $!", token);
+        let pgid = leader.id() as i32;
+        leader.wait().unwrap();
         let member_started = start_time(member).unwrap();
-        // noted long after the member started: not ours
-        std::fs::write(&path, ledger(pgid, member_started + 10 * NOTE_WITHIN)).unwrap();
-        assert_eq!(Groups::open(&path).unwrap().1, 0);
-        assert!(!gone(member));
-        // noted as uet notes, at the leader's start
-        std::fs::write(&path, ledger(pgid, member_started)).unwrap();
+        for (forged, why) in [
+            (ledger(pgid, token, member_started + 10 * NOTE_WITHIN), "noted long after"),
+            (ledger(pgid, token ^ 0xff, member_started), "another token"),
+        ] {
+            std::fs::write(&path, forged).unwrap();
+            assert_eq!(Groups::open(&path).unwrap().1, 0, "{why}");
+            assert!(!gone(member), "{why}");
+        }
+        std::fs::write(&path, ledger(pgid, token, member_started)).unwrap();
         assert_eq!(Groups::open(&path).unwrap().1, 1);
         assert!(gone(member));
     }

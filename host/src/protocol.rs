@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::model::RunId;
 
 /// Bumped when a request or response changes meaning; additions of fields do not bump it.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest frame either side accepts: a `show` of a run with large outputs fits, and a
 /// hostile or broken peer cannot make the daemon allocate more.

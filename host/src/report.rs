@@ -30,32 +30,37 @@ impl RunView {
         }))
     }
 
-    /// The object `uet run --json` and `uet show --json` print.
-    pub fn to_json(&self) -> serde_json::Value {
-        self.page_json(0, usize::MAX)
+    /// A page of a run: its steps from the `from`th on, as many as about `max_bytes` of them
+    /// hold (at least one), read without holding the other steps' outputs; the object of
+    /// [`RunView::to_json`] with `steps_next`, the place of the next page, when there is one.
+    pub fn load_page(
+        store: &Store,
+        id: RunId,
+        from: usize,
+        max_bytes: usize,
+    ) -> Result<Option<serde_json::Value>, StateError> {
+        let Some(run) = store.run(id)? else {
+            return Ok(None);
+        };
+        let brief = store.steps_brief(id)?;
+        let progress = crate::progress::load_for(store, &run, &brief)?;
+        let (steps, next) = store.steps_page(id, from, max_bytes)?;
+        let mut page = RunView {
+            run,
+            steps,
+            progress,
+        }
+        .to_json();
+        if let Some(next) = next {
+            page["steps_next"] = json!(next);
+        }
+        Ok(Some(page))
     }
 
-    /// [`RunView::to_json`] with the steps from `from` on, as many as fit in about
-    /// `max_bytes` (at least one); when more follow, `steps_next` says where they start.
-    pub fn page_json(&self, from: usize, max_bytes: usize) -> serde_json::Value {
-        let mut size = 0;
-        let mut steps = Vec::new();
-        for s in self.steps.iter().skip(from) {
-            let step = step_json(s);
-            if max_bytes < usize::MAX {
-                size += step.to_string().len();
-                if size > max_bytes && !steps.is_empty() {
-                    break;
-                }
-            }
-            steps.push(step);
-        }
+    /// The object `uet run --json` and `uet show --json` print.
+    pub fn to_json(&self) -> serde_json::Value {
         let mut run = self.run_json();
-        let next = from + steps.len();
-        run["steps"] = serde_json::Value::Array(steps);
-        if next < self.steps.len() {
-            run["steps_next"] = json!(next);
-        }
+        run["steps"] = self.steps.iter().map(step_json).collect();
         run
     }
 

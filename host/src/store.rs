@@ -80,6 +80,13 @@ const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events"
 macro_rules! every_table {
     ($each:ident) => {
         $each!(META);
+        every_json_table!($each);
+    };
+}
+
+/// [`every_table!`] but `meta`: the tables whose values are JSON rows.
+macro_rules! every_json_table {
+    ($each:ident) => {
         $each!(RUNS);
         $each!(PLANS);
         $each!(STEPS);
@@ -158,11 +165,11 @@ pub enum StateError {
     /// A command that only reads found no state to read (none is created for it).
     #[error("there is no state in {0} (no {STATE_FILE}); check --state or $UET_STATE")]
     Missing(PathBuf),
-    /// The state file is empty while its journal is there: it was truncated or replaced.
+    /// The state file is empty or gone while its journal or last good copy is there.
     #[error(
-        "the state file {0} is empty, but its journal is beside it: the file was truncated or \
-         replaced, and opening it would start a new history; `uet state recover` restores the \
-         last good copy"
+        "the state file {0} is empty or gone, but its journal or last good copy is beside it: \
+         opening it would start a new history; `uet state recover` puts the last good copy \
+         back (to start afresh instead, remove uet.journal and uet.redb.bak too)"
     )]
     Emptied(PathBuf),
     /// Reading only, the state was found not closed cleanly: it must be recovered (redb's
@@ -245,12 +252,16 @@ enum Db {
     ReadOnly(redb::ReadOnlyDatabase, PathBuf),
 }
 
-/// Refuses a state folder whose database file is empty while its journal is not: opening it
-/// would quietly start a new history (run ids from 1) over the lost one.
+/// Refuses a state folder whose database file is empty or gone while its journal or last good
+/// copy is there: opening it would quietly start a new history (run ids from 1) over the lost
+/// one, and the next copy would replace the good one.
 fn refuse_emptied(dir: &Path) -> Result<(), StateError> {
     let path = dir.join(STATE_FILE);
-    let empty = std::fs::metadata(&path).is_ok_and(|m| m.len() == 0);
-    if empty && dir.join(crate::journal::JOURNAL_FILE).exists() {
+    let lost = !std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
+    let traces = [crate::journal::JOURNAL_FILE, BACKUP_FILE]
+        .iter()
+        .any(|f| dir.join(f).exists());
+    if lost && traces {
         return Err(StateError::Emptied(path));
     }
     Ok(())
@@ -313,6 +324,14 @@ fn write_backup(db: &Db, dir: &Path) -> Result<u64, StateError> {
             };
         }
         every_table!(copy);
+        // redb checks no checksum on a read: a damaged row must at least still be JSON, or
+        // the copy is not a good one
+        macro_rules! well_formed {
+            ($table:ident) => {
+                json_rows(&from, $table, stringify!($table))?;
+            };
+        }
+        every_json_table!(well_formed);
         to.commit().map_err(storage)?;
         Ok::<u64, StateError>(rows)
     })();
@@ -358,6 +377,28 @@ fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
         rows += 1;
     }
     Ok(rows)
+}
+
+/// Reads every row of a table of JSON rows as JSON; the first that is not is an error.
+fn json_rows<K: redb::Key + 'static>(
+    tx: &redb::ReadTransaction,
+    table: TableDefinition<K, &[u8]>,
+    name: &'static str,
+) -> Result<(), StateError> {
+    let Some(rows) = existing(tx, table)? else {
+        return Ok(());
+    };
+    for row in rows.iter().map_err(storage)? {
+        let (_, v) = row.map_err(storage)?;
+        serde_json::from_slice::<serde::de::IgnoredAny>(v.value()).map_err(|e| {
+            StateError::Corrupt {
+                table: name,
+                key: "a row".into(),
+                error: e.to_string(),
+            }
+        })?;
+    }
+    Ok(())
 }
 
 /// Whether the last good copy is to be renewed: it is missing or older than
@@ -655,10 +696,10 @@ impl Store {
     /// ([`Store::open`] does) before it can be read.
     pub fn open_read_only(dir: &Path) -> Result<Store, StateError> {
         let path = dir.join(STATE_FILE);
+        refuse_emptied(dir)?;
         if !path.is_file() {
             return Err(StateError::Missing(dir.to_path_buf()));
         }
-        refuse_emptied(dir)?;
         let db = match redb::Builder::new().open_read_only(&path) {
             Ok(db) => Db::ReadOnly(db, path.clone()),
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StateError::InUse(path)),
@@ -1310,6 +1351,61 @@ impl Store {
         }
         rows.sort_by_key(|r| r.position);
         Ok(rows.into_iter().map(|r| r.record).collect())
+    }
+
+    /// A run's steps in workflow order, without their outputs (each is read and let go): what
+    /// counts and progress need, however large the outputs are.
+    pub fn steps_brief(&self, run: RunId) -> Result<Vec<StepRecord>, StateError> {
+        let tx = self.read()?;
+        let steps = tx.open_table(STEPS).map_err(storage)?;
+        let mut rows: Vec<StepRow> = Vec::new();
+        for item in steps.range((run, "")..(run + 1, "")).map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let mut row: StepRow = decode("steps", &k.value(), v.value())?;
+            row.record.output = None;
+            rows.push(row);
+        }
+        rows.sort_by_key(|r| r.position);
+        Ok(rows.into_iter().map(|r| r.record).collect())
+    }
+
+    /// A run's steps from the `from`th in workflow order, as many as about `max_bytes` of their
+    /// JSON hold (at least one), and the place of the next when there are more: a page of a run
+    /// too large for one answer, read without holding the others' outputs.
+    pub fn steps_page(
+        &self,
+        run: RunId,
+        from: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<StepRecord>, Option<usize>), StateError> {
+        /// A step row's place alone: the rest of the row is skipped over, not kept.
+        #[derive(Deserialize)]
+        struct Place {
+            position: u32,
+        }
+        let tx = self.read()?;
+        let steps = tx.open_table(STEPS).map_err(storage)?;
+        let mut places: Vec<(u32, String)> = Vec::new();
+        for item in steps.range((run, "")..(run + 1, "")).map_err(storage)? {
+            let (k, v) = item.map_err(storage)?;
+            let place: Place = decode("steps", &k.value(), v.value())?;
+            places.push((place.position, k.value().1.to_string()));
+        }
+        places.sort();
+        let mut page = Vec::new();
+        let mut size = 0;
+        for (i, (_, id)) in places.iter().enumerate().skip(from) {
+            let Some(v) = steps.get((run, id.as_str())).map_err(storage)? else {
+                continue;
+            };
+            let row: StepRow = decode("steps", &(run, id.as_str()), v.value())?;
+            size += v.value().len();
+            if size > max_bytes && !page.is_empty() {
+                return Ok((page, Some(i)));
+            }
+            page.push(row.record);
+        }
+        Ok((page, None))
     }
 
     /// A step's attempts, first first.
@@ -2824,15 +2920,24 @@ mod tests {
         let left = crash_copy(first.path(), true);
         drop(store);
 
-        // a new state file beside that journal, whose first run is another workflow
+        // a state file deleted without its journal is refused, not started over...
         std::fs::remove_file(left.path().join(STATE_FILE)).unwrap();
-        let store = Store::open(left.path()).unwrap();
+        assert!(matches!(
+            Store::open(left.path()),
+            Err(StateError::Emptied(_))
+        ));
+        // ...and a new one that finds that journal beside it all the same (copied there) never
+        // takes its records, though its first run is run 1 too
+        let fresh = tempfile::tempdir().unwrap();
+        let store = Store::open(fresh.path()).unwrap();
         let other = store
             .create_run("x", "/x.toml", "/ws", serde_json::json!({}), &["c".into()])
             .unwrap();
         assert_eq!(other, run, "both are run 1");
-        let crashed = crash_copy(left.path(), true);
+        let crashed = crash_copy(fresh.path(), true);
         drop(store);
+        let journal = crate::journal::JOURNAL_FILE;
+        std::fs::copy(left.path().join(journal), crashed.path().join(journal)).unwrap();
 
         let reopened = Store::open(crashed.path()).unwrap();
         let steps: Vec<_> = reopened.steps(run).unwrap();

@@ -233,20 +233,20 @@ impl Tools {
         // relative programs and plugins resolve against this file's folder, wherever the
         // tools later run from
         let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        let bytes = crate::doc::read_file(path, crate::doc::MAX_FILE, "a tools file").map_err(
-            |mut p| {
-                if let Some(first) = p
-                    .list
-                    .first_mut()
-                    .filter(|p| p.message.starts_with("cannot read"))
-                {
-                    first
-                        .message
-                        .push_str(" (put a tools.toml beside the workflow, or pass --tools FILE)");
-                }
-                p
-            },
-        )?;
+        let (file, meta) = crate::doc::open_plain(path, "a tools file").map_err(|mut p| {
+            if let Some(first) = p
+                .list
+                .first_mut()
+                .filter(|p| p.message.starts_with("cannot read"))
+            {
+                first
+                    .message
+                    .push_str(" (put a tools.toml beside the workflow, or pass --tools FILE)");
+            }
+            p
+        })?;
+        trusted(path, &meta)?;
+        let bytes = crate::doc::read_opened(path, file, crate::doc::MAX_FILE, "a tools file")?;
         Self::parse(path, &bytes)
     }
 
@@ -535,6 +535,37 @@ fn read_tool(
     }
     f.finish(src, TOOL_KEYS);
     Some(tool)
+}
+
+/// Whether a tools file may be believed: it decides which programs run with uet's rights, so
+/// it must be the operator's (this user's, or root's) and not writable by everyone. A watched
+/// folder that others may drop files into must not be able to hand uet a tools file.
+fn trusted(path: &Path, meta: &std::fs::Metadata) -> Result<(), Problems> {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: geteuid has no preconditions and cannot fail
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(Problems::of_file(
+            path,
+            format!(
+                "belongs to uid {}, not to you (uid {me}) or root: a tools file decides which \
+                 programs run, so only the operator's is read (pass --tools with yours)",
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.mode() & 0o002 != 0 {
+        return Err(Problems::of_file(
+            path,
+            format!(
+                "can be written by anyone (mode {:o}): a tools file decides which programs run, \
+                 so one that others may change is not read (chmod o-w {})",
+                meta.mode() & 0o7777,
+                path.display()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Reads `retry = { base, max, jitter }`; shared by tools and workflow steps.

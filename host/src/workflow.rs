@@ -593,8 +593,12 @@ fn check_tools(src: &mut Source<'_>, written: &[Written<'_>], tools: &Tools) {
                         // a value written in the workflow is known now; one filled from an
                         // upstream output is checked when the step runs
                         for key in argv.iter().filter_map(|t| t.leading_key()) {
-                            if let Some(serde_json::Value::String(v)) =
-                                refs_free.and_then(|m| m.get(key))
+                            // filled as the command will be: a string as it is, a number as JSON
+                            let filled = refs_free.and_then(|m| m.get(key)).map(|v| match v {
+                                serde_json::Value::String(s) => s.clone(),
+                                other => other.to_string(),
+                            });
+                            if let Some(v) = &filled
                                 && v.starts_with('-')
                                 && !tool.allow_options
                             {

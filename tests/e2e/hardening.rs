@@ -540,7 +540,7 @@ fn an_emptied_state_file_is_refused_not_started_over() {
     std::fs::write(&file, b"").unwrap();
     let run = env.uet(&["run", "hello.toml"]).expect(2);
     assert!(
-        run.stderr().contains("is empty, but its journal"),
+        run.stderr().contains("is empty or gone, but its journal"),
         "{}",
         run.describe()
     );
@@ -590,4 +590,83 @@ command = ["sh", "-c", "printf '\"'; head -c 700000 /dev/zero | tr '\\0' x; prin
     // and the event log, a frame at a time
     let events = daemon.client(&env, &["events", "1", "--json"]).expect(0);
     assert!(events.stdout().lines().count() >= 80, "{}", events.stdout());
+}
+
+/// `rejected` planted as a link to `~/.cargo` had a dropped `config.toml` land there, intact.
+#[test]
+fn the_daemon_s_own_folders_are_never_reached_through_a_link() {
+    let env = Env::new();
+    tools(&env);
+    let elsewhere = env.ws.parent().unwrap().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, env.ws.join("rejected")).unwrap();
+    let socket = env.ws.parent().unwrap().join("sock/uet.sock");
+    let out = exits_within(daemon_command(&env, &socket), Duration::from_secs(20));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("symbolic link"), "{err}");
+
+    // swapped for a link while the daemon runs: nothing lands through it
+    std::fs::remove_file(env.ws.join("rejected")).unwrap();
+    let daemon = Daemon::start(&env);
+    std::fs::rename(env.ws.join("rejected"), env.ws.join("old")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, env.ws.join("rejected")).unwrap();
+    crate::daemon::drop_file(
+        &env,
+        "config.toml",
+        "[build]\nrustc-wrapper = \"/tmp/evil\"\n",
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+    assert_eq!(daemon.client(&env, &["status"]).code(), 0);
+}
+
+/// A watched folder's tools file decides what runs with the daemon's rights: a FIFO there froze
+/// the daemon, and a dropper's own file would have been believed.
+#[test]
+fn a_tools_file_that_is_not_the_operator_s_is_not_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let c = std::ffi::CString::new(env.ws.join("tools.toml").as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid C string
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+    let daemon = Daemon::start(&env);
+    crate::daemon::drop_file(&env, "hello.toml", crate::daemon::GOOD);
+    wait_for(&env.ws.join("rejected/hello.toml.error.txt"));
+    assert!(
+        env.read("rejected/hello.toml.error.txt")
+            .contains("is not a plain file")
+    );
+    drop(daemon);
+
+    std::fs::remove_file(env.ws.join("tools.toml")).unwrap();
+    tools(&env);
+    env.write("hello.toml", crate::daemon::GOOD);
+    env.uet(&["validate", "hello.toml"]).expect(0);
+    std::fs::set_permissions(
+        env.ws.join("tools.toml"),
+        std::fs::Permissions::from_mode(0o666),
+    )
+    .unwrap();
+    let run = env.uet(&["validate", "hello.toml"]).expect(2);
+    assert!(
+        run.stderr().contains("can be written by anyone"),
+        "{}",
+        run.describe()
+    );
+    std::fs::set_permissions(
+        env.ws.join("tools.toml"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    // SAFETY: geteuid cannot fail
+    if unsafe { libc::geteuid() } == 0 {
+        std::os::unix::fs::chown(env.ws.join("tools.toml"), Some(65534), None).unwrap();
+        let run = env.uet(&["validate", "hello.toml"]).expect(2);
+        assert!(
+            run.stderr().contains("belongs to uid 65534"),
+            "{}",
+            run.describe()
+        );
+    }
 }

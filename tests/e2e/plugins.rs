@@ -535,6 +535,10 @@ with = { mode = "big", size = 50000000 }
 id = "roomy"
 tool = "roomy"
 with = { mode = "big", size = 2000000 }
+[[steps]]
+id = "wordy"
+tool = "hostile"
+with = { mode = "big-error", size = 50000000 }
 "#,
     );
     let (run, out) = env.run_json("big.toml");
@@ -550,6 +554,15 @@ with = { mode = "big", size = 2000000 }
         "{huge}"
     );
     assert!(huge["output"].is_null());
+    // an error is a reason kept in the state and shown everywhere: bounded too
+    let wordy = step(&out, "wordy");
+    assert_eq!(wordy["state"], "failed", "{wordy}");
+    let reason = wordy["reason"].as_str().unwrap();
+    assert!(
+        reason.len() < 20 << 10 && reason.contains("more bytes"),
+        "{}",
+        reason.len()
+    );
     let roomy = step(&out, "roomy");
     assert_eq!(roomy["state"], "succeeded");
     assert_eq!(roomy["output"]["big"].as_str().unwrap().len(), 2_000_000);

@@ -2,10 +2,17 @@
 //! rights: it is opened without following a link or waiting on a FIFO, read only when it is a
 //! plain file of one name, and never beyond a size limit. Whatever is refused or invalid goes
 //! to `rejected/` with a report only the daemon's user can read.
+//!
+//! The folder's contents are the droppers' too: `rejected` or `.uet` may have been made a link
+//! (to `~/.ssh`, say) before the daemon first needed them. So the daemon's own folders are
+//! opened from the watched folder without following a link and checked to be the daemon's, and
+//! every move, read and write is made relative to those open folders, never by a path.
 
+use std::ffi::CString;
 use std::fmt;
 use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// Bytes of a dropped file's name that are taken in: the claim's name adds a stamp of up to 25
@@ -67,31 +74,32 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// Reads a dropped (or claimed) file: not through a link, without blocking on a FIFO, only a
-/// plain file with no other name, and at most `limit` bytes of it.
-pub fn read_dropped(path: &Path, limit: u64) -> Result<Vec<u8>, Refusal> {
-    read_plain(path, limit, false)
+/// Reads a claimed file, `name` in the folder `dir`: not through a link, without blocking on a
+/// FIFO, only a plain file with no other name, and at most `limit` bytes of it.
+pub fn read_dropped(dir: &OwnedFd, name: &str, limit: u64) -> Result<Vec<u8>, Refusal> {
+    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
+    let file = open_at(dir, name, flags, 0).map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP) => Refusal::Link,
+        _ => Refusal::Unreadable(e),
+    })?;
+    read_plain(std::fs::File::from(file), limit, false)
 }
 
 /// Reads a file a client named with `uet submit`: the socket's owner is the daemon's user, so
 /// links are followed, but only a plain file is read, and at most `limit` bytes of it.
 pub fn read_submitted(path: &Path, limit: u64) -> Result<Vec<u8>, Refusal> {
-    read_plain(path, limit, true)
-}
-
-fn read_plain(path: &Path, limit: u64, follow: bool) -> Result<Vec<u8>, Refusal> {
-    let mut flags = libc::O_NONBLOCK | libc::O_NOCTTY;
-    if !follow {
-        flags |= libc::O_NOFOLLOW;
-    }
+    use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(flags)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) if !follow => Refusal::Link,
-            _ => Refusal::Unreadable(e),
-        })?;
+        .map_err(Refusal::Unreadable)?;
+    read_plain(file, limit, true)
+}
+
+/// Reads an opened file when it is a plain file (with no other name, unless `any_names`), at
+/// most `limit` bytes of it.
+fn read_plain(file: std::fs::File, limit: u64, any_names: bool) -> Result<Vec<u8>, Refusal> {
     // what was opened, not what the name says now
     let meta = file.metadata().map_err(Refusal::Unreadable)?;
     let kind = meta.file_type();
@@ -109,7 +117,7 @@ fn read_plain(path: &Path, limit: u64, follow: bool) -> Result<Vec<u8>, Refusal>
             "a special file"
         }));
     }
-    if !follow && meta.nlink() > 1 {
+    if !any_names && meta.nlink() > 1 {
         return Err(Refusal::OtherNames(meta.nlink()));
     }
     if meta.len() > limit {
@@ -123,6 +131,146 @@ fn read_plain(path: &Path, limit: u64, follow: bool) -> Result<Vec<u8>, Refusal>
         return Err(Refusal::TooLarge(limit));
     }
     Ok(bytes)
+}
+
+/// A watched folder held open, with the daemon's own folders in it.
+pub struct Inbox {
+    /// Its path, for messages and for the names of what is in it.
+    pub path: PathBuf,
+    fd: OwnedFd,
+}
+
+impl Inbox {
+    /// Opens a watched folder (the operator's, named in the daemon's config: opened as given).
+    pub fn open(path: &Path) -> std::io::Result<Inbox> {
+        let fd = crate::beneath::open_folder(path, ".", false).map_err(std::io::Error::other)?;
+        Ok(Inbox {
+            path: path.to_path_buf(),
+            fd,
+        })
+    }
+
+    /// The folder itself.
+    pub fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    /// `.uet/claimed`, where claimed files wait (made 0700 if missing).
+    pub fn claimed(&self) -> std::io::Result<OwnedFd> {
+        self.own(".uet", 0o700)?;
+        self.own(".uet/claimed", 0o700)
+    }
+
+    /// `rejected`, where refused and invalid files go with their reports (made if missing).
+    pub fn rejected(&self) -> std::io::Result<OwnedFd> {
+        self.own("rejected", 0o755)
+    }
+
+    /// One of the daemon's own folders: reached without following a link, and the daemon's
+    /// (a folder a dropper made there first is theirs to change under the daemon's feet).
+    fn own(&self, rel: &str, mode: u32) -> std::io::Result<OwnedFd> {
+        let fd = crate::beneath::open_folder_at(&self.fd, &self.path, rel, true)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))?;
+        let file = std::fs::File::from(fd);
+        let meta = file.metadata()?;
+        // SAFETY: geteuid has no preconditions and cannot fail
+        let me = unsafe { libc::geteuid() };
+        if meta.uid() != me {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "{} belongs to uid {}, not to this daemon's user (uid {me}): somebody made \
+                     it before the daemon did; remove it",
+                    self.path.join(rel).display(),
+                    meta.uid()
+                ),
+            ));
+        }
+        if meta.mode() & 0o777 != mode && rel.starts_with(".uet") {
+            file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        }
+        Ok(OwnedFd::from(file))
+    }
+}
+
+/// Moves `from` in the folder `from_dir` to `to` in `to_dir`; with `keep`, not over a file
+/// that is there (`RENAME_NOREPLACE`).
+pub fn rename_at(
+    from_dir: &OwnedFd,
+    from: &str,
+    to_dir: &OwnedFd,
+    to: &str,
+    keep: bool,
+) -> std::io::Result<()> {
+    let (from, to) = (c_name(from)?, c_name(to)?);
+    let flags = if keep { libc::RENAME_NOREPLACE } else { 0 };
+    // SAFETY: valid descriptors and C strings; renameat2 touches nothing else
+    let r = unsafe {
+        libc::renameat2(
+            from_dir.as_raw_fd(),
+            from.as_ptr(),
+            to_dir.as_raw_fd(),
+            to.as_ptr(),
+            flags,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Removes the file `name` from the folder `dir`.
+pub fn remove_at(dir: &OwnedFd, name: &str) -> std::io::Result<()> {
+    let name = c_name(name)?;
+    // SAFETY: a valid descriptor and C string
+    if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Makes what was renamed in `dir` survive a crash.
+pub fn sync_folder(dir: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: a valid descriptor
+    if unsafe { libc::fsync(dir.as_raw_fd()) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The names in the folder `dir`.
+pub fn names_in(dir: &OwnedFd) -> std::io::Result<Vec<String>> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(crate::beneath::fd_path(dir))? {
+        names.push(entry?.file_name().to_string_lossy().into_owned());
+    }
+    Ok(names)
+}
+
+fn c_name(name: &str) -> std::io::Result<CString> {
+    CString::new(name).map_err(|_| std::io::ErrorKind::InvalidInput.into())
+}
+
+fn open_at(dir: &OwnedFd, name: &str, flags: i32, mode: u32) -> std::io::Result<OwnedFd> {
+    let name = c_name(name)?;
+    // SAFETY: a valid descriptor and C string; the descriptor returned is ours
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            mode as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just returned by openat and nobody else owns it
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// The name a file is claimed under in `.uet/claimed/`: the time it was claimed, the tries at
@@ -197,77 +345,45 @@ pub fn shortened(name: &str) -> String {
     name[..cut].to_string()
 }
 
-/// Moves `from` to `dir/rejected/` as `name` and writes the report beside it as
-/// `name.error.txt`: the first pair of names no earlier rejection holds (`name`, then
-/// `2-name`, `3-name`, ...), so a file rejected twice keeps both reports. The report is the
-/// daemon user's alone (0600): it may quote what the file held. Returns the report's path.
-pub fn reject(dir: &Path, from: &Path, name: &str, report: &str) -> std::io::Result<PathBuf> {
-    use std::os::unix::fs::DirBuilderExt;
-    let rejected = dir.join("rejected");
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(&rejected)?;
+/// Moves `from` (in the folder `from_dir`) to the inbox's `rejected/` as `name`, and writes
+/// the report beside it as `name.error.txt`: the first pair of names no earlier rejection holds
+/// (`name`, then `2-name`, `3-name`, ...), so a file rejected twice keeps both reports. The
+/// report is the daemon user's alone (0600): it may quote what the file held. Returns the
+/// report's path.
+pub fn reject(
+    inbox: &Inbox,
+    from_dir: &OwnedFd,
+    from: &str,
+    name: &str,
+    report: &str,
+) -> std::io::Result<PathBuf> {
+    let rejected = inbox.rejected()?;
     for n in 1u32.. {
         let kept = if n == 1 {
             name.to_string()
         } else {
             format!("{n}-{name}")
         };
-        let report_path = rejected.join(format!("{kept}.error.txt"));
-        let file_path = rejected.join(&kept);
-        if file_path.symlink_metadata().is_ok() {
-            continue;
-        }
+        let report_name = format!("{kept}.error.txt");
         // the report's name is taken first, atomically: two rejections never share it
-        let mut out = match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&report_path)
-        {
-            Ok(f) => f,
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
+        let mut out = match open_at(&rejected, &report_name, flags, 0o600) {
+            Ok(fd) => std::fs::File::from(fd),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
         };
         out.write_all(report.as_bytes())?;
-        // the file itself; a name taken meanwhile by a file dropped in by hand is not replaced
-        if let Err(e) = rename_new(from, &file_path) {
+        // the file itself; a name taken by a file put there by hand is not replaced
+        if let Err(e) = rename_at(from_dir, from, &rejected, &kept, true) {
+            let _ = remove_at(&rejected, &report_name);
             if e.kind() == std::io::ErrorKind::AlreadyExists {
-                let _ = std::fs::remove_file(&report_path);
                 continue;
             }
             return Err(e);
         }
-        return Ok(report_path);
+        return Ok(inbox.path.join("rejected").join(report_name));
     }
     unreachable!("some number is free")
-}
-
-/// Renames without replacing what is at `to` (`RENAME_NOREPLACE`).
-fn rename_new(from: &Path, to: &Path) -> std::io::Result<()> {
-    use std::ffi::CString;
-    use std::os::unix::ffi::OsStrExt;
-    let c = |p: &Path| {
-        CString::new(p.as_os_str().as_bytes()).map_err(|_| std::io::ErrorKind::InvalidInput)
-    };
-    let (from, to) = (c(from)?, c(to)?);
-    // SAFETY: two valid C strings; renameat2 touches nothing else
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            from.as_ptr(),
-            libc::AT_FDCWD,
-            to.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
 }
 
 #[cfg(test)]
@@ -300,35 +416,38 @@ mod tests {
     #[test]
     fn refuses_links_fifos_hard_links_and_large_files() {
         let dir = tempfile::tempdir().unwrap();
+        let inbox = Inbox::open(dir.path()).unwrap();
         let plain = dir.path().join("plain.toml");
         std::fs::write(&plain, "name = 1").unwrap();
-        assert_eq!(read_dropped(&plain, 100).unwrap(), b"name = 1");
-        assert!(matches!(read_dropped(&plain, 4), Err(Refusal::TooLarge(4))));
-        let link = dir.path().join("link.toml");
-        std::os::unix::fs::symlink(&plain, &link).unwrap();
-        assert!(matches!(read_dropped(&link, 100), Err(Refusal::Link)));
-        assert_eq!(read_submitted(&link, 100).unwrap(), b"name = 1");
+        let read = |name: &str, limit| read_dropped(inbox.fd(), name, limit);
+        assert_eq!(read("plain.toml", 100).unwrap(), b"name = 1");
+        assert!(matches!(read("plain.toml", 4), Err(Refusal::TooLarge(4))));
+        std::os::unix::fs::symlink(&plain, dir.path().join("link.toml")).unwrap();
+        assert!(matches!(read("link.toml", 100), Err(Refusal::Link)));
+        assert_eq!(
+            read_submitted(&dir.path().join("link.toml"), 100).unwrap(),
+            b"name = 1"
+        );
         let fifo = dir.path().join("fifo.toml");
         let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
         // SAFETY: a valid C string
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         // returns at once: no writer is waited for
         assert!(matches!(
-            read_dropped(&fifo, 100),
+            read("fifo.toml", 100),
             Err(Refusal::NotPlain("a FIFO"))
         ));
-        let twin = dir.path().join("twin.toml");
-        std::fs::hard_link(&plain, &twin).unwrap();
-        assert!(matches!(read_dropped(&twin, 100), Err(Refusal::OtherNames(2))));
+        std::fs::hard_link(&plain, dir.path().join("twin.toml")).unwrap();
+        assert!(matches!(read("twin.toml", 100), Err(Refusal::OtherNames(2))));
     }
 
     #[test]
     fn a_second_rejection_of_a_name_keeps_the_first() {
         let dir = tempfile::tempdir().unwrap();
+        let inbox = Inbox::open(dir.path()).unwrap();
         for text in ["one", "two"] {
-            let f = dir.path().join("x.toml");
-            std::fs::write(&f, text).unwrap();
-            reject(dir.path(), &f, "x.toml", &format!("report {text}")).unwrap();
+            std::fs::write(dir.path().join("x.toml"), text).unwrap();
+            reject(&inbox, inbox.fd(), "x.toml", "x.toml", &format!("report {text}")).unwrap();
         }
         let rejected = dir.path().join("rejected");
         let read = |n: &str| std::fs::read_to_string(rejected.join(n)).unwrap();
@@ -340,5 +459,20 @@ mod tests {
             .unwrap()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn the_daemon_s_folders_are_never_reached_through_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), dir.path().join("rejected")).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), dir.path().join(".uet")).unwrap();
+        let inbox = Inbox::open(dir.path()).unwrap();
+        assert!(inbox.rejected().is_err());
+        assert!(inbox.claimed().is_err());
+        std::fs::write(dir.path().join("config.toml"), "x").unwrap();
+        assert!(reject(&inbox, inbox.fd(), "config.toml", "config.toml", "r").is_err());
+        assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
+        assert!(dir.path().join("config.toml").exists(), "the file stays where it was");
     }
 }

@@ -26,6 +26,8 @@ pub struct Health {
     pub rows: u64,
     /// Runs whose steps and event chain were read and verified.
     pub runs: u64,
+    /// Runs whose events an older uet wrote without hashes: read, not verified.
+    pub unverified: u64,
     /// What could not be read or did not verify, in words (at most [`LISTED`]).
     pub damage: Vec<String>,
     /// How many more problems there were.
@@ -70,10 +72,27 @@ pub fn check(dir: &Path) -> Result<Health, StateError> {
         Ok(Err(
             e @ (StateError::Missing(_) | StateError::InUse(_) | StateError::Emptied(_)),
         )) => return Err(e),
+        // the system's refusal (permissions, no descriptors left) says nothing of the file
+        Ok(Err(e)) if is_io(&e) => return Err(e),
         Ok(Err(e)) => health.damaged(format!("the file cannot be opened: {e}")),
         Err(panic) => health.damaged(format!("the file cannot be opened: {panic}")),
     }
     Ok(health)
+}
+
+/// Whether an error is the system's (a read or an open refused) rather than the file's.
+fn is_io(e: &StateError) -> bool {
+    match e {
+        StateError::Journal(_) => true,
+        StateError::Open { source, .. } => {
+            source.downcast_ref::<std::io::Error>().is_some()
+                || matches!(
+                    source.downcast_ref::<redb::DatabaseError>(),
+                    Some(redb::DatabaseError::Storage(redb::StorageError::Io(_)))
+                )
+        }
+        _ => false,
+    }
 }
 
 /// Recovers a copy of the state into `scratch` (redb's repair, the journal's replay) and
@@ -129,6 +148,8 @@ fn walk(store: &Store, health: &mut Health) {
         });
         match verified {
             Ok(Ok(Ok(_))) => health.runs += 1,
+            // an older uet wrote its events without hashes: nothing to verify, nothing broken
+            Ok(Ok(Err(broken))) if broken.contains("has no hash") => health.unverified += 1,
             Ok(Ok(Err(broken))) => health.damaged(format!("run {}: {broken}", run.id)),
             Ok(Err(e)) => health.damaged(format!("run {} cannot be read: {e}", run.id)),
             Err(panic) => health.damaged(format!("run {} cannot be read: {panic}", run.id)),
@@ -194,10 +215,10 @@ pub enum Recovered {
 /// and opened, which replays the journal when it still holds the changes since the copy.
 pub fn recover(dir: &Path) -> Result<Recovered, StateError> {
     let health = check(dir).or_else(|e| match e {
-        // an emptied file is damage too: there is nothing in it to lose
+        // an emptied or lost file is damage too: there is nothing in it to lose
         StateError::Emptied(_) => Ok(Health {
             file: dir.join(STATE_FILE),
-            damage: vec!["the file is empty".into()],
+            damage: vec!["the file is empty or gone".into()],
             backup: last_copy(dir),
             ..Health::default()
         }),
@@ -218,14 +239,26 @@ pub fn recover(dir: &Path) -> Result<Recovered, StateError> {
             format!("{} exists already: try again in a second", damaged.display()),
         )));
     }
-    std::fs::rename(&file, &damaged)?;
+    if file.exists() {
+        std::fs::rename(&file, &damaged)?;
+    }
+    let journal = dir.join(crate::journal::JOURNAL_FILE);
     let Some((copy, copy_written)) = health.backup.clone() else {
+        // its records are of the history set aside: a new one must not replay them
+        if journal.exists() {
+            std::fs::rename(&journal, dir.join(format!("uet.journal.damaged-{stamp}")))?;
+        }
         return Ok(Recovered::SetAside { health, damaged });
     };
     copy_privately(&copy, &file)?;
-    let store = Store::open(dir)?;
-    let runs = store.runs()?.len();
-    let replayed = store.replayed_at_open();
+    let (runs, replayed) = {
+        let store = Store::open(dir)?;
+        (store.runs()?.len(), store.replayed_at_open())
+    };
+    // closed cleanly, the copy holds all the journal had for it; the journal's other records
+    // are of generations the restored file is behind, which it would name again as it goes
+    // on: they must never be replayed into it
+    std::fs::remove_file(&journal)?;
     Ok(Recovered::Restored {
         health,
         damaged,

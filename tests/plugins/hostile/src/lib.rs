@@ -80,6 +80,8 @@ impl Plugin for Hostile {
             }
             // a result far larger than any step should hand on
             "big" => Ok(json!({"big": "x".repeat(input.size)})),
+            // an error as long as a result could be
+            "big-error" => Err(Error::fatal("e".repeat(input.size))),
             other => Err(Error::fatal(format!("unknown mode {other:?}"))),
         }
     }
