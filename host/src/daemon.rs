@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::Breakers;
@@ -29,6 +29,17 @@ mod intake;
 /// A run found in flight at this many daemon starts in a row (each after an unclean stop) is
 /// quarantined as a suspected cause instead of being resumed again.
 const CRASH_LIMIT: u32 = 2;
+
+/// How long a client may take to read an answer before it is dropped.
+const SEND_TIME: Duration = Duration::from_secs(60);
+
+/// Writes an answer to a client, which must read it within [`SEND_TIME`].
+async fn send<T: serde::Serialize>(
+    conn: &mut interprocess::local_socket::tokio::Stream,
+    message: &T,
+) -> Result<(), protocol::FrameError> {
+    protocol::write_frame_within(conn, message, SEND_TIME).await
+}
 
 /// Bytes of steps per page of `uet show`: half a frame, so the run's own fields and a last
 /// step with a large output still fit.
@@ -61,6 +72,38 @@ const OPEN_WAIT: Duration = Duration::from_secs(60);
 /// hundred MB (a 100,000-step workflow takes 380 MB to plan): a burst of large drops is
 /// taken in a few at a time, so memory stays bounded however many arrive.
 const CLAIMS_AT_ONCE: usize = 4;
+
+/// The KiB of dropped files read and checked at once, at most: checking a file takes up to
+/// some 80 times its size (8 MiB of a TOML array of numbers took 640 MB), so the largest files
+/// are taken in one at a time, and smaller ones several at once.
+const CLAIM_KIB: usize = 8 << 10;
+
+/// What a claim waits for before it reads its file: one of [`CLAIMS_AT_ONCE`] turns, and its
+/// file's share of [`CLAIM_KIB`].
+struct Claiming {
+    turns: Arc<Semaphore>,
+    kib: Arc<Semaphore>,
+}
+
+impl Claiming {
+    /// Waits for a turn to take `path` in; `None` when the daemon is stopping.
+    async fn turn(
+        &self,
+        path: &Path,
+        max_file: u64,
+    ) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        // a file over the limit is refused unread: its size weighs nothing
+        let size = std::fs::symlink_metadata(path).map_or(0, |m| m.len());
+        let kib = if size > max_file {
+            1
+        } else {
+            (size >> 10).clamp(1, CLAIM_KIB as u64) as u32
+        };
+        let turn = self.turns.clone().acquire_owned().await.ok()?;
+        let share = self.kib.clone().acquire_many_owned(kib).await.ok()?;
+        Some((turn, share))
+    }
+}
 
 /// How long taking in one dropped file may take before the inbox stops waiting for it.
 const CLAIM_TIME: Duration = Duration::from_secs(60);
@@ -640,7 +683,10 @@ fn is_submission(path: &Path, watch: &[PathBuf]) -> bool {
 async fn inbox(shared: Arc<Shared>, mut messages: mpsc::UnboundedReceiver<Inbox>) {
     let settling: Arc<Mutex<std::collections::HashSet<PathBuf>>> = Arc::default();
     let opened: Arc<Mutex<HashMap<PathBuf, u32>>> = Arc::default();
-    let claiming = Arc::new(Semaphore::new(CLAIMS_AT_ONCE));
+    let claiming = Arc::new(Claiming {
+        turns: Arc::new(Semaphore::new(CLAIMS_AT_ONCE)),
+        kib: Arc::new(Semaphore::new(CLAIM_KIB)),
+    });
     let mut gone: std::collections::HashSet<PathBuf> = Default::default();
     while let Some(message) = messages.recv().await {
         let (path, seen) = match message {
@@ -688,7 +734,7 @@ async fn inbox(shared: Arc<Shared>, mut messages: mpsc::UnboundedReceiver<Inbox>
                     Seen::RenamedIn => None,
                     _ => Some(settle(&path, shared.config.settle, &opened).await),
                 };
-                let Ok(turn) = claiming.clone().acquire_owned().await else {
+                let Some(turn) = claiming.turn(&path, shared.config.max_file).await else {
                     return;
                 };
                 // the wait for a turn may have been long: a file changed or opened meanwhile
@@ -1416,7 +1462,7 @@ async fn client(shared: Arc<Shared>, mut conn: interprocess::local_socket::tokio
             // nobody is waiting for an answer
             Err(protocol::FrameError::TimedOut(_) | protocol::FrameError::Io(_)) => return,
             Err(e) => {
-                let _ = protocol::write_frame(
+                let _ = send(
                     &mut conn,
                     &Response::Error {
                         message: e.to_string(),
@@ -1447,7 +1493,7 @@ async fn client(shared: Arc<Shared>, mut conn: interprocess::local_socket::tokio
                 invalid: true,
             },
             Request::Shutdown => {
-                let _ = protocol::write_frame(&mut conn, &answer(&shared, Request::Shutdown)).await;
+                let _ = send(&mut conn, &answer(&shared, Request::Shutdown)).await;
                 shared.shutdown.cancel();
                 return;
             }
@@ -1472,7 +1518,7 @@ async fn client(shared: Arc<Shared>, mut conn: interprocess::local_socket::tokio
                     })
             }
         };
-        match protocol::write_frame(&mut conn, &response).await {
+        match send(&mut conn, &response).await {
             Ok(()) => {}
             // an answer too big for one frame: say so, and keep serving this client
             Err(protocol::FrameError::TooLarge(n)) => {
@@ -1484,7 +1530,7 @@ async fn client(shared: Arc<Shared>, mut conn: interprocess::local_socket::tokio
                     ),
                     invalid: false,
                 };
-                if protocol::write_frame(&mut conn, &reply).await.is_err() {
+                if send(&mut conn, &reply).await.is_err() {
                     return;
                 }
             }
@@ -1513,7 +1559,7 @@ async fn stream_events(
                     message: format!("no run {run}"),
                     invalid: true,
                 };
-                let _ = protocol::write_frame(conn, &reply).await;
+                let _ = send(conn, &reply).await;
                 return;
             }
             Err(e) => {
@@ -1521,7 +1567,7 @@ async fn stream_events(
                     message: e.to_string(),
                     invalid: false,
                 };
-                let _ = protocol::write_frame(conn, &reply).await;
+                let _ = send(conn, &reply).await;
                 return;
             }
         }
@@ -1555,7 +1601,7 @@ async fn stream_events(
                 break;
             }
             started = true;
-            if protocol::write_frame(conn, &Response::Events { events: batch })
+            if send(conn, &Response::Events { events: batch })
                 .await
                 .is_err()
             {
@@ -1566,7 +1612,7 @@ async fn stream_events(
             }
         }
         if let Some(message) = ended.or_else(|| (!follow).then(String::new)) {
-            let _ = protocol::write_frame(conn, &Response::Done { message }).await;
+            let _ = send(conn, &Response::Done { message }).await;
             return;
         }
         let mut byte = [0u8; 1];

@@ -854,6 +854,30 @@ mod tests {
     }
 
     #[test]
+    fn syntax_errors_of_a_long_file_are_listed_and_counted_in_windows() {
+        // windows of 64 KiB; multibyte text across their edges, lines longer than a window
+        let mut text = String::new();
+        for i in 0..4000 {
+            text.push_str(&format!("ключ{i} = \"значение\"\n!\n"));
+        }
+        text.push_str(&"é".repeat(70_000));
+        text.push('\n');
+        let (node, problems) = parse("long.toml", &text);
+        assert!(node.is_none());
+        assert_eq!(problems.len(), MAX_PROBLEMS);
+        assert!(
+            problems
+                .iter()
+                .all(|p| p.message.starts_with("TOML syntax"))
+        );
+        let mut src = Source::new(Path::new("long.toml"), &text);
+        src.parse();
+        let all = src.into_problems();
+        assert_eq!(all.list.len(), MAX_PROBLEMS);
+        assert!(all.unlisted >= 3900, "{} more", all.unlisted);
+    }
+
+    #[test]
     fn sizes() {
         assert_eq!(parse_bytes("64MiB"), Some(64 << 20));
         assert_eq!(parse_bytes("10 KB"), Some(10_000));

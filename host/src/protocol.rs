@@ -218,6 +218,19 @@ pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     Ok(())
 }
 
+#[cfg(feature = "runtime")]
+/// Writes one frame to a peer that must take it within `time`: a client that stops reading
+/// does not hold its connection (and its share of the daemon) for ever.
+pub async fn write_frame_within<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    message: &T,
+    time: std::time::Duration,
+) -> Result<(), FrameError> {
+    tokio::time::timeout(time, write_frame(w, message))
+        .await
+        .map_err(|_| FrameError::TimedOut("the client to read an answer"))?
+}
+
 /// Decodes the first frame held whole in `buf`: the message and the bytes it took, `None` when
 /// `buf` holds less than a whole frame. The same checks as [`read_frame`], for callers (and
 /// fuzzers) that have bytes in hand.

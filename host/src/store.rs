@@ -1342,27 +1342,25 @@ impl Store {
 
     /// A run's steps, in workflow order.
     pub fn steps(&self, run: RunId) -> Result<Vec<StepRecord>, StateError> {
-        let tx = self.read()?;
-        let steps = tx.open_table(STEPS).map_err(storage)?;
-        let mut rows: Vec<StepRow> = Vec::new();
-        for item in steps.range((run, "")..(run + 1, "")).map_err(storage)? {
-            let (k, v) = item.map_err(storage)?;
-            rows.push(decode("steps", &k.value(), v.value())?);
-        }
-        rows.sort_by_key(|r| r.position);
-        Ok(rows.into_iter().map(|r| r.record).collect())
+        self.step_rows(run, true)
     }
 
     /// A run's steps in workflow order, without their outputs (each is read and let go): what
     /// counts and progress need, however large the outputs are.
     pub fn steps_brief(&self, run: RunId) -> Result<Vec<StepRecord>, StateError> {
+        self.step_rows(run, false)
+    }
+
+    fn step_rows(&self, run: RunId, outputs: bool) -> Result<Vec<StepRecord>, StateError> {
         let tx = self.read()?;
         let steps = tx.open_table(STEPS).map_err(storage)?;
         let mut rows: Vec<StepRow> = Vec::new();
         for item in steps.range((run, "")..(run + 1, "")).map_err(storage)? {
             let (k, v) = item.map_err(storage)?;
             let mut row: StepRow = decode("steps", &k.value(), v.value())?;
-            row.record.output = None;
+            if !outputs {
+                row.record.output = None;
+            }
             rows.push(row);
         }
         rows.sort_by_key(|r| r.position);
