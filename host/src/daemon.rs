@@ -227,24 +227,31 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .iter()
         .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()))
         .collect();
+    // the daemon's own folders in each watched folder, made now: one a dropper made first (or
+    // a link in its place) keeps that folder unwatched, with the reason, until it is mended;
+    // the other folders go on
+    let mut unready = Vec::new();
     for dir in &watch {
-        // the daemon's own folders, made now: one a dropper made first (or a link in its
-        // place) is refused here, before anything is taken in
-        let inbox = intake::Inbox::open(dir)
+        std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
-        inbox
-            .claimed()
-            .and_then(|_| inbox.rejected())
-            .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+        if let Err(e) = own_folders(dir) {
+            tracing::error!(folder = %dir.display(), "not watched until this is mended: {e}");
+            unready.push(dir.clone());
+        }
     }
-    let mut tools_files: Vec<PathBuf> = watch.iter().map(|d| d.join(TOOLS_FILE)).collect();
-    tools_files.extend(config.tools.clone());
-    let max_memory = tools_files
-        .iter()
-        .filter_map(|f| Tools::load(f).ok())
-        .map(|t| t.max_memory())
-        .max()
-        .unwrap_or(0);
+    // with --tools the folders' own files are never opened: droppers may have put anything there
+    let tools_files: Vec<PathBuf> = match &config.tools {
+        Some(file) => vec![file.clone()],
+        None => watch.iter().map(|d| d.join(TOOLS_FILE)).collect(),
+    };
+    let mut max_memory = 0;
+    for file in &tools_files {
+        match Tools::load(file) {
+            Ok(tools) => max_memory = max_memory.max(tools.max_memory()),
+            // said once here; each workflow it would serve is refused with the same reason
+            Err(problems) => tracing::warn!("tools file not used: {problems}"),
+        }
+    }
     let wasm = Some(Arc::new(Runtime::new(
         Some(crate::wasm::cache_dir(&config.state)),
         max_memory,
@@ -306,6 +313,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     }
     tokio::spawn(standing_loop(shared.clone(), standing_rx, unfinished));
     for dir in &watch {
+        if unready.contains(dir) {
+            tokio::spawn(await_folder(shared.clone(), dir.clone()));
+            continue;
+        }
         recover_claims(&shared, dir);
         watch_inbox(&shared, dir)?;
     }
@@ -627,8 +638,11 @@ async fn await_folder(shared: Arc<Shared>, dir: PathBuf) {
         watchers.remove(&(dir.clone(), false));
         watchers.remove(&(dir.clone(), true)).is_some()
     };
-    tracing::warn!(folder = %dir.display(), "watched folder is gone; waiting for it to come back");
+    if !dir.is_dir() {
+        tracing::warn!(folder = %dir.display(), "watched folder is gone; waiting for it to come back");
+    }
     let mut first = true;
+    let mut said = None;
     loop {
         // a folder already back is watched again at once
         if !std::mem::take(&mut first) || !dir.is_dir() {
@@ -640,10 +654,12 @@ async fn await_folder(shared: Arc<Shared>, dir: PathBuf) {
         if !dir.is_dir() {
             continue;
         }
-        let again = intake::Inbox::open(&dir)
-            .and_then(|inbox| inbox.claimed().and_then(|_| inbox.rejected()))
+        let again = own_folders(&dir)
             .map_err(anyhow::Error::from)
-            .and_then(|_| watch_inbox(&shared, &dir))
+            .and_then(|()| {
+                recover_claims(&shared, &dir);
+                watch_inbox(&shared, &dir)
+            })
             .and_then(|()| {
                 if had_tree {
                     watch_tree(&shared, &dir)
@@ -653,12 +669,27 @@ async fn await_folder(shared: Arc<Shared>, dir: PathBuf) {
             });
         match again {
             Ok(()) => {
-                tracing::info!(folder = %dir.display(), "watched folder is back");
+                tracing::info!(folder = %dir.display(), "watching the folder again");
                 return;
             }
-            Err(e) => tracing::warn!(folder = %dir.display(), "cannot watch it again yet: {e:#}"),
+            // said once, not at every look
+            Err(e) => {
+                let now = format!("{e:#}");
+                if said.as_ref() != Some(&now) {
+                    tracing::warn!(folder = %dir.display(), "cannot watch it yet: {now}");
+                    said = Some(now);
+                }
+            }
         }
     }
+}
+
+/// Makes (or checks) the daemon's own folders in a watched folder.
+fn own_folders(dir: &Path) -> std::io::Result<()> {
+    let inbox = intake::Inbox::open(dir)?;
+    inbox.claimed()?;
+    inbox.rejected()?;
+    Ok(())
 }
 
 /// Whether a path is a submission: a `.toml`/`.json` file directly in a watched folder, not
@@ -730,19 +761,19 @@ async fn inbox(shared: Arc<Shared>, mut messages: mpsc::UnboundedReceiver<Inbox>
         let claiming = claiming.clone();
         tokio::spawn(async move {
             let turn = loop {
+                // a file renamed in is complete, but may be written again while it waits
                 let settled = match seen {
-                    Seen::RenamedIn => None,
-                    _ => Some(settle(&path, shared.config.settle, &opened).await),
+                    Seen::RenamedIn => (file_stamp(&path), false),
+                    _ => settle(&path, shared.config.settle, &opened).await,
                 };
                 let Some(turn) = claiming.turn(&path, shared.config.max_file).await else {
                     return;
                 };
                 // the wait for a turn may have been long: a file changed or opened meanwhile
                 // is waited for again
-                let unchanged = settled.is_none_or(|(stamp, held_open)| {
-                    let open = lock(&opened).get(&path).is_some_and(|&n| n > 0);
-                    stamp == file_stamp(&path) && (held_open || !open)
-                });
+                let (stamp, held_open) = settled;
+                let open = lock(&opened).get(&path).is_some_and(|&n| n > 0);
+                let unchanged = stamp == file_stamp(&path) && (held_open || !open);
                 if unchanged {
                     break turn;
                 }
@@ -820,38 +851,44 @@ enum ClaimError {
 fn claim(shared: &Arc<Shared>, path: &Path) -> Option<Result<RunId, ClaimError>> {
     let dir = path.parent()?;
     let name = path.file_name()?.to_str()?.to_string();
-    let inbox = intake::Inbox::open(dir)
-        .inspect_err(|e| tracing::error!(folder = %dir.display(), "cannot take files in: {e}"))
-        .ok()?;
+    // every folder a claim may need, before the file is moved: a claim that could not be
+    // rejected would sit unseen in `.uet/claimed`
+    let folders = intake::Inbox::open(dir).and_then(|inbox| {
+        let claimed = inbox.claimed()?;
+        inbox.rejected()?;
+        Ok((inbox, claimed))
+    });
+    let (inbox, claimed) = match folders {
+        Ok(f) => f,
+        Err(e) => {
+            let why = format!("cannot take files in from {}: {e}", dir.display());
+            tracing::error!("{why}");
+            return Some(Err(ClaimError::Failed(why)));
+        }
+    };
     if name.len() > intake::MAX_NAME {
         // its claim's name would not fit a file name: refused from where it lies
         let refusal = intake::Refusal::NameTooLong(name.len());
         let shown = intake::shortened(&name);
         return Some(Err(refuse(&inbox, inbox.fd(), &name, &shown, &refusal)));
     }
-    let claimed = inbox
-        .claimed()
-        .inspect_err(|e| tracing::error!(folder = %dir.display(), "cannot take files in: {e}"))
-        .ok()?;
     let claim = intake::ClaimName::now(&name);
     match intake::rename_at(inbox.fd(), &name, &claimed, &claim.to_string(), false) {
         Ok(()) => {}
         // another claimer won
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => {
-            tracing::error!(file = %path.display(), "cannot claim it: {e}");
-            return None;
+            let why = format!("cannot claim {}: {e}", path.display());
+            tracing::error!("{why}");
+            return Some(Err(ClaimError::Failed(why)));
         }
     }
-    // a panic here (a bug on some input) must leave a report, not a claim that is read again
-    // and again at every start
-    let taken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        process_claim(shared, &inbox, &claimed, &claim)
-    }));
-    Some(taken.unwrap_or_else(|_| {
-        let refusal = intake::Refusal::Crashed;
-        Err(refuse(&inbox, &claimed, &claim.to_string(), &name, &refusal))
-    }))
+    // on disk before the run is: a crash must not bring the file back into the folder beside a
+    // run recorded for it, to be run again
+    if let Err(e) = intake::sync_folder(&claimed).and_then(|()| intake::sync_folder(inbox.fd())) {
+        tracing::warn!(file = %path.display(), "cannot sync the claim: {e}");
+    }
+    Some(process_claim(shared, &inbox, &claimed, &claim))
 }
 
 /// Finishes claims a crash interrupted: recorded ones are removed, the others taken in again,
@@ -892,19 +929,13 @@ fn recover_claims(shared: &Arc<Shared>, dir: &Path) {
                 // the try is counted on disk before the file is read again: if reading it
                 // stops this daemon too, the next start knows
                 let again = claim.retried();
-                let counted = intake::rename_at(&claimed, &file_name, &claimed, &again.to_string(), true)
+                let counted = intake::rename_at(&claimed, &file_name, &claimed, &again.to_string(), false)
                     .and_then(|()| intake::sync_folder(&claimed));
                 if let Err(e) = counted {
                     tracing::error!("cannot take claim {file_name} in again: {e}");
                     continue;
                 }
-                let taken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    process_claim(shared, &inbox, &claimed, &again)
-                }));
-                if taken.is_err() {
-                    let refusal = intake::Refusal::Crashed;
-                    let _ = refuse(&inbox, &claimed, &again.to_string(), &claim.name, &refusal);
-                }
+                let _ = process_claim(shared, &inbox, &claimed, &again);
             }
             Err(e) => tracing::error!("cannot check claim {file_name}: {e}"),
         }
@@ -923,10 +954,37 @@ fn refuse(
     let shown = inbox.path.join(name);
     let report = format!("{}: refused: {refusal}\n", shown.display());
     match intake::reject(inbox, from_dir, from, name, &report) {
-        Ok(at) => tracing::warn!(file = %shown.display(), report = %at.display(), "submission refused: {refusal}"),
-        Err(e) => tracing::error!(file = %shown.display(), "cannot move a refused submission to rejected/: {e}"),
+        Ok(at) => {
+            tracing::warn!(file = %shown.display(), report = %at.display(), "submission refused: {refusal}");
+            ClaimError::Rejected(report)
+        }
+        Err(e) => ClaimError::Failed(unrejected(inbox, from_dir, from, name, &e)),
     }
-    ClaimError::Rejected(report)
+}
+
+/// A claimed file that could not be moved to `rejected/` goes back where it was dropped (not
+/// over a file dropped since), so it is not left unseen in `.uet/claimed`; says so.
+fn unrejected(
+    inbox: &intake::Inbox,
+    from_dir: &std::os::fd::OwnedFd,
+    from: &str,
+    name: &str,
+    e: &std::io::Error,
+) -> String {
+    let shown = inbox.path.join(name);
+    let back = intake::rename_at(from_dir, from, inbox.fd(), name, true);
+    let why = match back {
+        Ok(()) => format!(
+            "{} cannot be moved to rejected/ ({e}); it was left in its folder",
+            shown.display()
+        ),
+        Err(_) => format!(
+            "{} cannot be moved to rejected/ ({e}); it waits in .uet/claimed",
+            shown.display()
+        ),
+    };
+    tracing::error!("{why}");
+    why
 }
 
 /// Validates a claimed file; records and starts its run, or moves it to `rejected/` with a
@@ -947,9 +1005,17 @@ fn process_claim(
     let sha = crate::hex(&Sha256::digest(&bytes));
     // problems name the file as the user dropped it
     let shown = dir.join(name);
-    let checked = load_tools(shared, dir)
-        .and_then(|tools| workflow::parse(&shown, &bytes, &tools).map(|plan| (plan, tools)));
+    // a panic here (a bug on some input) must leave a report, not a claim that is read again
+    // at every start
+    let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        load_tools(shared, dir)
+            .and_then(|tools| workflow::parse(&shown, &bytes, &tools).map(|plan| (plan, tools)))
+    }));
     drop(bytes);
+    let Ok(checked) = checked else {
+        let refusal = intake::Refusal::Unchecked;
+        return Err(refuse(inbox, claimed, &claim_name, name, &refusal));
+    };
     match checked {
         Ok((plan, tools)) => {
             let submission = Submission {
@@ -973,15 +1039,17 @@ fn process_claim(
         Err(problems) => {
             let report = format!("{problems}\n");
             match intake::reject(inbox, claimed, &claim_name, name, &report) {
-                Ok(at) => tracing::warn!(
-                    file = %shown.display(),
-                    report = %at.display(),
-                    "submission rejected: {} problems",
-                    problems.count()
-                ),
-                Err(e) => tracing::error!(file = %shown.display(), "cannot move a rejected submission to rejected/: {e}"),
+                Ok(at) => {
+                    tracing::warn!(
+                        file = %shown.display(),
+                        report = %at.display(),
+                        "submission rejected: {} problems",
+                        problems.count()
+                    );
+                    Err(ClaimError::Rejected(report))
+                }
+                Err(e) => Err(ClaimError::Failed(unrejected(inbox, claimed, &claim_name, name, &e))),
             }
-            Err(ClaimError::Rejected(report))
         }
     }
 }
@@ -1757,7 +1825,21 @@ fn submit(shared: &Arc<Shared>, path: &Path) -> Response {
         message,
         invalid: true,
     };
-    if is_submission(path, &shared.config.watch) {
+    // a file in a watched folder, however the client named it (through `..` or a link), is
+    // claimed as a drop is, so the watcher cannot run it a second time
+    let watched = path.parent().zip(path.file_name()).and_then(|(parent, name)| {
+        use std::os::unix::fs::MetadataExt;
+        let here = std::fs::metadata(parent).ok()?;
+        shared
+            .config
+            .watch
+            .iter()
+            .find(|w| {
+                std::fs::metadata(w).is_ok_and(|m| m.dev() == here.dev() && m.ino() == here.ino())
+            })
+            .map(|w| w.join(name))
+    });
+    if let Some(path) = watched.as_deref().filter(|p| is_submission(p, &shared.config.watch)) {
         return match claim(shared, path) {
             Some(Ok(run)) => Response::Submitted { run },
             Some(Err(ClaimError::Rejected(report))) => {
@@ -1964,7 +2046,7 @@ fn top_view(shared: &Arc<Shared>) -> Response {
         files.dedup();
         for file in files {
             // a broken tools file shows as no tools here; `uet tools` says why
-            if let Ok(t) = Tools::load(&file) {
+            if let Ok(t) = Tools::load_to_read(&file) {
                 let mut rows = t.summary();
                 crate::breaker::annotate(&mut rows, &t, |n| shared.breakers.get(n));
                 tools.extend(rows);

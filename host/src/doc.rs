@@ -106,23 +106,31 @@ pub fn read_file(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>, Problem
     read_opened(path, file, limit, what)
 }
 
-/// Opens a file to read without blocking on a FIFO or a device (`O_NONBLOCK`), and only when
-/// what was opened is a plain file; with what it is.
+/// Opens a file to read only when it is a plain file: what the path names is looked at first
+/// through an `O_PATH` descriptor, which opens nothing (a device's open can do things: a
+/// watchdog's arms it), and only a plain file is then opened, as that very descriptor's file.
+/// A FIFO is never waited on. Returns the file and what it is.
 pub fn open_plain(path: &Path, what: &str) -> Result<(std::fs::File, std::fs::Metadata), Problems> {
     use std::os::unix::fs::OpenOptionsExt;
     let cannot = |e: std::io::Error| Problems::of_file(path, format!("cannot read {what}: {e}"));
-    let file = std::fs::OpenOptions::new()
+    let handle = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .custom_flags(libc::O_PATH)
         .open(path)
         .map_err(cannot)?;
-    let meta = file.metadata().map_err(cannot)?;
+    let meta = handle.metadata().map_err(cannot)?;
     if !meta.is_file() {
         return Err(Problems::of_file(
             path,
             format!("is not a plain file, so it is not read as {what}"),
         ));
     }
+    use std::os::fd::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
+        .map_err(cannot)?;
     Ok((file, meta))
 }
 

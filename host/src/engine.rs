@@ -1294,8 +1294,31 @@ fn parse_output(stdout: &str) -> serde_json::Value {
     if trimmed.is_empty() {
         return serde_json::Value::Null;
     }
-    serde_json::from_str(trimmed)
-        .unwrap_or_else(|_| serde_json::Value::String(stdout.trim_end_matches('\n').to_string()))
+    match serde_json::from_str(trimmed) {
+        // kept inside the state's rows, a value nested deeper than this could not be read back
+        // (serde_json stops at 128 levels): it is kept as the text it came as
+        Ok(value) if nesting(&value) <= MAX_OUTPUT_NESTING => value,
+        _ => serde_json::Value::String(stdout.trim_end_matches('\n').to_string()),
+    }
+}
+
+/// How deep an output may nest and still be kept as JSON: well under serde_json's 128 with the
+/// rows around it, and deeper than any output meant to be read.
+const MAX_OUTPUT_NESTING: usize = 64;
+
+/// How deep a value nests (a scalar is 0).
+fn nesting(value: &serde_json::Value) -> usize {
+    let mut deepest = 0;
+    let mut todo = vec![(value, 0usize)];
+    while let Some((v, depth)) = todo.pop() {
+        deepest = deepest.max(depth);
+        match v {
+            serde_json::Value::Array(items) => todo.extend(items.iter().map(|i| (i, depth + 1))),
+            serde_json::Value::Object(map) => todo.extend(map.values().map(|i| (i, depth + 1))),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 fn bounded(text: &str) -> String {

@@ -793,7 +793,7 @@ fn cmd_tools(
         }
     }
     let path = tools.map(Path::to_path_buf).unwrap_or(local);
-    let mut tools = Tools::load(&path).map_err(Failure::Problems)?;
+    let mut tools = Tools::load_to_read(&path).map_err(Failure::Problems)?;
     let state = match state {
         Some(dir) => dir,
         None => default_state_dir()?,
@@ -1039,7 +1039,7 @@ fn cmd_validate(files: &[PathBuf], tools: Option<&Path>) -> Result<u8, Failure> 
             );
             Tools::empty()
         } else {
-            match Tools::load(&tools_file) {
+            match Tools::load_to_read(&tools_file) {
                 Ok(t) => t,
                 Err(p) => {
                     problems.extend(p);

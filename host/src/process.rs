@@ -336,7 +336,13 @@ fn ours(pgid: i32, token: u32, noted: u64) -> bool {
         return false;
     }
     if let Some(started) = start_time(pgid) {
-        return (earliest..=noted).contains(&started) && carries(pgid, token);
+        // a leader that set its own environment (`env -i`, a setuid program) leaves the token
+        // to the processes it started
+        return (earliest..=noted).contains(&started)
+            && (carries(pgid, token)
+                || group_members(pgid)
+                    .iter()
+                    .any(|&(pid, _)| carries(pid, token)));
     }
     let members = group_members(pgid);
     members.iter().all(|&(_, started)| started >= earliest)

@@ -42,8 +42,13 @@ impl RunView {
         let Some(run) = store.run(id)? else {
             return Ok(None);
         };
-        let brief = store.steps_brief(id)?;
-        let progress = crate::progress::load_for(store, &run, &brief)?;
+        // progress is the first page's: each later one would read every step again for it
+        let progress = if from == 0 {
+            let brief = store.steps_brief(id)?;
+            crate::progress::load_for(store, &run, &brief)?
+        } else {
+            None
+        };
         let (steps, next) = store.steps_page(id, from, max_bytes)?;
         let mut page = RunView {
             run,

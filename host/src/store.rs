@@ -118,6 +118,50 @@ struct RunRow {
     last_hash: String,
 }
 
+/// A step row read without its output, which the parser skips over instead of building: every
+/// field of [`StepRecord`] but `output`.
+#[derive(Deserialize)]
+struct BriefRow {
+    position: u32,
+    record: BriefStep,
+}
+
+#[derive(Deserialize)]
+struct BriefStep {
+    id: String,
+    state: StepState,
+    attempts: u32,
+    tool: Option<String>,
+    reason: Option<String>,
+    started_at: Option<Millis>,
+    finished_at: Option<Millis>,
+    #[serde(default)]
+    progress: Option<f32>,
+    #[serde(default)]
+    attempt_started_at: Option<Millis>,
+}
+
+impl From<BriefRow> for StepRow {
+    fn from(row: BriefRow) -> StepRow {
+        let s = row.record;
+        StepRow {
+            position: row.position,
+            record: StepRecord {
+                id: s.id,
+                state: s.state,
+                attempts: s.attempts,
+                tool: s.tool,
+                output: None,
+                reason: s.reason,
+                started_at: s.started_at,
+                finished_at: s.finished_at,
+                progress: s.progress,
+                attempt_started_at: s.attempt_started_at,
+            },
+        }
+    }
+}
+
 /// A step as stored: the record plus its place in the workflow, for listing in order.
 #[derive(Clone, Serialize, Deserialize)]
 struct StepRow {
@@ -277,6 +321,51 @@ fn journal_generation(db: &Db) -> Result<u64, StateError> {
             .map_or(0, |v| v.value())),
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
         Err(e) => Err(storage(e)),
+    }
+}
+
+/// The lock file of a state folder: taken for as long as a store is open, exclusively to write
+/// and shared to read, so that no one can set the state aside or put a copy back (`uet state
+/// recover`) under a uet that has it open, even one whose database file was deleted (redb's
+/// own lock is on the file, and goes with it).
+pub const LOCK_FILE: &str = "uet.lock";
+
+/// Takes the state's lock: exclusive to write, shared to read; [`StateError::InUse`] when
+/// another process holds it against that.
+fn lock_state(dir: &Path, exclusive: bool) -> Result<std::fs::File, StateError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(LOCK_FILE);
+    let opened = if exclusive {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+    } else {
+        // a read creates nothing: without a lock file, no writer holds the state
+        match std::fs::File::open(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::File::open(dir),
+            other => other,
+        }
+    };
+    let file = opened.map_err(|e| StateError::Open {
+        path: path.clone(),
+        source: Box::new(e),
+    })?;
+    let taken = if exclusive {
+        file.try_lock()
+    } else {
+        file.try_lock_shared()
+    };
+    match taken {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StateError::InUse(dir.join(STATE_FILE))),
+        Err(std::fs::TryLockError::Error(e)) => Err(StateError::Open {
+            path,
+            source: Box::new(e),
+        }),
     }
 }
 
@@ -613,6 +702,11 @@ impl Store {
     /// in it are 0600: they hold what steps output. When the database must be repaired (uet
     /// stopped uncleanly), a copy of it is kept first as `uet.redb.before-repair`.
     pub fn open(dir: &Path) -> Result<Store, StateError> {
+        Self::open_with(dir, None)
+    }
+
+    /// [`Store::open`] by one who holds the state's lock already ([`lock_state`]).
+    fn open_with(dir: &Path, lock: Option<std::fs::File>) -> Result<Store, StateError> {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
         let path = dir.join(STATE_FILE);
         let open_err = |e: Box<dyn std::error::Error + Send + Sync>| StateError::Open {
@@ -626,6 +720,10 @@ impl Store {
                 .create(dir)
                 .map_err(|e| open_err(Box::new(e)))?;
         }
+        let lock = match lock {
+            Some(lock) => lock,
+            None => lock_state(dir, true)?,
+        };
         refuse_emptied(dir)?;
         let create = |repair: bool| {
             let mut builder = redb::Builder::new();
@@ -667,7 +765,7 @@ impl Store {
             0 => rand::random::<u64>() >> 1,
             g => g,
         });
-        let (shared, mut writer) = Shared::new(db, path.clone(), journal, false)?;
+        let (shared, mut writer) = Shared::new(db, path.clone(), journal, false, lock)?;
         for (name, work) in [
             ("uet-state-writer", write_behind as fn(&Shared)),
             ("uet-state-sync", sync_behind),
@@ -696,6 +794,10 @@ impl Store {
     /// ([`Store::open`] does) before it can be read.
     pub fn open_read_only(dir: &Path) -> Result<Store, StateError> {
         let path = dir.join(STATE_FILE);
+        if !dir.is_dir() {
+            return Err(StateError::Missing(dir.to_path_buf()));
+        }
+        let lock = lock_state(dir, false)?;
         refuse_emptied(dir)?;
         if !path.is_file() {
             return Err(StateError::Missing(dir.to_path_buf()));
@@ -718,7 +820,7 @@ impl Store {
             return Err(StateError::Unclean(path));
         }
         journal.restart(generation);
-        let (shared, writer) = Shared::new(db, path.clone(), journal, true)?;
+        let (shared, writer) = Shared::new(db, path.clone(), journal, true, lock)?;
         Ok(Store {
             shared,
             path: path.into(),
@@ -1357,11 +1459,11 @@ impl Store {
         let mut rows: Vec<StepRow> = Vec::new();
         for item in steps.range((run, "")..(run + 1, "")).map_err(storage)? {
             let (k, v) = item.map_err(storage)?;
-            let mut row: StepRow = decode("steps", &k.value(), v.value())?;
-            if !outputs {
-                row.record.output = None;
-            }
-            rows.push(row);
+            rows.push(if outputs {
+                decode("steps", &k.value(), v.value())?
+            } else {
+                decode::<BriefRow>("steps", &k.value(), v.value())?.into()
+            });
         }
         rows.sort_by_key(|r| r.position);
         Ok(rows.into_iter().map(|r| r.record).collect())
@@ -1633,6 +1735,8 @@ impl Store {
 /// What every handle of one open state, and its writer thread, share.
 struct Shared {
     db: Db,
+    /// The state's lock (`uet.lock`), held as long as the store is open.
+    _lock: std::fs::File,
     /// The database file.
     path: PathBuf,
     /// Opened to be read only: every write is refused before it starts.
@@ -1775,10 +1879,12 @@ impl Shared {
         path: PathBuf,
         journal: crate::journal::Journal,
         read_only: bool,
+        lock: std::fs::File,
     ) -> Result<(Arc<Shared>, Writer), StateError> {
         let syncer = journal.syncer()?;
         let shared = Arc::new(Shared {
             db,
+            _lock: lock,
             path,
             read_only,
             backup: Mutex::new(None),

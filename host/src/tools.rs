@@ -228,8 +228,20 @@ impl Tools {
             .collect()
     }
 
-    /// Reads and checks a tools file, reporting every problem at once.
+    /// Reads and checks a tools file to run its tools, reporting every problem at once; the file
+    /// must be the operator's alone (see [`trusted`]).
     pub fn load(path: &Path) -> Result<Tools, Problems> {
+        Self::load_as(path, true)
+    }
+
+    /// Reads and checks a tools file to check workflows against it or list its tools: nothing
+    /// of it runs but plugins' descriptions (in their sandbox), so the operator's file may be
+    /// read by another user; it must still be written by its owner alone.
+    pub fn load_to_read(path: &Path) -> Result<Tools, Problems> {
+        Self::load_as(path, false)
+    }
+
+    fn load_as(path: &Path, to_run: bool) -> Result<Tools, Problems> {
         // relative programs and plugins resolve against this file's folder, wherever the
         // tools later run from
         let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
@@ -245,7 +257,13 @@ impl Tools {
             }
             p
         })?;
-        trusted(path, &meta)?;
+        if to_run {
+            trusted(path, &meta)?;
+        } else if std::os::unix::fs::MetadataExt::mode(&meta) & 0o022 != 0 {
+            // listed or checked against, but written by others: what it says may not be the
+            // operator's either
+            trusted(path, &meta)?;
+        }
         let bytes = crate::doc::read_opened(path, file, crate::doc::MAX_FILE, "a tools file")?;
         Self::parse(path, &bytes)
     }
@@ -537,9 +555,12 @@ fn read_tool(
     Some(tool)
 }
 
-/// Whether a tools file may be believed: it decides which programs run with uet's rights, so
-/// it must be the operator's (this user's, or root's) and not writable by everyone. A watched
-/// folder that others may drop files into must not be able to hand uet a tools file.
+/// Whether a tools file may be believed to run things: it decides which programs run with
+/// uet's rights, so it must be the operator's (this user's, or root's), and no one else may
+/// write it: not everyone, and not a group, unless the group is the owner's own (a group of
+/// one, as distributions give each user). A watched folder that others may drop files into
+/// must not be able to hand uet a tools file, nor a file of the operator's that droppers'
+/// group can edit.
 fn trusted(path: &Path, meta: &std::fs::Metadata) -> Result<(), Problems> {
     use std::os::unix::fs::MetadataExt;
     // SAFETY: geteuid has no preconditions and cannot fail
@@ -549,23 +570,56 @@ fn trusted(path: &Path, meta: &std::fs::Metadata) -> Result<(), Problems> {
             path,
             format!(
                 "belongs to uid {}, not to you (uid {me}) or root: a tools file decides which \
-                 programs run, so only the operator's is read (pass --tools with yours)",
+                 programs run, so only the operator's is used to run them (pass --tools with \
+                 yours)",
                 meta.uid()
             ),
         ));
     }
-    if meta.mode() & 0o002 != 0 {
+    let group_writable = meta.mode() & 0o020 != 0 && !own_group(meta.uid(), meta.gid());
+    if meta.mode() & 0o002 != 0 || group_writable {
+        let who = if meta.mode() & 0o002 != 0 {
+            "anyone"
+        } else {
+            "its group"
+        };
         return Err(Problems::of_file(
             path,
             format!(
-                "can be written by anyone (mode {:o}): a tools file decides which programs run, \
-                 so one that others may change is not read (chmod o-w {})",
+                "can be written by {who} (mode {:o}): a tools file decides which programs run, \
+                 so one that others may change is not used (chmod go-w {})",
                 meta.mode() & 0o7777,
                 path.display()
             ),
         ));
     }
     Ok(())
+}
+
+/// Whether `gid` is the private group of the user `uid`: that user's primary group, with no
+/// other members listed.
+fn own_group(uid: u32, gid: u32) -> bool {
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    // SAFETY: passwd and group are plain data filled in by the _r calls, which write only into
+    // the buffer they are given and report its use through the result pointer
+    unsafe {
+        let mut pw: libc::passwd = std::mem::zeroed();
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        if libc::getpwuid_r(uid, &mut pw, buf.as_mut_ptr(), buf.len(), &mut found) != 0
+            || found.is_null()
+            || pw.pw_gid != gid
+        {
+            return false;
+        }
+        let mut gr: libc::group = std::mem::zeroed();
+        let mut found: *mut libc::group = std::ptr::null_mut();
+        if libc::getgrgid_r(gid, &mut gr, buf.as_mut_ptr(), buf.len(), &mut found) != 0
+            || found.is_null()
+        {
+            return false;
+        }
+        gr.gr_mem.is_null() || (*gr.gr_mem).is_null()
+    }
 }
 
 /// Reads `retry = { base, max, jitter }`; shared by tools and workflow steps.

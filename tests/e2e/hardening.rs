@@ -532,6 +532,20 @@ fn a_damaged_state_is_reported_and_recovered_from_its_last_good_copy() {
     env.uet(&["run", "hello.toml"]).expect(0);
 }
 
+/// A recovery must not swap the state under a uet that has it open, even one whose database
+/// file was deleted (redb's own lock went with it).
+#[test]
+fn a_state_in_use_is_not_recovered() {
+    let env = state_with_a_run();
+    let daemon = Daemon::start(&env);
+    std::fs::remove_file(env.state.join("uet.redb")).unwrap();
+    let state = env.state.to_str().unwrap();
+    let run = env.uet(&["state", "recover", "--state", state]).expect(2);
+    assert!(run.stderr().contains("in use"), "{}", run.describe());
+    assert!(!env.state.join("uet.redb").exists(), "nothing was put back");
+    drop(daemon);
+}
+
 /// A state file cut to nothing became a new database: the history gone and run ids from 1.
 #[test]
 fn an_emptied_state_file_is_refused_not_started_over() {
@@ -600,24 +614,33 @@ fn the_daemon_s_own_folders_are_never_reached_through_a_link() {
     let elsewhere = env.ws.parent().unwrap().join("elsewhere");
     std::fs::create_dir(&elsewhere).unwrap();
     std::os::unix::fs::symlink(&elsewhere, env.ws.join("rejected")).unwrap();
-    let socket = env.ws.parent().unwrap().join("sock/uet.sock");
-    let out = exits_within(daemon_command(&env, &socket), Duration::from_secs(20));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("symbolic link"), "{err}");
+    // found so at start: the folder is not watched until it is mended, the daemon serves on
+    let daemon = Daemon::start(&env);
+    crate::daemon::drop_file(&env, "config.toml", "colour = 1\n");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        env.ws.join("config.toml").exists(),
+        "taken in from an unwatched folder"
+    );
+    assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+    // mended, it is watched again and what waits there is taken in
+    std::fs::remove_file(env.ws.join("rejected")).unwrap();
+    wait_for(&env.ws.join("rejected/config.toml.error.txt"));
+    drop(daemon);
 
     // swapped for a link while the daemon runs: nothing lands through it
-    std::fs::remove_file(env.ws.join("rejected")).unwrap();
     let daemon = Daemon::start(&env);
     std::fs::rename(env.ws.join("rejected"), env.ws.join("old")).unwrap();
     std::os::unix::fs::symlink(&elsewhere, env.ws.join("rejected")).unwrap();
     crate::daemon::drop_file(
         &env,
-        "config.toml",
+        "cargo.toml",
         "[build]\nrustc-wrapper = \"/tmp/evil\"\n",
     );
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
+    // the file is back where it was dropped, not lost in the daemon's own folder
+    assert!(env.ws.join("cargo.toml").exists());
     assert_eq!(daemon.client(&env, &["status"]).code(), 0);
 }
 
@@ -661,12 +684,47 @@ fn a_tools_file_that_is_not_the_operator_s_is_not_read() {
     .unwrap();
     // SAFETY: geteuid cannot fail
     if unsafe { libc::geteuid() } == 0 {
-        std::os::unix::fs::chown(env.ws.join("tools.toml"), Some(65534), None).unwrap();
-        let run = env.uet(&["validate", "hello.toml"]).expect(2);
+        // writable by a group that is not the owner's own: droppers may be in it
+        let tools_file = env.ws.join("tools.toml");
+        std::os::unix::fs::chown(&tools_file, None, Some(65534)).unwrap();
+        std::fs::set_permissions(&tools_file, std::fs::Permissions::from_mode(0o664)).unwrap();
+        let run = env.uet(&["run", "hello.toml"]).expect(2);
+        assert!(
+            run.stderr().contains("can be written by its group"),
+            "{}",
+            run.describe()
+        );
+        std::fs::set_permissions(&tools_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        env.uet(&["run", "hello.toml"]).expect(0);
+        // somebody else's: not used to run anything, though it may be read to check against
+        std::os::unix::fs::chown(&tools_file, Some(65534), None).unwrap();
+        let run = env.uet(&["run", "hello.toml"]).expect(2);
         assert!(
             run.stderr().contains("belongs to uid 65534"),
             "{}",
             run.describe()
         );
+        env.uet(&["validate", "hello.toml"]).expect(0);
     }
+}
+
+/// An output nested 127 levels deep was taken as JSON, then could not be read back from inside
+/// its row: the run could not be shown nor resumed, and `state check` called it damage.
+#[test]
+fn a_deeply_nested_output_is_kept_as_text() {
+    let env = Env::new();
+    let deep = format!("{}{}", "[".repeat(127), "]".repeat(127));
+    env.write(
+        "tools.toml",
+        &format!("[[tools]]\nname = \"deep\"\ncommand = [\"printf\", \"%s\", \"{deep}\"]\n"),
+    );
+    env.write(
+        "deep.toml",
+        "name = \"deep\"\n[[steps]]\nid = \"d\"\ntool = \"deep\"\n",
+    );
+    let (run, out) = env.run_json("deep.toml");
+    run.expect(0);
+    assert_eq!(crate::util::step(&out, "d")["output"], deep.as_str());
+    let state = env.state.to_str().unwrap();
+    env.uet(&["state", "check", "--state", state]).expect(0);
 }

@@ -39,6 +39,8 @@ pub enum Refusal {
     NameTooLong(usize),
     /// Taking it in stopped the daemon [`CLAIM_TRIES`] times.
     Crashed,
+    /// Checking it failed inside uet (a bug, which the daemon's log shows).
+    Unchecked,
     /// It could not be read.
     Unreadable(std::io::Error),
 }
@@ -68,6 +70,10 @@ impl fmt::Display for Refusal {
                 f,
                 "uet stopped while taking it in, {CLAIM_TRIES} times: it is set aside unread as a \
                  suspected cause"
+            ),
+            Refusal::Unchecked => write!(
+                f,
+                "checking it failed inside uet (a bug; the daemon's log says where)"
             ),
             Refusal::Unreadable(e) => write!(f, "it cannot be read: {e}"),
         }
@@ -179,8 +185,9 @@ impl Inbox {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::PermissionDenied,
                 format!(
-                    "{} belongs to uid {}, not to this daemon's user (uid {me}): somebody made \
-                     it before the daemon did; remove it",
+                    "{} belongs to uid {}, not to this daemon's user (uid {me}): somebody else \
+                     made it (or the file system maps owners); move it away (files in \
+                     .uet/claimed are drops not yet taken in: put them back in the folder)",
                     self.path.join(rel).display(),
                     meta.uid()
                 ),
@@ -215,10 +222,32 @@ pub fn rename_at(
         )
     };
     if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
+        return Ok(());
     }
+    let e = std::io::Error::last_os_error();
+    if !(keep && e.raw_os_error() == Some(libc::EINVAL)) {
+        return Err(e);
+    }
+    // a file system without RENAME_NOREPLACE (NFS, some FUSE): a hard link fails as well over a
+    // name that is taken, and the old name goes once the new one holds the file
+    // SAFETY: valid descriptors and C strings
+    let linked = unsafe {
+        libc::linkat(
+            from_dir.as_raw_fd(),
+            from.as_ptr(),
+            to_dir.as_raw_fd(),
+            to.as_ptr(),
+            0,
+        )
+    };
+    if linked != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a valid descriptor and C string
+    if unsafe { libc::unlinkat(from_dir.as_raw_fd(), from.as_ptr(), 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Removes the file `name` from the folder `dir`.

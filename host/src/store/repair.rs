@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 
 use super::{
     ATTEMPTS, BACKUP_FILE, BREAKERS, DURATIONS, EVENTS, META, PLANS, RUNS, STANDING, STATE_FILE,
-    STEPS, SUBMISSIONS, StateError, Store, TOOL_STATS, copy_privately, existing, storage,
+    STEPS, SUBMISSIONS, StateError, Store, TOOL_STATS, copy_privately, existing, lock_state,
+    storage,
 };
 use redb::{ReadableTable, TableDefinition};
 
@@ -227,6 +228,9 @@ pub fn recover(dir: &Path) -> Result<Recovered, StateError> {
     if health.is_sound() {
         return Ok(Recovered::Sound(health));
     }
+    // held from here until the recovered state is open: no uet may have it meanwhile, even one
+    // whose database file is gone (its redb lock went with the file)
+    let lock = lock_state(dir, true)?;
     let file = dir.join(STATE_FILE);
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -252,7 +256,7 @@ pub fn recover(dir: &Path) -> Result<Recovered, StateError> {
     };
     copy_privately(&copy, &file)?;
     let (runs, replayed) = {
-        let store = Store::open(dir)?;
+        let store = Store::open_with(dir, Some(lock))?;
         (store.runs()?.len(), store.replayed_at_open())
     };
     // closed cleanly, the copy holds all the journal had for it; the journal's other records
