@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use uet::protocol::{MAX_FRAME, Request, decode_frame};
+use uet::api::protocol::{MAX_FRAME, Request, decode_frame};
 
 fuzz_target!(|data: &[u8]| {
     let mut rest = data;

@@ -6,7 +6,7 @@ use std::path::Path;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    match uet::tools::Tools::parse(Path::new("/fuzz/tools.toml"), data) {
+    match uet::spec::tools::Tools::parse(Path::new("/fuzz/tools.toml"), data) {
         Ok(tools) => {
             for tool in &tools.tools {
                 assert!(!tool.name.is_empty());

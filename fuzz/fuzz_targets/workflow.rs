@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use uet::tools::Tools;
+use uet::spec::tools::Tools;
 
 /// Tools the fuzzed workflows may name, by tool and by capability.
 fn tools() -> &'static Tools {
@@ -27,7 +27,7 @@ fuzz_target!(|data: &[u8]| {
         Some((_, rest)) => ("w.toml", rest),
         None => ("w.toml", data),
     };
-    match uet::workflow::parse(Path::new(name), body, tools()) {
+    match uet::spec::workflow::parse(Path::new(name), body, tools()) {
         Ok(plan) => {
             // a plan that passed is usable: its needs point at earlier-checked steps
             for step in &plan.steps {

@@ -16,7 +16,7 @@ use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use uet::model::{Outcome, RunState, StepState};
-use uet::store::{Change, Store};
+use uet::state::{Change, Store};
 
 /// Pages redb writes per commit of these batches (`strace -c -f` of this bench: 45,252
 /// pwrites for 2,500 commits).

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use uet::model::{RunState, StepState};
-use uet::store::{Change, Store};
+use uet::state::{Change, Store};
 
 fn main() {
     let n: u64 = std::env::var("UET_BENCH_RUNS")
@@ -48,7 +48,7 @@ fn main() {
                 .unwrap();
         }
     }
-    let bytes = std::fs::metadata(state.join(uet::store::STATE_FILE))
+    let bytes = std::fs::metadata(state.join(uet::state::STATE_FILE))
         .unwrap()
         .len();
     println!(

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use uet::wasm::{Grants, Limits, Runtime, WasmOutcome};
+use uet::adapters::wasm::{Grants, Limits, Runtime, WasmOutcome};
 
 fn main() {
     let plugin =

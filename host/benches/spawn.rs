@@ -50,8 +50,8 @@ fn main() {
             took[2] += t.elapsed();
 
             let t = Instant::now();
-            let child = uet::spawn::spawn(&argv, Path::new("."), &attempt_env()).unwrap();
-            let uet::spawn::Child {
+            let child = uet::adapters::spawn::spawn(&argv, Path::new("."), &attempt_env()).unwrap();
+            let uet::adapters::spawn::Child {
                 stdin, mut waiter, ..
             } = child;
             drop(stdin);

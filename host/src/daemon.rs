@@ -14,15 +14,15 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::breaker::Breakers;
+use crate::engine::breaker::Breakers;
 use crate::engine::{self, Pause, RunSpec};
 use crate::model::{RunId, RunState};
-use crate::protocol::{self, Request, Response, Status};
-use crate::report::RunView;
-use crate::store::{Change, NewRun, Standing as StandingChange, Store, Submission};
-use crate::tools::{TOOLS_FILE, Tools};
-use crate::wasm::Runtime;
-use crate::workflow::{self, Plan};
+use crate::api::protocol::{self, Request, Response, Status};
+use crate::views::report::RunView;
+use crate::state::{Change, NewRun, Standing as StandingChange, Store, Submission};
+use crate::spec::tools::{TOOLS_FILE, Tools};
+use crate::adapters::wasm::Runtime;
+use crate::spec::workflow::{self, Plan};
 
 mod intake;
 
@@ -179,7 +179,7 @@ struct Shared {
     /// Every tool's circuit breaker, shared by all runs.
     breakers: Arc<Breakers>,
     /// Where command steps' process groups are noted while they run.
-    groups: Arc<crate::process::Groups>,
+    groups: Arc<crate::adapters::process::Groups>,
     /// Where `GET /metrics` is served, if it is.
     metrics_at: Mutex<Option<String>>,
     /// When retention last ran, and whether a run is already scheduled.
@@ -196,7 +196,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Runs the daemon until it is asked to stop.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     let store = Store::open(&config.state).map_err(|e| match e {
-        crate::store::StateError::InUse(path) => {
+        crate::state::StateError::InUse(path) => {
             anyhow::anyhow!(
                 "another uet process (a daemon, or `uet run`) is using the state {}",
                 path.display()
@@ -253,7 +253,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     }
     let wasm = Some(Arc::new(Runtime::new(
-        Some(crate::wasm::cache_dir(&config.state)),
+        Some(crate::adapters::wasm::cache_dir(&config.state)),
         max_memory,
     )?));
     let breakers = Arc::new(Breakers::load(&store)?);
@@ -326,7 +326,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         let for_render = shared.clone();
         let render: Arc<dyn Fn() -> Result<String, String> + Send + Sync> =
             Arc::new(move || metrics_text(&for_render).map_err(|e| e.to_string()));
-        tokio::spawn(crate::metrics::serve_http(
+        tokio::spawn(crate::views::metrics::serve_http(
             listener,
             render,
             shared.shutdown.clone(),
@@ -1054,7 +1054,7 @@ fn process_claim(
     }
 }
 
-fn load_tools(shared: &Shared, dir: &Path) -> Result<Tools, crate::doc::Problems> {
+fn load_tools(shared: &Shared, dir: &Path) -> Result<Tools, crate::spec::doc::Problems> {
     let file = shared
         .config
         .tools
@@ -1062,7 +1062,7 @@ fn load_tools(shared: &Shared, dir: &Path) -> Result<Tools, crate::doc::Problems
         .unwrap_or_else(|| dir.join(TOOLS_FILE));
     let mut tools = Tools::load(&file)?;
     if let Some(rt) = &shared.wasm {
-        crate::wasm::describe_tools(&mut tools, rt, false)?;
+        crate::adapters::wasm::describe_tools(&mut tools, rt, false)?;
     }
     Ok(tools)
 }
@@ -1699,7 +1699,7 @@ fn new_events(
     run: Option<RunId>,
     seen: &mut HashMap<RunId, u64>,
     limit: usize,
-) -> Result<Vec<serde_json::Value>, crate::store::StateError> {
+) -> Result<Vec<serde_json::Value>, crate::state::StateError> {
     let heads = match run {
         Some(r) => vec![(r, u64::MAX)],
         None => store.event_heads()?,
@@ -1712,7 +1712,7 @@ fn new_events(
         }
         for e in store.events_page(r, last, limit - out.len())? {
             seen.insert(r, e.seq);
-            out.push(crate::report::event_json(r, &e));
+            out.push(crate::views::report::event_json(r, &e));
         }
         if out.len() == limit {
             break;
@@ -1774,7 +1774,7 @@ fn answer(shared: &Arc<Shared>, request: Request) -> Response {
                 match load_tools(shared, dir) {
                     Ok(tools) => {
                         let mut these = tools.summary();
-                        crate::breaker::annotate(&mut these, &tools, |t| shared.breakers.get(t));
+                        crate::engine::breaker::annotate(&mut these, &tools, |t| shared.breakers.get(t));
                         rows.extend(these);
                     }
                     Err(p) => return fail(p.to_string()),
@@ -1951,7 +1951,7 @@ pub fn verify_answer(store: &Store, run: RunId) -> Response {
             message: format!("run {run}: the event log was tampered with: {broken}"),
             invalid: false,
         },
-        Err(crate::store::StateError::UnknownRun(_)) => Response::Error {
+        Err(crate::state::StateError::UnknownRun(_)) => Response::Error {
             message: format!("no run {run}"),
             invalid: true,
         },
@@ -1962,11 +1962,11 @@ pub fn verify_answer(store: &Store, run: RunId) -> Response {
     }
 }
 
-fn metrics_text(shared: &Shared) -> Result<String, crate::store::StateError> {
-    let live = crate::metrics::Live {
+fn metrics_text(shared: &Shared) -> Result<String, crate::state::StateError> {
+    let live = crate::views::metrics::Live {
         active: lock(&shared.active).len() as u64,
     };
-    crate::metrics::render(&shared.store, &shared.breakers.all(), Some(live))
+    crate::views::metrics::render(&shared.store, &shared.breakers.all(), Some(live))
 }
 
 /// `uet prune`: finished runs older than the age or beyond the count are deleted.
@@ -1989,7 +1989,7 @@ pub fn prune_answer(store: &Store, older_than_ms: Option<u64>, keep: Option<usiz
     }
 }
 
-fn status(shared: &Shared) -> Result<Status, crate::store::StateError> {
+fn status(shared: &Shared) -> Result<Status, crate::state::StateError> {
     let mut counts = std::collections::BTreeMap::new();
     for r in shared.store.runs()? {
         *counts.entry(r.state.to_string()).or_insert(0u64) += 1;
@@ -2009,7 +2009,7 @@ fn status(shared: &Shared) -> Result<Status, crate::store::StateError> {
 /// What `uet top` shows: the daemon in brief, every run not yet ended with its progress, how
 /// many wait for a slot, and the tools with their breakers.
 fn top_view(shared: &Arc<Shared>) -> Response {
-    let build = || -> Result<serde_json::Value, crate::store::StateError> {
+    let build = || -> Result<serde_json::Value, crate::state::StateError> {
         let status = status(shared)?;
         let mut runs = Vec::new();
         let mut queued = 0;
@@ -2020,7 +2020,7 @@ fn top_view(shared: &Arc<Shared>) -> Response {
             if r.state == RunState::Pending {
                 queued += 1;
             }
-            let progress = crate::progress::load(&shared.store, r.id)?;
+            let progress = crate::engine::progress::load(&shared.store, r.id)?;
             let running: Vec<String> = shared
                 .store
                 .steps(r.id)?
@@ -2048,7 +2048,7 @@ fn top_view(shared: &Arc<Shared>) -> Response {
             // a broken tools file shows as no tools here; `uet tools` says why
             if let Ok(t) = Tools::load_to_read(&file) {
                 let mut rows = t.summary();
-                crate::breaker::annotate(&mut rows, &t, |n| shared.breakers.get(n));
+                crate::engine::breaker::annotate(&mut rows, &t, |n| shared.breakers.get(n));
                 tools.extend(rows);
             }
         }

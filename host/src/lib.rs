@@ -1,13 +1,15 @@
 //! uet: runs workflows dropped into watched folders, step by step, in sandboxed tools, with
 //! durable state.
+//!
+//! The rooms, by concern (docs/ARCHITECTURE.md has the map and the data flow):
+//! [`spec`] what users write, [`model`] the records every room shares, [`state`] the durable
+//! state, [`engine`] driving runs, [`adapters`] plugins and commands, [`daemon`] the watched
+//! folders and the socket, [`views`] what people see, [`api`] the protocol.
 
 // What the fuzz targets build (without the `runtime` feature): the parsers and the frame decoder.
-pub mod doc;
+pub mod api;
 pub mod model;
-pub mod protocol;
-pub mod template;
-pub mod tools;
-pub mod workflow;
+pub mod spec;
 
 /// Declares modules that need the `runtime` feature.
 macro_rules! runtime_modules {
@@ -19,10 +21,7 @@ macro_rules! runtime_modules {
     };
 }
 
-runtime_modules!(
-    beneath, breaker, daemon, engine, journal, metrics, process, progress, report, scaffold, spawn,
-    store, top, wasm,
-);
+runtime_modules!(adapters, daemon, engine, state, views);
 
 /// Lower-case hex of a digest: event hashes, submission checksums, plugin cache keys. By table,
 /// not a `format!` per byte, which was a third of the cost of recording an event.

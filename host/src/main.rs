@@ -6,18 +6,20 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, anyhow};
+
+mod cli;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use uet::doc::Problems;
+use uet::adapters::wasm::{self, Runtime};
+use uet::api::protocol::{Client, Request, Response};
 use uet::engine::{self, Notice, RunSpec};
 use uet::model::{RunState, StepState};
-use uet::protocol::{Client, Request, Response};
-use uet::report::RunView;
-use uet::store::Store;
-use uet::tools::{TOOLS_FILE, Tools};
-use uet::wasm::{self, Runtime};
-use uet::workflow;
+use uet::spec::doc::Problems;
+use uet::spec::tools::{TOOLS_FILE, Tools};
+use uet::spec::workflow;
+use uet::state::Store;
+use uet::views::report::RunView;
 
 /// Exit codes, as DESIGN.md fixes them.
 mod exit {
@@ -271,7 +273,7 @@ std::thread_local! {
 /// error that names the file and says what to do.
 fn guarded<T>(file: &Path, f: impl FnOnce() -> Result<T, Failure>) -> Result<T, Failure> {
     QUIET_PANICS.with(|q| q.set(true));
-    let result = uet::store::repair::quietly(f);
+    let result = uet::state::repair::quietly(f);
     QUIET_PANICS.with(|q| q.set(false));
     result.unwrap_or_else(|panic| {
         Err(anyhow!(
@@ -355,10 +357,10 @@ fn main() -> ExitCode {
                 let socket = c
                     .socket
                     .clone()
-                    .unwrap_or_else(uet::protocol::default_socket);
-                match uet::top::run(&socket, every) {
+                    .unwrap_or_else(uet::api::protocol::default_socket);
+                match uet::views::top::run(&socket, every) {
                     Ok(()) => Ok(exit::OK),
-                    Err(e @ uet::top::TopError::NoDaemon(..)) => {
+                    Err(e @ uet::views::top::TopError::NoDaemon(..)) => {
                         eprintln!(
                             "uet: {e}; start one with `uet daemon --watch DIR`, or point --socket / UET_SOCKET at it"
                         );
@@ -397,8 +399,8 @@ fn main() -> ExitCode {
         Command::State(StateCommand::Check { state, json }) => cmd_state_check(state, json),
         Command::State(StateCommand::Recover { state }) => cmd_state_recover(state),
         Command::Plugin(PluginCommand::New { name, sdk }) => {
-            let sdk = sdk.unwrap_or_else(uet::scaffold::default_sdk);
-            uet::scaffold::new_plugin(Path::new("."), &name, &sdk)
+            let sdk = sdk.unwrap_or_else(cli::scaffold::default_sdk);
+            cli::scaffold::new_plugin(Path::new("."), &name, &sdk)
                 .map(|dir| {
                     println!("created {}: `cargo test` there, then `cargo build --release --target wasm32-wasip2`", dir.display());
                     exit::OK
@@ -500,7 +502,7 @@ fn cmd_daemon(
         state,
         socket: socket
             .or(file.socket)
-            .unwrap_or_else(uet::protocol::default_socket),
+            .unwrap_or_else(uet::api::protocol::default_socket),
         watch,
         tools: tools.or(file.tools),
         max_runs: file.max_runs.unwrap_or(8),
@@ -515,10 +517,10 @@ fn cmd_daemon(
         keep_for: file.keep_for,
         keep_runs: file.keep_runs,
         max_file: match &file.max_file {
-            Some(text) => uet::doc::parse_bytes(text).ok_or_else(|| {
+            Some(text) => uet::spec::doc::parse_bytes(text).ok_or_else(|| {
                 anyhow!("max_file: bad size {text:?}; write e.g. \"8MiB\" or \"512KiB\"")
             })?,
-            None => uet::doc::MAX_FILE,
+            None => uet::spec::doc::MAX_FILE,
         },
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
@@ -536,7 +538,7 @@ fn client_quiet(args: &ClientArgs, request: Request, quiet: bool) -> Result<u8, 
     let socket = args
         .socket
         .clone()
-        .unwrap_or_else(uet::protocol::default_socket);
+        .unwrap_or_else(uet::api::protocol::default_socket);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -711,7 +713,7 @@ fn print_response(args: &ClientArgs, response: Response) -> u8 {
             if args.json {
                 let _ = writeln!(out, "{run}");
             } else {
-                let _ = write!(out, "{}", uet::report::text(&run));
+                let _ = write!(out, "{}", uet::views::report::text(&run));
             }
             Ok(exit::OK)
         }
@@ -732,7 +734,7 @@ fn print_response(args: &ClientArgs, response: Response) -> u8 {
                 let _ = if args.json {
                     writeln!(out, "{e}")
                 } else {
-                    writeln!(out, "{}", uet::report::event_line(&e))
+                    writeln!(out, "{}", uet::views::report::event_line(&e))
                 };
             }
             let _ = out.flush();
@@ -747,7 +749,7 @@ fn print_response(args: &ClientArgs, response: Response) -> u8 {
             if args.json {
                 let _ = writeln!(out, "{view}");
             } else {
-                for line in uet::top::frame(&view, 200) {
+                for line in uet::views::top::frame(&view, 200) {
                     let _ = writeln!(out, "{line}");
                 }
             }
@@ -805,7 +807,7 @@ fn cmd_tools(
         .ok()
         .and_then(|store| store.breakers().ok())
         .unwrap_or_default();
-    uet::breaker::annotate(&mut rows, &tools, |name| {
+    uet::engine::breaker::annotate(&mut rows, &tools, |name| {
         records
             .iter()
             .find(|(t, _)| t == name)
@@ -828,13 +830,13 @@ fn with_local_state(
         Some(dir) => dir,
         None => default_state_dir()?,
     };
-    let file = state.join(uet::store::STATE_FILE);
+    let file = state.join(uet::state::STATE_FILE);
     let opened = guarded(&file, || {
         let opened = if writes {
             Store::open(&state)
         } else {
             match Store::open_read_only(&state) {
-                Err(uet::store::StateError::Unclean(_)) => {
+                Err(uet::state::StateError::Unclean(_)) => {
                     tracing::info!("recovering the state {} first", file.display());
                     Store::open(&state)
                 }
@@ -857,7 +859,7 @@ fn state_dir(state: Option<PathBuf>) -> Result<PathBuf, Failure> {
 fn cmd_state_check(state: Option<PathBuf>, json: bool) -> Result<u8, Failure> {
     let dir = state_dir(state)?;
     QUIET_PANICS.with(|q| q.set(true));
-    let checked = uet::store::repair::check(&dir);
+    let checked = uet::state::repair::check(&dir);
     QUIET_PANICS.with(|q| q.set(false));
     let health = checked.with_context(|| format!("cannot check the state in {}", dir.display()))?;
     let backup = health.backup.as_ref().map(|(path, at)| {
@@ -917,10 +919,10 @@ fn cmd_state_check(state: Option<PathBuf>, json: bool) -> Result<u8, Failure> {
 
 /// `uet state recover`: sets a damaged file aside and puts the last good copy back.
 fn cmd_state_recover(state: Option<PathBuf>) -> Result<u8, Failure> {
-    use uet::store::repair::Recovered;
+    use uet::state::repair::Recovered;
     let dir = state_dir(state)?;
     QUIET_PANICS.with(|q| q.set(true));
-    let recovered = uet::store::repair::recover(&dir);
+    let recovered = uet::state::repair::recover(&dir);
     QUIET_PANICS.with(|q| q.set(false));
     match recovered.with_context(|| format!("cannot recover the state in {}", dir.display()))? {
         Recovered::Sound(health) => {
@@ -968,7 +970,8 @@ fn cmd_metrics(state: Option<PathBuf>, args: &ClientArgs) -> Result<u8, Failure>
     }
     with_local_state(state, false, |store| {
         let breakers = store.breakers().context("cannot read the breakers")?;
-        let text = uet::metrics::render(store, &breakers, None).context("cannot read the state")?;
+        let text =
+            uet::views::metrics::render(store, &breakers, None).context("cannot read the state")?;
         print!("{text}");
         Ok(exit::OK)
     })
@@ -1014,7 +1017,7 @@ fn print_tools(rows: Vec<serde_json::Value>, json: bool) {
             r["name"].as_str().unwrap_or(""),
             r["kind"].as_str().unwrap_or(""),
             caps.join(","),
-            uet::breaker::cell(&r["breaker"]),
+            uet::engine::breaker::cell(&r["breaker"]),
         );
     }
 }
@@ -1137,7 +1140,7 @@ fn cmd_run(
             tools: &tools,
             wasm,
             pause: None,
-            breakers: Arc::new(uet::breaker::Breakers::load(&store)?),
+            breakers: Arc::new(uet::engine::breaker::Breakers::load(&store)?),
             groups: Arc::new(groups),
         };
         let printer = live_progress(&store, run, plan.steps.len(), rx);
@@ -1218,7 +1221,7 @@ async fn live_progress(
                 }
             }
             _ = tick.tick(), if bar.is_some() => {
-                eta = uet::progress::load(store, run)
+                eta = uet::engine::progress::load(store, run)
                     .ok()
                     .flatten()
                     .and_then(|p| p.eta_seconds)

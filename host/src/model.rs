@@ -269,3 +269,63 @@ pub struct EventRecord {
     #[serde(default)]
     pub hash: String,
 }
+
+/// Where a tool's circuit breaker is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerPhase {
+    /// Attempts go through.
+    Closed,
+    /// Attempts wait until the probe time.
+    Open,
+    /// One probe attempt decides.
+    HalfOpen,
+}
+
+impl BreakerPhase {
+    /// The name users see.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerPhase::Closed => "closed",
+            BreakerPhase::Open => "open",
+            BreakerPhase::HalfOpen => "half-open",
+        }
+    }
+}
+
+/// A breaker as the state keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BreakerRecord {
+    /// Where it is.
+    pub phase: BreakerPhase,
+    /// Consecutive failures (reset by a success).
+    pub failures: u32,
+    /// When it last opened.
+    pub opened_at: Option<Millis>,
+    /// When an open breaker lets its probe through.
+    pub probe_at: Option<Millis>,
+}
+
+impl Default for BreakerRecord {
+    fn default() -> Self {
+        BreakerRecord {
+            phase: BreakerPhase::Closed,
+            failures: 0,
+            opened_at: None,
+            probe_at: None,
+        }
+    }
+}
+
+/// A tool's circuit breaker changed: what to write to the state, and the event that says so
+/// (for a change of phase).
+#[derive(Debug, Clone)]
+pub struct BreakerChange {
+    /// The tool.
+    pub tool: String,
+    /// Its breaker now.
+    pub record: BreakerRecord,
+    /// `breaker.opened`, `breaker.half_open`, `breaker.closed`, with details; `None` when only
+    /// the failure count moved.
+    pub event: Option<(String, String)>,
+}

@@ -491,7 +491,7 @@ command = ["sh", "-c", "echo {name} >> ran.log; if [ ! -e stalled ]; then touch 
     .unwrap();
     assert_eq!(show["steps"][1]["attempts"], 2);
     drop(daemon);
-    let store = uet::store::Store::open(&env.state).unwrap();
+    let store = uet::state::Store::open(&env.state).unwrap();
     let attempts = store.attempts(1, "b").unwrap();
     assert_eq!(attempts[0].outcome, Some(uet::model::Outcome::Interrupted));
     assert_eq!(attempts[1].outcome, Some(uet::model::Outcome::Succeeded));

@@ -212,7 +212,7 @@ command = ["sh", "-c", "echo {name} >> ran.log; touch {name}.started; test -e op
     );
     drop(daemon);
     {
-        let store = uet::store::Store::open(&env.state).unwrap();
+        let store = uet::state::Store::open(&env.state).unwrap();
         let run = store.run(1).unwrap().unwrap();
         assert_eq!(run.state, uet::model::RunState::Pending, "{run:?}");
         let steps = store.steps(1).unwrap();
@@ -383,7 +383,7 @@ fn sigterm_and_sigint_stop_the_daemon_gracefully() {
         assert!(asked.elapsed() < Duration::from_secs(10));
         assert!(!daemon.socket.exists(), "the socket file is removed");
         drop(daemon);
-        let store = uet::store::Store::open(&env.state).unwrap();
+        let store = uet::state::Store::open(&env.state).unwrap();
         let run = store.run(1).unwrap().unwrap();
         assert_eq!(
             run.state,

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use uet::store::Store;
+use uet::state::Store;
 
 use crate::util::{Env, plugin, step};
 

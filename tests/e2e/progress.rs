@@ -11,9 +11,9 @@ use crate::util::Env;
 /// the same workflow actually takes, both in seconds.
 fn eta_then_actual(env: &Env, file: &str) -> (f64, f64) {
     let eta = {
-        let store = uet::store::Store::open(&env.state).unwrap();
-        let tools = uet::tools::Tools::load(&env.ws.join("tools.toml")).unwrap();
-        let plan = uet::workflow::load(&env.ws.join(file), &tools).unwrap();
+        let store = uet::state::Store::open(&env.state).unwrap();
+        let tools = uet::spec::tools::Tools::load(&env.ws.join("tools.toml")).unwrap();
+        let plan = uet::spec::workflow::load(&env.ws.join(file), &tools).unwrap();
         let ids: Vec<String> = plan.steps.iter().map(|s| s.id.clone()).collect();
         let run = store
             .create_run(
@@ -24,7 +24,7 @@ fn eta_then_actual(env: &Env, file: &str) -> (f64, f64) {
                 &ids,
             )
             .unwrap();
-        let p = uet::progress::load(&store, run).unwrap().unwrap();
+        let p = uet::engine::progress::load(&store, run).unwrap().unwrap();
         assert_eq!((p.done, p.total), (0, ids.len()));
         p.eta_seconds.expect("history gives an ETA")
     };

@@ -41,7 +41,7 @@ fn calls(env: &Env, file: &str) -> Vec<u64> {
 }
 
 fn event_kinds(env: &Env, run: u64) -> Vec<String> {
-    let store = uet::store::Store::open(&env.state).unwrap();
+    let store = uet::state::Store::open(&env.state).unwrap();
     store
         .events(run)
         .unwrap()
@@ -246,7 +246,7 @@ fn a_deadline_ends_a_run_waiting_in_backoff_at_once() {
         "the retry was still 30 s away"
     );
     // the attempt's record says when the next one was due
-    let store = uet::store::Store::open(&env.state).unwrap();
+    let store = uet::state::Store::open(&env.state).unwrap();
     let attempts = store.attempts(1, "b").unwrap();
     let first = &attempts[0];
     let due = first.retry_at.unwrap() - first.finished_at.unwrap();

@@ -1,7 +1,7 @@
 //! The state folder: what a run leaves behind is all there when the folder is opened again.
 
 use uet::model::{Outcome, RunState, StepState};
-use uet::store::Store;
+use uet::state::Store;
 
 use crate::util::Env;
 
@@ -124,7 +124,7 @@ fn the_event_log_is_hash_chained_and_tampering_is_caught() {
     );
     verify("9").expect(2);
 
-    let file = env.state.join(uet::store::STATE_FILE);
+    let file = env.state.join(uet::state::STATE_FILE);
     let edit = |f: &dyn Fn(&mut Events)| {
         let db = redb::Database::open(&file).unwrap();
         let tx = db.begin_write().unwrap();
@@ -169,7 +169,7 @@ fn the_event_log_is_hash_chained_and_tampering_is_caught() {
 
 #[test]
 fn pruning_deletes_old_finished_runs_and_keeps_what_it_must() {
-    use uet::store::Change;
+    use uet::state::Change;
     let env = Env::new();
     {
         let store = Store::open(&env.state).unwrap();
@@ -181,14 +181,14 @@ fn pruning_deletes_old_finished_runs_and_keeps_what_it_must() {
             let claim = format!("claim-{i}");
             ids.push(
                 store
-                    .create(uet::store::NewRun {
+                    .create(uet::state::NewRun {
                         name: "r",
                         source: "f",
                         workstream: "",
                         plan: plan.clone(),
                         steps: &steps,
                         trigger: None,
-                        submission: Some(uet::store::Submission {
+                        submission: Some(uet::state::Submission {
                             claim: &claim,
                             sha256: "00",
                         }),

@@ -76,7 +76,7 @@ fn kill_9_at_random_moments_loses_nothing_and_repeats_no_success() {
         daemon.child.wait().unwrap();
         drop(daemon);
         // the state opens cleanly after every kill
-        let store = uet::store::Store::open(&env.state)
+        let store = uet::state::Store::open(&env.state)
             .unwrap_or_else(|e| panic!("round {round}: the state does not open: {e}"));
         replays += usize::from(store.replayed_at_open() > 0);
         drop(store);
@@ -152,7 +152,7 @@ fn kill_9_at_random_moments_loses_nothing_and_repeats_no_success() {
             .or_default()
             .push(attempt);
     }
-    let store = uet::store::Store::open(&env.state).unwrap();
+    let store = uet::state::Store::open(&env.state).unwrap();
     let mut checked = 0;
     let mut interrupted = 0;
     for r in store.runs().unwrap() {

@@ -60,7 +60,7 @@ impl fmt::Display for Refusal {
             Refusal::TooLarge(limit) => write!(
                 f,
                 "it is larger than {}, the most read of a workflow (max_file in the daemon's config)",
-                crate::doc::show_bytes(*limit)
+                crate::spec::doc::show_bytes(*limit)
             ),
             Refusal::NameTooLong(n) => write!(
                 f,
@@ -149,7 +149,7 @@ pub struct Inbox {
 impl Inbox {
     /// Opens a watched folder (the operator's, named in the daemon's config: opened as given).
     pub fn open(path: &Path) -> std::io::Result<Inbox> {
-        let fd = crate::beneath::open_folder(path, ".", false).map_err(std::io::Error::other)?;
+        let fd = crate::adapters::beneath::open_folder(path, ".", false).map_err(std::io::Error::other)?;
         Ok(Inbox {
             path: path.to_path_buf(),
             fd,
@@ -175,7 +175,7 @@ impl Inbox {
     /// One of the daemon's own folders: reached without following a link, and the daemon's
     /// (a folder a dropper made there first is theirs to change under the daemon's feet).
     fn own(&self, rel: &str, mode: u32) -> std::io::Result<OwnedFd> {
-        let fd = crate::beneath::open_folder_at(&self.fd, &self.path, rel, true)
+        let fd = crate::adapters::beneath::open_folder_at(&self.fd, &self.path, rel, true)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))?;
         let file = std::fs::File::from(fd);
         let meta = file.metadata()?;
@@ -274,7 +274,7 @@ pub fn sync_folder(dir: &OwnedFd) -> std::io::Result<()> {
 /// The names in the folder `dir`.
 pub fn names_in(dir: &OwnedFd) -> std::io::Result<Vec<String>> {
     let mut names = Vec::new();
-    for entry in std::fs::read_dir(crate::beneath::fd_path(dir))? {
+    for entry in std::fs::read_dir(crate::adapters::beneath::fd_path(dir))? {
         names.push(entry?.file_name().to_string_lossy().into_owned());
     }
     Ok(names)

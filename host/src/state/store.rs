@@ -70,7 +70,7 @@ const DURATIONS_KEPT: usize = 32;
 /// Tool name → [`ToolStats`]: counters for `uet metrics`, kept as attempts end so a scrape
 /// never walks the history.
 const TOOL_STATS: TableDefinition<&str, &[u8]> = TableDefinition::new("tool_stats");
-/// Tool name → [`crate::breaker::BreakerRecord`].
+/// Tool name → [`crate::model::BreakerRecord`].
 const BREAKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("breakers");
 /// (run, seq) → [`EventRecord`].
 const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events");
@@ -302,7 +302,7 @@ enum Db {
 fn refuse_emptied(dir: &Path) -> Result<(), StateError> {
     let path = dir.join(STATE_FILE);
     let lost = !std::fs::metadata(&path).is_ok_and(|m| m.len() > 0);
-    let traces = [crate::journal::JOURNAL_FILE, BACKUP_FILE]
+    let traces = [crate::state::journal::JOURNAL_FILE, BACKUP_FILE]
         .iter()
         .any(|f| dir.join(f).exists());
     if lost && traces {
@@ -652,7 +652,7 @@ pub enum Change {
         /// The step whose attempt it was.
         step: Option<String>,
         /// What changed.
-        transition: crate::breaker::Transition,
+        transition: crate::model::BreakerChange,
     },
     /// A plugin reported how far its running step is.
     StepProgress {
@@ -756,7 +756,7 @@ impl Store {
             .map_err(|e| open_err(Box::new(e)))?;
         let db = Db::Open(db);
         // opened after the database, whose lock keeps a second process away from both
-        let mut journal = crate::journal::Journal::open(&dir.join(crate::journal::JOURNAL_FILE))
+        let mut journal = crate::state::journal::Journal::open(&dir.join(crate::state::journal::JOURNAL_FILE))
             .map_err(|e| open_err(Box::new(e)))?;
         let generation = journal_generation(&db)?;
         // a new database starts at a random generation, so a journal left from another one
@@ -814,7 +814,7 @@ impl Store {
             }
         };
         let mut journal =
-            crate::journal::Journal::open_read_only(&dir.join(crate::journal::JOURNAL_FILE))?;
+            crate::state::journal::Journal::open_read_only(&dir.join(crate::state::journal::JOURNAL_FILE))?;
         let generation = journal_generation(&db)?;
         if generation > 0 && !journal.records(generation)?.is_empty() {
             return Err(StateError::Unclean(path));
@@ -1073,14 +1073,14 @@ impl Store {
             return Ok(());
         }
         let mut writes = self.shared.usable()?;
-        let mut checkpoint = writes.journal.appended() >= crate::journal::CHECKPOINT_AFTER;
+        let mut checkpoint = writes.journal.appended() >= crate::state::journal::CHECKPOINT_AFTER;
         if checkpoint {
             // this batch goes into the database with the checkpoint, and every batch before it
             // with it
             drop(writes);
             writes = self.shared.settled()?;
             // unless a commit that got the lock first checkpointed
-            checkpoint = writes.journal.appended() >= crate::journal::CHECKPOINT_AFTER;
+            checkpoint = writes.journal.appended() >= crate::state::journal::CHECKPOINT_AFTER;
         }
         // rows of batches still behind are read from `pending`, the rest from the database:
         // the writer thread takes `writes` to drop a row from `pending`, after the database has
@@ -1698,7 +1698,7 @@ impl Store {
     }
 
     /// Every tool's circuit breaker as last written.
-    pub fn breakers(&self) -> Result<Vec<(String, crate::breaker::BreakerRecord)>, StateError> {
+    pub fn breakers(&self) -> Result<Vec<(String, crate::model::BreakerRecord)>, StateError> {
         let tx = self.read()?;
         let table = tx.open_table(BREAKERS).map_err(storage)?;
         let mut out = Vec::new();
@@ -1758,7 +1758,7 @@ struct Shared {
 /// The write side, under one lock held from a batch's read of the state to its journal write,
 /// so batches reach the journal, and the database, in order.
 struct Writes {
-    journal: crate::journal::Journal,
+    journal: crate::state::journal::Journal,
     /// The journaled batches the writer thread is to put into the database next, in order.
     behind: Vec<Behind>,
     /// The number of the last batch journaled, of the last known synced, and of the last the
@@ -1877,7 +1877,7 @@ impl Shared {
     fn new(
         db: Db,
         path: PathBuf,
-        journal: crate::journal::Journal,
+        journal: crate::state::journal::Journal,
         read_only: bool,
         lock: std::fs::File,
     ) -> Result<(Arc<Shared>, Writer), StateError> {
@@ -2924,7 +2924,7 @@ mod tests {
         let to = tempfile::tempdir().unwrap();
         std::fs::copy(from.join(STATE_FILE), to.path().join(STATE_FILE)).unwrap();
         if journal {
-            let name = crate::journal::JOURNAL_FILE;
+            let name = crate::state::journal::JOURNAL_FILE;
             std::fs::copy(from.join(name), to.path().join(name)).unwrap();
         }
         to
@@ -2962,7 +2962,7 @@ mod tests {
             store.apply(&[finished]).unwrap();
         }
         let journaled = store.shared.lock().journal.appended();
-        assert!(journaled > 0 && journaled < crate::journal::CHECKPOINT_AFTER);
+        assert!(journaled > 0 && journaled < crate::state::journal::CHECKPOINT_AFTER);
 
         // the database file alone holds only what the last checkpoint made durable ...
         let bare = crash_copy(dir.path(), false);
@@ -3040,7 +3040,7 @@ mod tests {
         assert_eq!(other, run, "both are run 1");
         let crashed = crash_copy(fresh.path(), true);
         drop(store);
-        let journal = crate::journal::JOURNAL_FILE;
+        let journal = crate::state::journal::JOURNAL_FILE;
         std::fs::copy(left.path().join(journal), crashed.path().join(journal)).unwrap();
 
         let reopened = Store::open(crashed.path()).unwrap();

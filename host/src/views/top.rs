@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::protocol::{Client, Request, Response};
+use crate::api::protocol::{Client, Request, Response};
 
 /// One screen of `uet top`, from the daemon's [`Request::Top`] view, cut to `width` columns.
 pub fn frame(view: &serde_json::Value, width: usize) -> Vec<String> {
@@ -45,7 +45,7 @@ pub fn frame(view: &serde_json::Value, width: usize) -> Vec<String> {
         let bar = match p["percent"].as_f64() {
             Some(pct) => format!(
                 "{} {}/{}",
-                crate::progress::bar(pct, 16),
+                crate::engine::progress::bar(pct, 16),
                 p["done"],
                 p["total"]
             ),
@@ -85,7 +85,7 @@ pub fn frame(view: &serde_json::Value, width: usize) -> Vec<String> {
             "{:<16} {:<8} {:<36} {}",
             clip(&s(&t["name"]), 16),
             s(&t["kind"]),
-            crate::breaker::cell(&t["breaker"]),
+            crate::engine::breaker::cell(&t["breaker"]),
             caps.join(","),
         ));
     }

@@ -10,71 +10,10 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use serde::{Deserialize, Serialize};
 
-use crate::model::{Millis, Outcome};
-use crate::store::{StateError, Store};
-use crate::tools::Tool;
-
-/// Where a breaker is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    /// Attempts go through.
-    Closed,
-    /// Attempts wait until the probe time.
-    Open,
-    /// One probe attempt decides.
-    HalfOpen,
-}
-
-impl Phase {
-    /// The name users see.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Closed => "closed",
-            Phase::Open => "open",
-            Phase::HalfOpen => "half-open",
-        }
-    }
-}
-
-/// A breaker as the state keeps it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct BreakerRecord {
-    /// Where it is.
-    pub phase: Phase,
-    /// Consecutive failures (reset by a success).
-    pub failures: u32,
-    /// When it last opened.
-    pub opened_at: Option<Millis>,
-    /// When an open breaker lets its probe through.
-    pub probe_at: Option<Millis>,
-}
-
-impl Default for BreakerRecord {
-    fn default() -> Self {
-        BreakerRecord {
-            phase: Phase::Closed,
-            failures: 0,
-            opened_at: None,
-            probe_at: None,
-        }
-    }
-}
-
-/// A breaker changed: what to write to the state, and the event that says so (for a change of
-/// phase).
-#[derive(Debug, Clone)]
-pub struct Transition {
-    /// The tool.
-    pub tool: String,
-    /// Its breaker now.
-    pub record: BreakerRecord,
-    /// `breaker.opened`, `breaker.half_open`, `breaker.closed`, with details; `None` when only
-    /// the failure count moved.
-    pub event: Option<(String, String)>,
-}
+use crate::model::{BreakerChange, BreakerPhase, BreakerRecord, Millis, Outcome};
+use crate::state::{StateError, Store};
+use crate::spec::tools::Tool;
 
 /// The answer to [`Breakers::admit`].
 #[derive(Debug, Clone, PartialEq)]
@@ -109,8 +48,8 @@ impl Breakers {
     pub fn load(store: &Store) -> Result<Breakers, StateError> {
         let mut live = HashMap::new();
         for (tool, mut record) in store.breakers()? {
-            if record.phase == Phase::HalfOpen {
-                record.phase = Phase::Open;
+            if record.phase == BreakerPhase::HalfOpen {
+                record.phase = BreakerPhase::Open;
             }
             live.insert(
                 tool,
@@ -158,7 +97,7 @@ impl Breakers {
     }
 
     /// May an attempt of `tool` start now?
-    pub fn admit(&self, tool: &Tool, now: Millis) -> (Admission, Option<Transition>) {
+    pub fn admit(&self, tool: &Tool, now: Millis) -> (Admission, Option<BreakerChange>) {
         let Some(settings) = tool.breaker else {
             return (Admission::Go { probe: false }, None);
         };
@@ -169,7 +108,7 @@ impl Breakers {
             probing: false,
         });
         match live.record.phase {
-            Phase::Closed => {
+            BreakerPhase::Closed => {
                 // never more in flight than the failures left before opening
                 let room = settings
                     .failures
@@ -182,15 +121,15 @@ impl Breakers {
                     (Admission::Wait(None), None)
                 }
             }
-            Phase::Open => {
+            BreakerPhase::Open => {
                 let due = live.record.probe_at.unwrap_or(0);
                 if now < due {
                     return (Admission::Wait(Some(due)), None);
                 }
-                live.record.phase = Phase::HalfOpen;
+                live.record.phase = BreakerPhase::HalfOpen;
                 live.probing = true;
                 live.in_flight += 1;
-                let transition = Transition {
+                let transition = BreakerChange {
                     tool: tool.name.clone(),
                     record: live.record.clone(),
                     event: Some((
@@ -200,8 +139,8 @@ impl Breakers {
                 };
                 (Admission::Go { probe: true }, Some(transition))
             }
-            Phase::HalfOpen if live.probing => (Admission::Wait(None), None),
-            Phase::HalfOpen => {
+            BreakerPhase::HalfOpen if live.probing => (Admission::Wait(None), None),
+            BreakerPhase::HalfOpen => {
                 // the last probe was cut off without a verdict: this attempt is the probe
                 live.probing = true;
                 live.in_flight += 1;
@@ -217,22 +156,22 @@ impl Breakers {
         probe: bool,
         outcome: Outcome,
         now: Millis,
-    ) -> Option<Transition> {
+    ) -> Option<BreakerChange> {
         let settings = tool.breaker?;
         let transition = {
             let mut all = self.live.lock().unwrap_or_else(|e| e.into_inner());
             let live = all.get_mut(&tool.name)?;
             live.in_flight = live.in_flight.saturating_sub(1);
-            let was_probe = probe && live.record.phase == Phase::HalfOpen;
+            let was_probe = probe && live.record.phase == BreakerPhase::HalfOpen;
             if probe {
                 live.probing = false;
             }
             let r = &mut live.record;
             let event = match outcome {
                 Outcome::Succeeded => {
-                    let reopened = r.phase != Phase::Closed;
+                    let reopened = r.phase != BreakerPhase::Closed;
                     let changed = reopened || r.failures > 0;
-                    r.phase = Phase::Closed;
+                    r.phase = BreakerPhase::Closed;
                     r.failures = 0;
                     r.probe_at = None;
                     if !changed {
@@ -252,7 +191,7 @@ impl Breakers {
                     r.failures += 1;
                     let cool_down = settings.cool_down.as_millis() as u64;
                     let open = |r: &mut BreakerRecord| {
-                        r.phase = Phase::Open;
+                        r.phase = BreakerPhase::Open;
                         r.opened_at = Some(now);
                         r.probe_at = Some(now + cool_down);
                     };
@@ -266,7 +205,7 @@ impl Breakers {
                                 humantime::format_duration(settings.cool_down)
                             ),
                         )))
-                    } else if r.phase == Phase::Closed && r.failures >= settings.failures {
+                    } else if r.phase == BreakerPhase::Closed && r.failures >= settings.failures {
                         open(r);
                         Some(Some((
                             "breaker.opened".to_string(),
@@ -282,7 +221,7 @@ impl Breakers {
                     }
                 }
             };
-            event.map(|event| Transition {
+            event.map(|event| BreakerChange {
                 tool: tool.name.clone(),
                 record: live.record.clone(),
                 event,
@@ -293,11 +232,11 @@ impl Breakers {
     }
 }
 
-/// Adds `breaker` to `uet tools` rows (see [`crate::tools::Tools::summary`]): `null` for a
+/// Adds `breaker` to `uet tools` rows (see [`crate::spec::tools::Tools::summary`]): `null` for a
 /// tool without one, else its phase, consecutive failures, settings and next probe.
 pub fn annotate(
     rows: &mut [serde_json::Value],
-    tools: &crate::tools::Tools,
+    tools: &crate::spec::tools::Tools,
     record: impl Fn(&str) -> Option<BreakerRecord>,
 ) {
     let now = crate::model::now_millis();
@@ -311,7 +250,7 @@ pub fn annotate(
                 let r = record(&tool.name).unwrap_or_default();
                 let probe_in = r
                     .probe_at
-                    .filter(|_| r.phase == Phase::Open)
+                    .filter(|_| r.phase == BreakerPhase::Open)
                     .map(|at| at.saturating_sub(now));
                 serde_json::json!({
                     "state": r.phase.as_str(),
@@ -319,7 +258,7 @@ pub fn annotate(
                     "opens_after": settings.failures,
                     "cool_down_ms": settings.cool_down.as_millis() as u64,
                     "opened_at": r.opened_at,
-                    "probe_at": r.probe_at.filter(|_| r.phase == Phase::Open),
+                    "probe_at": r.probe_at.filter(|_| r.phase == BreakerPhase::Open),
                     "probe_in_ms": probe_in,
                 })
             }
@@ -350,7 +289,7 @@ pub fn cell(breaker: &serde_json::Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tools::{Breaker, Tools};
+    use crate::spec::tools::{BreakerSettings, Tools};
 
     fn tool(failures: u32, cool_down_ms: u64) -> Tool {
         let tools = Tools::parse(
@@ -359,7 +298,7 @@ mod tests {
         )
         .unwrap();
         let mut t = tools.tools[0].clone();
-        t.breaker = Some(Breaker {
+        t.breaker = Some(BreakerSettings {
             failures,
             cool_down: std::time::Duration::from_millis(cool_down_ms),
         });
@@ -387,10 +326,10 @@ mod tests {
         assert_eq!(b.admit(&t, 500).0, Admission::Wait(Some(1020)));
         let (go, half) = b.admit(&t, 1020);
         assert_eq!(go, Admission::Go { probe: true });
-        assert_eq!(half.unwrap().record.phase, Phase::HalfOpen);
+        assert_eq!(half.unwrap().record.phase, BreakerPhase::HalfOpen);
         assert_eq!(b.admit(&t, 1021).0, Admission::Wait(None), "one probe only");
         let reopened = b.settle(&t, true, Outcome::Failed, 1100).unwrap();
-        assert_eq!(reopened.record.phase, Phase::Open);
+        assert_eq!(reopened.record.phase, BreakerPhase::Open);
         assert_eq!(reopened.record.probe_at, Some(2100));
         assert_eq!(b.admit(&t, 2100).0, Admission::Go { probe: true });
         let closed = b.settle(&t, true, Outcome::Succeeded, 2200).unwrap();

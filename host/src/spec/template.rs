@@ -307,7 +307,7 @@ fn lookup(
             TemplateError(format!(
                 "{r}: the output of step `{}` has no `{key}` (output: {})",
                 r.step,
-                crate::template::preview(&output)
+                crate::spec::template::preview(&output)
             ))
         })?;
     }

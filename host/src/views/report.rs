@@ -3,7 +3,7 @@
 use serde_json::json;
 
 use crate::model::{EventRecord, RunId, RunRecord, StepRecord};
-use crate::store::{StateError, Store};
+use crate::state::{StateError, Store};
 
 /// A run and its steps, read from the state.
 pub struct RunView {
@@ -12,7 +12,7 @@ pub struct RunView {
     /// Its steps, in workflow order.
     pub steps: Vec<StepRecord>,
     /// How far it is, with an ETA from history.
-    pub progress: Option<crate::progress::Progress>,
+    pub progress: Option<crate::engine::progress::Progress>,
 }
 
 impl RunView {
@@ -22,7 +22,7 @@ impl RunView {
             return Ok(None);
         };
         let steps = store.steps(id)?;
-        let progress = crate::progress::load_for(store, &run, &steps)?;
+        let progress = crate::engine::progress::load_for(store, &run, &steps)?;
         Ok(Some(RunView {
             run,
             steps,
@@ -45,7 +45,7 @@ impl RunView {
         // progress is the first page's: each later one would read every step again for it
         let progress = if from == 0 {
             let brief = store.steps_brief(id)?;
-            crate::progress::load_for(store, &run, &brief)?
+            crate::engine::progress::load_for(store, &run, &brief)?
         } else {
             None
         };
@@ -162,7 +162,7 @@ pub fn progress_line(p: &serde_json::Value) -> Option<String> {
     let total = p["total"].as_u64()?;
     let mut line = format!(
         "{} · {}/{total} done",
-        crate::progress::bar(p["percent"].as_f64().unwrap_or(0.0), 20),
+        crate::engine::progress::bar(p["percent"].as_f64().unwrap_or(0.0), 20),
         p["done"].as_u64().unwrap_or(0)
     );
     for (key, word) in [("running", "running"), ("failed", "failed")] {

@@ -101,7 +101,7 @@ fn is_io(e: &StateError) -> bool {
 fn check_copy(dir: &Path, scratch: &Path, health: &mut Health) -> Result<(), StateError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new().mode(0o700).create(scratch)?;
-    for file in [STATE_FILE, crate::journal::JOURNAL_FILE] {
+    for file in [STATE_FILE, crate::state::journal::JOURNAL_FILE] {
         if dir.join(file).exists() {
             copy_privately(&dir.join(file), &scratch.join(file))?;
         }
@@ -246,7 +246,7 @@ pub fn recover(dir: &Path) -> Result<Recovered, StateError> {
     if file.exists() {
         std::fs::rename(&file, &damaged)?;
     }
-    let journal = dir.join(crate::journal::JOURNAL_FILE);
+    let journal = dir.join(crate::state::journal::JOURNAL_FILE);
     let Some((copy, copy_written)) = health.backup.clone() else {
         // its records are of the history set aside: a new one must not replay them
         if journal.exists() {

@@ -63,7 +63,7 @@ pub fn cache_dir(state: &Path) -> PathBuf {
 }
 
 // Kept with the tools file, which holds it once asked and builds without the WASM runtime.
-pub use crate::tools::Description;
+pub use crate::spec::tools::Description;
 
 /// Something a plugin reported while it ran.
 #[derive(Debug, Clone, PartialEq)]
@@ -449,20 +449,20 @@ impl Runtime {
         let mut opened = Vec::new();
         if let Some(g) = grants {
             for dir in &g.write {
-                let fd = crate::beneath::open_folder(&g.workstream, dir, true)
+                let fd = crate::adapters::beneath::open_folder(&g.workstream, dir, true)
                     .map_err(|e| format!("sandbox write grant {dir:?} refused: {e}"))?;
-                wasi.preopened_dir(crate::beneath::fd_path(&fd), dir, FsPerms::ReadWrite)
+                wasi.preopened_dir(crate::adapters::beneath::fd_path(&fd), dir, FsPerms::ReadWrite)
                     .map_err(|e| format!("cannot grant {dir:?}: {e:#}"))?;
                 opened.push(fd);
             }
             for dir in g.read.iter().filter(|d| !g.write.contains(d)) {
-                let fd = match crate::beneath::open_folder(&g.workstream, dir, false) {
+                let fd = match crate::adapters::beneath::open_folder(&g.workstream, dir, false) {
                     Ok(fd) => fd,
                     // a folder the workstream does not have (yet) is simply not there
-                    Err(crate::beneath::BeneathError::Missing(_)) => continue,
+                    Err(crate::adapters::beneath::BeneathError::Missing(_)) => continue,
                     Err(e) => return Err(format!("sandbox read grant {dir:?} refused: {e}")),
                 };
-                wasi.preopened_dir(crate::beneath::fd_path(&fd), dir, FsPerms::ReadOnly)
+                wasi.preopened_dir(crate::adapters::beneath::fd_path(&fd), dir, FsPerms::ReadOnly)
                     .map_err(|e| format!("cannot grant {dir:?}: {e:#}"))?;
                 opened.push(fd);
             }
@@ -598,13 +598,13 @@ impl Runtime {
 /// capabilities (their capabilities are then the plugin's own). A plugin that cannot be loaded
 /// or described is a problem of the tools file.
 pub fn describe_tools(
-    tools: &mut crate::tools::Tools,
+    tools: &mut crate::spec::tools::Tools,
     runtime: &Runtime,
     all: bool,
-) -> Result<(), crate::doc::Problems> {
+) -> Result<(), crate::spec::doc::Problems> {
     let mut problems = Vec::new();
     for tool in &mut tools.tools {
-        let crate::tools::ToolKind::Wasm { path } = &tool.kind else {
+        let crate::spec::tools::ToolKind::Wasm { path } = &tool.kind else {
             continue;
         };
         if !all && !tool.capabilities.is_empty() {
@@ -617,7 +617,7 @@ pub fn describe_tools(
                 }
                 tool.described = Some(d);
             }
-            Err(e) => problems.push(crate::doc::Problem {
+            Err(e) => problems.push(crate::spec::doc::Problem {
                 file: tools.path.clone(),
                 position: None,
                 message: format!("tool `{}`: {e}", tool.name),
@@ -627,7 +627,7 @@ pub fn describe_tools(
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(crate::doc::Problems::new(problems))
+        Err(crate::spec::doc::Problems::new(problems))
     }
 }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::doc::{Fields, Problems, Source};
-use crate::template::{Template, TemplateError};
+use crate::spec::doc::{Fields, Problems, Source};
+use crate::spec::template::{Template, TemplateError};
 
 /// Output an attempt may hand back when its tool does not say: outputs are kept in the state
 /// and handed to later steps, and 1 MiB is far more than any JSON result a step should pass on.
@@ -55,7 +55,7 @@ pub struct Tool {
     /// Delays between attempts.
     pub retry: RetryPolicy,
     /// Circuit breaker settings; a tool without a `breaker` entry has none.
-    pub breaker: Option<Breaker>,
+    pub breaker: Option<BreakerSettings>,
     /// Exit codes that decide whether a retry can help (command tools).
     pub exit_codes: ExitCodes,
     /// Whether a `{key}` that begins an argument may be filled with a value starting with `-`
@@ -161,16 +161,16 @@ impl RetryPolicy {
 
 /// Circuit breaker settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Breaker {
+pub struct BreakerSettings {
     /// Consecutive failures that open the circuit.
     pub failures: u32,
     /// How long it stays open before one probe.
     pub cool_down: Duration,
 }
 
-impl Default for Breaker {
+impl Default for BreakerSettings {
     fn default() -> Self {
-        Breaker {
+        BreakerSettings {
             failures: 5,
             cool_down: Duration::from_secs(60),
         }
@@ -245,18 +245,19 @@ impl Tools {
         // relative programs and plugins resolve against this file's folder, wherever the
         // tools later run from
         let path = &std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        let (file, meta) = crate::doc::open_plain(path, "a tools file").map_err(|mut p| {
-            if let Some(first) = p
-                .list
-                .first_mut()
-                .filter(|p| p.message.starts_with("cannot read"))
-            {
-                first
-                    .message
-                    .push_str(" (put a tools.toml beside the workflow, or pass --tools FILE)");
-            }
-            p
-        })?;
+        let (file, meta) =
+            crate::spec::doc::open_plain(path, "a tools file").map_err(|mut p| {
+                if let Some(first) = p
+                    .list
+                    .first_mut()
+                    .filter(|p| p.message.starts_with("cannot read"))
+                {
+                    first
+                        .message
+                        .push_str(" (put a tools.toml beside the workflow, or pass --tools FILE)");
+                }
+                p
+            })?;
         if to_run {
             trusted(path, &meta)?;
         } else if std::os::unix::fs::MetadataExt::mode(&meta) & 0o022 != 0 {
@@ -264,13 +265,14 @@ impl Tools {
             // operator's either
             trusted(path, &meta)?;
         }
-        let bytes = crate::doc::read_opened(path, file, crate::doc::MAX_FILE, "a tools file")?;
+        let bytes =
+            crate::spec::doc::read_opened(path, file, crate::spec::doc::MAX_FILE, "a tools file")?;
         Self::parse(path, &bytes)
     }
 
     /// Checks the text of a tools file.
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Tools, Problems> {
-        let text = crate::workflow::decode_text(path, bytes)?;
+        let text = crate::spec::doc::decode_text(path, bytes)?;
         let mut src = Source::new(path, text);
         let Some(root) = src.parse() else {
             return Err(src.into_problems());
@@ -280,7 +282,7 @@ impl Tools {
         if let Some(mut top) = Fields::new(&mut src, &root, "tools file") {
             if let Some(list) = top.node("tools") {
                 match &list.value {
-                    crate::doc::Value::Array(items) => {
+                    crate::spec::doc::Value::Array(items) => {
                         for (i, item) in items.iter().enumerate() {
                             if let Some(t) = read_tool(&mut src, item, i, &base) {
                                 tools.push((t, item.span.clone()));
@@ -362,11 +364,11 @@ const TOOL_KEYS: &[&str] = &[
 
 fn read_tool(
     src: &mut Source<'_>,
-    node: &crate::doc::Node,
+    node: &crate::spec::doc::Node,
     index: usize,
     base: &Path,
 ) -> Option<Tool> {
-    let mut f = Fields::new(src, node, crate::workflow::label_of(node, "tool", index))?;
+    let mut f = Fields::new(src, node, crate::spec::doc::label_of(node, "tool", index))?;
     let name = f.string(src, "name");
     if name.is_none() && f.node("name").is_none() {
         src.error(&node.span, format!("tools[{index}]: missing `name`"));
@@ -383,7 +385,7 @@ fn read_tool(
             format!("tools[{index}]: name {n:?} must be letters, digits, `-`, `_` or `.`"),
         );
     }
-    let label = crate::workflow::label_of(node, "tool", index);
+    let label = crate::spec::doc::label_of(node, "tool", index);
     f.ignore("description");
     let command = f.strings(src, "command");
     let wasm = f.string(src, "wasm");
@@ -493,7 +495,7 @@ fn read_tool(
         tool.retry = read_retry_policy(src, retry);
     }
     if let Some(mut breaker) = f.table(src, "breaker") {
-        let mut settings = Breaker::default();
+        let mut settings = BreakerSettings::default();
         if let Some(n) = breaker.integer(src, "failures", 1, 1_000_000) {
             settings.failures = n as u32;
         }
@@ -510,10 +512,10 @@ fn read_tool(
         ] {
             if let Some(node) = codes.node(key) {
                 match &node.value {
-                    crate::doc::Value::Array(items) => {
+                    crate::spec::doc::Value::Array(items) => {
                         for item in items {
                             match item.value {
-                                crate::doc::Value::Integer(c) if (0..=255).contains(&c) => {
+                                crate::spec::doc::Value::Integer(c) if (0..=255).contains(&c) => {
                                     list.push(c as i32)
                                 }
                                 _ => src.error(

@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::doc::{Fields, Node, Problem, Problems, Source, Value};
-use crate::template;
-use crate::tools::{RetryPolicy, ToolKind, Tools, read_retry_policy};
+use crate::spec::doc::{Fields, Node, Problems, Source, Value};
+use crate::spec::template;
+use crate::spec::tools::{RetryPolicy, ToolKind, Tools, read_retry_policy};
 
 /// Used when a workflow does not say: enough to overlap a few slow steps without letting a wide
 /// workflow start hundreds of processes at once.
@@ -111,13 +111,13 @@ pub const MAX_STEPS: usize = 100_000;
 
 /// Reads and checks a workflow file against the operator's tools.
 pub fn load(path: &Path, tools: &Tools) -> Result<Plan, Problems> {
-    let bytes = crate::doc::read_file(path, crate::doc::MAX_FILE, "a workflow")?;
+    let bytes = crate::spec::doc::read_file(path, crate::spec::doc::MAX_FILE, "a workflow")?;
     parse(path, &bytes, tools)
 }
 
 /// Checks a workflow's text. With [`Tools::empty`], tool and capability names are not checked.
 pub fn parse(path: &Path, bytes: &[u8], tools: &Tools) -> Result<Plan, Problems> {
-    let text = decode_text(path, bytes)?;
+    let text = crate::spec::doc::decode_text(path, bytes)?;
     let mut src = Source::new(path, text);
     let plan = src
         .parse()
@@ -126,20 +126,6 @@ pub fn parse(path: &Path, bytes: &[u8], tools: &Tools) -> Result<Plan, Problems>
         Some(plan) if !src.has_problems() => Ok(plan),
         _ => Err(src.into_problems()),
     }
-}
-
-/// The text of a file, or a problem at the first byte that is not UTF-8 (binary garbage).
-pub(crate) fn decode_text<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str, Problems> {
-    std::str::from_utf8(bytes).map_err(|e| {
-        let valid = &bytes[..e.valid_up_to()];
-        let text = std::str::from_utf8(valid).unwrap_or_default();
-        let src = Source::new(path, text);
-        Problems::new(vec![Problem {
-            file: path.to_path_buf(),
-            position: Some(src.position(text.len())),
-            message: "not UTF-8 text (is this a binary file?)".into(),
-        }])
-    })
 }
 
 const TOP_KEYS: &[&str] = &[
@@ -291,7 +277,7 @@ fn read_plan(src: &mut Source<'_>, root: &Node, tools: &Tools) -> Option<Plan> {
 }
 
 fn read_step<'n>(src: &mut Source<'_>, node: &'n Node, index: usize) -> Option<Written<'n>> {
-    let mut f = Fields::new(src, node, label_of(node, "step", index))?;
+    let mut f = Fields::new(src, node, crate::spec::doc::label_of(node, "step", index))?;
     let (id, id_span) = match f.string(src, "id") {
         Some((id, span)) => {
             if id.is_empty()
@@ -397,18 +383,6 @@ fn read_step<'n>(src: &mut Source<'_>, node: &'n Node, index: usize) -> Option<W
             timeout,
         },
     })
-}
-
-/// `step `id`` when the table has a string `id`, else `steps[3]`, for messages.
-pub(crate) fn label_of(node: &Node, kind: &str, index: usize) -> String {
-    let key = if kind == "step" { "id" } else { "name" };
-    if let Value::Table(entries) = &node.value
-        && let Some(Value::String(name)) =
-            entries.iter().find(|e| e.key == key).map(|e| &e.node.value)
-    {
-        return format!("{kind} `{name}`");
-    }
-    format!("{kind}s[{index}]")
 }
 
 /// Duplicate ids and unknown `needs`; fills [`PlanStep::needs`] with indices.
@@ -607,7 +581,7 @@ fn check_tools(src: &mut Source<'_>, written: &[Written<'_>], tools: &Tools) {
                                     format!(
                                         "step `{}`: {}",
                                         w.id,
-                                        crate::template::option_refusal(key, v)
+                                        crate::spec::template::option_refusal(key, v)
                                     ),
                                 );
                             }

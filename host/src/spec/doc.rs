@@ -165,6 +165,32 @@ pub fn too_large(path: &Path, limit: u64, what: &str) -> Problems {
 
 impl std::error::Error for Problems {}
 
+/// The text of a file, or a problem at the first byte that is not UTF-8 (binary garbage).
+pub fn decode_text<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str, Problems> {
+    std::str::from_utf8(bytes).map_err(|e| {
+        let valid = &bytes[..e.valid_up_to()];
+        let text = std::str::from_utf8(valid).unwrap_or_default();
+        let src = Source::new(path, text);
+        Problems::new(vec![Problem {
+            file: path.to_path_buf(),
+            position: Some(src.position(text.len())),
+            message: "not UTF-8 text (is this a binary file?)".into(),
+        }])
+    })
+}
+
+/// `step `id`` when the table has a string `id`, else `steps[3]`, for messages.
+pub fn label_of(node: &Node, kind: &str, index: usize) -> String {
+    let key = if kind == "step" { "id" } else { "name" };
+    if let Value::Table(entries) = &node.value
+        && let Some(Value::String(name)) =
+            entries.iter().find(|e| e.key == key).map(|e| &e.node.value)
+    {
+        return format!("{kind} `{name}`");
+    }
+    format!("{kind}s[{index}]")
+}
+
 /// A value with the byte range it came from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Node {

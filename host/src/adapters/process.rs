@@ -103,20 +103,20 @@ pub async fn run_command(mut spec: CommandSpec, cancel: CancellationToken) -> Co
     };
     let child = if spec.start_aside {
         let (argv, cwd, env) = (spec.argv.clone(), spec.cwd.clone(), spec.env.clone());
-        let starting = tokio::task::spawn_blocking(move || crate::spawn::start(&argv, &cwd, &env));
+        let starting = tokio::task::spawn_blocking(move || crate::adapters::spawn::start(&argv, &cwd, &env));
         match starting.await {
             Ok(Ok(started)) => started.into_child(),
             Ok(Err(e)) => Err(e),
             Err(e) => Err(std::io::Error::other(e)),
         }
     } else {
-        crate::spawn::spawn(&spec.argv, &spec.cwd, &spec.env)
+        crate::adapters::spawn::spawn(&spec.argv, &spec.cwd, &spec.env)
     };
     let child = match child {
         Ok(child) => child,
         Err(e) => return failed(format!("cannot start `{program}`: {e}")),
     };
-    let crate::spawn::Child {
+    let crate::adapters::spawn::Child {
         pid: pgid,
         stdin: mut child_stdin,
         stdout,
@@ -147,8 +147,8 @@ pub async fn run_command(mut spec: CommandSpec, cancel: CancellationToken) -> Co
     let feeder = tokio::spawn(feed);
     let exit = tokio::select! {
         status = waiter.wait() => match status {
-            Ok(crate::spawn::Ended::Code(code)) => Exit::Code(code),
-            Ok(crate::spawn::Ended::Signal(signal)) => Exit::Signal(signal),
+            Ok(crate::adapters::spawn::Ended::Code(code)) => Exit::Code(code),
+            Ok(crate::adapters::spawn::Ended::Signal(signal)) => Exit::Signal(signal),
             Err(e) => Exit::SpawnFailed(format!("cannot wait for `{program}`: {e}")),
         },
         _ = deadline => Exit::TimedOut,

@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::model::{Millis, RunId, RunRecord, RunState, StepRecord, StepState, now_millis};
-use crate::store::{StateError, Store};
-use crate::workflow::{Plan, Target};
+use crate::state::{StateError, Store};
+use crate::spec::workflow::{Plan, Target};
 
 /// A run's progress.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -229,7 +229,7 @@ pub fn bar(percent: f64, width: usize) -> String {
 mod tests {
     use super::*;
     use crate::model::RunState;
-    use crate::tools::Tools;
+    use crate::spec::tools::Tools;
 
     fn plan(text: &str) -> Plan {
         let tools = Tools::parse(
@@ -238,7 +238,7 @@ mod tests {
               [[tools]]\nname = \"fast\"\ncommand = [\"true\"]\n",
         )
         .unwrap();
-        crate::workflow::parse(std::path::Path::new("w.toml"), text.as_bytes(), &tools).unwrap()
+        crate::spec::workflow::parse(std::path::Path::new("w.toml"), text.as_bytes(), &tools).unwrap()
     }
 
     fn run(state: RunState) -> RunRecord {

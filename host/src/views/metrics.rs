@@ -6,9 +6,9 @@
 
 use std::fmt::Write as _;
 
-use crate::breaker::BreakerRecord;
+use crate::model::BreakerRecord;
 use crate::model::RunState;
-use crate::store::{DURATION_BUCKETS, StateError, Store};
+use crate::state::{DURATION_BUCKETS, StateError, Store};
 
 /// What only a live daemon knows.
 #[derive(Debug, Clone, Copy, Default)]
