@@ -1,3 +1,190 @@
-//! The command line's own parts, apart from `main`: scaffolding a plugin crate.
+//! The `uet` command line: parses the words, hands each command to its module (running a
+//! workflow, the daemon, asking the daemon, reading a state), and turns the outcome into an
+//! exit code, in one place.
 
+mod args;
+mod client;
+mod daemon;
+mod local;
+mod print;
+mod run;
 pub mod scaffold;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::anyhow;
+use clap::Parser;
+
+use uet::api::protocol::Request;
+use uet::spec::doc::Problems;
+
+use args::{Cli, Command, PluginCommand, StateCommand, exit};
+
+/// An error that maps to an exit code; everything else is invalid input (2).
+pub(crate) enum Failure {
+    /// Problems in input files: printed one per line.
+    Problems(Problems),
+    /// Anything else, printed with its cause chain.
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Other(e)
+    }
+}
+
+std::thread_local! {
+    /// Set while a panic is caught and reported as an error (the database's, on a damaged
+    /// page): the panic hook then keeps it off the terminal.
+    pub(crate) static QUIET_PANICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` on the state `file`, turning a panic inside it (redb's, on a damaged page) into an
+/// error that names the file and says what to do.
+pub(crate) fn guarded<T>(
+    file: &Path,
+    f: impl FnOnce() -> Result<T, Failure>,
+) -> Result<T, Failure> {
+    QUIET_PANICS.with(|q| q.set(true));
+    let result = uet::state::repair::quietly(f);
+    QUIET_PANICS.with(|q| q.set(false));
+    result.unwrap_or_else(|panic| {
+        Err(anyhow!(
+            "the state file {} cannot be read: {panic}; `uet state check` says what is damaged, \
+             `uet state recover` puts the last good copy back",
+            file.display()
+        )
+        .into())
+    })
+}
+
+/// Runs the command line.
+pub fn main() -> ExitCode {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !QUIET_PANICS.with(|q| q.get()) {
+            default_hook(info);
+        }
+    }));
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    report(dispatch(cli.command))
+}
+
+/// Hands a command to what carries it out.
+fn dispatch(command: Command) -> Result<u8, Failure> {
+    match command {
+        Command::Run {
+            file,
+            tools,
+            state,
+            json,
+        } => run::run(&file, tools.as_deref(), state, json),
+        Command::Validate { files, tools } => run::validate(&files, tools.as_deref()),
+        Command::Tools {
+            tools,
+            state,
+            client,
+        } => run::tools(tools.as_deref(), state, &client),
+        Command::Daemon {
+            config,
+            tools,
+            watch,
+            state,
+            socket,
+        } => daemon::daemon(config, tools, watch, state, socket),
+        Command::Runs {
+            limit,
+            all,
+            client,
+            state,
+        } => local::runs((!all).then_some(limit), &client, state.state),
+        Command::Show { run, client, state } => local::show(run, &client, state.state),
+        Command::Events {
+            run,
+            follow,
+            client,
+            state,
+        } => local::events(run, follow, &client, state.state),
+        Command::Top {
+            every,
+            client,
+            state,
+        } => local::top(every, &client, state.state),
+        Command::Verify { run, state, client } => local::verify(run, state, &client),
+        Command::Metrics { state, client } => local::metrics(state, &client),
+        Command::Prune {
+            older_than,
+            keep,
+            state,
+            client,
+        } => local::prune(older_than, keep, state, &client),
+        Command::State(StateCommand::Check { state, json }) => local::state_check(state, json),
+        Command::State(StateCommand::Recover { state }) => local::state_recover(state),
+        Command::Plugin(PluginCommand::New { name, sdk }) => new_plugin(&name, sdk),
+        other => ask_daemon(other),
+    }
+}
+
+/// The commands that only a daemon can carry out.
+fn ask_daemon(command: Command) -> Result<u8, Failure> {
+    let (client, request) = match command {
+        Command::Status(c) => (c, Request::Status),
+        Command::Submit { file, client } => match std::path::absolute(&file) {
+            Ok(path) => (client, Request::Submit { path }),
+            Err(e) => return Err(anyhow!("{}: {e}", file.display()).into()),
+        },
+        Command::Cancel { run, client } => (client, Request::Cancel { run }),
+        Command::Retry { run, client } => (client, Request::Retry { run }),
+        Command::Release { run, client } => (client, Request::Release { run }),
+        Command::Shutdown(c) => (c, Request::Shutdown),
+        _ => unreachable!("dispatched before"),
+    };
+    client::send(&client, request)
+}
+
+fn new_plugin(name: &str, sdk: Option<PathBuf>) -> Result<u8, Failure> {
+    let sdk = sdk.unwrap_or_else(scaffold::default_sdk);
+    let dir = scaffold::new_plugin(Path::new("."), name, &sdk).map_err(anyhow::Error::from)?;
+    println!(
+        "created {}: `cargo test` there, then `cargo build --release --target wasm32-wasip2`",
+        dir.display()
+    );
+    Ok(exit::OK)
+}
+
+/// The exit code of a command's outcome, with what went wrong on stderr.
+fn report(result: Result<u8, Failure>) -> ExitCode {
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(Failure::Problems(p)) => {
+            eprintln!("{p}");
+            let n = p.count();
+            eprintln!(
+                "uet: {n} problem{}; nothing was run",
+                if n == 1 { "" } else { "s" }
+            );
+            ExitCode::from(exit::INVALID)
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("uet: {e:#}");
+            ExitCode::from(exit::INVALID)
+        }
+    }
+}
+
+pub(crate) fn default_state_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(dir).join("uet"));
+    }
+    let home = std::env::var_os("HOME").ok_or_else(|| anyhow!("no HOME: pass --state DIR"))?;
+    Ok(PathBuf::from(home).join(".local/state/uet"))
+}

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use crate::engine::breaker::Breakers;
 use crate::engine::{self, Pause, RunSpec};
 use crate::model::{RunId, RunState};
+use crate::api::ops;
 use crate::api::protocol::{self, Request, Response, Status};
-use crate::views::report::RunView;
 use crate::state::{Change, NewRun, Standing as StandingChange, Store, Submission};
 use crate::spec::tools::{TOOLS_FILE, Tools};
 use crate::adapters::wasm::Runtime;
@@ -40,14 +40,6 @@ async fn send<T: serde::Serialize>(
 ) -> Result<(), protocol::FrameError> {
     protocol::write_frame_within(conn, message, SEND_TIME).await
 }
-
-/// Bytes of steps per page of `uet show`: half a frame, so the run's own fields and a last
-/// step with a large output still fit.
-const SHOW_PAGE: usize = 8 << 20;
-
-/// Events per frame of a followed stream: an event's detail is a line or two, so a thousand
-/// stay far below [`protocol::MAX_FRAME`] however long the backlog is.
-const EVENTS_PER_FRAME: usize = 1000;
 
 /// Control connections served at once: far more than people and scripts need, and few enough
 /// that a client holding connections open cannot take every file descriptor.
@@ -325,7 +317,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         *lock(&shared.metrics_at) = listener.local_addr().ok().map(|a| a.to_string());
         let for_render = shared.clone();
         let render: Arc<dyn Fn() -> Result<String, String> + Send + Sync> =
-            Arc::new(move || metrics_text(&for_render).map_err(|e| e.to_string()));
+            Arc::new(move || {
+                let active = lock(&for_render.active).len() as u64;
+                ops::metrics(&for_render.store, &for_render.breakers.all(), Some(active))
+                    .map_err(|e| e.message)
+            });
         tokio::spawn(crate::views::metrics::serve_http(
             listener,
             render,
@@ -1618,7 +1614,7 @@ async fn stream_events(
 ) {
     use tokio::io::AsyncReadExt;
     let mut commits = shared.store.subscribe();
-    let mut seen: HashMap<RunId, u64> = HashMap::new();
+    let mut seen = ops::EventCursor::default();
     if let Some(run) = run {
         match shared.store.run(run) {
             Ok(Some(_)) => {}
@@ -1657,14 +1653,14 @@ async fn stream_events(
         // a long backlog is read and sent a frame at a time, each well under the frame limit;
         // the first frame goes out even when empty, so a client sees the stream has begun
         loop {
-            let batch = match new_events(&shared.store, run, &mut seen, EVENTS_PER_FRAME) {
+            let batch = match ops::events(&shared.store, run, &mut seen, ops::EVENTS_PAGE) {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::error!("cannot read events: {e}");
                     return;
                 }
             };
-            let full = batch.len() == EVENTS_PER_FRAME;
+            let full = batch.len() == ops::EVENTS_PAGE;
             if started && batch.is_empty() {
                 break;
             }
@@ -1693,34 +1689,6 @@ async fn stream_events(
     }
 }
 
-/// At most `limit` of the events committed since the last call, per run in `seen`.
-fn new_events(
-    store: &Store,
-    run: Option<RunId>,
-    seen: &mut HashMap<RunId, u64>,
-    limit: usize,
-) -> Result<Vec<serde_json::Value>, crate::state::StateError> {
-    let heads = match run {
-        Some(r) => vec![(r, u64::MAX)],
-        None => store.event_heads()?,
-    };
-    let mut out = Vec::new();
-    for (r, head) in heads {
-        let last = seen.get(&r).copied().unwrap_or(0);
-        if head <= last {
-            continue;
-        }
-        for e in store.events_page(r, last, limit - out.len())? {
-            seen.insert(r, e.seq);
-            out.push(crate::views::report::event_json(r, &e));
-        }
-        if out.len() == limit {
-            break;
-        }
-    }
-    Ok(out)
-}
-
 fn answer(shared: &Arc<Shared>, request: Request) -> Response {
     let fail = |message: String| Response::Error {
         message,
@@ -1736,52 +1704,17 @@ fn answer(shared: &Arc<Shared>, request: Request) -> Response {
             Ok(status) => Response::Status(status),
             Err(e) => fail(e.to_string()),
         },
-        Request::Runs { limit } => match shared.store.latest_runs(limit.unwrap_or(usize::MAX)) {
-            Ok(runs) => Response::Runs {
-                runs: runs
-                    .into_iter()
-                    .map(|r| {
-                        serde_json::json!({
-                            "run_id": r.id, "name": r.name, "state": r.state, "reason": r.reason,
-                            "trigger": r.trigger, "source": r.source, "created_at": r.created_at,
-                            "started_at": r.started_at, "finished_at": r.finished_at,
-                        })
-                    })
-                    .collect(),
-            },
-            Err(e) => fail(e.to_string()),
-        },
-        Request::Show { run, from } => match RunView::load_page(&shared.store, run, from, SHOW_PAGE) {
-            Ok(Some(page)) => Response::Run { run: page },
-            Ok(None) => invalid(format!("no run {run}")),
-            Err(e) => fail(e.to_string()),
-        },
+        Request::Runs { limit } => ops::runs(&shared.store, limit)
+            .map(|runs| Response::Runs { runs })
+            .unwrap_or_else(Response::from),
+        Request::Show { run, from } => ops::show(&shared.store, run, from)
+            .map(|run| Response::Run { run: Box::new(run) })
+            .unwrap_or_else(Response::from),
         Request::Events { .. } => unreachable!("streamed by the connection"),
-        Request::Tools => {
-            let mut files: Vec<PathBuf> = match &shared.config.tools {
-                Some(f) => vec![f.clone()],
-                None => shared
-                    .config
-                    .watch
-                    .iter()
-                    .map(|d| d.join(TOOLS_FILE))
-                    .collect(),
-            };
-            files.dedup();
-            let mut rows = Vec::new();
-            for file in files {
-                let dir = file.parent().unwrap_or(Path::new("/"));
-                match load_tools(shared, dir) {
-                    Ok(tools) => {
-                        let mut these = tools.summary();
-                        crate::engine::breaker::annotate(&mut these, &tools, |t| shared.breakers.get(t));
-                        rows.extend(these);
-                    }
-                    Err(p) => return fail(p.to_string()),
-                }
-            }
-            Response::Tools { tools: rows }
-        }
+        Request::Tools => match tools_shown(shared) {
+            Ok(tools) => Response::Tools { tools },
+            Err(p) => fail(p.to_string()),
+        },
         Request::Submit { path } => submit(shared, &path),
         Request::Cancel { run } => {
             let token = lock(&shared.active).get(&run).cloned();
@@ -1799,16 +1732,22 @@ fn answer(shared: &Arc<Shared>, request: Request) -> Response {
                 },
             }
         }
-        Request::Verify { run } => verify_answer(&shared.store, run),
+        Request::Verify { run } => ops::verify(&shared.store, run)
+            .map(|message| Response::Done { message })
+            .unwrap_or_else(Response::from),
         Request::Prune {
             older_than_ms,
             keep,
-        } => prune_answer(&shared.store, older_than_ms, keep),
+        } => ops::prune(&shared.store, older_than_ms, keep)
+            .map(|message| Response::Done { message })
+            .unwrap_or_else(Response::from),
         Request::Top => top_view(shared),
-        Request::Metrics => match metrics_text(shared) {
-            Ok(text) => Response::Metrics { text },
-            Err(e) => fail(e.to_string()),
-        },
+        Request::Metrics => {
+            let active = lock(&shared.active).len() as u64;
+            ops::metrics(&shared.store, &shared.breakers.all(), Some(active))
+                .map(|text| Response::Metrics { text })
+                .unwrap_or_else(Response::from)
+        }
         Request::Retry { run } => requeue(shared, run, false),
         Request::Release { run } => requeue(shared, run, true),
         // answered here, carried out by the connection once the answer is sent
@@ -1941,66 +1880,14 @@ fn requeue(shared: &Arc<Shared>, run: RunId, release: bool) -> Response {
     }
 }
 
-/// `uet verify`: the run's event log checked against its hash chain.
-pub fn verify_answer(store: &Store, run: RunId) -> Response {
-    match store.verify(run) {
-        Ok(Ok(n)) => Response::Done {
-            message: format!("run {run}: {n} events, the hash chain holds"),
-        },
-        Ok(Err(broken)) => Response::Error {
-            message: format!("run {run}: the event log was tampered with: {broken}"),
-            invalid: false,
-        },
-        Err(crate::state::StateError::UnknownRun(_)) => Response::Error {
-            message: format!("no run {run}"),
-            invalid: true,
-        },
-        Err(e) => Response::Error {
-            message: e.to_string(),
-            invalid: false,
-        },
-    }
-}
-
-fn metrics_text(shared: &Shared) -> Result<String, crate::state::StateError> {
-    let live = crate::views::metrics::Live {
-        active: lock(&shared.active).len() as u64,
-    };
-    crate::views::metrics::render(&shared.store, &shared.breakers.all(), Some(live))
-}
-
-/// `uet prune`: finished runs older than the age or beyond the count are deleted.
-pub fn prune_answer(store: &Store, older_than_ms: Option<u64>, keep: Option<usize>) -> Response {
-    if older_than_ms.is_none() && keep.is_none() {
-        return Response::Error {
-            message: "say what to prune: --older-than AGE and/or --keep N".into(),
-            invalid: true,
-        };
-    }
-    let before = older_than_ms.map(|ms| crate::model::now_millis().saturating_sub(ms));
-    match store.prune(before, keep) {
-        Ok(n) => Response::Done {
-            message: format!("deleted {n} finished runs"),
-        },
-        Err(e) => Response::Error {
-            message: e.to_string(),
-            invalid: false,
-        },
-    }
-}
-
-fn status(shared: &Shared) -> Result<Status, crate::state::StateError> {
-    let mut counts = std::collections::BTreeMap::new();
-    for r in shared.store.runs()? {
-        *counts.entry(r.state.to_string()).or_insert(0u64) += 1;
-    }
+fn status(shared: &Shared) -> Result<Status, ops::Refused> {
     Ok(Status {
         version: env!("CARGO_PKG_VERSION").into(),
         pid: std::process::id(),
         uptime_seconds: shared.started.elapsed().as_secs(),
         state: shared.config.state.clone(),
         watching: shared.config.watch.clone(),
-        runs: counts,
+        runs: ops::run_counts(&shared.store)?,
         active: lock(&shared.active).len() as u64,
         metrics: lock(&shared.metrics_at).clone(),
     })
@@ -2009,58 +1896,25 @@ fn status(shared: &Shared) -> Result<Status, crate::state::StateError> {
 /// What `uet top` shows: the daemon in brief, every run not yet ended with its progress, how
 /// many wait for a slot, and the tools with their breakers.
 fn top_view(shared: &Arc<Shared>) -> Response {
-    let build = || -> Result<serde_json::Value, crate::state::StateError> {
-        let status = status(shared)?;
-        let mut runs = Vec::new();
-        let mut queued = 0;
-        for r in shared.store.runs()? {
-            if r.state.is_terminal() {
-                continue;
-            }
-            if r.state == RunState::Pending {
-                queued += 1;
-            }
-            let progress = crate::engine::progress::load(&shared.store, r.id)?;
-            let running: Vec<String> = shared
-                .store
-                .steps(r.id)?
-                .into_iter()
-                .filter(|s| s.state == crate::model::StepState::Running)
-                .map(|s| s.id)
-                .collect();
-            runs.push(serde_json::json!({
-                "run_id": r.id, "name": r.name, "state": r.state, "trigger": r.trigger,
-                "started_at": r.started_at, "progress": progress, "running": running,
-            }));
-        }
-        let mut tools = Vec::new();
-        let mut files: Vec<PathBuf> = match &shared.config.tools {
-            Some(f) => vec![f.clone()],
-            None => shared
-                .config
-                .watch
-                .iter()
-                .map(|d| d.join(TOOLS_FILE))
-                .collect(),
-        };
-        files.dedup();
-        for file in files {
-            // a broken tools file shows as no tools here; `uet tools` says why
-            if let Ok(t) = Tools::load_to_read(&file) {
-                let mut rows = t.summary();
-                crate::engine::breaker::annotate(&mut rows, &t, |n| shared.breakers.get(n));
-                tools.extend(rows);
-            }
-        }
-        Ok(serde_json::json!({
-            "status": status, "runs": runs, "queued": queued, "tools": tools,
-        }))
+    let tools = tools_shown(shared).unwrap_or_default();
+    status(shared)
+        .and_then(|status| ops::top(&shared.store, Some(status), tools))
+        .map(|view| Response::Top {
+            view: Box::new(view),
+        })
+        .unwrap_or_else(Response::from)
+}
+
+/// The tools of every watched folder (or of `--tools`), with their breakers.
+fn tools_shown(shared: &Arc<Shared>) -> Result<Vec<crate::api::types::ToolShown>, crate::spec::doc::Problems> {
+    let mut dirs: Vec<PathBuf> = match &shared.config.tools {
+        Some(f) => vec![f.parent().unwrap_or(Path::new("/")).to_path_buf()],
+        None => shared.config.watch.clone(),
     };
-    match build() {
-        Ok(view) => Response::Top { view },
-        Err(e) => Response::Error {
-            message: e.to_string(),
-            invalid: false,
-        },
-    }
+    dirs.dedup();
+    let files = dirs
+        .iter()
+        .map(|dir| load_tools(shared, dir))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ops::tools(&files, |t| shared.breakers.get(t)))
 }

@@ -329,3 +329,22 @@ pub struct BreakerChange {
     /// the failure count moved.
     pub event: Option<(String, String)>,
 }
+
+/// A run's progress.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Steps that reached a terminal state.
+    pub done: usize,
+    /// All steps.
+    pub total: usize,
+    /// Steps running now.
+    pub running: usize,
+    /// Steps that failed.
+    pub failed: usize,
+    /// Done, counting running steps' reported fractions, as a percentage.
+    pub percent: f64,
+    /// Since the run started.
+    pub elapsed_seconds: Option<f64>,
+    /// Expected time to the end; `None` when no tool it needs has any history yet.
+    pub eta_seconds: Option<f64>,
+}

@@ -427,10 +427,18 @@ fn commands_that_read_write_nothing_and_create_no_state() {
     let state = env.state.to_str().unwrap().to_string();
     let socket = env.ws.parent().unwrap().join("none/uet.sock");
     let socket = socket.to_str().unwrap();
-    env.uet(&["verify", "1", "--state", &state, "--socket", socket])
-        .expect(0);
-    env.uet(&["metrics", "--state", &state, "--socket", socket])
-        .expect(0);
+    for cmd in [
+        &["verify", "1"][..],
+        &["metrics"],
+        &["runs", "--json"],
+        &["show", "1", "--json"],
+        &["events", "1", "--json"],
+        &["top", "--json"],
+    ] {
+        let mut args = cmd.to_vec();
+        args.extend(["--state", &state, "--socket", socket]);
+        env.uet(&args).expect(0);
+    }
     env.uet(&["state", "check", "--state", &state]).expect(0);
     let after: Vec<String> = files.iter().map(|f| sha(f)).collect();
     assert_eq!(before, after, "a read changed the state's files");

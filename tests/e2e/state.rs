@@ -300,3 +300,55 @@ fn the_daemon_applies_its_retention_settings() {
     let ids: Vec<u64> = runs.iter().map(|r| r["run_id"].as_u64().unwrap()).collect();
     assert_eq!(ids, [3], "only the newest finished run is kept");
 }
+
+/// Without a daemon, the commands that read go to the state itself, through the same facade
+/// the daemon answers with: the same JSON either way.
+#[test]
+fn reads_go_to_the_state_when_no_daemon_answers() {
+    let env = crate::util::Env::new();
+    crate::daemon::tools(&env);
+    env.write("hello.toml", crate::daemon::GOOD);
+    let (run, ran) = env.run_json("hello.toml");
+    run.expect(0);
+    let socket = env.ws.parent().unwrap().join("none/uet.sock");
+    let socket = socket.to_str().unwrap();
+    let read = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend(["--socket", socket]);
+        env.uet(&all).expect(0)
+    };
+    let runs: serde_json::Value =
+        serde_json::from_str(&read(&["runs", "--json"]).stdout()).unwrap();
+    assert_eq!(runs[0]["run_id"], 1);
+    assert_eq!(runs[0]["name"], "hello");
+    assert_eq!(runs[0]["state"], "succeeded");
+    let shown: serde_json::Value =
+        serde_json::from_str(&read(&["show", "1", "--json"]).stdout()).unwrap();
+    assert_eq!(
+        shown["steps"], ran["steps"],
+        "the same steps as `uet run --json` printed"
+    );
+    assert!(
+        read(&["show", "1"])
+            .stdout()
+            .starts_with("run 1 `hello`: succeeded")
+    );
+    let events = read(&["events", "1", "--json"]).stdout();
+    let kinds: Vec<String> = events
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(kinds.first().map(String::as_str), Some("run.created"));
+    assert!(kinds.iter().any(|k| k == "run.succeeded"), "{kinds:?}");
+    let top: serde_json::Value = serde_json::from_str(&read(&["top", "--json"]).stdout()).unwrap();
+    assert!(top["status"].is_null() && top["runs"].as_array().unwrap().is_empty());
+    // an unknown run is the request's fault, as the daemon says it
+    let mut args = vec!["show", "7", "--socket", socket];
+    args.push("--json");
+    env.uet(&args).expect(2);
+}

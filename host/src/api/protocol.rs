@@ -13,6 +13,8 @@ use serde::{Deserialize, Serialize};
 #[cfg(feature = "runtime")]
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+pub use crate::api::types::Status;
+use crate::api::types::{EventShown, RunShown, RunSummary, ToolShown, TopView};
 use crate::model::RunId;
 
 /// Bumped when a request or response changes meaning; additions of fields do not bump it.
@@ -112,31 +114,31 @@ pub enum Response {
     },
     /// The answer to [`Request::Status`].
     Status(Status),
-    /// The answer to [`Request::Runs`]: objects with `run_id`, `name`, `state`, ...
+    /// The answer to [`Request::Runs`].
     Runs {
         /// The runs.
-        runs: Vec<serde_json::Value>,
+        runs: Vec<RunSummary>,
     },
     /// The answer to [`Request::Show`]: the object `uet show --json` prints, with
     /// `steps_next` when more steps follow on another page.
     Run {
         /// The run.
-        run: serde_json::Value,
+        run: Box<RunShown>,
     },
-    /// Events, oldest first: objects with `run_id`, `seq`, `at`, `step`, `kind`, `detail`.
+    /// Events, oldest first.
     Events {
         /// The events.
-        events: Vec<serde_json::Value>,
+        events: Vec<EventShown>,
     },
-    /// The answer to [`Request::Tools`]: objects with `name`, `kind`, `capabilities`, ...
+    /// The answer to [`Request::Tools`].
     Tools {
         /// The tools.
-        tools: Vec<serde_json::Value>,
+        tools: Vec<ToolShown>,
     },
-    /// The answer to [`Request::Top`]: `{status, runs, queued, tools}`.
+    /// The answer to [`Request::Top`].
     Top {
         /// The view.
-        view: serde_json::Value,
+        view: Box<TopView>,
     },
     /// The answer to [`Request::Metrics`].
     Metrics {
@@ -160,28 +162,6 @@ pub enum Response {
         /// True when the cause is the request's input (the client exits 2), not the daemon.
         invalid: bool,
     },
-}
-
-/// The daemon in brief.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Status {
-    /// The daemon's uet version.
-    pub version: String,
-    /// Its process id.
-    pub pid: u32,
-    /// Seconds since it started.
-    pub uptime_seconds: u64,
-    /// Its state folder.
-    pub state: PathBuf,
-    /// The folders it watches.
-    pub watching: Vec<PathBuf>,
-    /// Runs by state: `pending`, `running`, `succeeded`, ...
-    pub runs: std::collections::BTreeMap<String, u64>,
-    /// Runs whose steps are being driven now.
-    pub active: u64,
-    /// Where the daemon serves `GET /metrics`, when it was asked to.
-    #[serde(default)]
-    pub metrics: Option<String>,
 }
 
 /// Why a frame could not be read.

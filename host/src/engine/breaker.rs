@@ -232,60 +232,6 @@ impl Breakers {
     }
 }
 
-/// Adds `breaker` to `uet tools` rows (see [`crate::spec::tools::Tools::summary`]): `null` for a
-/// tool without one, else its phase, consecutive failures, settings and next probe.
-pub fn annotate(
-    rows: &mut [serde_json::Value],
-    tools: &crate::spec::tools::Tools,
-    record: impl Fn(&str) -> Option<BreakerRecord>,
-) {
-    let now = crate::model::now_millis();
-    for row in rows {
-        let Some(tool) = row["name"].as_str().and_then(|n| tools.by_name(n)) else {
-            continue;
-        };
-        let value = match tool.breaker {
-            None => serde_json::Value::Null,
-            Some(settings) => {
-                let r = record(&tool.name).unwrap_or_default();
-                let probe_in = r
-                    .probe_at
-                    .filter(|_| r.phase == BreakerPhase::Open)
-                    .map(|at| at.saturating_sub(now));
-                serde_json::json!({
-                    "state": r.phase.as_str(),
-                    "failures": r.failures,
-                    "opens_after": settings.failures,
-                    "cool_down_ms": settings.cool_down.as_millis() as u64,
-                    "opened_at": r.opened_at,
-                    "probe_at": r.probe_at.filter(|_| r.phase == BreakerPhase::Open),
-                    "probe_in_ms": probe_in,
-                })
-            }
-        };
-        row["breaker"] = value;
-    }
-}
-
-/// The breaker column of `uet tools`, from a row's `breaker`.
-pub fn cell(breaker: &serde_json::Value) -> String {
-    let Some(state) = breaker["state"].as_str() else {
-        return "-".into();
-    };
-    let failures = breaker["failures"].as_u64().unwrap_or(0);
-    let mut out = state.to_string();
-    if let Some(ms) = breaker["probe_in_ms"].as_u64() {
-        let wait = std::time::Duration::from_secs(ms.div_ceil(1000));
-        out.push_str(&format!(
-            " ({failures} failures; probe in {})",
-            humantime::format_duration(wait)
-        ));
-    } else if failures > 0 {
-        out.push_str(&format!(" ({failures} failures)"));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

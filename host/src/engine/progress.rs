@@ -10,30 +10,11 @@
 
 use std::collections::HashMap;
 
-use serde::Serialize;
 
-use crate::model::{Millis, RunId, RunRecord, RunState, StepRecord, StepState, now_millis};
+
+use crate::model::{Millis, Progress, RunId, RunRecord, RunState, StepRecord, StepState, now_millis};
 use crate::state::{StateError, Store};
 use crate::spec::workflow::{Plan, Target};
-
-/// A run's progress.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Progress {
-    /// Steps that reached a terminal state.
-    pub done: usize,
-    /// All steps.
-    pub total: usize,
-    /// Steps running now.
-    pub running: usize,
-    /// Steps that failed.
-    pub failed: usize,
-    /// Done, counting running steps' reported fractions, as a percentage.
-    pub percent: f64,
-    /// Since the run started.
-    pub elapsed_seconds: Option<f64>,
-    /// Expected time to the end; `None` when no tool it needs has any history yet.
-    pub eta_seconds: Option<f64>,
-}
 
 /// Each tool's median duration (ms), from [`Store::durations`].
 pub fn medians(durations: &HashMap<String, Vec<u64>>) -> HashMap<String, u64> {

@@ -203,31 +203,6 @@ impl Tools {
         }
     }
 
-    /// One JSON object per tool, as `uet tools --json` prints them.
-    pub fn summary(&self) -> Vec<serde_json::Value> {
-        self.tools
-            .iter()
-            .map(|t| {
-                let source = match &t.kind {
-                    ToolKind::Command { argv } => argv
-                        .iter()
-                        .map(|a| a.to_string())
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                    ToolKind::Wasm { path } => path.display().to_string(),
-                };
-                serde_json::json!({
-                    "name": t.name,
-                    "kind": t.kind.name(),
-                    "capabilities": t.capabilities,
-                    "source": source,
-                    "version": t.described.as_ref().map(|d| d.version.clone()),
-                    "tools_file": self.path,
-                })
-            })
-            .collect()
-    }
-
     /// Reads and checks a tools file to run its tools, reporting every problem at once; the file
     /// must be the operator's alone (see [`trusted`]).
     pub fn load(path: &Path) -> Result<Tools, Problems> {

@@ -5,70 +5,61 @@ use std::path::Path;
 use std::time::Duration;
 
 use crate::api::protocol::{Client, Request, Response};
+use crate::api::types::{BreakerShown, TopView};
 
-/// One screen of `uet top`, from the daemon's [`Request::Top`] view, cut to `width` columns.
-pub fn frame(view: &serde_json::Value, width: usize) -> Vec<String> {
-    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
-    let status = &view["status"];
+/// One screen of `uet top`, cut to `width` columns.
+pub fn frame(view: &TopView, width: usize) -> Vec<String> {
     let mut lines = Vec::new();
-    let counts: Vec<String> = status["runs"]
-        .as_object()
-        .map(|m| m.iter().map(|(k, v)| format!("{v} {k}")).collect())
-        .unwrap_or_default();
-    lines.push(format!(
-        "uet top · daemon {} (pid {}) · up {}s · {} active · {} queued · q to quit",
-        s(&status["version"]),
-        status["pid"],
-        status["uptime_seconds"],
-        status["active"],
-        view["queued"],
-    ));
-    lines.push(format!(
-        "runs: {}",
-        if counts.is_empty() {
-            "none".into()
-        } else {
-            counts.join(", ")
+    match &view.status {
+        Some(status) => {
+            let counts: Vec<String> = status.runs.iter().map(|(k, v)| format!("{v} {k}")).collect();
+            lines.push(format!(
+                "uet top · daemon {} (pid {}) · up {}s · {} active · {} queued · q to quit",
+                status.version, status.pid, status.uptime_seconds, status.active, view.queued,
+            ));
+            lines.push(format!(
+                "runs: {}",
+                if counts.is_empty() {
+                    "none".into()
+                } else {
+                    counts.join(", ")
+                }
+            ));
         }
-    ));
+        None => lines.push(format!(
+            "uet top · the state, read without a daemon · {} queued · q to quit",
+            view.queued
+        )),
+    }
     lines.push(String::new());
     lines.push(format!(
         "{:>5}  {:<20} {:<8} {:<32} {:>8} {:>8}  RUNNING",
         "RUN", "NAME", "STATE", "PROGRESS", "ELAPSED", "ETA"
     ));
-    let runs = view["runs"].as_array().cloned().unwrap_or_default();
-    if runs.is_empty() {
+    if view.runs.is_empty() {
         lines.push("    (no runs in flight)".into());
     }
-    for r in &runs {
-        let p = &r["progress"];
-        let bar = match p["percent"].as_f64() {
-            Some(pct) => format!(
+    let secs = |v: Option<f64>| v.map(|x| format!("{x:.1}s")).unwrap_or_else(|| "-".into());
+    for r in &view.runs {
+        let p = r.progress.as_ref();
+        let bar = match p {
+            Some(p) => format!(
                 "{} {}/{}",
-                crate::engine::progress::bar(pct, 16),
-                p["done"],
-                p["total"]
+                crate::engine::progress::bar(p.percent, 16),
+                p.done,
+                p.total
             ),
             None => "-".into(),
         };
-        let secs = |v: &serde_json::Value| {
-            v.as_f64()
-                .map(|x| format!("{x:.1}s"))
-                .unwrap_or_else(|| "-".into())
-        };
-        let running: Vec<String> = r["running"]
-            .as_array()
-            .map(|a| a.iter().map(s).collect())
-            .unwrap_or_default();
         lines.push(format!(
             "{:>5}  {:<20} {:<8} {:<32} {:>8} {:>8}  {}",
-            r["run_id"].to_string(),
-            clip(&s(&r["name"]), 20),
-            s(&r["state"]),
+            r.run_id,
+            clip(&r.name, 20),
+            r.state.as_str(),
             bar,
-            secs(&p["elapsed_seconds"]),
-            secs(&p["eta_seconds"]),
-            running.join(", "),
+            secs(p.and_then(|p| p.elapsed_seconds)),
+            secs(p.and_then(|p| p.eta_seconds)),
+            r.running.join(", "),
         ));
     }
     lines.push(String::new());
@@ -76,17 +67,13 @@ pub fn frame(view: &serde_json::Value, width: usize) -> Vec<String> {
         "{:<16} {:<8} {:<36} CAPABILITIES",
         "TOOL", "KIND", "BREAKER"
     ));
-    for t in view["tools"].as_array().cloned().unwrap_or_default() {
-        let caps: Vec<String> = t["capabilities"]
-            .as_array()
-            .map(|a| a.iter().map(s).collect())
-            .unwrap_or_default();
+    for t in &view.tools {
         lines.push(format!(
             "{:<16} {:<8} {:<36} {}",
-            clip(&s(&t["name"]), 16),
-            s(&t["kind"]),
-            crate::engine::breaker::cell(&t["breaker"]),
-            caps.join(","),
+            clip(&t.name, 16),
+            t.kind,
+            BreakerShown::cell(t.breaker.as_ref()),
+            t.capabilities.join(","),
         ));
     }
     lines.into_iter().map(|l| clip(&l, width)).collect()
@@ -101,6 +88,24 @@ fn clip(text: &str, width: usize) -> String {
             .chain(['…'])
             .collect()
     }
+}
+
+/// Where `uet top` gets its view from a daemon: connects now, asks at every refresh.
+pub fn from_daemon(socket: &Path) -> Result<impl FnMut() -> Result<TopView, TopError>, TopError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut client = rt
+        .block_on(Client::connect(socket))
+        .map_err(|e| TopError::NoDaemon(socket.display().to_string(), e))?;
+    Ok(move || match rt.block_on(client.call(&Request::Top)) {
+        Ok(Response::Top { view }) => Ok(*view),
+        Ok(Response::Error { message, .. }) => Err(TopError::Daemon(message)),
+        Ok(other) => Err(TopError::Daemon(format!("unexpected answer: {other:?}"))),
+        Err(e) => Err(TopError::Daemon(format!(
+            "the daemon stopped answering: {e}"
+        ))),
+    })
 }
 
 /// Restores the terminal however `uet top` ends, a panic included.
@@ -145,24 +150,11 @@ pub enum TopError {
 
 /// Runs `uet top` until `q`, Esc or Ctrl-C. When stdout is not a terminal, prints one frame and
 /// returns, like `top -b -n 1`.
-pub fn run(socket: &Path, every: Duration) -> Result<(), TopError> {
+pub fn run(
+    mut fetch: impl FnMut() -> Result<TopView, TopError>,
+    every: Duration,
+) -> Result<(), TopError> {
     use std::io::IsTerminal;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let mut client = rt
-        .block_on(Client::connect(socket))
-        .map_err(|e| TopError::NoDaemon(socket.display().to_string(), e))?;
-    let mut fetch = || -> Result<serde_json::Value, TopError> {
-        match rt.block_on(client.call(&Request::Top)) {
-            Ok(Response::Top { view }) => Ok(view),
-            Ok(Response::Error { message, .. }) => Err(TopError::Daemon(message)),
-            Ok(other) => Err(TopError::Daemon(format!("unexpected answer: {other:?}"))),
-            Err(e) => Err(TopError::Daemon(format!(
-                "the daemon stopped answering: {e}"
-            ))),
-        }
-    };
     if !std::io::stdout().is_terminal() {
         let mut out = std::io::stdout().lock();
         for line in frame(&fetch()?, 200) {

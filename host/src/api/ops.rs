@@ -1,0 +1,265 @@
+//! The facade: the reads and writes every face makes, as typed calls over the state. The
+//! socket server answers its requests with these, the CLI calls them when it reads a state
+//! itself (no daemon answering), and so will the HTTP server: one place that knows how a run
+//! is shown, an event log paged, a breaker described.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::api::types::{
+    BreakerShown, EventShown, RunShown, RunSummary, Status, ToolShown, TopRun, TopView,
+};
+use crate::model::{BreakerPhase, BreakerRecord, RunId, RunState, StepState, now_millis};
+use crate::spec::tools::{ToolKind, Tools};
+use crate::state::{StateError, Store};
+
+/// Why a call was not answered: the request's own fault (`invalid`: an unknown run, input that
+/// cannot be used), or the state's or the daemon's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refused {
+    /// In words, for a person.
+    pub message: String,
+    /// The request's fault: the client exits 2.
+    pub invalid: bool,
+}
+
+impl Refused {
+    /// The request's fault.
+    pub fn invalid(message: impl Into<String>) -> Refused {
+        Refused {
+            message: message.into(),
+            invalid: true,
+        }
+    }
+}
+
+impl From<StateError> for Refused {
+    fn from(e: StateError) -> Refused {
+        Refused {
+            invalid: matches!(e, StateError::UnknownRun(_)),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl From<Refused> for crate::api::protocol::Response {
+    fn from(r: Refused) -> Self {
+        crate::api::protocol::Response::Error {
+            message: r.message,
+            invalid: r.invalid,
+        }
+    }
+}
+
+/// Bytes of steps per page of a run shown: half a frame, so the run's own fields and a last
+/// step with a large output still fit one.
+pub const SHOW_PAGE: usize = 8 << 20;
+
+/// Events per page of an event log: an event's detail is a line or two, so a thousand stay far
+/// below a frame however long the log is.
+pub const EVENTS_PAGE: usize = 1000;
+
+/// The latest runs (all of them without a limit), oldest first.
+pub fn runs(store: &Store, limit: Option<usize>) -> Result<Vec<RunSummary>, Refused> {
+    let runs = store.latest_runs(limit.unwrap_or(usize::MAX))?;
+    Ok(runs.iter().map(RunSummary::from).collect())
+}
+
+/// A run with its steps from the `from`th on, as many as [`SHOW_PAGE`] holds (at least one),
+/// read without holding the other steps' outputs; `steps_next` says where the next page starts.
+/// The progress is the first page's: a later one would read every step again for it.
+pub fn show(store: &Store, run: RunId, from: usize) -> Result<RunShown, Refused> {
+    let record = store
+        .run(run)?
+        .ok_or_else(|| Refused::invalid(format!("no run {run}")))?;
+    let progress = if from == 0 {
+        let brief = store.steps_brief(run)?;
+        crate::engine::progress::load_for(store, &record, &brief)?
+    } else {
+        None
+    };
+    let (steps, next) = store.steps_page(run, from, SHOW_PAGE)?;
+    let mut shown = RunShown::new(&record, &steps, progress);
+    shown.steps_next = next;
+    Ok(shown)
+}
+
+/// A run with every step, whatever their size (`uet run --json`, in the process that ran it).
+pub fn whole_run(store: &Store, run: RunId) -> Result<RunShown, Refused> {
+    let record = store
+        .run(run)?
+        .ok_or_else(|| Refused::invalid(format!("no run {run}")))?;
+    let steps = store.steps(run)?;
+    let progress = crate::engine::progress::load_for(store, &record, &steps)?;
+    Ok(RunShown::new(&record, &steps, progress))
+}
+
+/// Where a reader of event logs is: the last event it has of each run.
+#[derive(Debug, Clone, Default)]
+pub struct EventCursor(HashMap<RunId, u64>);
+
+/// At most `limit` of the events committed since the cursor, of one run or of every run, and
+/// the cursor moved past them.
+pub fn events(
+    store: &Store,
+    run: Option<RunId>,
+    cursor: &mut EventCursor,
+    limit: usize,
+) -> Result<Vec<EventShown>, Refused> {
+    let heads = match run {
+        Some(r) => vec![(r, u64::MAX)],
+        None => store.event_heads()?,
+    };
+    let mut out = Vec::new();
+    for (r, head) in heads {
+        let last = cursor.0.get(&r).copied().unwrap_or(0);
+        if head <= last {
+            continue;
+        }
+        for e in store.events_page(r, last, limit - out.len())? {
+            cursor.0.insert(r, e.seq);
+            out.push(EventShown::new(r, &e));
+        }
+        if out.len() == limit {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a run is there to follow: `Ok` when it is (or every run is asked for).
+pub fn known(store: &Store, run: Option<RunId>) -> Result<(), Refused> {
+    match run {
+        Some(r) if store.run(r)?.is_none() => Err(Refused::invalid(format!("no run {r}"))),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a run's event log against its hash chain; says how it went.
+pub fn verify(store: &Store, run: RunId) -> Result<String, Refused> {
+    match store.verify(run) {
+        Ok(Ok(n)) => Ok(format!("run {run}: {n} events, the hash chain holds")),
+        Ok(Err(broken)) => Err(Refused {
+            message: format!("run {run}: the event log was tampered with: {broken}"),
+            invalid: false,
+        }),
+        Err(StateError::UnknownRun(_)) => Err(Refused::invalid(format!("no run {run}"))),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes finished runs older than the age, or beyond the newest `keep`; says how many.
+pub fn prune(
+    store: &Store,
+    older_than_ms: Option<u64>,
+    keep: Option<usize>,
+) -> Result<String, Refused> {
+    if older_than_ms.is_none() && keep.is_none() {
+        return Err(Refused::invalid(
+            "say what to prune: --older-than AGE and/or --keep N",
+        ));
+    }
+    let before = older_than_ms.map(|ms| now_millis().saturating_sub(ms));
+    let n = store.prune(before, keep)?;
+    Ok(format!("deleted {n} finished runs"))
+}
+
+/// The Prometheus text of the state and the breakers; `active`, the runs a daemon drives now.
+pub fn metrics(
+    store: &Store,
+    breakers: &[(String, BreakerRecord)],
+    active: Option<u64>,
+) -> Result<String, Refused> {
+    let live = active.map(|active| crate::views::metrics::Live { active });
+    Ok(crate::views::metrics::render(store, breakers, live)?)
+}
+
+/// Runs by state, as `uet status` counts them.
+pub fn run_counts(store: &Store) -> Result<BTreeMap<String, u64>, Refused> {
+    let mut counts = BTreeMap::new();
+    for r in store.runs()? {
+        *counts.entry(r.state.to_string()).or_insert(0u64) += 1;
+    }
+    Ok(counts)
+}
+
+/// The tools of some tools files, each with its breaker as `breaker` says it stands.
+pub fn tools(files: &[Tools], breaker: impl Fn(&str) -> Option<BreakerRecord>) -> Vec<ToolShown> {
+    let now = now_millis();
+    let mut shown = Vec::new();
+    for file in files {
+        for t in &file.tools {
+            let source = match &t.kind {
+                ToolKind::Command { argv } => argv
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                ToolKind::Wasm { path } => path.display().to_string(),
+            };
+            let breaker = t.breaker.map(|settings| {
+                let r = breaker(&t.name).unwrap_or_default();
+                let open = r.phase == BreakerPhase::Open;
+                BreakerShown {
+                    state: r.phase.as_str().into(),
+                    failures: r.failures,
+                    opens_after: settings.failures,
+                    cool_down_ms: settings.cool_down.as_millis() as u64,
+                    opened_at: r.opened_at,
+                    probe_at: r.probe_at.filter(|_| open),
+                    probe_in_ms: r.probe_at.filter(|_| open).map(|at| at.saturating_sub(now)),
+                }
+            });
+            shown.push(ToolShown {
+                name: t.name.clone(),
+                kind: t.kind.name().into(),
+                capabilities: t.capabilities.clone(),
+                source,
+                version: t.described.as_ref().map(|d| d.version.clone()),
+                tools_file: file.path.clone(),
+                breaker,
+            });
+        }
+    }
+    shown
+}
+
+/// What `uet top` draws: the runs not yet ended with their progress, and the tools.
+pub fn top(
+    store: &Store,
+    status: Option<Status>,
+    tools: Vec<ToolShown>,
+) -> Result<TopView, Refused> {
+    let mut runs = Vec::new();
+    let mut queued = 0;
+    for r in store.runs()? {
+        if r.state.is_terminal() {
+            continue;
+        }
+        if r.state == RunState::Pending {
+            queued += 1;
+        }
+        let steps = store.steps_brief(r.id)?;
+        let progress = crate::engine::progress::load_for(store, &r, &steps)?;
+        let running = steps
+            .into_iter()
+            .filter(|s| s.state == StepState::Running)
+            .map(|s| s.id)
+            .collect();
+        runs.push(TopRun {
+            run_id: r.id,
+            name: r.name,
+            state: r.state,
+            trigger: r.trigger,
+            started_at: r.started_at,
+            progress,
+            running,
+        });
+    }
+    Ok(TopView {
+        status,
+        runs,
+        queued,
+        tools,
+    })
+}

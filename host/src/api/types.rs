@@ -1,0 +1,297 @@
+//! The facade's answers as typed records: the same structs on both ends of the socket, in the
+//! CLI's reads of the state, and in every face to come. Their JSON is what `--json` prints.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{
+    EventRecord, Millis, Progress, RunId, RunRecord, RunState, StepRecord, StepState,
+};
+
+/// The daemon in brief.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    /// The daemon's uet version.
+    pub version: String,
+    /// Its process id.
+    pub pid: u32,
+    /// Seconds since it started.
+    pub uptime_seconds: u64,
+    /// Its state folder.
+    pub state: PathBuf,
+    /// The folders it watches.
+    pub watching: Vec<PathBuf>,
+    /// Runs by state: `pending`, `running`, `succeeded`, ...
+    pub runs: BTreeMap<String, u64>,
+    /// Runs whose steps are being driven now.
+    pub active: u64,
+    /// Where the daemon serves `GET /metrics`, when it was asked to.
+    #[serde(default)]
+    pub metrics: Option<String>,
+}
+
+/// A run in a list (`uet runs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// Its identifier.
+    pub run_id: RunId,
+    /// The workflow's name.
+    pub name: String,
+    /// Where it is in its lifecycle.
+    pub state: RunState,
+    /// Why, when that needs saying.
+    pub reason: Option<String>,
+    /// What started it.
+    pub trigger: Option<String>,
+    /// The workflow file it came from.
+    pub source: String,
+    /// When it was recorded.
+    pub created_at: Millis,
+    /// When it started running.
+    pub started_at: Option<Millis>,
+    /// When it ended.
+    pub finished_at: Option<Millis>,
+}
+
+impl From<&RunRecord> for RunSummary {
+    fn from(r: &RunRecord) -> RunSummary {
+        RunSummary {
+            run_id: r.id,
+            name: r.name.clone(),
+            state: r.state,
+            reason: r.reason.clone(),
+            trigger: r.trigger.clone(),
+            source: r.source.clone(),
+            created_at: r.created_at,
+            started_at: r.started_at,
+            finished_at: r.finished_at,
+        }
+    }
+}
+
+/// A run with its steps (`uet show`, `uet run --json`): all of them, or a page of a large run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunShown {
+    /// Its identifier.
+    pub run_id: RunId,
+    /// The workflow's name.
+    pub name: String,
+    /// Where it is in its lifecycle.
+    pub state: RunState,
+    /// Why, when that needs saying.
+    pub reason: Option<String>,
+    /// The workflow file it came from.
+    pub source: String,
+    /// The folder its steps run in.
+    pub workstream: String,
+    /// What started it.
+    pub trigger: Option<String>,
+    /// When it was recorded.
+    pub created_at: Millis,
+    /// When it started running.
+    pub started_at: Option<Millis>,
+    /// When it ended.
+    pub finished_at: Option<Millis>,
+    /// How long it ran, once it has ended.
+    pub duration_ms: Option<u64>,
+    /// How far it is, with an ETA from history (the first page's).
+    pub progress: Option<Progress>,
+    /// Its steps in workflow order (or this page of them).
+    pub steps: Vec<StepShown>,
+    /// Where the next page of steps starts, when one follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps_next: Option<usize>,
+}
+
+impl RunShown {
+    /// A run and the given steps of it.
+    pub fn new(run: &RunRecord, steps: &[StepRecord], progress: Option<Progress>) -> RunShown {
+        RunShown {
+            run_id: run.id,
+            name: run.name.clone(),
+            state: run.state,
+            reason: run.reason.clone(),
+            source: run.source.clone(),
+            workstream: run.workstream.clone(),
+            trigger: run.trigger.clone(),
+            created_at: run.created_at,
+            started_at: run.started_at,
+            finished_at: run.finished_at,
+            duration_ms: duration_ms(run.started_at, run.finished_at),
+            progress,
+            steps: steps.iter().map(StepShown::from).collect(),
+            steps_next: None,
+        }
+    }
+}
+
+/// A step of a run shown.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepShown {
+    /// Its id in the workflow.
+    pub id: String,
+    /// Where it is in its lifecycle.
+    pub state: StepState,
+    /// Attempts started.
+    pub attempts: u32,
+    /// The output of its successful attempt.
+    pub output: Option<serde_json::Value>,
+    /// The tool of its latest attempt.
+    pub tool: Option<String>,
+    /// Why it failed, was skipped or canceled.
+    pub reason: Option<String>,
+    /// When its first attempt started.
+    pub started_at: Option<Millis>,
+    /// When it ended.
+    pub finished_at: Option<Millis>,
+    /// How long from its first start to its end.
+    pub duration_ms: Option<u64>,
+}
+
+impl From<&StepRecord> for StepShown {
+    fn from(s: &StepRecord) -> StepShown {
+        StepShown {
+            id: s.id.clone(),
+            state: s.state,
+            attempts: s.attempts,
+            output: s.output.clone(),
+            tool: s.tool.clone(),
+            reason: s.reason.clone(),
+            started_at: s.started_at,
+            finished_at: s.finished_at,
+            duration_ms: duration_ms(s.started_at, s.finished_at),
+        }
+    }
+}
+
+/// An event of a run's log (`uet events`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventShown {
+    /// The run.
+    pub run_id: RunId,
+    /// Its place in the run's log, from 1.
+    pub seq: u64,
+    /// When it happened.
+    pub at: Millis,
+    /// The step it concerns, if any.
+    pub step: Option<String>,
+    /// What happened: `run.running`, `step.succeeded`, ...
+    pub kind: String,
+    /// In words.
+    pub detail: String,
+    /// Its link in the run's hash chain.
+    pub hash: String,
+}
+
+impl EventShown {
+    /// An event of `run`.
+    pub fn new(run: RunId, e: &EventRecord) -> EventShown {
+        EventShown {
+            run_id: run,
+            seq: e.seq,
+            at: e.at,
+            step: e.step.clone(),
+            kind: e.kind.clone(),
+            detail: e.detail.clone(),
+            hash: e.hash.clone(),
+        }
+    }
+}
+
+/// A tool (`uet tools`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolShown {
+    /// Its name.
+    pub name: String,
+    /// `command` or `wasm`.
+    pub kind: String,
+    /// What it can do.
+    pub capabilities: Vec<String>,
+    /// Its command line or component file.
+    pub source: String,
+    /// A plugin's version, as it says.
+    pub version: Option<String>,
+    /// The tools file it is defined in.
+    pub tools_file: PathBuf,
+    /// Its circuit breaker, when it has one.
+    #[serde(default)]
+    pub breaker: Option<BreakerShown>,
+}
+
+/// A tool's circuit breaker as it stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BreakerShown {
+    /// `closed`, `open` or `half-open`.
+    pub state: String,
+    /// Failures in a row.
+    pub failures: u32,
+    /// Failures in a row that open it.
+    pub opens_after: u32,
+    /// How long it stays open.
+    pub cool_down_ms: u64,
+    /// When it last opened.
+    pub opened_at: Option<Millis>,
+    /// When an open breaker lets its probe through.
+    pub probe_at: Option<Millis>,
+    /// How long until then.
+    pub probe_in_ms: Option<u64>,
+}
+
+impl BreakerShown {
+    /// The breaker's cell in a table: `open (3 failures; probe in 20s)`.
+    pub fn cell(breaker: Option<&BreakerShown>) -> String {
+        let Some(b) = breaker else {
+            return "-".into();
+        };
+        let mut out = b.state.clone();
+        if let Some(ms) = b.probe_in_ms {
+            let wait = std::time::Duration::from_secs(ms.div_ceil(1000));
+            out.push_str(&format!(
+                " ({} failures; probe in {})",
+                b.failures,
+                humantime::format_duration(wait)
+            ));
+        } else if b.failures > 0 {
+            out.push_str(&format!(" ({} failures)", b.failures));
+        }
+        out
+    }
+}
+
+/// What `uet top` draws.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopView {
+    /// The daemon in brief; `None` when the state was read without one.
+    pub status: Option<Status>,
+    /// Runs not yet ended.
+    pub runs: Vec<TopRun>,
+    /// How many of them wait to start.
+    pub queued: usize,
+    /// The tools, with their breakers.
+    pub tools: Vec<ToolShown>,
+}
+
+/// A run in flight in [`TopView`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopRun {
+    /// Its identifier.
+    pub run_id: RunId,
+    /// The workflow's name.
+    pub name: String,
+    /// `pending` or `running`.
+    pub state: RunState,
+    /// What started it.
+    pub trigger: Option<String>,
+    /// When it started running.
+    pub started_at: Option<Millis>,
+    /// How far it is.
+    pub progress: Option<Progress>,
+    /// Its steps running now.
+    pub running: Vec<String>,
+}
+
+fn duration_ms(start: Option<u64>, end: Option<u64>) -> Option<u64> {
+    Some(end?.saturating_sub(start?))
+}

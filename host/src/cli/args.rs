@@ -1,0 +1,250 @@
+//! The command line's words: every command and its flags, and the exit codes.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Exit codes, as DESIGN.md fixes them.
+pub(crate) mod exit {
+    pub const OK: u8 = 0;
+    pub const RUN_FAILED: u8 = 1;
+    pub const INVALID: u8 = 2;
+    pub const NO_DAEMON: u8 = 3;
+}
+
+#[derive(Parser)]
+#[command(
+    name = "uet",
+    version,
+    about = "Runs workflows step by step in sandboxed tools, with durable state"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Run one workflow in-process, to the end.
+    Run {
+        /// The workflow file (TOML or JSON).
+        file: PathBuf,
+        /// The tools file [default: tools.toml beside the workflow].
+        #[arg(long)]
+        tools: Option<PathBuf>,
+        /// The state folder [default: $UET_STATE, else $XDG_STATE_HOME/uet, else ~/.local/state/uet].
+        #[arg(long, env = "UET_STATE")]
+        state: Option<PathBuf>,
+        /// Print one JSON object instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tools: kind, capabilities and source. Those of the daemon's folders, or with
+    /// `--tools` (or no daemon running) those of a tools file.
+    Tools {
+        /// The tools file [default: the daemon's, else ./tools.toml].
+        #[arg(long)]
+        tools: Option<PathBuf>,
+        /// The state folder, whose plugin cache is used.
+        #[arg(long, env = "UET_STATE")]
+        state: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Run the daemon: watch folders, run what is dropped in them, answer on a socket.
+    Daemon {
+        /// A config file (TOML) with any of the flags' settings; flags win.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A tools file for every watched folder [default: each folder's tools.toml].
+        #[arg(long)]
+        tools: Option<PathBuf>,
+        /// A folder to watch (repeatable).
+        #[arg(long)]
+        watch: Vec<PathBuf>,
+        /// The state folder.
+        #[arg(long, env = "UET_STATE")]
+        state: Option<PathBuf>,
+        /// The control socket.
+        #[arg(long, env = "UET_SOCKET")]
+        socket: Option<PathBuf>,
+    },
+    /// The daemon's state in brief.
+    Status(ClientArgs),
+    /// List the runs (the daemon's, else the state's): the latest 1,000, oldest first.
+    Runs {
+        /// How many of the latest runs.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// Every run, however many.
+        #[arg(long, conflicts_with = "limit")]
+        all: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Show a run and its steps (the daemon's, else the state's).
+    Show {
+        /// The run.
+        run: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Have the daemon run a workflow file (its folder is the workstream).
+    Submit {
+        /// The workflow file.
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Cancel a run: its running steps are killed at once.
+    Cancel {
+        /// The run.
+        run: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Re-run a failed or canceled run: steps that succeeded keep their outputs.
+    Retry {
+        /// The run.
+        run: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Put a quarantined run back in the queue.
+    Release {
+        /// The run.
+        run: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the event log (the audit trail) of a run, or of every run.
+    Events {
+        /// The run [default: every run].
+        run: Option<u64>,
+        /// Keep printing events as they happen (until the run ends, or Ctrl-C).
+        #[arg(long, short)]
+        follow: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Delete finished runs (never pending, running or quarantined ones) with their steps,
+    /// attempts and events (the daemon's, else the state's).
+    Prune {
+        /// Runs that finished longer ago than this ("30d", "12h").
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<std::time::Duration>,
+        /// Keep only this many finished runs, the newest.
+        #[arg(long)]
+        keep: Option<usize>,
+        /// The state folder, when no daemon answers.
+        #[arg(long, env = "UET_STATE")]
+        state: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// A live view of the daemon: runs in flight with progress and ETA, the queue, tools and
+    /// their breakers; `q` quits. Prints one frame when stdout is not a terminal.
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        every: std::time::Duration,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Print metrics in Prometheus text format (the daemon's, else the state's).
+    Metrics {
+        /// The state folder, when no daemon answers.
+        #[arg(long, env = "UET_STATE")]
+        state: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Check a run's event log against its hash chain (the daemon's, else the state's).
+    Verify {
+        /// The run.
+        run: u64,
+        /// The state folder, when no daemon answers.
+        #[arg(long, env = "UET_STATE")]
+        state: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Stop the daemon gracefully.
+    Shutdown(ClientArgs),
+    /// Check the state file, or put its last good copy back (no daemon may hold it).
+    #[command(subcommand)]
+    State(StateCommand),
+    /// Work with plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+    /// Check workflow files and print every problem.
+    Validate {
+        /// The workflow files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The tools file [default: tools.toml beside each workflow].
+        #[arg(long)]
+        tools: Option<PathBuf>,
+    },
+}
+
+/// How a client command finds the daemon.
+#[derive(clap::Args)]
+pub(crate) struct ClientArgs {
+    /// The daemon's socket [default: $XDG_RUNTIME_DIR/uet/uet.sock, else /tmp/uet-UID/uet.sock].
+    #[arg(long, env = "UET_SOCKET")]
+    pub(crate) socket: Option<PathBuf>,
+    /// Print JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+}
+
+/// Where a command that reads finds the state when no daemon answers.
+#[derive(clap::Args)]
+pub(crate) struct StateArgs {
+    /// The state folder to read when no daemon answers [default: $UET_STATE, else
+    /// $XDG_STATE_HOME/uet, else ~/.local/state/uet].
+    #[arg(long, env = "UET_STATE")]
+    pub(crate) state: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum StateCommand {
+    /// Read every row and verify every run's event chain, writing nothing; exit 1 when the
+    /// state is damaged.
+    Check {
+        /// The state folder.
+        #[arg(long, env = "UET_STATE")]
+        state: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// When the state is damaged: set the file aside (uet.redb.damaged-SECONDS) and put the
+    /// last good copy (uet.redb.bak) in its place, with the journal's changes since it.
+    Recover {
+        /// The state folder.
+        #[arg(long, env = "UET_STATE")]
+        state: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum PluginCommand {
+    /// Scaffold a plugin crate that builds as it is.
+    New {
+        /// The plugin's name (lowercase, `-` allowed).
+        name: String,
+        /// The uet-plugin-sdk folder [default: the one beside this build of uet].
+        #[arg(long)]
+        sdk: Option<PathBuf>,
+    },
+}

@@ -1,0 +1,145 @@
+//! Talking to the daemon over its socket.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use uet::api::protocol::{Client, Request, Response};
+use uet::api::types::RunShown;
+
+use super::Failure;
+use super::args::{ClientArgs, exit};
+use super::print;
+
+/// Sends one request to the daemon and prints the answer; says so, and exits 3, when no daemon
+/// answers.
+pub(crate) fn send(args: &ClientArgs, request: Request) -> Result<u8, Failure> {
+    ask(args, request, false)
+}
+
+/// [`send`], saying nothing when no daemon answers if `quiet`: the caller has another way.
+pub(crate) fn ask(args: &ClientArgs, request: Request, quiet: bool) -> Result<u8, Failure> {
+    let socket = socket(args);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let mut client = match Client::connect(&socket).await {
+            Ok(c) => c,
+            Err(e) => {
+                if !quiet {
+                    no_daemon(&socket, &e, None);
+                }
+                return Ok(exit::NO_DAEMON);
+            }
+        };
+        match request {
+            Request::Show { run, .. } => show_pages(&mut client, &socket, args, run).await,
+            Request::Events { follow, .. } => {
+                stream(&mut client, &socket, args, request, follow).await
+            }
+            request => match client.call(&request).await {
+                Ok(answer) => Ok(print::response(args.json, answer)),
+                Err(e) => Ok(stopped(&socket, &e)),
+            },
+        }
+    })
+}
+
+/// The socket the command asks: `--socket`, `UET_SOCKET`, else the default.
+pub(crate) fn socket(args: &ClientArgs) -> PathBuf {
+    args.socket
+        .clone()
+        .unwrap_or_else(uet::api::protocol::default_socket)
+}
+
+/// Says that no daemon answers on `socket` (and, when there is one, that there is no state
+/// to read instead either).
+pub(crate) fn no_daemon(socket: &Path, e: &std::io::Error, state: Option<&Path>) {
+    if e.kind() == std::io::ErrorKind::InvalidData {
+        eprintln!(
+            "uet: the daemon on {} does not speak this uet's protocol ({e}); use the uet that started it, or restart the daemon with this one",
+            socket.display()
+        );
+        return;
+    }
+    let instead = match state {
+        Some(dir) => format!(
+            ", and there is no state in {} to read instead",
+            dir.display()
+        ),
+        None => String::new(),
+    };
+    eprintln!(
+        "uet: no uet daemon answers on {} ({e}){instead}; start one with `uet daemon --watch DIR`, or point --socket / UET_SOCKET at it",
+        socket.display()
+    );
+}
+
+fn stopped(socket: &Path, e: &dyn std::fmt::Display) -> u8 {
+    eprintln!(
+        "uet: the daemon on {} stopped answering: {e}",
+        socket.display()
+    );
+    exit::NO_DAEMON
+}
+
+/// An event log as the daemon streams it, a frame at a time, to its end (when following, the
+/// end of the run).
+async fn stream(
+    client: &mut Client,
+    socket: &Path,
+    args: &ClientArgs,
+    request: Request,
+    following: bool,
+) -> Result<u8, Failure> {
+    let mut answer = client.call(&request).await;
+    loop {
+        match answer {
+            // the end of a followed run: a note for a person, nothing in a JSON-lines stream
+            Ok(Response::Done { message }) => {
+                if following && !args.json {
+                    eprintln!("uet: {message}");
+                }
+                return Ok(exit::OK);
+            }
+            Ok(Response::Events { events }) => print::events(args.json, &events),
+            Ok(other) => return Ok(print::response(args.json, other)),
+            Err(e) => return Ok(stopped(socket, &e)),
+        }
+        answer = client.next().await;
+    }
+}
+
+/// `uet show`: the run a page at a time (a run of many steps does not fit one answer), printed
+/// as one object.
+async fn show_pages(
+    client: &mut Client,
+    socket: &Path,
+    args: &ClientArgs,
+    run: u64,
+) -> Result<u8, Failure> {
+    let mut whole: Option<RunShown> = None;
+    let mut from = 0;
+    loop {
+        let page = match client.call(&Request::Show { run, from }).await {
+            Ok(Response::Run { run: page }) => *page,
+            Ok(other) => return Ok(print::response(args.json, other)),
+            Err(e) => return Ok(stopped(socket, &e)),
+        };
+        let next = page.steps_next;
+        match &mut whole {
+            None => whole = Some(page),
+            Some(w) => w.steps.extend(page.steps),
+        }
+        match next {
+            Some(n) if n > from => from = n,
+            _ => break,
+        }
+    }
+    let mut run = whole.expect("the first page was read");
+    run.steps_next = None;
+    print::run(args.json, &run);
+    Ok(exit::OK)
+}

@@ -1,0 +1,102 @@
+//! `uet daemon`: its config file, and starting it.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, anyhow};
+
+use super::args::exit;
+use super::{Failure, default_state_dir};
+
+/// The daemon's config file: the flags' settings, flags winning.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct DaemonFile {
+    tools: Option<PathBuf>,
+    #[serde(default)]
+    watch: Vec<PathBuf>,
+    state: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    max_runs: Option<usize>,
+    #[serde(default, with = "humantime_opt")]
+    settle: Option<std::time::Duration>,
+    #[serde(default, with = "humantime_opt")]
+    grace: Option<std::time::Duration>,
+    /// Poll folders at this interval instead of using inotify.
+    #[serde(default, with = "humantime_opt")]
+    poll: Option<std::time::Duration>,
+    /// Serve `GET /metrics` on this loopback address, e.g. "127.0.0.1:9464".
+    metrics: Option<std::net::SocketAddr>,
+    /// Delete finished runs older than this.
+    #[serde(default, with = "humantime_opt")]
+    keep_for: Option<std::time::Duration>,
+    /// Keep only this many finished runs.
+    keep_runs: Option<usize>,
+    /// The largest workflow file read from a watched folder ("8MiB").
+    max_file: Option<String>,
+}
+
+mod humantime_opt {
+    use serde::Deserialize;
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<std::time::Duration>, D::Error> {
+        let text: Option<String> = Option::deserialize(d)?;
+        text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+pub(crate) fn daemon(
+    config: Option<PathBuf>,
+    tools: Option<PathBuf>,
+    watch: Vec<PathBuf>,
+    state: Option<PathBuf>,
+    socket: Option<PathBuf>,
+) -> Result<u8, Failure> {
+    let file: DaemonFile = match &config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            toml::from_str(&text).map_err(|e| anyhow!("{}: {e}", path.display()))?
+        }
+        None => DaemonFile::default(),
+    };
+    let watch = if watch.is_empty() { file.watch } else { watch };
+    if watch.is_empty() {
+        return Err(
+            anyhow!("nothing to watch: pass --watch DIR (or `watch = [...]` in --config)").into(),
+        );
+    }
+    let state = match state.or(file.state) {
+        Some(s) => s,
+        None => default_state_dir()?,
+    };
+    let config = uet::daemon::Config {
+        state,
+        socket: socket
+            .or(file.socket)
+            .unwrap_or_else(uet::api::protocol::default_socket),
+        watch,
+        tools: tools.or(file.tools),
+        max_runs: file.max_runs.unwrap_or(8),
+        // a window of nothing would poll the file as fast as the machine can
+        settle: file
+            .settle
+            .unwrap_or(std::time::Duration::from_millis(200))
+            .max(std::time::Duration::from_millis(10)),
+        grace: file.grace.unwrap_or(std::time::Duration::from_secs(10)),
+        poll: file.poll,
+        metrics: file.metrics,
+        keep_for: file.keep_for,
+        keep_runs: file.keep_runs,
+        max_file: match &file.max_file {
+            Some(text) => uet::spec::doc::parse_bytes(text).ok_or_else(|| {
+                anyhow!("max_file: bad size {text:?}; write e.g. \"8MiB\" or \"512KiB\"")
+            })?,
+            None => uet::spec::doc::MAX_FILE,
+        },
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    runtime.block_on(uet::daemon::serve(config))?;
+    Ok(exit::OK)
+}

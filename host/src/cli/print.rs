@@ -1,0 +1,185 @@
+//! The facade's typed answers, printed for a person or as JSON.
+
+use std::io::Write;
+
+use uet::api::protocol::{Response, Status};
+use uet::api::types::{BreakerShown, EventShown, RunShown, RunSummary, ToolShown, TopView};
+use uet::model::RunState;
+
+use super::args::exit;
+
+/// Prints one answer of the daemon and says what the command's exit code is.
+pub(crate) fn response(json: bool, answer: Response) -> u8 {
+    match answer {
+        Response::Error { message, invalid } => {
+            eprintln!("{message}");
+            if invalid {
+                exit::INVALID
+            } else {
+                exit::RUN_FAILED
+            }
+        }
+        Response::Status(status) => {
+            self::status(json, &status);
+            exit::OK
+        }
+        Response::Runs { runs } => {
+            self::runs(json, &runs);
+            exit::OK
+        }
+        Response::Run { run } => {
+            self::run(json, &run);
+            exit::OK
+        }
+        Response::Submitted { run } => {
+            if json {
+                println!("{}", serde_json::json!({ "run_id": run }));
+            } else {
+                println!("submitted: run {run}");
+            }
+            exit::OK
+        }
+        Response::Done { message } => {
+            println!("{message}");
+            exit::OK
+        }
+        Response::Events { events } => {
+            self::events(json, &events);
+            exit::OK
+        }
+        Response::Tools { tools } => {
+            self::tools(json, &tools);
+            exit::OK
+        }
+        Response::Top { view } => {
+            top(json, &view);
+            exit::OK
+        }
+        Response::Metrics { text } => {
+            print!("{text}");
+            exit::OK
+        }
+        Response::Hello { .. } => exit::OK,
+    }
+}
+
+/// Prints `value` as one line of JSON.
+fn json_line(value: &impl serde::Serialize) {
+    let mut out = std::io::stdout().lock();
+    let _ = serde_json::to_writer(&mut out, value);
+    let _ = writeln!(out);
+}
+
+pub(crate) fn status(json: bool, status: &Status) {
+    if json {
+        return json_line(status);
+    }
+    let counts: Vec<String> = status
+        .runs
+        .iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect();
+    let watching: Vec<String> = status
+        .watching
+        .iter()
+        .map(|w| w.display().to_string())
+        .collect();
+    println!(
+        "uet daemon {} (pid {}), up {}s, state {}\nwatching: {}\nruns: {} ({} active)",
+        status.version,
+        status.pid,
+        status.uptime_seconds,
+        status.state.display(),
+        watching.join(", "),
+        if counts.is_empty() {
+            "none".to_string()
+        } else {
+            counts.join(", ")
+        },
+        status.active,
+    );
+}
+
+pub(crate) fn runs(json: bool, runs: &[RunSummary]) {
+    if json {
+        return json_line(&runs);
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{:>6}  {:<11}  {:<24}  STARTED BY · REASON",
+        "RUN", "STATE", "NAME"
+    );
+    for r in runs {
+        let mut why = r.trigger.clone().unwrap_or_else(|| "-".into());
+        if r.state != RunState::Succeeded
+            && let Some(reason) = &r.reason
+        {
+            why.push_str(&format!(" · {reason}"));
+        }
+        let _ = writeln!(
+            out,
+            "{:>6}  {:<11}  {:<24}  {why}",
+            r.run_id,
+            r.state.as_str(),
+            r.name
+        );
+    }
+}
+
+pub(crate) fn run(json: bool, run: &RunShown) {
+    if json {
+        json_line(run);
+    } else {
+        print!("{}", uet::views::report::text(run));
+    }
+}
+
+pub(crate) fn events(json: bool, events: &[EventShown]) {
+    let mut out = std::io::stdout().lock();
+    for e in events {
+        if json {
+            let _ = serde_json::to_writer(&mut out, e);
+            let _ = writeln!(out);
+        } else {
+            let _ = writeln!(out, "{}", uet::views::report::event_line(e));
+        }
+    }
+    let _ = out.flush();
+}
+
+/// `uet tools`: a table, or a JSON list.
+pub(crate) fn tools(json: bool, tools: &[ToolShown]) {
+    if json {
+        return json_line(&tools);
+    }
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{:<16} {:<8} {:<24} {:<30} SOURCE",
+        "TOOL", "KIND", "CAPABILITIES", "BREAKER"
+    );
+    for t in tools {
+        let mut source = t.source.clone();
+        if let Some(v) = &t.version {
+            source.push_str(&format!(" (v{v})"));
+        }
+        let _ = writeln!(
+            out,
+            "{:<16} {:<8} {:<24} {:<30} {source}",
+            t.name,
+            t.kind,
+            t.capabilities.join(","),
+            BreakerShown::cell(t.breaker.as_ref()),
+        );
+    }
+}
+
+pub(crate) fn top(json: bool, view: &TopView) {
+    if json {
+        return json_line(view);
+    }
+    for line in uet::views::top::frame(view, 200) {
+        println!("{line}");
+    }
+}
