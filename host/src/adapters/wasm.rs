@@ -67,7 +67,7 @@ pub use crate::spec::tools::Description;
 
 /// Something a plugin reported while it ran.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Report {
+pub enum PluginReport {
     /// A log line.
     Log {
         /// `trace`, `debug`, `info`, `warn` or `error`.
@@ -148,7 +148,7 @@ struct HostState {
     ctx: WasiCtx,
     table: ResourceTable,
     limits: StoreLimits,
-    reports: Option<Box<dyn FnMut(Report) + Send>>,
+    reports: Option<Box<dyn FnMut(PluginReport) + Send>>,
     reported: usize,
     interrupted: Option<Interruption>,
 }
@@ -169,7 +169,7 @@ impl WasiView for HostState {
 }
 
 impl HostState {
-    fn report(&mut self, report: Report) {
+    fn report(&mut self, report: PluginReport) {
         if self.reported < REPORT_LIMIT {
             self.reported += 1;
             if let Some(sink) = &mut self.reports {
@@ -188,7 +188,7 @@ impl bindings::uet::plugin::host::Host for HostState {
             Level::Warn => "warn",
             Level::Error => "error",
         };
-        self.report(Report::Log {
+        self.report(PluginReport::Log {
             level,
             message: clip(message),
         });
@@ -200,7 +200,7 @@ impl bindings::uet::plugin::host::Host for HostState {
         } else {
             0.0
         };
-        self.report(Report::Progress {
+        self.report(PluginReport::Progress {
             fraction,
             message: clip(message),
         });
@@ -534,7 +534,7 @@ impl Runtime {
         grants: &Grants,
         limits: &Limits,
         cancel: Arc<AtomicBool>,
-        reports: Option<Box<dyn FnMut(Report) + Send>>,
+        reports: Option<Box<dyn FnMut(PluginReport) + Send>>,
     ) -> WasmResult {
         let error = |msg: String| WasmResult {
             outcome: WasmOutcome::Error(msg),

@@ -1,507 +1,615 @@
-//! What is dropped into a watched folder is somebody else's file, read with the daemon's
-//! rights: it is opened without following a link or waiting on a FIFO, read only when it is a
-//! plain file of one name, and never beyond a size limit. Whatever is refused or invalid goes
-//! to `rejected/` with a report only the daemon's user can read.
-//!
-//! The folder's contents are the droppers' too: `rejected` or `.uet` may have been made a link
-//! (to `~/.ssh`, say) before the daemon first needed them. So the daemon's own folders are
-//! opened from the watched folder without following a link and checked to be the daemon's, and
-//! every move, read and write is made relative to those open folders, never by a path.
+//! Taking files in: watching the folders, waiting for a file to be whole, claiming it,
+//! checking it, and recording its run or rejecting it with a report.
 
-use std::ffi::CString;
-use std::fmt;
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
+use sha2::{Digest, Sha256};
+
+use super::dropped;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-/// Bytes of a dropped file's name that are taken in: the claim's name adds a stamp of up to 25
-/// bytes and a report's name `.error.txt` and a number, and both must fit the 255 bytes a file
-/// name may have.
-pub const MAX_NAME: usize = 200;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-/// Tries at taking a claimed file in: one whose taking-in stopped the daemon this many times is
-/// refused instead of being read again at every start.
-pub const CLAIM_TRIES: u32 = 2;
+use super::*;
 
-/// Why a dropped file was refused without being read as a workflow.
-#[derive(Debug)]
-pub enum Refusal {
-    /// It is a symbolic link.
-    Link,
-    /// It is not a plain file (a FIFO, a device, a socket, a folder).
-    NotPlain(&'static str),
-    /// It has other names (hard links), so it may not be the submitter's own.
-    OtherNames(u64),
-    /// It is larger than the limit.
-    TooLarge(u64),
-    /// Its name is longer than [`MAX_NAME`] bytes.
-    NameTooLong(usize),
-    /// Taking it in stopped the daemon [`CLAIM_TRIES`] times.
-    Crashed,
-    /// Checking it failed inside uet (a bug, which the daemon's log shows).
-    Unchecked,
-    /// It could not be read.
-    Unreadable(std::io::Error),
+/// How long a file held open by some process, and not changing, is waited for before it is
+/// read anyway (its close event may have been lost when the kernel's queue overflowed).
+pub(super) const OPEN_WAIT: Duration = Duration::from_secs(60);
+
+/// Dropped files read and checked at once. Checking a file at the size limit can take a few
+/// hundred MB (a 100,000-step workflow takes 380 MB to plan): a burst of large drops is
+/// taken in a few at a time, so memory stays bounded however many arrive.
+pub(super) const CLAIMS_AT_ONCE: usize = 4;
+
+/// The KiB of dropped files read and checked at once, at most: checking a file takes up to
+/// some 80 times its size (8 MiB of a TOML array of numbers took 640 MB), so the largest files
+/// are taken in one at a time, and smaller ones several at once.
+pub(super) const CLAIM_KIB: usize = 8 << 10;
+
+/// What a claim waits for before it reads its file: one of [`CLAIMS_AT_ONCE`] turns, and its
+/// file's share of [`CLAIM_KIB`].
+pub(super) struct Claiming {
+    turns: Arc<Semaphore>,
+    kib: Arc<Semaphore>,
 }
 
-impl fmt::Display for Refusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Refusal::Link => write!(
-                f,
-                "it is a symbolic link; links are not followed (drop the file itself)"
-            ),
-            Refusal::NotPlain(kind) => write!(f, "it is {kind}, not a plain file"),
-            Refusal::OtherNames(n) => write!(
-                f,
-                "it has {n} names (hard links), so it may be somebody else's file; drop a copy"
-            ),
-            Refusal::TooLarge(limit) => write!(
-                f,
-                "it is larger than {}, the most read of a workflow (max_file in the daemon's config)",
-                crate::spec::doc::show_bytes(*limit)
-            ),
-            Refusal::NameTooLong(n) => write!(
-                f,
-                "its name is {n} bytes long, over the {MAX_NAME} bytes a workflow's name may have"
-            ),
-            Refusal::Crashed => write!(
-                f,
-                "uet stopped while taking it in, {CLAIM_TRIES} times: it is set aside unread as a \
-                 suspected cause"
-            ),
-            Refusal::Unchecked => write!(
-                f,
-                "checking it failed inside uet (a bug; the daemon's log says where)"
-            ),
-            Refusal::Unreadable(e) => write!(f, "it cannot be read: {e}"),
-        }
-    }
-}
-
-/// Reads a claimed file, `name` in the folder `dir`: not through a link, without blocking on a
-/// FIFO, only a plain file with no other name, and at most `limit` bytes of it.
-pub fn read_dropped(dir: &OwnedFd, name: &str, limit: u64) -> Result<Vec<u8>, Refusal> {
-    let flags = libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY;
-    let file = open_at(dir, name, flags, 0).map_err(|e| match e.raw_os_error() {
-        Some(libc::ELOOP) => Refusal::Link,
-        _ => Refusal::Unreadable(e),
-    })?;
-    read_plain(std::fs::File::from(file), limit, false)
-}
-
-/// Reads a file a client named with `uet submit`: the socket's owner is the daemon's user, so
-/// links are followed, but only a plain file is read, and at most `limit` bytes of it.
-pub fn read_submitted(path: &Path, limit: u64) -> Result<Vec<u8>, Refusal> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(Refusal::Unreadable)?;
-    read_plain(file, limit, true)
-}
-
-/// Reads an opened file when it is a plain file (with no other name, unless `any_names`), at
-/// most `limit` bytes of it.
-fn read_plain(file: std::fs::File, limit: u64, any_names: bool) -> Result<Vec<u8>, Refusal> {
-    // what was opened, not what the name says now
-    let meta = file.metadata().map_err(Refusal::Unreadable)?;
-    let kind = meta.file_type();
-    if !kind.is_file() {
-        use std::os::unix::fs::FileTypeExt;
-        return Err(Refusal::NotPlain(if kind.is_fifo() {
-            "a FIFO"
-        } else if kind.is_dir() {
-            "a folder"
-        } else if kind.is_socket() {
-            "a socket"
-        } else if kind.is_char_device() || kind.is_block_device() {
-            "a device"
+impl Claiming {
+    /// Waits for a turn to take `path` in; `None` when the daemon is stopping.
+    async fn turn(
+        &self,
+        path: &Path,
+        max_file: u64,
+    ) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+        // a file over the limit is refused unread: its size weighs nothing
+        let size = std::fs::symlink_metadata(path).map_or(0, |m| m.len());
+        let kib = if size > max_file {
+            1
         } else {
-            "a special file"
-        }));
-    }
-    if !any_names && meta.nlink() > 1 {
-        return Err(Refusal::OtherNames(meta.nlink()));
-    }
-    if meta.len() > limit {
-        return Err(Refusal::TooLarge(limit));
-    }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.take(limit + 1)
-        .read_to_end(&mut bytes)
-        .map_err(Refusal::Unreadable)?;
-    if bytes.len() as u64 > limit {
-        return Err(Refusal::TooLarge(limit));
-    }
-    Ok(bytes)
-}
-
-/// A watched folder held open, with the daemon's own folders in it.
-pub struct Inbox {
-    /// Its path, for messages and for the names of what is in it.
-    pub path: PathBuf,
-    fd: OwnedFd,
-}
-
-impl Inbox {
-    /// Opens a watched folder (the operator's, named in the daemon's config: opened as given).
-    pub fn open(path: &Path) -> std::io::Result<Inbox> {
-        let fd = crate::adapters::beneath::open_folder(path, ".", false).map_err(std::io::Error::other)?;
-        Ok(Inbox {
-            path: path.to_path_buf(),
-            fd,
-        })
-    }
-
-    /// The folder itself.
-    pub fn fd(&self) -> &OwnedFd {
-        &self.fd
-    }
-
-    /// `.uet/claimed`, where claimed files wait (made 0700 if missing).
-    pub fn claimed(&self) -> std::io::Result<OwnedFd> {
-        self.own(".uet", 0o700)?;
-        self.own(".uet/claimed", 0o700)
-    }
-
-    /// `rejected`, where refused and invalid files go with their reports (made if missing).
-    pub fn rejected(&self) -> std::io::Result<OwnedFd> {
-        self.own("rejected", 0o755)
-    }
-
-    /// One of the daemon's own folders: reached without following a link, and the daemon's
-    /// (a folder a dropper made there first is theirs to change under the daemon's feet).
-    fn own(&self, rel: &str, mode: u32) -> std::io::Result<OwnedFd> {
-        let fd = crate::adapters::beneath::open_folder_at(&self.fd, &self.path, rel, true)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e))?;
-        let file = std::fs::File::from(fd);
-        let meta = file.metadata()?;
-        // SAFETY: geteuid has no preconditions and cannot fail
-        let me = unsafe { libc::geteuid() };
-        if meta.uid() != me {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::PermissionDenied,
-                format!(
-                    "{} belongs to uid {}, not to this daemon's user (uid {me}): somebody else \
-                     made it (or the file system maps owners); move it away (files in \
-                     .uet/claimed are drops not yet taken in: put them back in the folder)",
-                    self.path.join(rel).display(),
-                    meta.uid()
-                ),
-            ));
-        }
-        if meta.mode() & 0o777 != mode && rel.starts_with(".uet") {
-            file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
-        }
-        Ok(OwnedFd::from(file))
+            (size >> 10).clamp(1, CLAIM_KIB as u64) as u32
+        };
+        let turn = self.turns.clone().acquire_owned().await.ok()?;
+        let share = self.kib.clone().acquire_many_owned(kib).await.ok()?;
+        Some((turn, share))
     }
 }
 
-/// Moves `from` in the folder `from_dir` to `to` in `to_dir`; with `keep`, not over a file
-/// that is there (`RENAME_NOREPLACE`).
-pub fn rename_at(
-    from_dir: &OwnedFd,
-    from: &str,
-    to_dir: &OwnedFd,
-    to: &str,
-    keep: bool,
-) -> std::io::Result<()> {
-    let (from, to) = (c_name(from)?, c_name(to)?);
-    let flags = if keep { libc::RENAME_NOREPLACE } else { 0 };
-    // SAFETY: valid descriptors and C strings; renameat2 touches nothing else
-    let r = unsafe {
-        libc::renameat2(
-            from_dir.as_raw_fd(),
-            from.as_ptr(),
-            to_dir.as_raw_fd(),
-            to.as_ptr(),
-            flags,
-        )
+/// How long taking in one dropped file may take before the inbox stops waiting for it.
+pub(super) const CLAIM_TIME: Duration = Duration::from_secs(60);
+
+/// How often a watched folder that was deleted is looked for, until it is back.
+pub(super) const REAPPEAR_POLL: Duration = Duration::from_millis(250);
+
+/// What the inbox task hears from the folder watchers.
+pub(super) enum FolderEvent {
+    /// A path changed, and how.
+    Path(PathBuf, Seen),
+    /// A watched folder is gone (deleted or moved away).
+    Gone(PathBuf),
+}
+
+/// What a watcher saw happen to a path in a watched folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Seen {
+    /// It was renamed in: complete already.
+    RenamedIn,
+    /// Something opened it (a writer, perhaps).
+    Opened,
+    /// Something that had it open closed it.
+    Closed,
+    /// Anything else: written, made, listed at start.
+    Changed,
+}
+
+/// A watcher over `dir` (its whole tree when `recursive`) that hands every event to
+/// `handler`. Uses the kernel's notifications unless polling is configured; when the inotify
+/// limits are reached, says so and polls instead.
+pub(super) fn make_watcher<F>(
+    dir: &Path,
+    recursive: bool,
+    poll: Option<Duration>,
+    handler: F,
+) -> anyhow::Result<Box<dyn notify::Watcher + Send>>
+where
+    F: Fn(notify::Event) + Clone + Send + 'static,
+{
+    use notify::Watcher;
+    let mode = if recursive {
+        notify::RecursiveMode::Recursive
+    } else {
+        notify::RecursiveMode::NonRecursive
     };
-    if r == 0 {
-        return Ok(());
-    }
-    let e = std::io::Error::last_os_error();
-    if !(keep && e.raw_os_error() == Some(libc::EINVAL)) {
-        return Err(e);
-    }
-    // a file system without RENAME_NOREPLACE (NFS, some FUSE): a hard link fails as well over a
-    // name that is taken, and the old name goes once the new one holds the file
-    // SAFETY: valid descriptors and C strings
-    let linked = unsafe {
-        libc::linkat(
-            from_dir.as_raw_fd(),
-            from.as_ptr(),
-            to_dir.as_raw_fd(),
-            to.as_ptr(),
-            0,
-        )
+    let on_event = |h: F| {
+        move |event: notify::Result<notify::Event>| match event {
+            Ok(event) => h(event),
+            Err(e) => tracing::warn!("watch error: {e}"),
+        }
     };
-    if linked != 0 {
-        return Err(std::io::Error::last_os_error());
+    if poll.is_none() {
+        let native = notify::recommended_watcher(on_event(handler.clone())).and_then(|mut w| {
+            w.watch(dir, mode)?;
+            Ok(w)
+        });
+        match native {
+            Ok(w) => return Ok(Box::new(w)),
+            Err(e) if at_watch_limit(&e) => tracing::warn!(
+                "cannot watch {} with inotify ({e}); polling it every second instead \
+                 (raise fs.inotify.max_user_watches / max_user_instances to avoid this)",
+                dir.display()
+            ),
+            Err(e) => anyhow::bail!("cannot watch {}: {e}", dir.display()),
+        }
     }
-    // SAFETY: a valid descriptor and C string
-    if unsafe { libc::unlinkat(from_dir.as_raw_fd(), from.as_ptr(), 0) } != 0 {
-        return Err(std::io::Error::last_os_error());
+    let interval = poll.unwrap_or(Duration::from_secs(1));
+    let config = notify::Config::default().with_poll_interval(interval);
+    let mut w = notify::PollWatcher::new(on_event(handler), config)
+        .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+    w.watch(dir, mode)
+        .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+    Ok(Box::new(w))
+}
+
+/// Whether a watcher failed because the kernel's inotify limits are used up.
+pub(super) fn at_watch_limit(e: &notify::Error) -> bool {
+    match &e.kind {
+        notify::ErrorKind::MaxFilesWatch => true,
+        notify::ErrorKind::Io(io) => matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EMFILE)),
+        _ => false,
+    }
+}
+
+/// Watches a folder's direct children for submissions, and queues what is there already (a
+/// writer may still be busy with those: they settle first).
+pub(super) fn watch_inbox(shared: &Arc<Daemon>, dir: &Path) -> anyhow::Result<()> {
+    use notify::event::{AccessKind, EventKind, ModifyKind, RenameMode};
+    let tx = shared.inbox.clone();
+    let folder = dir.to_path_buf();
+    let watcher = make_watcher(
+        dir,
+        false,
+        shared.config.poll,
+        move |event: notify::Event| {
+            // the kernel's queue overflowed: events were lost, so look at everything again
+            if event.need_rescan() {
+                for entry in std::fs::read_dir(&folder).into_iter().flatten().flatten() {
+                    let _ = tx.send(FolderEvent::Path(entry.path(), Seen::Changed));
+                }
+            }
+            let renamed_in = matches!(
+                event.kind,
+                EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+            );
+            let seen = match event.kind {
+                EventKind::Access(AccessKind::Open(_)) => Seen::Opened,
+                EventKind::Access(AccessKind::Close(_)) => Seen::Closed,
+                _ => Seen::Changed,
+            };
+            // the folder itself removed or moved away: even if one of the same name is already
+            // back (a quick `rm -r` and `mkdir`), this watch is on the old one
+            let self_gone = matches!(
+                event.kind,
+                EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+            );
+            // for a rename pair the destination is the last path
+            let count = event.paths.len();
+            for (i, path) in event.paths.into_iter().enumerate() {
+                if path == folder && (self_gone || !folder.is_dir()) {
+                    let _ = tx.send(FolderEvent::Gone(folder.clone()));
+                } else if renamed_in && i + 1 == count {
+                    let _ = tx.send(FolderEvent::Path(path, Seen::RenamedIn));
+                } else {
+                    let _ = tx.send(FolderEvent::Path(path, seen));
+                }
+            }
+        },
+    )?;
+    lock(&shared.watchers).insert((dir.to_path_buf(), false), watcher);
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        let _ = shared.inbox.send(FolderEvent::Path(entry.path(), Seen::Changed));
     }
     Ok(())
 }
 
-/// Removes the file `name` from the folder `dir`.
-pub fn remove_at(dir: &OwnedFd, name: &str) -> std::io::Result<()> {
-    let name = c_name(name)?;
-    // SAFETY: a valid descriptor and C string
-    if unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Makes what was renamed in `dir` survive a crash.
-pub fn sync_folder(dir: &OwnedFd) -> std::io::Result<()> {
-    // SAFETY: a valid descriptor
-    if unsafe { libc::fsync(dir.as_raw_fd()) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// The names in the folder `dir`.
-pub fn names_in(dir: &OwnedFd) -> std::io::Result<Vec<String>> {
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(crate::adapters::beneath::fd_path(dir))? {
-        names.push(entry?.file_name().to_string_lossy().into_owned());
-    }
-    Ok(names)
-}
-
-fn c_name(name: &str) -> std::io::Result<CString> {
-    CString::new(name).map_err(|_| std::io::ErrorKind::InvalidInput.into())
-}
-
-fn open_at(dir: &OwnedFd, name: &str, flags: i32, mode: u32) -> std::io::Result<OwnedFd> {
-    let name = c_name(name)?;
-    // SAFETY: a valid descriptor and C string; the descriptor returned is ours
-    let fd = unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            flags | libc::O_CLOEXEC,
-            mode as libc::c_uint,
-        )
+/// A watched folder went away: wait for it to come back, then watch it again and pick up
+/// whatever it holds. The wait polls, but only while the folder is missing.
+pub(super) async fn await_folder(shared: Arc<Daemon>, dir: PathBuf) {
+    let had_tree = {
+        let mut watchers = lock(&shared.watchers);
+        watchers.remove(&(dir.clone(), false));
+        watchers.remove(&(dir.clone(), true)).is_some()
     };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
+    if !dir.is_dir() {
+        tracing::warn!(folder = %dir.display(), "watched folder is gone; waiting for it to come back");
     }
-    // SAFETY: fd was just returned by openat and nobody else owns it
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// The name a file is claimed under in `.uet/claimed/`: the time it was claimed, the tries at
-/// taking it in after the first (a restart after a crash is another try), and its own name.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClaimName {
-    /// Nanoseconds since the epoch when it was claimed.
-    pub stamp: u128,
-    /// Which try at taking it in this is, from 1.
-    pub tries: u32,
-    /// The name it was dropped under.
-    pub name: String,
-}
-
-impl ClaimName {
-    /// A claim made now of a file named `name`.
-    pub fn now(name: &str) -> ClaimName {
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        ClaimName {
-            stamp,
-            tries: 1,
-            name: name.to_string(),
+    let mut first = true;
+    let mut said = None;
+    loop {
+        // a folder already back is watched again at once
+        if !std::mem::take(&mut first) || !dir.is_dir() {
+            tokio::select! {
+                _ = tokio::time::sleep(REAPPEAR_POLL) => {}
+                _ = shared.shutdown.cancelled() => return,
+            }
         }
-    }
-
-    /// Reads a claimed file's name: `STAMP-NAME`, or `STAMP.TRIES-NAME` after the first try.
-    pub fn parse(claim: &str) -> Option<ClaimName> {
-        let (head, name) = claim.split_once('-')?;
-        let (stamp, tries) = match head.split_once('.') {
-            Some((stamp, tries)) => (stamp, tries.parse().ok()?),
-            None => (head, 1),
-        };
-        Some(ClaimName {
-            stamp: stamp.parse().ok()?,
-            tries,
-            name: name.to_string(),
-        })
-    }
-
-    /// The next try's claim.
-    pub fn retried(&self) -> ClaimName {
-        ClaimName {
-            tries: self.tries + 1,
-            ..self.clone()
+        if !dir.is_dir() {
+            continue;
+        }
+        let again = own_folders(&dir)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| {
+                recover_claims(&shared, &dir);
+                watch_inbox(&shared, &dir)
+            })
+            .and_then(|()| {
+                if had_tree {
+                    watch_tree(&shared, &dir)
+                } else {
+                    Ok(())
+                }
+            });
+        match again {
+            Ok(()) => {
+                tracing::info!(folder = %dir.display(), "watching the folder again");
+                return;
+            }
+            // said once, not at every look
+            Err(e) => {
+                let now = format!("{e:#}");
+                if said.as_ref() != Some(&now) {
+                    tracing::warn!(folder = %dir.display(), "cannot watch it yet: {now}");
+                    said = Some(now);
+                }
+            }
         }
     }
 }
 
-impl fmt::Display for ClaimName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.tries <= 1 {
-            write!(f, "{}-{}", self.stamp, self.name)
-        } else {
-            write!(f, "{}.{}-{}", self.stamp, self.tries, self.name)
-        }
-    }
+/// Makes (or checks) the daemon's own folders in a watched folder.
+pub(super) fn own_folders(dir: &Path) -> std::io::Result<()> {
+    let inbox = dropped::Inbox::open(dir)?;
+    inbox.claimed()?;
+    inbox.rejected()?;
+    Ok(())
 }
 
-/// A name as short as [`MAX_NAME`] bytes (cut at a character's edge): what a file whose own
-/// name is too long is rejected under.
-pub fn shortened(name: &str) -> String {
-    if name.len() <= MAX_NAME {
-        return name.to_string();
-    }
-    let mut cut = MAX_NAME;
-    while !name.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    name[..cut].to_string()
+/// Whether a path is a submission: a `.toml`/`.json` file directly in a watched folder, not
+/// the tools file, a dotfile or an editor's temporary.
+pub(super) fn is_submission(path: &Path, watch: &[PathBuf]) -> bool {
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
+    let in_watch = path.parent().is_some_and(|p| watch.iter().any(|w| w == p));
+    in_watch
+        && (name.ends_with(".toml") || name.ends_with(".json"))
+        && name != TOOLS_FILE
+        && !name.starts_with('.')
+        && !name.ends_with('~')
+        && !name.ends_with(".tmp")
+        // a link, a FIFO or a device is claimed to be refused with a report; a folder is the
+        // workstream's data
+        && path.symlink_metadata().is_ok_and(|m| !m.is_dir())
 }
 
-/// Moves `from` (in the folder `from_dir`) to the inbox's `rejected/` as `name`, and writes
-/// the report beside it as `name.error.txt`: the first pair of names no earlier rejection holds
-/// (`name`, then `2-name`, `3-name`, ...), so a file rejected twice keeps both reports. The
-/// report is the daemon user's alone (0600): it may quote what the file held. Returns the
-/// report's path.
-pub fn reject(
-    inbox: &Inbox,
-    from_dir: &OwnedFd,
-    from: &str,
-    name: &str,
-    report: &str,
-) -> std::io::Result<PathBuf> {
-    let rejected = inbox.rejected()?;
-    for n in 1u32.. {
-        let kept = if n == 1 {
-            name.to_string()
-        } else {
-            format!("{n}-{name}")
-        };
-        let report_name = format!("{kept}.error.txt");
-        // the report's name is taken first, atomically: two rejections never share it
-        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
-        let mut out = match open_at(&rejected, &report_name, flags, 0o600) {
-            Ok(fd) => std::fs::File::from(fd),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        };
-        out.write_all(report.as_bytes())?;
-        // the file itself; a name taken by a file put there by hand is not replaced
-        if let Err(e) = rename_at(from_dir, from, &rejected, &kept, true) {
-            let _ = remove_at(&rejected, &report_name);
-            if e.kind() == std::io::ErrorKind::AlreadyExists {
+/// Waits until each candidate file has stopped changing, then claims it.
+pub(super) async fn inbox(shared: Arc<Daemon>, mut messages: mpsc::UnboundedReceiver<FolderEvent>) {
+    let settling: Arc<Mutex<std::collections::HashSet<PathBuf>>> = Arc::default();
+    let opened: Arc<Mutex<HashMap<PathBuf, u32>>> = Arc::default();
+    let claiming = Arc::new(Claiming {
+        turns: Arc::new(Semaphore::new(CLAIMS_AT_ONCE)),
+        kib: Arc::new(Semaphore::new(CLAIM_KIB)),
+    });
+    let mut gone: std::collections::HashSet<PathBuf> = Default::default();
+    while let Some(message) = messages.recv().await {
+        let (path, seen) = match message {
+            FolderEvent::Gone(dir) => {
+                // one waiter per folder, however many events said so
+                if gone.insert(dir.clone()) {
+                    let shared = shared.clone();
+                    let (tx, dir2) = (shared.inbox.clone(), dir.clone());
+                    tokio::spawn(async move {
+                        await_folder(shared, dir2.clone()).await;
+                        let _ = tx.send(FolderEvent::Path(dir2, Seen::Changed));
+                    });
+                }
                 continue;
             }
-            return Err(e);
+            FolderEvent::Path(path, seen) => (path, seen),
+        };
+        // the waiter sends the folder itself once it is watched again
+        if gone.remove(&path) {
+            continue;
         }
-        return Ok(inbox.path.join("rejected").join(report_name));
+        if !is_submission(&path, &shared.config.watch) {
+            continue;
+        }
+        match seen {
+            Seen::Opened => *lock(&opened).entry(path.clone()).or_default() += 1,
+            Seen::Closed => {
+                let mut opened = lock(&opened);
+                if let Some(n) = opened.get_mut(&path) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            Seen::RenamedIn | Seen::Changed => {}
+        }
+        if !lock(&settling).insert(path.clone()) {
+            continue;
+        }
+        let shared = shared.clone();
+        let settling = settling.clone();
+        let opened = opened.clone();
+        let claiming = claiming.clone();
+        tokio::spawn(async move {
+            let turn = loop {
+                // a file renamed in is complete, but may be written again while it waits
+                let settled = match seen {
+                    Seen::RenamedIn => (file_stamp(&path), false),
+                    _ => settle(&path, shared.config.settle, &opened).await,
+                };
+                let Some(turn) = claiming.turn(&path, shared.config.max_file).await else {
+                    return;
+                };
+                // the wait for a turn may have been long: a file changed or opened meanwhile
+                // is waited for again
+                let (stamp, held_open) = settled;
+                let open = lock(&opened).get(&path).is_some_and(|&n| n > 0);
+                let unchanged = stamp == file_stamp(&path) && (held_open || !open);
+                if unchanged {
+                    break turn;
+                }
+            };
+            {
+                // from here, an event about the path starts its settling anew
+                let mut opened = lock(&opened);
+                lock(&settling).remove(&path);
+                opened.remove(&path);
+            }
+            if path.symlink_metadata().is_ok() {
+                let shared2 = shared.clone();
+                // the turn is held until the claim ends, even one given up on below: a claim
+                // that hangs must not let a fifth start beside it
+                let claiming = tokio::task::spawn_blocking(move || {
+                    let _turn = turn;
+                    claim(&shared2, &path)
+                });
+                // a claim reads only plain files, but of any file system: one that hangs is
+                // given up on here (its thread may stay stuck) and the inbox goes on
+                if tokio::time::timeout(CLAIM_TIME, claiming).await.is_err() {
+                    tracing::error!("taking in a dropped file took over {CLAIM_TIME:?}; given up");
+                }
+            }
+        });
     }
-    unreachable!("some number is free")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn claim_names_round_trip_and_count_tries() {
-        let first = ClaimName::now("a-b.toml");
-        let text = first.to_string();
-        assert!(!text.contains('.') || text.ends_with(".toml"));
-        assert_eq!(ClaimName::parse(&text), Some(first.clone()));
-        let again = first.retried();
-        assert_eq!(again.tries, 2);
-        assert_eq!(ClaimName::parse(&again.to_string()), Some(again.clone()));
-        assert_eq!(ClaimName::parse("x.toml"), None);
-        // the longest name still fits a file name with its stamp and tries
-        assert!(ClaimName::now(&"n".repeat(MAX_NAME)).retried().to_string().len() <= 255);
-        assert!(format!("99-{}.error.txt", "n".repeat(MAX_NAME)).len() <= 255);
-    }
-
-    #[test]
-    fn shortened_names_cut_at_a_character() {
-        let name = "é".repeat(150);
-        let short = shortened(&name);
-        assert!(short.len() <= MAX_NAME && short.chars().all(|c| c == 'é'));
-        assert_eq!(shortened("a.toml"), "a.toml");
-    }
-
-    #[test]
-    fn refuses_links_fifos_hard_links_and_large_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let inbox = Inbox::open(dir.path()).unwrap();
-        let plain = dir.path().join("plain.toml");
-        std::fs::write(&plain, "name = 1").unwrap();
-        let read = |name: &str, limit| read_dropped(inbox.fd(), name, limit);
-        assert_eq!(read("plain.toml", 100).unwrap(), b"name = 1");
-        assert!(matches!(read("plain.toml", 4), Err(Refusal::TooLarge(4))));
-        std::os::unix::fs::symlink(&plain, dir.path().join("link.toml")).unwrap();
-        assert!(matches!(read("link.toml", 100), Err(Refusal::Link)));
-        assert_eq!(
-            read_submitted(&dir.path().join("link.toml"), 100).unwrap(),
-            b"name = 1"
-        );
-        let fifo = dir.path().join("fifo.toml");
-        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-        // SAFETY: a valid C string
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-        // returns at once: no writer is waited for
-        assert!(matches!(
-            read("fifo.toml", 100),
-            Err(Refusal::NotPlain("a FIFO"))
-        ));
-        std::fs::hard_link(&plain, dir.path().join("twin.toml")).unwrap();
-        assert!(matches!(read("twin.toml", 100), Err(Refusal::OtherNames(2))));
-    }
-
-    #[test]
-    fn a_second_rejection_of_a_name_keeps_the_first() {
-        let dir = tempfile::tempdir().unwrap();
-        let inbox = Inbox::open(dir.path()).unwrap();
-        for text in ["one", "two"] {
-            std::fs::write(dir.path().join("x.toml"), text).unwrap();
-            reject(&inbox, inbox.fd(), "x.toml", "x.toml", &format!("report {text}")).unwrap();
+/// Returns once the file's size and modification time have held still for `window` and no
+/// process holds it open, as far as the kernel's open and close events tell (a writer that
+/// pauses with the file open is waited for). Without those events (polling) stillness alone
+/// decides, and a file held open and still for [`OPEN_WAIT`] is taken anyway, in case a close
+/// event was lost. Returns the file's stamp then, and whether it was taken though held open.
+pub(super) async fn settle(
+    path: &Path,
+    window: Duration,
+    opened: &Mutex<HashMap<PathBuf, u32>>,
+) -> (Stamp, bool) {
+    let mut last = file_stamp(path);
+    let mut still_since = Instant::now();
+    loop {
+        tokio::time::sleep(window).await;
+        let now = file_stamp(path);
+        if now != last {
+            last = now;
+            still_since = Instant::now();
+            continue;
         }
-        let rejected = dir.path().join("rejected");
-        let read = |n: &str| std::fs::read_to_string(rejected.join(n)).unwrap();
-        assert_eq!(read("x.toml"), "one");
-        assert_eq!(read("x.toml.error.txt"), "report one");
-        assert_eq!(read("2-x.toml"), "two");
-        assert_eq!(read("2-x.toml.error.txt"), "report two");
-        let mode = std::fs::metadata(rejected.join("2-x.toml.error.txt"))
-            .unwrap()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
+        let open = lock(opened).get(path).is_some_and(|&n| n > 0);
+        if !open || still_since.elapsed() >= OPEN_WAIT {
+            return (last, open);
+        }
     }
+}
 
-    #[test]
-    fn the_daemon_s_folders_are_never_reached_through_a_link() {
-        let dir = tempfile::tempdir().unwrap();
-        let elsewhere = tempfile::tempdir().unwrap();
-        std::os::unix::fs::symlink(elsewhere.path(), dir.path().join("rejected")).unwrap();
-        std::os::unix::fs::symlink(elsewhere.path(), dir.path().join(".uet")).unwrap();
-        let inbox = Inbox::open(dir.path()).unwrap();
-        assert!(inbox.rejected().is_err());
-        assert!(inbox.claimed().is_err());
-        std::fs::write(dir.path().join("config.toml"), "x").unwrap();
-        assert!(reject(&inbox, inbox.fd(), "config.toml", "config.toml", "r").is_err());
-        assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
-        assert!(dir.path().join("config.toml").exists(), "the file stays where it was");
+/// What says a file has changed: its size and modification time (`None` when it is gone).
+pub(super) type Stamp = Option<(u64, Option<std::time::SystemTime>)>;
+
+pub(super) fn file_stamp(path: &Path) -> Stamp {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.len(), m.modified().ok()))
+}
+
+/// Why a claimed file did not become a run.
+pub(super) enum ClaimError {
+    /// The file is not a valid workflow: it went to `rejected/` with this report.
+    Rejected(String),
+    /// The daemon could not record it (the claim stays, and is retried at the next start).
+    Failed(String),
+}
+
+/// Claims a file by renaming it out of the inbox (only one claimer can win a rename), then
+/// records it. `None` when another claimer won, or the claim could not be made (logged).
+pub(super) fn claim(shared: &Arc<Daemon>, path: &Path) -> Option<Result<RunId, ClaimError>> {
+    let dir = path.parent()?;
+    let name = path.file_name()?.to_str()?.to_string();
+    // every folder a claim may need, before the file is moved: a claim that could not be
+    // rejected would sit unseen in `.uet/claimed`
+    let folders = dropped::Inbox::open(dir).and_then(|inbox| {
+        let claimed = inbox.claimed()?;
+        inbox.rejected()?;
+        Ok((inbox, claimed))
+    });
+    let (inbox, claimed) = match folders {
+        Ok(f) => f,
+        Err(e) => {
+            let why = format!("cannot take files in from {}: {e}", dir.display());
+            tracing::error!("{why}");
+            return Some(Err(ClaimError::Failed(why)));
+        }
+    };
+    if name.len() > dropped::MAX_NAME {
+        // its claim's name would not fit a file name: refused from where it lies
+        let refusal = dropped::Refusal::NameTooLong(name.len());
+        let shown = dropped::shortened(&name);
+        return Some(Err(refuse(&inbox, inbox.fd(), &name, &shown, &refusal)));
+    }
+    let claim = dropped::ClaimName::now(&name);
+    match dropped::rename_at(inbox.fd(), &name, &claimed, &claim.to_string(), false) {
+        Ok(()) => {}
+        // another claimer won
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            let why = format!("cannot claim {}: {e}", path.display());
+            tracing::error!("{why}");
+            return Some(Err(ClaimError::Failed(why)));
+        }
+    }
+    // on disk before the run is: a crash must not bring the file back into the folder beside a
+    // run recorded for it, to be run again
+    if let Err(e) = dropped::sync_folder(&claimed).and_then(|()| dropped::sync_folder(inbox.fd())) {
+        tracing::warn!(file = %path.display(), "cannot sync the claim: {e}");
+    }
+    Some(process_claim(shared, &inbox, &claimed, &claim))
+}
+
+/// Finishes claims a crash interrupted: recorded ones are removed, the others taken in again,
+/// unless taking one in has already stopped the daemon [`dropped::CLAIM_TRIES`] times.
+pub(super) fn recover_claims(shared: &Arc<Daemon>, dir: &Path) {
+    let folders = dropped::Inbox::open(dir).and_then(|inbox| {
+        let claimed = inbox.claimed()?;
+        Ok((inbox, claimed))
+    });
+    let (inbox, claimed) = match folders {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!(folder = %dir.display(), "cannot look for claims a crash left: {e}");
+            return;
+        }
+    };
+    let names = match dropped::names_in(&claimed) {
+        Ok(names) => names,
+        Err(e) => {
+            tracing::error!(folder = %dir.display(), "cannot look for claims a crash left: {e}");
+            return;
+        }
+    };
+    for file_name in names {
+        let claim = dropped::ClaimName::parse(&file_name).unwrap_or_else(|| dropped::ClaimName {
+            stamp: 0,
+            tries: 1,
+            name: file_name.clone(),
+        });
+        match shared.store.submission(&file_name) {
+            Ok(Some(_)) => {
+                let _ = dropped::remove_at(&claimed, &file_name);
+            }
+            Ok(None) if claim.tries >= dropped::CLAIM_TRIES => {
+                let _ = refuse(&inbox, &claimed, &file_name, &claim.name, &dropped::Refusal::Crashed);
+            }
+            Ok(None) => {
+                // the try is counted on disk before the file is read again: if reading it
+                // stops this daemon too, the next start knows
+                let again = claim.retried();
+                let counted = dropped::rename_at(&claimed, &file_name, &claimed, &again.to_string(), false)
+                    .and_then(|()| dropped::sync_folder(&claimed));
+                if let Err(e) = counted {
+                    tracing::error!("cannot take claim {file_name} in again: {e}");
+                    continue;
+                }
+                let _ = process_claim(shared, &inbox, &claimed, &again);
+            }
+            Err(e) => tracing::error!("cannot check claim {file_name}: {e}"),
+        }
+    }
+}
+
+/// Moves a refused file (`from` in the folder `from_dir`) to `rejected/` as `name`, with a
+/// report of why; the file itself was not read.
+pub(super) fn refuse(
+    inbox: &dropped::Inbox,
+    from_dir: &std::os::fd::OwnedFd,
+    from: &str,
+    name: &str,
+    refusal: &dropped::Refusal,
+) -> ClaimError {
+    let shown = inbox.path.join(name);
+    let report = format!("{}: refused: {refusal}\n", shown.display());
+    match dropped::reject(inbox, from_dir, from, name, &report) {
+        Ok(at) => {
+            tracing::warn!(file = %shown.display(), report = %at.display(), "submission refused: {refusal}");
+            ClaimError::Rejected(report)
+        }
+        Err(e) => ClaimError::Failed(unrejected(inbox, from_dir, from, name, &e)),
+    }
+}
+
+/// A claimed file that could not be moved to `rejected/` goes back where it was dropped (not
+/// over a file dropped since), so it is not left unseen in `.uet/claimed`; says so.
+pub(super) fn unrejected(
+    inbox: &dropped::Inbox,
+    from_dir: &std::os::fd::OwnedFd,
+    from: &str,
+    name: &str,
+    e: &std::io::Error,
+) -> String {
+    let shown = inbox.path.join(name);
+    let back = dropped::rename_at(from_dir, from, inbox.fd(), name, true);
+    let why = match back {
+        Ok(()) => format!(
+            "{} cannot be moved to rejected/ ({e}); it was left in its folder",
+            shown.display()
+        ),
+        Err(_) => format!(
+            "{} cannot be moved to rejected/ ({e}); it waits in .uet/claimed",
+            shown.display()
+        ),
+    };
+    tracing::error!("{why}");
+    why
+}
+
+/// Validates a claimed file; records and starts its run, or moves it to `rejected/` with a
+/// report of every problem.
+pub(super) fn process_claim(
+    shared: &Arc<Daemon>,
+    inbox: &dropped::Inbox,
+    claimed: &std::os::fd::OwnedFd,
+    claim: &dropped::ClaimName,
+) -> Result<RunId, ClaimError> {
+    let name = &claim.name;
+    let claim_name = claim.to_string();
+    let dir = inbox.path.as_path();
+    let bytes = match dropped::read_dropped(claimed, &claim_name, shared.config.max_file) {
+        Ok(bytes) => bytes,
+        Err(refusal) => return Err(refuse(inbox, claimed, &claim_name, name, &refusal)),
+    };
+    let sha = crate::hex(&Sha256::digest(&bytes));
+    // problems name the file as the user dropped it
+    let shown = dir.join(name);
+    // a panic here (a bug on some input) must leave a report, not a claim that is read again
+    // at every start
+    let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        load_tools(shared, dir)
+            .and_then(|tools| workflow::parse(&shown, &bytes, &tools).map(|plan| (plan, tools)))
+    }));
+    drop(bytes);
+    let Ok(checked) = checked else {
+        let refusal = dropped::Refusal::Unchecked;
+        return Err(refuse(inbox, claimed, &claim_name, name, &refusal));
+    };
+    match checked {
+        Ok((plan, tools)) => {
+            let submission = Submission {
+                claim: &claim_name,
+                sha256: &sha,
+            };
+            let why = format!("dropped {name}");
+            match record(shared, &plan, &shown, dir, Some(submission), &why) {
+                Ok(run) => {
+                    let _ = dropped::remove_at(claimed, &claim_name);
+                    tracing::info!(run, file = %shown.display(), "submission accepted");
+                    start(shared, run, plan, dir.to_path_buf(), tools, false);
+                    Ok(run)
+                }
+                Err(e) => {
+                    tracing::error!(file = %shown.display(), "cannot record the submission: {e:#}");
+                    Err(ClaimError::Failed(format!("{e:#}")))
+                }
+            }
+        }
+        Err(problems) => {
+            let report = format!("{problems}\n");
+            match dropped::reject(inbox, claimed, &claim_name, name, &report) {
+                Ok(at) => {
+                    tracing::warn!(
+                        file = %shown.display(),
+                        report = %at.display(),
+                        "submission rejected: {} problems",
+                        problems.count()
+                    );
+                    Err(ClaimError::Rejected(report))
+                }
+                Err(e) => Err(ClaimError::Failed(unrejected(inbox, claimed, &claim_name, name, &e))),
+            }
+        }
     }
 }

@@ -21,7 +21,7 @@ use crate::adapters::process::{CommandSpec, Exit, Groups, run_command};
 use crate::state::{Change, StateError, Store};
 use crate::spec::template;
 use crate::spec::tools::{RetryPolicy, Tool, ToolKind, Tools};
-use crate::adapters::wasm::{Grants, Limits, Report, Runtime, WasmOutcome};
+use crate::adapters::wasm::{Grants, Limits, PluginReport, Runtime, WasmOutcome};
 use crate::spec::workflow::{Plan, Target};
 
 /// How much of an attempt's stdout/stderr the attempt record keeps; the full (bounded) stdout
@@ -130,7 +130,7 @@ enum Message {
     /// A step's backoff is over.
     Due(usize),
     /// A plugin said something while it ran.
-    Report(usize, Report),
+    Plugin(usize, PluginReport),
 }
 
 /// Drives a run to a terminal state and returns it. Steps already succeeded (a resumed run) keep
@@ -683,11 +683,11 @@ impl<'a> Scheduler<'a> {
                 let interrupted = pausing && end.outcome == Outcome::Interrupted;
                 self.finish_attempt(end, tx, cancel, stopping || interrupted);
             }
-            Message::Report(i, report) => {
+            Message::Plugin(i, report) => {
                 let id = self.plan.steps[i].id.clone();
                 let (kind, detail) = match report {
-                    Report::Log { level, message } => ("plugin.log", format!("{level}: {message}")),
-                    Report::Progress { fraction, message } => {
+                    PluginReport::Log { level, message } => ("plugin.log", format!("{level}: {message}")),
+                    PluginReport::Progress { fraction, message } => {
                         self.notify(Notice::Progress {
                             id: id.clone(),
                             fraction,
@@ -1220,8 +1220,8 @@ async fn run_plugin(
     let limits_output = limits.output;
     let index = end.index;
     let reports = ctx.reports.clone();
-    let sink = Box::new(move |r: Report| {
-        let _ = reports.send(Message::Report(index, r));
+    let sink = Box::new(move |r: PluginReport| {
+        let _ = reports.send(Message::Plugin(index, r));
     });
     let input = input.to_string();
     let joined = tokio::task::spawn_blocking(move || {

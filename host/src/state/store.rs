@@ -578,12 +578,12 @@ pub struct NewRun<'a> {
     /// The watched-folder file it was claimed from.
     pub submission: Option<Submission<'a>>,
     /// A standing workflow registered or dropped with it.
-    pub standing: Option<Standing<'a>>,
+    pub standing: Option<StandingChange<'a>>,
 }
 
 /// A change to the registered standing workflows, keyed by workstream and name.
 #[derive(Debug, Clone, Copy)]
-pub enum Standing<'a> {
+pub enum StandingChange<'a> {
     /// Keep the run's plan and start it again when its trigger fires.
     Register(&'a str),
     /// Forget it.
@@ -1019,7 +1019,7 @@ impl Store {
                 .map_err(storage)?;
             let mut table = tx.open_table(STANDING).map_err(storage)?;
             match standing {
-                Some(Standing::Register(key)) => {
+                Some(StandingChange::Register(key)) => {
                     let record = serde_json::json!({
                         "plan": &plan, "source": source, "workstream": workstream,
                     });
@@ -1027,7 +1027,7 @@ impl Store {
                         .insert(key, encode(&record).as_slice())
                         .map_err(storage)?;
                 }
-                Some(Standing::Unregister(key)) => {
+                Some(StandingChange::Unregister(key)) => {
                     table.remove(key).map_err(storage)?;
                 }
                 None => {}

@@ -1,0 +1,558 @@
+//! The control socket: accepting connections within limits, reading requests, and answering
+//! them through the facade.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+use super::*;
+use crate::api::ops;
+use crate::api::protocol::{self, Request, Response, Status};
+
+/// Writes an answer to a client, which must read it within [`SEND_TIME`].
+pub(super) async fn send<T: serde::Serialize>(
+    conn: &mut interprocess::local_socket::tokio::Stream,
+    message: &T,
+) -> Result<(), protocol::FrameError> {
+    protocol::write_frame_within(conn, message, SEND_TIME).await
+}
+
+/// How long a client may take to read an answer before it is dropped.
+pub(super) const SEND_TIME: Duration = Duration::from_secs(60);
+
+/// Control connections served at once: far more than people and scripts need, and few enough
+/// that a client holding connections open cannot take every file descriptor.
+pub(super) const MAX_CONNECTIONS: usize = 256;
+
+/// How long a new connection may take to send its first request, and an open one to send the
+/// rest of a request it began: a client that stalls is dropped, not waited for.
+pub(super) const REQUEST_TIME: Duration = Duration::from_secs(10);
+
+/// How long a connection may sit between requests (`uet top` asks every second or so).
+pub(super) const IDLE_TIME: Duration = Duration::from_secs(600);
+
+/// The first and the longest pause after a failed accept.
+pub(super) const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(10);
+
+pub(super) const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+
+/// Accepts control connections until shutdown: at most [`MAX_CONNECTIONS`] at once (the
+/// others wait in the kernel's queue), and a failing accept (out of file descriptors, say) is
+/// retried after a pause that grows, logged at most once a second, instead of spinning.
+pub(super) async fn accept_loop(shared: &Arc<Daemon>, listener: &interprocess::local_socket::tokio::Listener) {
+    use interprocess::local_socket::tokio::prelude::*;
+    let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut pause = Duration::ZERO;
+    let mut last_logged: Option<Instant> = None;
+    let mut unlogged = 0u64;
+    loop {
+        let permit = tokio::select! {
+            permit = open.clone().acquire_owned() => permit.expect("never closed"),
+            _ = shared.shutdown.cancelled() => return,
+        };
+        tokio::select! {
+            conn = listener.accept() => match conn {
+                Ok(conn) => {
+                    pause = Duration::ZERO;
+                    let shared = shared.clone();
+                    tokio::spawn(async move {
+                        client(shared, conn).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    unlogged += 1;
+                    if last_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        let more = if unlogged > 1 {
+                            format!(" ({} times since the last report)", unlogged)
+                        } else {
+                            String::new()
+                        };
+                        tracing::warn!("cannot accept a control connection: {e}{more}");
+                        last_logged = Some(Instant::now());
+                        unlogged = 0;
+                    }
+                    pause = (pause * 2).clamp(ACCEPT_PAUSE_MIN, ACCEPT_PAUSE_MAX);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = shared.shutdown.cancelled() => return,
+                    }
+                }
+            },
+            _ = shared.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Binds the socket in a folder only its owner can enter; a socket left by a crashed daemon is
+/// replaced, one a live process answers on is not.
+pub(super) async fn bind(path: &Path) -> anyhow::Result<interprocess::local_socket::tokio::Listener> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if dir.is_dir() {
+        // an existing folder is someone's: never loosen or tighten it, only check it
+        let meta = std::fs::metadata(dir)?;
+        // SAFETY: getuid has no preconditions and cannot fail
+        let uid = unsafe { libc::getuid() };
+        if meta.uid() != uid || meta.mode() & 0o077 != 0 {
+            anyhow::bail!(
+                "the socket's folder {} has mode {:o} and owner {}: the control socket must be \
+                 in a folder only you can enter (mode 0700, yours); choose another --socket, or \
+                 a folder that does not exist yet (uet creates it so)",
+                dir.display(),
+                meta.mode() & 0o7777,
+                meta.uid()
+            );
+        }
+    } else {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
+        // the mode given is masked by the umask: make sure of it
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        // only a socket can be a crashed daemon's leftover: anything else is somebody's file
+        if !meta.file_type().is_socket() {
+            anyhow::bail!(
+                "{} exists and is not a socket: it was left alone; choose another --socket",
+                path.display()
+            );
+        }
+        match protocol::Client::connect(path).await {
+            Ok(_) => anyhow::bail!("a uet daemon already answers on {}", path.display()),
+            // nobody listens: a crashed daemon's leftover
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) =>
+            {
+                std::fs::remove_file(path)?
+            }
+            Err(e) => anyhow::bail!(
+                "something answers on {} but not as this uet daemon ({e}); it was left alone",
+                path.display()
+            ),
+        }
+    }
+    let listener = interprocess::local_socket::ListenerOptions::new()
+        .name(protocol::socket_name(path)?)
+        .create_tokio()?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Serves one client connection: the hello, then a response per request. A malformed or
+/// oversized frame gets an error reply and ends the connection; nothing a client sends can
+/// take the daemon down.
+pub(super) async fn client(shared: Arc<Daemon>, mut conn: interprocess::local_socket::tokio::Stream) {
+    let mut greeted = false;
+    loop {
+        let idle = if greeted { IDLE_TIME } else { REQUEST_TIME };
+        let read = protocol::read_frame_within(&mut conn, idle, REQUEST_TIME).await;
+        let request: Request = match read {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            // nobody is waiting for an answer
+            Err(protocol::FrameError::TimedOut(_) | protocol::FrameError::Io(_)) => return,
+            Err(e) => {
+                let _ = send(
+                    &mut conn,
+                    &Response::Error {
+                        message: e.to_string(),
+                        invalid: true,
+                    },
+                )
+                .await;
+                return;
+            }
+        };
+        let response = match request {
+            Request::Hello { protocol } if protocol == protocol::PROTOCOL_VERSION => {
+                greeted = true;
+                Response::Hello {
+                    protocol: protocol::PROTOCOL_VERSION,
+                    version: env!("CARGO_PKG_VERSION").into(),
+                }
+            }
+            Request::Hello { protocol } => Response::Error {
+                message: format!(
+                    "protocol {protocol} is not spoken here (this daemon speaks {})",
+                    protocol::PROTOCOL_VERSION
+                ),
+                invalid: true,
+            },
+            _ if !greeted => Response::Error {
+                message: "say hello first".into(),
+                invalid: true,
+            },
+            Request::Shutdown => {
+                let _ = send(&mut conn, &answer(&shared, Request::Shutdown)).await;
+                shared.shutdown.cancel();
+                return;
+            }
+            Request::Events { run, follow } => {
+                stream_events(&shared, &mut conn, run, follow).await;
+                return;
+            }
+            request => {
+                let shared = shared.clone();
+                let state = shared.store.path().to_path_buf();
+                tokio::task::spawn_blocking(move || answer(&shared, request))
+                    .await
+                    .unwrap_or_else(|e| Response::Error {
+                        // a panic in a request is the database's on a damaged page, or a bug:
+                        // this request fails, the daemon goes on
+                        message: format!(
+                            "the daemon failed to answer ({e}); if its state {} is damaged, \
+                             `uet state check` says so once the daemon is stopped",
+                            state.display()
+                        ),
+                        invalid: false,
+                    })
+            }
+        };
+        match send(&mut conn, &response).await {
+            Ok(()) => {}
+            // an answer too big for one frame: say so, and keep serving this client
+            Err(protocol::FrameError::TooLarge(n)) => {
+                let reply = Response::Error {
+                    message: format!(
+                        "the answer is {n} bytes, over the {} MiB frame limit: ask for less \
+                         (`uet runs --limit N`, `uet events RUN`)",
+                        protocol::MAX_FRAME >> 20
+                    ),
+                    invalid: false,
+                };
+                if send(&mut conn, &reply).await.is_err() {
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Streams what the event log holds now, a frame at a time, then [`Response::Done`]; when
+/// following, every new event as it is committed, until the run (if one was named) has ended,
+/// the client hangs up or the daemon stops.
+pub(super) async fn stream_events(
+    shared: &Arc<Daemon>,
+    conn: &mut interprocess::local_socket::tokio::Stream,
+    run: Option<RunId>,
+    follow: bool,
+) {
+    use tokio::io::AsyncReadExt;
+    let mut commits = shared.store.subscribe();
+    let mut seen = ops::EventCursor::default();
+    if let Some(run) = run {
+        match shared.store.run(run) {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                let reply = Response::Error {
+                    message: format!("no run {run}"),
+                    invalid: true,
+                };
+                let _ = send(conn, &reply).await;
+                return;
+            }
+            Err(e) => {
+                let reply = Response::Error {
+                    message: e.to_string(),
+                    invalid: false,
+                };
+                let _ = send(conn, &reply).await;
+                return;
+            }
+        }
+    }
+    let mut started = false;
+    loop {
+        commits.borrow_and_update();
+        // whether the run is over is read before its events, so none committed in between is
+        // missed
+        let ended = run.and_then(|run| {
+            let state = shared.store.run(run).ok().flatten().map(|r| r.state);
+            let over =
+                state.is_none_or(|s| s.is_terminal()) && !lock(&shared.active).contains_key(&run);
+            over.then(|| match state {
+                Some(s) => format!("run {run} {s}"),
+                None => format!("run {run} is gone"),
+            })
+        });
+        // a long backlog is read and sent a frame at a time, each well under the frame limit;
+        // the first frame goes out even when empty, so a client sees the stream has begun
+        loop {
+            let batch = match ops::events(&shared.store, run, &mut seen, ops::EVENTS_PAGE) {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!("cannot read events: {e}");
+                    return;
+                }
+            };
+            let full = batch.len() == ops::EVENTS_PAGE;
+            if started && batch.is_empty() {
+                break;
+            }
+            started = true;
+            if send(conn, &Response::Events { events: batch })
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if !full {
+                break;
+            }
+        }
+        if let Some(message) = ended.or_else(|| (!follow).then(String::new)) {
+            let _ = send(conn, &Response::Done { message }).await;
+            return;
+        }
+        let mut byte = [0u8; 1];
+        tokio::select! {
+            changed = commits.changed() => if changed.is_err() { return },
+            // the client says nothing while following: any read result means it is gone
+            _ = conn.read(&mut byte) => return,
+            _ = shared.shutdown.cancelled() => return,
+        }
+    }
+}
+
+pub(super) fn answer(shared: &Arc<Daemon>, request: Request) -> Response {
+    let fail = |message: String| Response::Error {
+        message,
+        invalid: false,
+    };
+    let invalid = |message: String| Response::Error {
+        message,
+        invalid: true,
+    };
+    match request {
+        Request::Hello { .. } => unreachable!("answered by the connection"),
+        Request::Status => match status(shared) {
+            Ok(status) => Response::Status(status),
+            Err(e) => fail(e.to_string()),
+        },
+        Request::Runs { limit } => ops::runs(&shared.store, limit)
+            .map(|runs| Response::Runs { runs })
+            .unwrap_or_else(Response::from),
+        Request::Show { run, from } => ops::show(&shared.store, run, from)
+            .map(|run| Response::Run { run: Box::new(run) })
+            .unwrap_or_else(Response::from),
+        Request::Events { .. } => unreachable!("streamed by the connection"),
+        Request::Tools => match tools_shown(shared) {
+            Ok(tools) => Response::Tools { tools },
+            Err(p) => fail(p.to_string()),
+        },
+        Request::Submit { path } => submit(shared, &path),
+        Request::Cancel { run } => {
+            let token = lock(&shared.active).get(&run).cloned();
+            match token {
+                Some(t) => {
+                    t.cancel();
+                    Response::Done {
+                        message: format!("run {run} canceled"),
+                    }
+                }
+                None => match shared.store.run(run) {
+                    Ok(Some(r)) => invalid(format!("run {run} is {}, not running", r.state)),
+                    Ok(None) => invalid(format!("no run {run}")),
+                    Err(e) => fail(e.to_string()),
+                },
+            }
+        }
+        Request::Verify { run } => ops::verify(&shared.store, run)
+            .map(|message| Response::Done { message })
+            .unwrap_or_else(Response::from),
+        Request::Prune {
+            older_than_ms,
+            keep,
+        } => ops::prune(&shared.store, older_than_ms, keep)
+            .map(|message| Response::Done { message })
+            .unwrap_or_else(Response::from),
+        Request::Top => top_view(shared),
+        Request::Metrics => {
+            let active = lock(&shared.active).len() as u64;
+            ops::metrics(&shared.store, &shared.breakers.all(), Some(active))
+                .map(|text| Response::Metrics { text })
+                .unwrap_or_else(Response::from)
+        }
+        Request::Retry { run } => requeue(shared, run, false),
+        Request::Release { run } => requeue(shared, run, true),
+        // answered here, carried out by the connection once the answer is sent
+        Request::Shutdown => Response::Done {
+            message: "shutting down".into(),
+        },
+    }
+}
+
+/// `uet submit`: a file in a watched folder is claimed like a drop (so the watcher does not
+/// run it a second time); any other file runs with its folder as the workstream.
+pub(super) fn submit(shared: &Arc<Daemon>, path: &Path) -> Response {
+    let invalid = |message: String| Response::Error {
+        message,
+        invalid: true,
+    };
+    // a file in a watched folder, however the client named it (through `..` or a link), is
+    // claimed as a drop is, so the watcher cannot run it a second time
+    let watched = path.parent().zip(path.file_name()).and_then(|(parent, name)| {
+        use std::os::unix::fs::MetadataExt;
+        let here = std::fs::metadata(parent).ok()?;
+        shared
+            .config
+            .watch
+            .iter()
+            .find(|w| {
+                std::fs::metadata(w).is_ok_and(|m| m.dev() == here.dev() && m.ino() == here.ino())
+            })
+            .map(|w| w.join(name))
+    });
+    if let Some(path) = watched.as_deref().filter(|p| is_submission(p, &shared.config.watch)) {
+        return match claim(shared, path) {
+            Some(Ok(run)) => Response::Submitted { run },
+            Some(Err(ClaimError::Rejected(report))) => {
+                invalid(format!("{}(moved to rejected/ in its folder)", report))
+            }
+            Some(Err(ClaimError::Failed(e))) => Response::Error {
+                message: e,
+                invalid: false,
+            },
+            None => Response::Error {
+                message: format!(
+                    "{} was picked up by the folder watcher already: see `uet runs`",
+                    path.display()
+                ),
+                invalid: false,
+            },
+        };
+    }
+    let bytes = match dropped::read_submitted(path, shared.config.max_file) {
+        Ok(b) => b,
+        Err(e) => return invalid(format!("{}: {e}", path.display())),
+    };
+    let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+    let checked = load_tools(shared, &dir)
+        .and_then(|tools| workflow::parse(path, &bytes, &tools).map(|p| (p, tools)));
+    match checked {
+        Ok((plan, tools)) => match record(shared, &plan, path, &dir, None, "submitted") {
+            Ok(run) => {
+                start(shared, run, plan, dir, tools, false);
+                Response::Submitted { run }
+            }
+            Err(e) => Response::Error {
+                message: format!("{e:#}"),
+                invalid: false,
+            },
+        },
+        Err(problems) => invalid(problems.to_string()),
+    }
+}
+
+/// `uet retry` (a failed or canceled run) and `uet release` (a quarantined one): the steps that
+/// did not succeed go back to pending and the run resumes; succeeded steps keep their outputs.
+pub(super) fn requeue(shared: &Arc<Daemon>, run: RunId, release: bool) -> Response {
+    let invalid = |message: String| Response::Error {
+        message,
+        invalid: true,
+    };
+    let record = match shared.store.run(run) {
+        Ok(Some(r)) => r,
+        Ok(None) => return invalid(format!("no run {run}")),
+        Err(e) => {
+            return Response::Error {
+                message: e.to_string(),
+                invalid: false,
+            };
+        }
+    };
+    let allowed = if release {
+        record.state == RunState::Quarantined
+    } else {
+        matches!(record.state, RunState::Failed | RunState::Canceled)
+    };
+    if !allowed || lock(&shared.active).contains_key(&run) {
+        let hint = match (release, record.state) {
+            (false, RunState::Quarantined) => format!("; `uet release {run}` puts it back"),
+            (true, RunState::Failed | RunState::Canceled) => {
+                format!("; `uet retry {run}` re-runs it")
+            }
+            _ => String::new(),
+        };
+        let what = if release { "released" } else { "retried" };
+        return invalid(format!(
+            "run {run} is {}: only a {} run can be {what}{hint}",
+            record.state,
+            if release {
+                "quarantined"
+            } else {
+                "failed or canceled"
+            },
+        ));
+    }
+    let reason = if release {
+        "released by request"
+    } else {
+        "retry requested"
+    };
+    let changes = engine::requeue_unfinished(&shared.store, run, reason);
+    match changes.and_then(|c| shared.store.apply(&c)) {
+        Ok(()) => {
+            resume(shared, run, false);
+            Response::Done {
+                message: format!("run {run} is pending again"),
+            }
+        }
+        Err(e) => Response::Error {
+            message: e.to_string(),
+            invalid: false,
+        },
+    }
+}
+
+pub(super) fn status(shared: &Daemon) -> Result<Status, ops::Refused> {
+    Ok(Status {
+        version: env!("CARGO_PKG_VERSION").into(),
+        pid: std::process::id(),
+        uptime_seconds: shared.started.elapsed().as_secs(),
+        state: shared.config.state.clone(),
+        watching: shared.config.watch.clone(),
+        runs: ops::run_counts(&shared.store)?,
+        active: lock(&shared.active).len() as u64,
+        metrics: lock(&shared.metrics_at).clone(),
+    })
+}
+
+/// What `uet top` shows: the daemon in brief, every run not yet ended with its progress, how
+/// many wait for a slot, and the tools with their breakers.
+pub(super) fn top_view(shared: &Arc<Daemon>) -> Response {
+    let tools = tools_shown(shared).unwrap_or_default();
+    status(shared)
+        .and_then(|status| ops::top(&shared.store, Some(status), tools))
+        .map(|view| Response::Top {
+            view: Box::new(view),
+        })
+        .unwrap_or_else(Response::from)
+}
+
+/// The tools of every watched folder (or of `--tools`), with their breakers.
+pub(super) fn tools_shown(shared: &Arc<Daemon>) -> Result<Vec<crate::api::types::ToolShown>, crate::spec::doc::Problems> {
+    let mut dirs: Vec<PathBuf> = match &shared.config.tools {
+        Some(f) => vec![f.parent().unwrap_or(Path::new("/")).to_path_buf()],
+        None => shared.config.watch.clone(),
+    };
+    dirs.dedup();
+    let files = dirs
+        .iter()
+        .map(|dir| load_tools(shared, dir))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ops::tools(&files, |t| shared.breakers.get(t)))
+}
