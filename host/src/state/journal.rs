@@ -24,11 +24,39 @@ pub const CHECKPOINT_AFTER: u64 = 4 << 20;
 /// A record's header: payload length (u32), generation (u64), crc32 of both and the payload.
 const HEADER: usize = 16;
 
+/// What the journal is written to: a file, or, for the power-loss tests, memory that knows
+/// which writes a sync made durable. Shared by the journal and the thread that syncs it.
+pub trait JournalFile: Send + Sync {
+    /// The file's length.
+    fn len(&self) -> io::Result<u64>;
+    /// Reads `buf.len()` bytes at `at`.
+    fn read_at(&self, buf: &mut [u8], at: u64) -> io::Result<()>;
+    /// Writes `buf` at `at`.
+    fn write_at(&self, buf: &[u8], at: u64) -> io::Result<()>;
+    /// Makes what was written durable.
+    fn sync(&self) -> io::Result<()>;
+}
+
+impl JournalFile for File {
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+    fn read_at(&self, buf: &mut [u8], at: u64) -> io::Result<()> {
+        self.read_exact_at(buf, at)
+    }
+    fn write_at(&self, buf: &[u8], at: u64) -> io::Result<()> {
+        self.write_all_at(buf, at)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.sync_data()
+    }
+}
+
 /// The open journal. Records are written from the start of the file under the current
 /// generation; whatever follows the last one (zeros, a torn write, or records of an older
 /// generation) ends the replay.
 pub struct Journal {
-    file: File,
+    file: std::sync::Arc<dyn JournalFile>,
     /// Where the next record goes.
     end: u64,
     /// The generation the database's last durable commit named.
@@ -67,12 +95,17 @@ impl Journal {
                 File::open(dir)?.sync_all()?;
             }
         }
-        Ok(Journal {
+        Ok(Journal::on(std::sync::Arc::new(file)))
+    }
+
+    /// A journal written to `file`, which holds what it holds: zero-filled when it is new.
+    pub fn on(file: std::sync::Arc<dyn JournalFile>) -> Journal {
+        Journal {
             file,
             end: 0,
             generation: 0,
             syncs: (0, std::time::Duration::ZERO),
-        })
+        }
     }
 
     /// Opens the journal at `path` to read it only: nothing is created or written. With no
@@ -83,24 +116,19 @@ impl Journal {
             Err(e) if e.kind() == io::ErrorKind::NotFound => File::open("/dev/null")?,
             Err(e) => return Err(e),
         };
-        Ok(Journal {
-            file,
-            end: 0,
-            generation: 0,
-            syncs: (0, std::time::Duration::ZERO),
-        })
+        Ok(Journal::on(std::sync::Arc::new(file)))
     }
 
     /// The payloads written under `generation`, in order, up to the first record that is torn,
     /// zero or of another generation. Read a record at a time: after a clean close the first
     /// header already ends it.
     pub fn records(&self, generation: u64) -> io::Result<Vec<Vec<u8>>> {
-        let len = self.file.metadata()?.len();
+        let len = self.file.len()?;
         let mut out = Vec::new();
         let mut at = 0u64;
         let mut header = [0u8; HEADER];
         while at + HEADER as u64 <= len {
-            self.file.read_exact_at(&mut header, at)?;
+            self.file.read_at(&mut header, at)?;
             let size = u32::from_le_bytes(header[0..4].try_into().unwrap_or_default()) as u64;
             let generation_bytes: [u8; 8] = header[4..12].try_into().unwrap_or_default();
             let crc = u32::from_le_bytes(header[12..16].try_into().unwrap_or_default());
@@ -109,7 +137,7 @@ impl Journal {
                 break;
             }
             let mut payload = vec![0u8; size as usize];
-            self.file.read_exact_at(&mut payload, start)?;
+            self.file.read_at(&mut payload, start)?;
             if checksum(&generation_bytes, &payload) != crc {
                 break;
             }
@@ -146,7 +174,7 @@ impl Journal {
     pub fn append(&mut self, payload: &[u8]) -> io::Result<()> {
         let began = std::time::Instant::now();
         self.write(payload)?;
-        self.file.sync_data()?;
+        self.file.sync()?;
         self.synced(began.elapsed());
         Ok(())
     }
@@ -161,14 +189,14 @@ impl Journal {
         record.extend_from_slice(&generation);
         record.extend_from_slice(&checksum(&generation, payload).to_le_bytes());
         record.extend_from_slice(payload);
-        self.file.write_all_at(&record, self.end)?;
+        self.file.write_at(&record, self.end)?;
         self.end += record.len() as u64;
         Ok(())
     }
 
     /// A handle to sync the journal with from another thread, without holding the journal.
-    pub fn syncer(&self) -> io::Result<File> {
-        self.file.try_clone()
+    pub fn syncer(&self) -> std::sync::Arc<dyn JournalFile> {
+        self.file.clone()
     }
 
     /// Counts a sync made through [`Journal::syncer`] that took `took`.
@@ -212,7 +240,7 @@ mod tests {
         j.append(b"kept").unwrap();
         j.append(b"torn record").unwrap();
         let at = (HEADER + 4 + HEADER + 5) as u64;
-        j.file.write_all_at(b"XXXXXX", at).unwrap();
+        j.file.write_at(b"XXXXXX", at).unwrap();
         assert_eq!(j.records(3).unwrap(), vec![b"kept".to_vec()]);
     }
 }

@@ -100,7 +100,9 @@ macro_rules! every_json_table {
     };
 }
 
-// after `every_table!`, which it uses
+// after `every_table!`, which they use
+#[cfg(test)]
+mod powerloss;
 pub mod repair;
 
 /// The journal generation the database's last durable commit named: the journal's records of
@@ -324,6 +326,16 @@ fn journal_generation(db: &Db) -> Result<u64, StateError> {
     }
 }
 
+/// How a store is set up beside its database and journal.
+struct Setup {
+    /// The state's lock, for a store over a folder's files.
+    lock: Option<std::fs::File>,
+    /// Whether to keep copies of the database in its folder.
+    copies: bool,
+    /// Journaled bytes between checkpoints.
+    checkpoint_after: u64,
+}
+
 /// The lock file of a state folder: taken for as long as a store is open, exclusively to write
 /// and shared to read, so that no one can set the state aside or put a copy back (`uet state
 /// recover`) under a uet that has it open, even one whose database file was deleted (redb's
@@ -367,6 +379,27 @@ fn lock_state(dir: &Path, exclusive: bool) -> Result<std::fs::File, StateError> 
             source: Box::new(e),
         }),
     }
+}
+
+/// Makes a new database file apart and gives it its name only once it is whole and synced:
+/// a power loss while it is being made leaves no half-made database under the name (which
+/// would then never open), only a `.new` file the next open replaces.
+fn create_whole(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("redb.new");
+    let _ = std::fs::remove_file(&tmp);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    drop(Database::create(&tmp).map_err(std::io::Error::other)?);
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Copies a file to `to` (replacing it) readable by its owner only, synced.
@@ -725,6 +758,9 @@ impl Store {
             None => lock_state(dir, true)?,
         };
         refuse_emptied(dir)?;
+        if !path.exists() {
+            create_whole(&path).map_err(|e| open_err(Box::new(e)))?;
+        }
         let create = |repair: bool| {
             let mut builder = redb::Builder::new();
             if !repair {
@@ -754,10 +790,52 @@ impl Store {
         // created with the umask by redb; an older uet's file may be open to all
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| open_err(Box::new(e)))?;
-        let db = Db::Open(db);
         // opened after the database, whose lock keeps a second process away from both
-        let mut journal = crate::state::journal::Journal::open(&dir.join(crate::state::journal::JOURNAL_FILE))
+        let journal = crate::state::journal::Journal::open(&dir.join(crate::state::journal::JOURNAL_FILE))
             .map_err(|e| open_err(Box::new(e)))?;
+        let setup = Setup {
+            lock: Some(lock),
+            copies: true,
+            checkpoint_after: crate::state::journal::CHECKPOINT_AFTER,
+        };
+        Self::assemble(db, journal, path, setup)
+    }
+
+    /// Opens a state written to `db` and `journal` rather than to a folder's files: the seam the
+    /// power-loss tests cut. No lock, no copies; checkpoints every `checkpoint_after` bytes.
+    #[cfg(test)]
+    pub(crate) fn open_on(
+        db: impl redb::StorageBackend,
+        journal: std::sync::Arc<dyn crate::state::journal::JournalFile>,
+        label: &Path,
+        checkpoint_after: u64,
+    ) -> Result<Store, StateError> {
+        let db = redb::Builder::new().create_with_backend(db).map_err(|e| StateError::Open {
+            path: label.to_path_buf(),
+            source: Box::new(e),
+        })?;
+        let setup = Setup {
+            lock: None,
+            copies: false,
+            checkpoint_after,
+        };
+        let journal = crate::state::journal::Journal::on(journal);
+        Self::assemble(db, journal, label.to_path_buf(), setup)
+    }
+
+    /// The store over an open database and journal: its threads started, the journal's batches
+    /// since the last checkpoint replayed.
+    fn assemble(
+        db: Database,
+        mut journal: crate::state::journal::Journal,
+        path: PathBuf,
+        setup: Setup,
+    ) -> Result<Store, StateError> {
+        let open_err = |e: Box<dyn std::error::Error + Send + Sync>| StateError::Open {
+            path: path.clone(),
+            source: e,
+        };
+        let db = Db::Open(db);
         let generation = journal_generation(&db)?;
         // a new database starts at a random generation, so a journal left from another one
         // (a state file deleted without its journal) never matches
@@ -765,7 +843,7 @@ impl Store {
             0 => rand::random::<u64>() >> 1,
             g => g,
         });
-        let (shared, mut writer) = Shared::new(db, path.clone(), journal, false, lock)?;
+        let (shared, mut writer) = Shared::new(db, path.clone(), journal, false, setup)?;
         for (name, work) in [
             ("uet-state-writer", write_behind as fn(&Shared)),
             ("uet-state-sync", sync_behind),
@@ -820,7 +898,12 @@ impl Store {
             return Err(StateError::Unclean(path));
         }
         journal.restart(generation);
-        let (shared, writer) = Shared::new(db, path.clone(), journal, true, lock)?;
+        let setup = Setup {
+            lock: Some(lock),
+            copies: false,
+            checkpoint_after: crate::state::journal::CHECKPOINT_AFTER,
+        };
+        let (shared, writer) = Shared::new(db, path.clone(), journal, true, setup)?;
         Ok(Store {
             shared,
             path: path.into(),
@@ -1073,14 +1156,14 @@ impl Store {
             return Ok(());
         }
         let mut writes = self.shared.usable()?;
-        let mut checkpoint = writes.journal.appended() >= crate::state::journal::CHECKPOINT_AFTER;
+        let mut checkpoint = writes.journal.appended() >= self.shared.checkpoint_after;
         if checkpoint {
             // this batch goes into the database with the checkpoint, and every batch before it
             // with it
             drop(writes);
             writes = self.shared.settled()?;
             // unless a commit that got the lock first checkpointed
-            checkpoint = writes.journal.appended() >= crate::state::journal::CHECKPOINT_AFTER;
+            checkpoint = writes.journal.appended() >= self.shared.checkpoint_after;
         }
         // rows of batches still behind are read from `pending`, the rest from the database:
         // the writer thread takes `writes` to drop a row from `pending`, after the database has
@@ -1736,7 +1819,11 @@ impl Store {
 struct Shared {
     db: Db,
     /// The state's lock (`uet.lock`), held as long as the store is open.
-    _lock: std::fs::File,
+    _lock: Option<std::fs::File>,
+    /// Whether copies of the database are kept beside it (a store over files).
+    copies: bool,
+    /// A checkpoint is due once this much is journaled since the last.
+    checkpoint_after: u64,
     /// The database file.
     path: PathBuf,
     /// Opened to be read only: every write is refused before it starts.
@@ -1745,7 +1832,7 @@ struct Shared {
     /// a close waits for it, so the file is closed when the store is.
     backup: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The journal's file, for the sync thread to sync batches written to it unsynced.
-    syncer: std::fs::File,
+    syncer: std::sync::Arc<dyn crate::state::journal::JournalFile>,
     writes: Mutex<Writes>,
     /// Wakes the writer thread: a batch is queued or synced, or the store is closing.
     queued: Condvar,
@@ -1879,12 +1966,14 @@ impl Shared {
         path: PathBuf,
         journal: crate::state::journal::Journal,
         read_only: bool,
-        lock: std::fs::File,
+        setup: Setup,
     ) -> Result<(Arc<Shared>, Writer), StateError> {
-        let syncer = journal.syncer()?;
+        let syncer = journal.syncer();
         let shared = Arc::new(Shared {
             db,
-            _lock: lock,
+            _lock: setup.lock,
+            copies: setup.copies,
+            checkpoint_after: setup.checkpoint_after,
             path,
             read_only,
             backup: Mutex::new(None),
@@ -1929,7 +2018,7 @@ impl Shared {
     /// after a last try at syncing what was acknowledged, and everyone waiting is told.
     fn fail(&self, writes: &mut Writes, reason: String) {
         writes.failed.get_or_insert(reason);
-        let _ = self.syncer.sync_data();
+        let _ = self.syncer.sync();
         writes.behind.clear();
         (writes.synced, writes.applied) = (writes.written, writes.written);
         self.caught_up.notify_all();
@@ -1942,7 +2031,7 @@ impl Shared {
     /// the database while reading a damaged page ends the copy, not the process.
     fn back_up_if_due(self: &Arc<Self>) {
         let dir = self.path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        if self.read_only || !backup_due(&dir) {
+        if self.read_only || !self.copies || !backup_due(&dir) {
             return;
         }
         let mut running = self.backup.lock().unwrap_or_else(|e| e.into_inner());
@@ -2084,7 +2173,7 @@ fn sync_behind(shared: &Shared) {
         let target = writes.written;
         drop(writes);
         let began = std::time::Instant::now();
-        let result = shared.syncer.sync_data();
+        let result = shared.syncer.sync();
         let took = began.elapsed();
         writes = shared.lock();
         writes.journal.synced(took);
@@ -2194,7 +2283,7 @@ impl Drop for Writer {
         drop(writes);
         // the last chance of a short-lived uet (`uet run`) to leave a copy: made here, at once
         let dir = self.shared.path.parent().unwrap_or(Path::new("."));
-        if backup_due(dir) {
+        if self.shared.copies && backup_due(dir) {
             self.shared.back_up(dir);
         }
     }
