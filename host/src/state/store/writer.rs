@@ -94,6 +94,18 @@ impl Pending {
     const KEPT: usize = 1 << 15;
     const KEPT_BYTES: usize = 8 << 20;
 
+    /// The rows of batch `seq` (its record `bytes` long), as they stand after it.
+    pub(super) fn add(&mut self, seq: u64, rows: BatchRows, bytes: usize) {
+        self.added += bytes;
+        self.runs.extend(rows.runs.into_iter().map(|(k, v)| (k, (seq, v))));
+        self.steps.extend(rows.steps.into_iter().map(|(k, v)| (k, (seq, v))));
+        self.attempts
+            .extend(rows.attempts.into_iter().map(|(k, v)| (k, (seq, v))));
+        self.stats.extend(rows.stats.into_iter().map(|(k, v)| (k, (seq, v))));
+        self.durations
+            .extend(rows.durations.into_iter().map(|(k, v)| (k, (seq, v))));
+    }
+
     /// The database holds the batches up to `seq`: their rows may be read from there again.
     pub(super) fn applied(&mut self, seq: u64) {
         let kept = self.runs.len()
