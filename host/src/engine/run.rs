@@ -261,6 +261,22 @@ impl<'a> Scheduler<'a> {
         if run.state.is_terminal() {
             return Ok(run.state);
         }
+        self.set_going(&run)?;
+        let started = Instant::now();
+        let stop = self.drive(&run, cancel, pause).await?;
+        let (state, reason) = self.outcome(stop, started);
+        self.changes.push(Change::RunState {
+            run: self.run,
+            to: state,
+            reason: Some(reason),
+        });
+        self.commit()?;
+        Ok(state)
+    }
+
+    /// Sets the run going: running it, putting back steps its last driver left in flight,
+    /// counting what each step waits on, skipping what cannot run, queueing what can.
+    fn set_going(&mut self, run: &crate::model::RunRecord) -> Result<(), EngineError> {
         if run.state == RunState::Pending {
             self.changes.push(Change::RunState {
                 run: self.run,
@@ -299,7 +315,18 @@ impl<'a> Scheduler<'a> {
                 }
             }
         }
+        Ok(())
+    }
 
+    /// Starts steps, commits, and takes attempts' ends as they come, until nothing more can
+    /// run or the run is stopped (canceled, paused, past its deadline); why it stopped, if it
+    /// was.
+    async fn drive(
+        &mut self,
+        run: &crate::model::RunRecord,
+        cancel: CancellationToken,
+        pause: Option<Pause>,
+    ) -> Result<Option<(RunState, String)>, EngineError> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
         let started = Instant::now();
         let deadline = self.plan.timeout.map(|t| {
@@ -317,7 +344,6 @@ impl<'a> Scheduler<'a> {
         let mut grace_end: Option<tokio::time::Instant> = None;
         // for the debug log at the end: how the run's time went to commits
         let (mut commits, mut committing) = (0u32, Duration::ZERO);
-
         loop {
             // checked here, not only where the loop waits: a cancel also wakes the steps in
             // backoff, and a stop may come before this run got going; no step starts after
@@ -337,8 +363,8 @@ impl<'a> Scheduler<'a> {
             if !self.changes.is_empty() {
                 // at once, on the driver's thread: a commit only writes the journal (the sync
                 // and writer threads group the syncs and the database's transactions, see
-                // store.rs), so a free slot is refilled as soon as the attempt that held it has
-                // ended, as `make -j` does, instead of waiting for its round
+                // the state), so a free slot is refilled as soon as the attempt that held it
+                // has ended, as `make -j` does, instead of waiting for its round
                 let began = Instant::now();
                 let result = self
                     .store
@@ -368,26 +394,7 @@ impl<'a> Scheduler<'a> {
                 }
                 _ = cancel.cancelled(), if stop.is_none() => continue,
                 _ = sleep_until(deadline), if stop.is_none() => {
-                    let limit = humantime::format_duration(self.plan.timeout.unwrap_or_default());
-                    // a step may wait only for room on a healthy tool: that is a slow run,
-                    // not a failing tool
-                    let open = self.blocked.iter().find_map(|(_, tools)| {
-                        let open: Vec<&str> = tools
-                            .iter()
-                            .filter(|t| self.breakers.get(t).is_some_and(|b| b.phase != BreakerPhase::Closed))
-                            .map(String::as_str)
-                            .collect();
-                        (!open.is_empty()).then(|| open.join("`, `"))
-                    });
-                    stop = Some(match open {
-                        // the run could not go on because a tool kept failing: hold it for a
-                        // person instead of calling it failed
-                        Some(tools) => (
-                            RunState::Quarantined,
-                            format!("the circuit breaker of `{tools}` stayed open past the run's deadline ({limit})"),
-                        ),
-                        None => (RunState::Failed, format!("run timed out after {limit}")),
-                    });
+                    stop = Some(self.past_deadline());
                     attempts_cancel.cancel();
                     continue;
                 }
@@ -410,7 +417,42 @@ impl<'a> Scheduler<'a> {
                 self.handle(m, &tx, &attempts_cancel, stopping, pausing);
             }
         }
+        self.log_commits(commits, committing, started);
+        Ok(stop)
+    }
 
+    /// Why the run stops at its deadline: failed, or quarantined when it could not go on
+    /// because a tool's circuit stayed open (a slow run is not a failing tool).
+    fn past_deadline(&self) -> (RunState, String) {
+        let limit = humantime::format_duration(self.plan.timeout.unwrap_or_default());
+        let open = self.blocked.iter().find_map(|(_, tools)| {
+            let open: Vec<&str> = tools
+                .iter()
+                .filter(|t| {
+                    self.breakers
+                        .get(t)
+                        .is_some_and(|b| b.phase != BreakerPhase::Closed)
+                })
+                .map(String::as_str)
+                .collect();
+            (!open.is_empty()).then(|| open.join("`, `"))
+        });
+        match open {
+            // the run could not go on because a tool kept failing: hold it for a person
+            // instead of calling it failed
+            Some(tools) => (
+                RunState::Quarantined,
+                format!(
+                    "the circuit breaker of `{tools}` stayed open past the run's deadline ({limit})"
+                ),
+            ),
+            None => (RunState::Failed, format!("run timed out after {limit}")),
+        }
+    }
+
+    /// The debug log's line of a run: its commits and their time, the state's syncs and the
+    /// writer's transactions, and the process's own CPU time.
+    fn log_commits(&self, commits: u32, committing: Duration, started: Instant) {
         let (syncs, syncing) = self.store.journal_syncs();
         let (transactions, hurried, writing) = self.store.writer_transactions();
         tracing::debug!(
@@ -428,9 +470,14 @@ impl<'a> Scheduler<'a> {
             cpu = ?own_cpu(),
             "run's commits"
         );
+    }
+
+    /// How the run ends: as stopped (its unfinished steps put back, or canceled), or by its
+    /// steps: quarantined, succeeded or failed.
+    fn outcome(&mut self, stop: Option<(RunState, String)>, started: Instant) -> (RunState, String) {
         let all_ended = self.state.iter().all(|s| s.is_terminal());
         let stop = stop.filter(|(state, _)| *state != RunState::Pending || !all_ended);
-        let outcome = match stop {
+        match stop {
             Some((RunState::Pending, reason)) => {
                 for i in 0..self.state.len() {
                     if self.state[i] == StepState::Running {
@@ -467,14 +514,7 @@ impl<'a> Scheduler<'a> {
                     (RunState::Failed, format!("failed: {}", failed.join(", ")))
                 }
             }
-        };
-        self.changes.push(Change::RunState {
-            run: self.run,
-            to: outcome.0,
-            reason: Some(outcome.1),
-        });
-        self.commit()?;
-        Ok(outcome.0)
+        }
     }
 
     /// Takes ready steps up to `max_parallel` and records their starts; they begin once the
@@ -766,54 +806,78 @@ impl<'a> Scheduler<'a> {
         match end.outcome {
             Outcome::Succeeded => {
                 let output = end.output.unwrap_or(serde_json::Value::Null);
-                self.outputs.insert(i, output.clone());
-                self.set_step(i, StepState::Succeeded, None, Some(output));
-                for k in 0..self.dependents[i].len() {
-                    let d = self.dependents[i][k];
-                    self.waiting_on[d] -= 1;
-                    if self.waiting_on[d] == 0 && self.state[d] == StepState::Pending {
-                        self.ready.push((self.plan.steps[d].priority, Reverse(d)));
-                    }
-                }
+                self.succeeded(i, output);
             }
             _ if stopping => {}
             Outcome::Canceled => {}
             _ => {
                 let error = end.error.unwrap_or_else(|| "attempt failed".into());
-                if let Some(delay) = delay {
-                    self.backing_off += 1;
-                    self.notify(Notice::Retry {
-                        id,
-                        attempt: end.number,
-                        error,
-                        delay,
-                    });
-                    let tx = tx.clone();
-                    let cancel = cancel.clone();
-                    tokio::spawn(async move {
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = cancel.cancelled() => {}
-                        }
-                        let _ = tx.send(Message::Due(i));
-                    });
-                } else {
-                    let reason = if end.number > 1 {
-                        format!("{error} (after {} attempts)", end.number)
-                    } else {
-                        error
-                    };
-                    if matches!(end.outcome, Outcome::Trapped | Outcome::LimitExceeded) {
-                        // a plugin that keeps crashing or overrunning is for a person to look at
-                        self.quarantine.get_or_insert_with(|| {
-                            format!("step `{id}` used up its attempts on plugin traps or limits: {reason}")
-                        });
-                    }
-                    self.set_step(i, StepState::Failed, Some(reason), None);
-                    self.skip_dependents(i);
+                match delay {
+                    Some(delay) => self.retry_later(i, end.number, error, delay, tx, cancel),
+                    None => self.failed(i, end.number, end.outcome, error),
                 }
             }
         }
+    }
+
+    /// A step succeeded: its output is kept, and the steps waiting only on it are ready.
+    fn succeeded(&mut self, i: usize, output: serde_json::Value) {
+        self.outputs.insert(i, output.clone());
+        self.set_step(i, StepState::Succeeded, None, Some(output));
+        for k in 0..self.dependents[i].len() {
+            let d = self.dependents[i][k];
+            self.waiting_on[d] -= 1;
+            if self.waiting_on[d] == 0 && self.state[d] == StepState::Pending {
+                self.ready.push((self.plan.steps[d].priority, Reverse(d)));
+            }
+        }
+    }
+
+    /// A step's attempt failed and another follows after `delay` (unless the run is stopped
+    /// meanwhile): it backs off, and says when it is due.
+    fn retry_later(
+        &mut self,
+        i: usize,
+        number: u32,
+        error: String,
+        delay: Duration,
+        tx: &mpsc::UnboundedSender<Message>,
+        cancel: &CancellationToken,
+    ) {
+        self.backing_off += 1;
+        self.notify(Notice::Retry {
+            id: self.plan.steps[i].id.clone(),
+            attempt: number,
+            error,
+            delay,
+        });
+        let tx = tx.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cancel.cancelled() => {}
+            }
+            let _ = tx.send(Message::Due(i));
+        });
+    }
+
+    /// A step used up its attempts: it fails, and its dependents are skipped; a plugin that
+    /// kept crashing or overrunning holds the run for a person.
+    fn failed(&mut self, i: usize, number: u32, outcome: Outcome, error: String) {
+        let reason = if number > 1 {
+            format!("{error} (after {number} attempts)")
+        } else {
+            error
+        };
+        if matches!(outcome, Outcome::Trapped | Outcome::LimitExceeded) {
+            let id = &self.plan.steps[i].id;
+            self.quarantine.get_or_insert_with(|| {
+                format!("step `{id}` used up its attempts on plugin traps or limits: {reason}")
+            });
+        }
+        self.set_step(i, StepState::Failed, Some(reason), None);
+        self.skip_dependents(i);
     }
 
     /// Puts the blocked steps back in the ready queue, to ask their breakers again.
@@ -1092,99 +1156,123 @@ async fn attempt(
             run_plugin(runtime, tool, path.clone(), input, ctx, cancel, &mut end).await;
         }
         ToolKind::Command { argv } => {
-            let argv: Result<Vec<String>, _> = argv
-                .iter()
-                .map(|t| t.render_arg(&input, tool.allow_options))
-                .collect();
-            let argv = match argv {
-                Ok(argv) => argv,
-                Err(e) => {
-                    end.error = Some(format!("tool `{}`: {}", tool.name, e.0));
-                    end.input_fault = true;
-                    return end;
-                }
-            };
-            let spec = CommandSpec {
-                argv,
-                cwd: ctx.workstream.clone(),
-                stdin: serde_json::to_vec(&input).unwrap_or_default(),
-                env: vec![
-                    ("UET_RUN_ID".into(), ctx.run.to_string()),
-                    ("UET_STEP_ID".into(), ctx.step.clone()),
-                    ("UET_ATTEMPT".into(), ctx.number.to_string()),
-                    (
-                        "UET_WORKSTREAM".into(),
-                        ctx.workstream.to_string_lossy().into_owned(),
-                    ),
-                ],
-                timeout: ctx.timeout,
-                stdout_limit: tool.output_limit(),
-                groups: Some(ctx.groups.clone()),
-                start_aside: ctx.crowded,
-            };
-            let result = run_command(spec, cancel).await;
-            end.stdout = bounded(&result.stdout.text);
-            end.stderr = bounded(&result.stderr.text);
-            let last_err = result
-                .stderr
-                .text
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("")
-                .trim()
-                .to_string();
-            let with_stderr = |msg: String| {
-                if last_err.is_empty() {
-                    msg
-                } else {
-                    format!("{msg}: {last_err}")
-                }
-            };
-            match result.exit {
-                // a cut output would reach later steps as something the tool never said
-                Exit::Code(0) if result.stdout.truncated => {
-                    end.outcome = Outcome::Failed;
-                    end.input_fault = true;
-                    end.error = Some(over_output(
-                        result.stdout.total_bytes,
-                        tool.output_limit(),
-                    ));
-                }
-                Exit::Code(0) => {
-                    end.outcome = Outcome::Succeeded;
-                    end.output = Some(parse_output(&result.stdout.text));
-                }
-                Exit::Code(code) => {
-                    end.outcome = Outcome::Failed;
-                    end.retryable = tool.exit_codes.is_retryable(code);
-                    end.input_fault = !end.retryable;
-                    end.error = Some(with_stderr(format!("exited with code {code}")));
-                }
-                Exit::Signal(sig) => {
-                    end.outcome = Outcome::Failed;
-                    end.retryable = true;
-                    end.error = Some(with_stderr(format!("killed by signal {sig}")));
-                }
-                Exit::TimedOut => {
-                    end.outcome = Outcome::TimedOut;
-                    end.retryable = true;
-                    end.error = Some(format!(
-                        "timed out after {} and was killed",
-                        humantime::format_duration(ctx.timeout.unwrap_or_default())
-                    ));
-                }
-                Exit::Canceled => {
-                    end.outcome = Outcome::Canceled;
-                    end.error = Some("canceled".into());
-                }
-                Exit::SpawnFailed(e) => {
-                    end.error = Some(e);
-                }
-            }
+            run_command_step(tool, argv, &input, ctx, cancel, &mut end).await
         }
     }
     end
+}
+
+/// One attempt through a command: its argv filled from the input (no value may begin an
+/// argument with `-` unless the tool allows options), run in its own process group.
+async fn run_command_step(
+    tool: &Tool,
+    argv: &[crate::spec::template::Template],
+    input: &serde_json::Value,
+    ctx: &AttemptContext,
+    cancel: CancellationToken,
+    end: &mut AttemptEnd,
+) {
+    let argv: Result<Vec<String>, _> = argv
+        .iter()
+        .map(|t| t.render_arg(input, tool.allow_options))
+        .collect();
+    let argv = match argv {
+        Ok(argv) => argv,
+        Err(e) => {
+            end.error = Some(format!("tool `{}`: {}", tool.name, e.0));
+            end.input_fault = true;
+            return;
+        }
+    };
+    let spec = CommandSpec {
+        argv,
+        cwd: ctx.workstream.clone(),
+        stdin: serde_json::to_vec(input).unwrap_or_default(),
+        env: vec![
+            ("UET_RUN_ID".into(), ctx.run.to_string()),
+            ("UET_STEP_ID".into(), ctx.step.clone()),
+            ("UET_ATTEMPT".into(), ctx.number.to_string()),
+            (
+                "UET_WORKSTREAM".into(),
+                ctx.workstream.to_string_lossy().into_owned(),
+            ),
+        ],
+        timeout: ctx.timeout,
+        stdout_limit: tool.output_limit(),
+        groups: Some(ctx.groups.clone()),
+        start_aside: ctx.crowded,
+    };
+    let result = run_command(spec, cancel).await;
+    end.stdout = bounded(&result.stdout.text);
+    end.stderr = bounded(&result.stderr.text);
+    command_ended(tool, ctx, result, end);
+}
+
+/// Names how a command attempt ended: its outcome, whether a retry can help, and why, with
+/// the last line of its stderr.
+fn command_ended(
+    tool: &Tool,
+    ctx: &AttemptContext,
+    result: crate::adapters::process::CommandResult,
+    end: &mut AttemptEnd,
+) {
+    let last_err = result
+        .stderr
+        .text
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_string();
+    let with_stderr = |msg: String| {
+        if last_err.is_empty() {
+            msg
+        } else {
+            format!("{msg}: {last_err}")
+        }
+    };
+    match result.exit {
+        // a cut output would reach later steps as something the tool never said
+        Exit::Code(0) if result.stdout.truncated => {
+            end.outcome = Outcome::Failed;
+            end.input_fault = true;
+            end.error = Some(over_output(
+                result.stdout.total_bytes,
+                tool.output_limit(),
+            ));
+        }
+        Exit::Code(0) => {
+            end.outcome = Outcome::Succeeded;
+            end.output = Some(parse_output(&result.stdout.text));
+        }
+        Exit::Code(code) => {
+            end.outcome = Outcome::Failed;
+            end.retryable = tool.exit_codes.is_retryable(code);
+            end.input_fault = !end.retryable;
+            end.error = Some(with_stderr(format!("exited with code {code}")));
+        }
+        Exit::Signal(sig) => {
+            end.outcome = Outcome::Failed;
+            end.retryable = true;
+            end.error = Some(with_stderr(format!("killed by signal {sig}")));
+        }
+        Exit::TimedOut => {
+            end.outcome = Outcome::TimedOut;
+            end.retryable = true;
+            end.error = Some(format!(
+                "timed out after {} and was killed",
+                humantime::format_duration(ctx.timeout.unwrap_or_default())
+            ));
+        }
+        Exit::Canceled => {
+            end.outcome = Outcome::Canceled;
+            end.error = Some("canceled".into());
+        }
+        Exit::SpawnFailed(e) => {
+            end.error = Some(e);
+        }
+    }
 }
 
 /// One attempt through a WASM plugin, on a blocking thread; a cancel reaches the running plugin
