@@ -364,47 +364,7 @@ fn read_tool(
     f.ignore("description");
     let command = f.strings(src, "command");
     let wasm = f.string(src, "wasm");
-    let kind = match (command, wasm) {
-        (Some(argv), None) => {
-            if argv.is_empty() {
-                src.error(&node.span, format!("{label}: `command` is empty"));
-                None
-            } else {
-                let mut templates = Vec::new();
-                for (i, (arg, span)) in argv.into_iter().enumerate() {
-                    let arg = if i == 0 {
-                        resolve_program(&arg, base)
-                    } else {
-                        arg
-                    };
-                    match Template::parse(&arg) {
-                        Ok(t) => templates.push(t),
-                        Err(TemplateError(msg)) => {
-                            src.error(&span, format!("{label}: command argument: {msg}"))
-                        }
-                    }
-                }
-                Some(ToolKind::Command { argv: templates })
-            }
-        }
-        (None, Some((path, _))) => Some(ToolKind::Wasm {
-            path: base.join(path),
-        }),
-        (Some(_), Some(_)) => {
-            src.error(
-                &node.span,
-                format!("{label}: give either `command` or `wasm`, not both"),
-            );
-            None
-        }
-        (None, None) => {
-            src.error(
-                &node.span,
-                format!("{label}: needs `command = [...]` or `wasm = \"file.wasm\"`"),
-            );
-            None
-        }
-    };
+    let kind = read_kind(src, node, &label, command, wasm, base);
     let capabilities = f
         .strings(src, "capabilities")
         .unwrap_or_default()
@@ -427,44 +387,11 @@ fn read_tool(
         allow_options: f.boolean(src, "allow_options").unwrap_or(false),
         described: None,
     };
-    if let Some(mut limits) = f.table(src, "limits") {
-        tool.timeout = limits.duration(src, "timeout");
-        tool.memory = limits.bytes(src, "memory");
-        tool.fuel = limits.integer(src, "fuel", 1, i64::MAX).map(|n| n as u64);
-        tool.output = limits.bytes(src, "output");
-        if let Some(n) = tool.output
-            && n > MAX_OUTPUT
-        {
-            let span = limits.node("output").map(|n| n.span.clone());
-            if let Some(span) = span {
-                src.error(
-                    &span,
-                    format!(
-                        "{label}: limits.output is at most 8MiB (outputs are kept in the state)"
-                    ),
-                );
-            }
-            tool.output = None;
-        }
-        limits.finish(src, &["timeout", "memory", "fuel", "output"]);
+    if let Some(limits) = f.table(src, "limits") {
+        read_limits(src, limits, &label, &mut tool);
     }
-    if let Some(mut sandbox) = f.table(src, "sandbox") {
-        for (key, list) in [
-            ("read", &mut tool.sandbox.read),
-            ("write", &mut tool.sandbox.write),
-        ] {
-            for (dir, span) in sandbox.strings(src, key).unwrap_or_default() {
-                if dir.is_empty() {
-                    // an empty entry would grant the whole workstream unseen: `.` says so
-                    src.error(&span, format!("{label}: sandbox.{key} entry is empty (write \".\" to grant the whole workstream)"));
-                } else if Path::new(&dir).is_absolute() || dir.split('/').any(|c| c == "..") {
-                    src.error(&span, format!("{label}: sandbox.{key} entry {dir:?} must stay inside the workstream (relative, no `..`)"));
-                } else {
-                    list.push(dir);
-                }
-            }
-        }
-        sandbox.finish(src, &["read", "write"]);
+    if let Some(sandbox) = f.table(src, "sandbox") {
+        tool.sandbox = read_sandbox(src, sandbox, &label);
     }
     if let Some(retry) = f.table(src, "retry") {
         tool.retry = read_retry_policy(src, retry);
@@ -480,56 +407,154 @@ fn read_tool(
         breaker.finish(src, &["failures", "cool_down"]);
         tool.breaker = Some(settings);
     }
-    if let Some(mut codes) = f.table(src, "exit_codes") {
-        for (key, list) in [
-            ("retryable", &mut tool.exit_codes.retryable),
-            ("fatal", &mut tool.exit_codes.fatal),
-        ] {
-            if let Some(node) = codes.node(key) {
-                match &node.value {
-                    crate::spec::doc::Value::Array(items) => {
-                        for item in items {
-                            match item.value {
-                                crate::spec::doc::Value::Integer(c) if (0..=255).contains(&c) => {
-                                    list.push(c as i32)
-                                }
-                                _ => src.error(
-                                    &item.span,
-                                    format!("{label}: exit_codes.{key} holds exit codes 0-255"),
-                                ),
-                            }
-                        }
-                    }
-                    _ => src.error(
-                        &node.span,
-                        format!("{label}: exit_codes.{key} must be a list of exit codes"),
-                    ),
-                }
-            }
-        }
-        // a code on both lists would mean whatever the reader guesses: say so instead
-        if let Some(node) = codes.node("fatal") {
-            let both: Vec<String> = tool
-                .exit_codes
-                .fatal
-                .iter()
-                .filter(|c| tool.exit_codes.retryable.contains(c))
-                .map(|c| c.to_string())
-                .collect();
-            if !both.is_empty() {
-                src.error(
-                    &node.span,
-                    format!(
-                        "{label}: exit code {} is listed both as retryable and as fatal",
-                        both.join(", ")
-                    ),
-                );
-            }
-        }
-        codes.finish(src, &["retryable", "fatal"]);
+    if let Some(codes) = f.table(src, "exit_codes") {
+        tool.exit_codes = read_exit_codes(src, codes, &label);
     }
     f.finish(src, TOOL_KEYS);
     Some(tool)
+}
+
+/// What a tool runs: `command = [...]` (the program resolved against the tools file's folder
+/// when it has a slash) or `wasm = "file.wasm"`, one and only one.
+fn read_kind(
+    src: &mut Source<'_>,
+    node: &crate::spec::doc::Node,
+    label: &str,
+    command: Option<Vec<(String, std::ops::Range<usize>)>>,
+    wasm: Option<(String, std::ops::Range<usize>)>,
+    base: &Path,
+) -> Option<ToolKind> {
+    match (command, wasm) {
+        (Some(argv), None) if argv.is_empty() => {
+            src.error(&node.span, format!("{label}: `command` is empty"));
+            None
+        }
+        (Some(argv), None) => {
+            let mut templates = Vec::new();
+            for (i, (arg, span)) in argv.into_iter().enumerate() {
+                let arg = if i == 0 {
+                    resolve_program(&arg, base)
+                } else {
+                    arg
+                };
+                match Template::parse(&arg) {
+                    Ok(t) => templates.push(t),
+                    Err(TemplateError(msg)) => {
+                        src.error(&span, format!("{label}: command argument: {msg}"))
+                    }
+                }
+            }
+            Some(ToolKind::Command { argv: templates })
+        }
+        (None, Some((path, _))) => Some(ToolKind::Wasm {
+            path: base.join(path),
+        }),
+        (Some(_), Some(_)) => {
+            src.error(
+                &node.span,
+                format!("{label}: give either `command` or `wasm`, not both"),
+            );
+            None
+        }
+        (None, None) => {
+            src.error(
+                &node.span,
+                format!("{label}: needs `command = [...]` or `wasm = \"file.wasm\"`"),
+            );
+            None
+        }
+    }
+}
+
+/// `limits = { timeout, memory, fuel, output }`.
+fn read_limits(src: &mut Source<'_>, mut limits: Fields<'_>, label: &str, tool: &mut Tool) {
+    tool.timeout = limits.duration(src, "timeout");
+    tool.memory = limits.bytes(src, "memory");
+    tool.fuel = limits.integer(src, "fuel", 1, i64::MAX).map(|n| n as u64);
+    tool.output = limits.bytes(src, "output");
+    if let Some(n) = tool.output
+        && n > MAX_OUTPUT
+    {
+        let span = limits.node("output").map(|n| n.span.clone());
+        if let Some(span) = span {
+            src.error(
+                &span,
+                format!("{label}: limits.output is at most 8MiB (outputs are kept in the state)"),
+            );
+        }
+        tool.output = None;
+    }
+    limits.finish(src, &["timeout", "memory", "fuel", "output"]);
+}
+
+/// `sandbox = { read = [...], write = [...] }`: folders inside the workstream, never empty.
+fn read_sandbox(src: &mut Source<'_>, mut sandbox: Fields<'_>, label: &str) -> Sandbox {
+    let mut grants = Sandbox::default();
+    for (key, list) in [("read", &mut grants.read), ("write", &mut grants.write)] {
+        for (dir, span) in sandbox.strings(src, key).unwrap_or_default() {
+            if dir.is_empty() {
+                // an empty entry would grant the whole workstream unseen: `.` says so
+                src.error(&span, format!("{label}: sandbox.{key} entry is empty (write \".\" to grant the whole workstream)"));
+            } else if Path::new(&dir).is_absolute() || dir.split('/').any(|c| c == "..") {
+                src.error(&span, format!("{label}: sandbox.{key} entry {dir:?} must stay inside the workstream (relative, no `..`)"));
+            } else {
+                list.push(dir);
+            }
+        }
+    }
+    sandbox.finish(src, &["read", "write"]);
+    grants
+}
+
+/// `exit_codes = { retryable = [...], fatal = [...] }`: codes 0-255, none on both lists.
+fn read_exit_codes(src: &mut Source<'_>, mut codes: Fields<'_>, label: &str) -> ExitCodes {
+    let mut read = ExitCodes::default();
+    for (key, list) in [
+        ("retryable", &mut read.retryable),
+        ("fatal", &mut read.fatal),
+    ] {
+        let Some(node) = codes.node(key) else {
+            continue;
+        };
+        let crate::spec::doc::Value::Array(items) = &node.value else {
+            src.error(
+                &node.span,
+                format!("{label}: exit_codes.{key} must be a list of exit codes"),
+            );
+            continue;
+        };
+        for item in items {
+            match item.value {
+                crate::spec::doc::Value::Integer(c) if (0..=255).contains(&c) => {
+                    list.push(c as i32)
+                }
+                _ => src.error(
+                    &item.span,
+                    format!("{label}: exit_codes.{key} holds exit codes 0-255"),
+                ),
+            }
+        }
+    }
+    // a code on both lists would mean whatever the reader guesses: say so instead
+    if let Some(node) = codes.node("fatal") {
+        let both: Vec<String> = read
+            .fatal
+            .iter()
+            .filter(|c| read.retryable.contains(c))
+            .map(|c| c.to_string())
+            .collect();
+        if !both.is_empty() {
+            src.error(
+                &node.span,
+                format!(
+                    "{label}: exit code {} is listed both as retryable and as fatal",
+                    both.join(", ")
+                ),
+            );
+        }
+    }
+    codes.finish(src, &["retryable", "fatal"]);
+    read
 }
 
 /// Whether a tools file may be believed to run things: it decides which programs run with

@@ -195,63 +195,10 @@ fn read_plan(src: &mut Source<'_>, root: &Node, tools: &Tools) -> Option<Plan> {
         d.finish(src, &["retries", "timeout", "retry"]);
     }
 
-    let trigger = top.table(src, "trigger").map(|mut t| {
-        let watch: Vec<String> = t
-            .strings(src, "watch")
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|(glob, span)| {
-                match globset::GlobBuilder::new(&glob)
-                    .literal_separator(true)
-                    .build()
-                {
-                    Ok(_) => Some(glob),
-                    Err(e) => {
-                        src.error(&span, format!("trigger.watch: bad glob {glob:?}: {e}"));
-                        None
-                    }
-                }
-            })
-            .collect();
-        if watch.is_empty() && t.node("watch").is_none() {
-            src.error(&root.span, "trigger: missing `watch = [\"glob\", ...]`");
-        }
-        let debounce = t.duration(src, "debounce").unwrap_or(DEFAULT_DEBOUNCE);
-        t.finish(src, &["watch", "debounce"]);
-        Trigger { watch, debounce }
-    });
-
-    let mut written = Vec::new();
-    match top.node("steps") {
-        None => src.error_at(0, "workflow: no steps (add [[steps]] tables)"),
-        Some(node) => match &node.value {
-            Value::Array(items) if items.is_empty() => {
-                src.error(&node.span, "workflow: `steps` is empty")
-            }
-            Value::Array(items) if items.len() > MAX_STEPS => src.error(
-                &node.span,
-                format!(
-                    "workflow: {} steps, over the limit of {MAX_STEPS} steps per workflow \
-                     (split it into workflows of fewer steps)",
-                    items.len()
-                ),
-            ),
-            Value::Array(items) => {
-                for (i, item) in items.iter().enumerate() {
-                    if let Some(w) = read_step(src, item, i) {
-                        written.push(w);
-                    }
-                }
-            }
-            other => src.error(
-                &node.span,
-                format!(
-                    "`steps` must be a list of [[steps]] tables, found {}",
-                    other.kind()
-                ),
-            ),
-        },
-    }
+    let trigger = top
+        .table(src, "trigger")
+        .map(|t| read_trigger(src, t, root));
+    let mut written = read_steps(src, top.node("steps"));
     top.finish(src, TOP_KEYS);
 
     for w in &mut written {
@@ -274,6 +221,70 @@ fn read_plan(src: &mut Source<'_>, root: &Node, tools: &Tools) -> Option<Plan> {
         trigger,
         steps: written.into_iter().map(|w| w.step).collect(),
     })
+}
+
+/// `[trigger]`: the globs whose changes run the workflow again, and the quiet time before.
+fn read_trigger(src: &mut Source<'_>, mut t: Fields<'_>, root: &Node) -> Trigger {
+    let watch: Vec<String> = t
+        .strings(src, "watch")
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|(glob, span)| {
+            match globset::GlobBuilder::new(&glob)
+                .literal_separator(true)
+                .build()
+            {
+                Ok(_) => Some(glob),
+                Err(e) => {
+                    src.error(&span, format!("trigger.watch: bad glob {glob:?}: {e}"));
+                    None
+                }
+            }
+        })
+        .collect();
+    if watch.is_empty() && t.node("watch").is_none() {
+        src.error(&root.span, "trigger: missing `watch = [\"glob\", ...]`");
+    }
+    let debounce = t.duration(src, "debounce").unwrap_or(DEFAULT_DEBOUNCE);
+    t.finish(src, &["watch", "debounce"]);
+    Trigger { watch, debounce }
+}
+
+/// `[[steps]]`: at least one, at most [`MAX_STEPS`].
+fn read_steps<'n>(src: &mut Source<'_>, steps: Option<&'n Node>) -> Vec<Written<'n>> {
+    let mut written = Vec::new();
+    let Some(node) = steps else {
+        src.error_at(0, "workflow: no steps (add [[steps]] tables)");
+        return written;
+    };
+    match &node.value {
+        Value::Array(items) if items.is_empty() => {
+            src.error(&node.span, "workflow: `steps` is empty")
+        }
+        Value::Array(items) if items.len() > MAX_STEPS => src.error(
+            &node.span,
+            format!(
+                "workflow: {} steps, over the limit of {MAX_STEPS} steps per workflow \
+                 (split it into workflows of fewer steps)",
+                items.len()
+            ),
+        ),
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                if let Some(w) = read_step(src, item, i) {
+                    written.push(w);
+                }
+            }
+        }
+        other => src.error(
+            &node.span,
+            format!(
+                "`steps` must be a list of [[steps]] tables, found {}",
+                other.kind()
+            ),
+        ),
+    }
+    written
 }
 
 fn read_step<'n>(src: &mut Source<'_>, node: &'n Node, index: usize) -> Option<Written<'n>> {
@@ -312,52 +323,10 @@ fn read_step<'n>(src: &mut Source<'_>, node: &'n Node, index: usize) -> Option<W
     }
     f.ignore("name");
     f.ignore("description");
-    let tool = f.string(src, "tool");
-    let capability = f.string(src, "capability");
-    let mut target_span = node.span.clone();
-    let target = match (tool, capability) {
-        (Some((t, span)), None) => {
-            target_span = span;
-            Target::Tool(t)
-        }
-        (None, Some((c, span))) => {
-            target_span = span;
-            Target::Capability(c)
-        }
-        (Some(_), Some(_)) => {
-            src.error(
-                &node.span,
-                format!("{label}: give `tool` or `capability`, not both"),
-            );
-            Target::Tool(String::new())
-        }
-        (None, None) => {
-            if f.node("tool").is_none() && f.node("capability").is_none() {
-                src.error(
-                    &node.span,
-                    format!("{label}: needs `tool = \"...\"` or `capability = \"...\"`"),
-                );
-            }
-            Target::Tool(String::new())
-        }
-    };
+    let (target, target_span) = read_target(src, &mut f, node, &label);
     let needs = f.strings(src, "needs").unwrap_or_default();
     let with_node = f.node("with");
-    let with = match with_node {
-        Some(n) if matches!(n.value, Value::Table(_)) => {
-            // a key written twice (JSON allows it) is reported; the values are read as JSON
-            let _ = Fields::nested_in(src, n, &label, "with");
-            n.to_json()
-        }
-        Some(n) => {
-            src.error(
-                &n.span,
-                format!("{label}: `with` must be a table, found {}", n.value.kind()),
-            );
-            serde_json::Value::Object(Default::default())
-        }
-        None => serde_json::Value::Object(Default::default()),
-    };
+    let with = read_with(src, with_node, &label);
     let priority = f
         .integer(src, "priority", -1_000_000, 1_000_000)
         .unwrap_or(0);
@@ -383,6 +352,56 @@ fn read_step<'n>(src: &mut Source<'_>, node: &'n Node, index: usize) -> Option<W
             timeout,
         },
     })
+}
+
+/// What runs a step: `tool = "..."` or `capability = "..."`, one and only one; and where it is
+/// written.
+fn read_target(
+    src: &mut Source<'_>,
+    f: &mut Fields<'_>,
+    node: &Node,
+    label: &str,
+) -> (Target, std::ops::Range<usize>) {
+    let tool = f.string(src, "tool");
+    let capability = f.string(src, "capability");
+    match (tool, capability) {
+        (Some((t, span)), None) => (Target::Tool(t), span),
+        (None, Some((c, span))) => (Target::Capability(c), span),
+        (Some(_), Some(_)) => {
+            src.error(
+                &node.span,
+                format!("{label}: give `tool` or `capability`, not both"),
+            );
+            (Target::Tool(String::new()), node.span.clone())
+        }
+        (None, None) => {
+            if f.node("tool").is_none() && f.node("capability").is_none() {
+                src.error(
+                    &node.span,
+                    format!("{label}: needs `tool = \"...\"` or `capability = \"...\"`"),
+                );
+            }
+            (Target::Tool(String::new()), node.span.clone())
+        }
+    }
+}
+
+/// A step's `with`: a table, read as JSON (a key written twice, as JSON allows, is reported).
+fn read_with(src: &mut Source<'_>, with: Option<&Node>, label: &str) -> serde_json::Value {
+    match with {
+        Some(n) if matches!(n.value, Value::Table(_)) => {
+            let _ = Fields::nested_in(src, n, label, "with");
+            n.to_json()
+        }
+        Some(n) => {
+            src.error(
+                &n.span,
+                format!("{label}: `with` must be a table, found {}", n.value.kind()),
+            );
+            serde_json::Value::Object(Default::default())
+        }
+        None => serde_json::Value::Object(Default::default()),
+    }
 }
 
 /// Duplicate ids and unknown `needs`; fills [`PlanStep::needs`] with indices.

@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 
 use crate::model::BreakerRecord;
 use crate::model::RunState;
-use crate::state::{DURATION_BUCKETS, StateError, Store};
+use crate::state::{DURATION_BUCKETS, StateError, Store, ToolStats};
 
 /// What only a live daemon knows.
 #[derive(Debug, Clone, Copy, Default)]
@@ -24,7 +24,16 @@ pub fn render(
     live: Option<Live>,
 ) -> Result<String, StateError> {
     let mut out = String::new();
-    let runs = store.runs()?;
+    runs(&mut out, store, live)?;
+    let stats = store.tool_stats()?;
+    attempts(&mut out, &stats);
+    durations(&mut out, &stats);
+    breaker_states(&mut out, breakers);
+    Ok(out)
+}
+
+/// Runs by state, the queue, the runs a daemon drives, steps by state.
+fn runs(out: &mut String, store: &Store, live: Option<Live>) -> Result<(), StateError> {
     let mut by_state = std::collections::BTreeMap::new();
     for state in [
         RunState::Pending,
@@ -36,20 +45,15 @@ pub fn render(
     ] {
         by_state.insert(state.as_str(), 0u64);
     }
-    for r in &runs {
+    for r in &store.runs()? {
         *by_state.entry(r.state.as_str()).or_insert(0) += 1;
     }
-    family(
-        &mut out,
-        "uet_runs",
-        "gauge",
-        "Runs in the state, by run state.",
-    );
+    family(out, "uet_runs", "gauge", "Runs in the state, by run state.");
     for (state, n) in &by_state {
         let _ = writeln!(out, "uet_runs{{state=\"{state}\"}} {n}");
     }
     family(
-        &mut out,
+        out,
         "uet_queue_depth",
         "gauge",
         "Runs waiting to start (pending).",
@@ -57,32 +61,29 @@ pub fn render(
     let _ = writeln!(out, "uet_queue_depth {}", by_state["pending"]);
     if let Some(live) = live {
         family(
-            &mut out,
+            out,
             "uet_runs_active",
             "gauge",
             "Runs the daemon is driving now.",
         );
         let _ = writeln!(out, "uet_runs_active {}", live.active);
     }
-
-    family(
-        &mut out,
-        "uet_steps",
-        "gauge",
-        "Steps of all runs, by step state.",
-    );
+    family(out, "uet_steps", "gauge", "Steps of all runs, by step state.");
     for (state, n) in store.step_counts()? {
         let _ = writeln!(out, "uet_steps{{state=\"{state}\"}} {n}");
     }
+    Ok(())
+}
 
-    let stats = store.tool_stats()?;
+/// Attempts by tool and outcome, and the failures among them.
+fn attempts(out: &mut String, stats: &[(String, ToolStats)]) {
     family(
-        &mut out,
+        out,
         "uet_attempts_total",
         "counter",
         "Attempts by tool and outcome.",
     );
-    for (tool, s) in &stats {
+    for (tool, s) in stats {
         for (outcome, n) in &s.outcomes {
             let _ = writeln!(
                 out,
@@ -92,12 +93,12 @@ pub fn render(
         }
     }
     family(
-        &mut out,
+        out,
         "uet_attempt_failures_total",
         "counter",
         "Attempts that failed (not counting cancels and interruptions), by tool.",
     );
-    for (tool, s) in &stats {
+    for (tool, s) in stats {
         let failed: u64 = s
             .outcomes
             .iter()
@@ -110,13 +111,17 @@ pub fn render(
             escape(tool)
         );
     }
+}
+
+/// The histogram of attempts' durations, by tool.
+fn durations(out: &mut String, stats: &[(String, ToolStats)]) {
     family(
-        &mut out,
+        out,
         "uet_step_duration_seconds",
         "histogram",
         "How long each attempt of a step ran, by tool.",
     );
-    for (tool, s) in &stats {
+    for (tool, s) in stats {
         let tool = escape(tool);
         let mut cumulative = 0;
         for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
@@ -141,8 +146,12 @@ pub fn render(
             "uet_step_duration_seconds_count{{tool=\"{tool}\"}} {count}"
         );
     }
+}
+
+/// Each tool's breaker: its state, and the failures it has counted.
+fn breaker_states(out: &mut String, breakers: &[(String, BreakerRecord)]) {
     family(
-        &mut out,
+        out,
         "uet_breaker_state",
         "gauge",
         "1 for each tool's current circuit breaker state.",
@@ -159,7 +168,7 @@ pub fn render(
         }
     }
     family(
-        &mut out,
+        out,
         "uet_breaker_failures",
         "gauge",
         "Consecutive failures each tool's breaker has counted.",
@@ -172,7 +181,6 @@ pub fn render(
             record.failures
         );
     }
-    Ok(out)
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
