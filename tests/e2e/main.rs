@@ -2,6 +2,7 @@
 
 mod util;
 
+mod architecture;
 mod daemon;
 mod daemon_ops;
 mod hardening;
