@@ -13,15 +13,16 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::adapters::wasm::Runtime;
+use crate::api::ops;
 use crate::engine::breaker::Breakers;
 use crate::engine::{self, Pause, RunSpec};
 use crate::model::{RunId, RunState};
-use crate::api::ops;
-use crate::state::{Change, NewRun, StandingChange, Store, Submission};
 use crate::spec::tools::{TOOLS_FILE, Tools};
-use crate::adapters::wasm::Runtime;
 use crate::spec::workflow::{self, Plan};
+use crate::state::{Change, NewRun, StandingChange, Store, Submission};
 
+mod control;
 mod dropped;
 mod intake;
 mod server;
@@ -180,11 +181,11 @@ async fn metrics_listener(
         Some(addr) if !addr.ip().is_loopback() => {
             anyhow::bail!("metrics: {addr} is not a loopback address (use 127.0.0.1 or ::1)")
         }
-        Some(addr) => Ok(Some(
-            tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| anyhow::anyhow!("metrics: cannot listen on {addr}: {e}"))?,
-        )),
+        Some(addr) => {
+            Ok(Some(tokio::net::TcpListener::bind(addr).await.map_err(
+                |e| anyhow::anyhow!("metrics: cannot listen on {addr}: {e}"),
+            )?))
+        }
         None => Ok(None),
     }
 }
@@ -525,4 +526,3 @@ fn cancel_pending(store: &Store, run: RunId) -> Result<(), engine::EngineError> 
     }])?;
     Ok(())
 }
-

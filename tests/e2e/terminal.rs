@@ -207,5 +207,14 @@ fn uet_run_shows_a_live_bar_on_a_terminal() {
         !end.contains("running: "),
         "the bar is cleared at the end:\n{end}"
     );
-    assert_eq!(std::fs::read_to_string(&done).unwrap().trim(), "0");
+    // The shell writes the exit code just after uet prints its last line: wait for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        let code = std::fs::read_to_string(&done).unwrap_or_default();
+        if code.ends_with('\n') || Instant::now() > deadline {
+            break code;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code.trim(), "0");
 }

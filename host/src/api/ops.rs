@@ -4,6 +4,7 @@
 //! is shown, an event log paged, a breaker described.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 use crate::api::types::{
     BreakerShown, EventShown, RunShown, RunSummary, Status, ToolShown, TopRun, TopView,
@@ -49,6 +50,40 @@ impl From<Refused> for crate::api::protocol::Response {
             invalid: r.invalid,
         }
     }
+}
+
+/// What a running daemon does when asked, whatever face asks: the control socket now, the web
+/// dashboard and the fleet next. A face maps its requests onto these calls and the answers onto
+/// its own messages, so what a run looks like, and what may be retried or canceled, is decided
+/// once, here and in the daemon, never again in a face. Events are not here: each face streams
+/// them its own way, through [`events`].
+pub trait Control {
+    /// The daemon in brief.
+    fn status(&self) -> Result<Status, Refused>;
+    /// See [`runs`].
+    fn runs(&self, limit: Option<usize>) -> Result<Vec<RunSummary>, Refused>;
+    /// See [`show`].
+    fn show(&self, run: RunId, from: usize) -> Result<RunShown, Refused>;
+    /// The tools of every watched folder, with their breakers as they stand.
+    fn tools(&self) -> Result<Vec<ToolShown>, Refused>;
+    /// See [`top`].
+    fn top(&self) -> Result<TopView, Refused>;
+    /// See [`metrics`].
+    fn metrics(&self) -> Result<String, Refused>;
+    /// See [`verify`].
+    fn verify(&self, run: RunId) -> Result<String, Refused>;
+    /// See [`prune`].
+    fn prune(&self, older_than_ms: Option<u64>, keep: Option<usize>) -> Result<String, Refused>;
+    /// Runs a workflow file (claimed like a drop when it sits in a watched folder).
+    fn submit(&self, path: &Path) -> Result<RunId, Refused>;
+    /// Cancels a run that is going.
+    fn cancel(&self, run: RunId) -> Result<String, Refused>;
+    /// Puts a failed or canceled run's unfinished steps back and resumes it.
+    fn retry(&self, run: RunId) -> Result<String, Refused>;
+    /// Puts a quarantined run back, as [`Control::retry`] does.
+    fn release(&self, run: RunId) -> Result<String, Refused>;
+    /// Stops the daemon: runs going are left to resume at its next start.
+    fn stop(&self);
 }
 
 /// Bytes of steps per page of a run shown: half a frame, so the run's own fields and a last

@@ -164,6 +164,51 @@ pub enum Response {
     },
 }
 
+#[cfg(feature = "runtime")]
+/// The answer to a request, through the facade. Two requests are the connection's to carry
+/// out, not this function's: [`Request::Events`] streams (here it is refused), and
+/// [`Request::Shutdown`] is only acknowledged, so the connection can send the answer before it
+/// calls [`Control::stop`](crate::api::ops::Control::stop).
+pub fn answer(control: &impl crate::api::ops::Control, request: Request) -> Response {
+    fn done(r: Result<String, crate::api::ops::Refused>) -> Response {
+        r.map(|message| Response::Done { message })
+            .unwrap_or_else(Response::from)
+    }
+    let answered = match request {
+        Request::Hello { .. } => Ok(Response::Hello {
+            protocol: PROTOCOL_VERSION,
+            version: env!("CARGO_PKG_VERSION").into(),
+        }),
+        Request::Status => control.status().map(Response::Status),
+        Request::Runs { limit } => control.runs(limit).map(|runs| Response::Runs { runs }),
+        Request::Show { run, from } => control
+            .show(run, from)
+            .map(|run| Response::Run { run: Box::new(run) }),
+        Request::Events { .. } => Err(crate::api::ops::Refused {
+            message: "events are streamed by the connection".into(),
+            invalid: false,
+        }),
+        Request::Tools => control.tools().map(|tools| Response::Tools { tools }),
+        Request::Top => control.top().map(|view| Response::Top {
+            view: Box::new(view),
+        }),
+        Request::Metrics => control.metrics().map(|text| Response::Metrics { text }),
+        Request::Submit { path } => control.submit(&path).map(|run| Response::Submitted { run }),
+        Request::Verify { run } => return done(control.verify(run)),
+        Request::Prune {
+            older_than_ms,
+            keep,
+        } => return done(control.prune(older_than_ms, keep)),
+        Request::Cancel { run } => return done(control.cancel(run)),
+        Request::Retry { run } => return done(control.retry(run)),
+        Request::Release { run } => return done(control.release(run)),
+        Request::Shutdown => Ok(Response::Done {
+            message: "shutting down".into(),
+        }),
+    };
+    answered.unwrap_or_else(Response::from)
+}
+
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -1,15 +1,15 @@
 //! The control socket: accepting connections within limits, reading requests, and answering
-//! them through the facade.
+//! them through the facade ([`protocol::answer`] over the daemon's [`ops::Control`]).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
 use super::*;
-use crate::api::ops;
-use crate::api::protocol::{self, Request, Response, Status};
+use crate::api::ops::{self, Control};
+use crate::api::protocol::{self, Request, Response};
 
 /// Writes an answer to a client, which must read it within [`SEND_TIME`].
 pub(super) async fn send<T: serde::Serialize>(
@@ -41,7 +41,10 @@ pub(super) const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// Accepts control connections until shutdown: at most [`MAX_CONNECTIONS`] at once (the
 /// others wait in the kernel's queue), and a failing accept (out of file descriptors, say) is
 /// retried after a pause that grows, logged at most once a second, instead of spinning.
-pub(super) async fn accept_loop(shared: &Arc<Daemon>, listener: &interprocess::local_socket::tokio::Listener) {
+pub(super) async fn accept_loop(
+    shared: &Arc<Daemon>,
+    listener: &interprocess::local_socket::tokio::Listener,
+) {
     use interprocess::local_socket::tokio::prelude::*;
     let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut pause = Duration::ZERO;
@@ -88,7 +91,9 @@ pub(super) async fn accept_loop(shared: &Arc<Daemon>, listener: &interprocess::l
 
 /// Binds the socket in a folder only its owner can enter; a socket left by a crashed daemon is
 /// replaced, one a live process answers on is not.
-pub(super) async fn bind(path: &Path) -> anyhow::Result<interprocess::local_socket::tokio::Listener> {
+pub(super) async fn bind(
+    path: &Path,
+) -> anyhow::Result<interprocess::local_socket::tokio::Listener> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
     let dir = path
         .parent()
@@ -153,7 +158,10 @@ pub(super) async fn bind(path: &Path) -> anyhow::Result<interprocess::local_sock
 /// Serves one client connection: the hello, then a response per request. A malformed or
 /// oversized frame gets an error reply and ends the connection; nothing a client sends can
 /// take the daemon down.
-pub(super) async fn client(shared: Arc<Daemon>, mut conn: interprocess::local_socket::tokio::Stream) {
+pub(super) async fn client(
+    shared: Arc<Daemon>,
+    mut conn: interprocess::local_socket::tokio::Stream,
+) {
     let mut greeted = false;
     loop {
         let idle = if greeted { IDLE_TIME } else { REQUEST_TIME };
@@ -195,8 +203,8 @@ pub(super) async fn client(shared: Arc<Daemon>, mut conn: interprocess::local_so
                 invalid: true,
             },
             Request::Shutdown => {
-                let _ = send(&mut conn, &answer(&shared, Request::Shutdown)).await;
-                shared.shutdown.cancel();
+                let _ = send(&mut conn, &protocol::answer(&shared, Request::Shutdown)).await;
+                shared.stop();
                 return;
             }
             Request::Events { run, follow } => {
@@ -206,7 +214,7 @@ pub(super) async fn client(shared: Arc<Daemon>, mut conn: interprocess::local_so
             request => {
                 let shared = shared.clone();
                 let state = shared.store.path().to_path_buf();
-                tokio::task::spawn_blocking(move || answer(&shared, request))
+                tokio::task::spawn_blocking(move || protocol::answer(&shared, request))
                     .await
                     .unwrap_or_else(|e| Response::Error {
                         // a panic in a request is the database's on a damaged page, or a bug:
@@ -325,234 +333,4 @@ pub(super) async fn stream_events(
             _ = shared.shutdown.cancelled() => return,
         }
     }
-}
-
-pub(super) fn answer(shared: &Arc<Daemon>, request: Request) -> Response {
-    let fail = |message: String| Response::Error {
-        message,
-        invalid: false,
-    };
-    let invalid = |message: String| Response::Error {
-        message,
-        invalid: true,
-    };
-    match request {
-        Request::Hello { .. } => unreachable!("answered by the connection"),
-        Request::Status => match status(shared) {
-            Ok(status) => Response::Status(status),
-            Err(e) => fail(e.to_string()),
-        },
-        Request::Runs { limit } => ops::runs(&shared.store, limit)
-            .map(|runs| Response::Runs { runs })
-            .unwrap_or_else(Response::from),
-        Request::Show { run, from } => ops::show(&shared.store, run, from)
-            .map(|run| Response::Run { run: Box::new(run) })
-            .unwrap_or_else(Response::from),
-        Request::Events { .. } => unreachable!("streamed by the connection"),
-        Request::Tools => match tools_shown(shared) {
-            Ok(tools) => Response::Tools { tools },
-            Err(p) => fail(p.to_string()),
-        },
-        Request::Submit { path } => submit(shared, &path),
-        Request::Cancel { run } => {
-            let token = lock(&shared.active).get(&run).cloned();
-            match token {
-                Some(t) => {
-                    t.cancel();
-                    Response::Done {
-                        message: format!("run {run} canceled"),
-                    }
-                }
-                None => match shared.store.run(run) {
-                    Ok(Some(r)) => invalid(format!("run {run} is {}, not running", r.state)),
-                    Ok(None) => invalid(format!("no run {run}")),
-                    Err(e) => fail(e.to_string()),
-                },
-            }
-        }
-        Request::Verify { run } => ops::verify(&shared.store, run)
-            .map(|message| Response::Done { message })
-            .unwrap_or_else(Response::from),
-        Request::Prune {
-            older_than_ms,
-            keep,
-        } => ops::prune(&shared.store, older_than_ms, keep)
-            .map(|message| Response::Done { message })
-            .unwrap_or_else(Response::from),
-        Request::Top => top_view(shared),
-        Request::Metrics => {
-            let active = lock(&shared.active).len() as u64;
-            ops::metrics(&shared.store, &shared.breakers.all(), Some(active))
-                .map(|text| Response::Metrics { text })
-                .unwrap_or_else(Response::from)
-        }
-        Request::Retry { run } => requeue(shared, run, false),
-        Request::Release { run } => requeue(shared, run, true),
-        // answered here, carried out by the connection once the answer is sent
-        Request::Shutdown => Response::Done {
-            message: "shutting down".into(),
-        },
-    }
-}
-
-/// `uet submit`: a file in a watched folder is claimed like a drop (so the watcher does not
-/// run it a second time); any other file runs with its folder as the workstream.
-pub(super) fn submit(shared: &Arc<Daemon>, path: &Path) -> Response {
-    let invalid = |message: String| Response::Error {
-        message,
-        invalid: true,
-    };
-    // a file in a watched folder, however the client named it (through `..` or a link), is
-    // claimed as a drop is, so the watcher cannot run it a second time
-    let watched = path.parent().zip(path.file_name()).and_then(|(parent, name)| {
-        use std::os::unix::fs::MetadataExt;
-        let here = std::fs::metadata(parent).ok()?;
-        shared
-            .config
-            .watch
-            .iter()
-            .find(|w| {
-                std::fs::metadata(w).is_ok_and(|m| m.dev() == here.dev() && m.ino() == here.ino())
-            })
-            .map(|w| w.join(name))
-    });
-    if let Some(path) = watched.as_deref().filter(|p| is_submission(p, &shared.config.watch)) {
-        return match claim(shared, path) {
-            Some(Ok(run)) => Response::Submitted { run },
-            Some(Err(ClaimError::Rejected(report))) => {
-                invalid(format!("{}(moved to rejected/ in its folder)", report))
-            }
-            Some(Err(ClaimError::Failed(e))) => Response::Error {
-                message: e,
-                invalid: false,
-            },
-            None => Response::Error {
-                message: format!(
-                    "{} was picked up by the folder watcher already: see `uet runs`",
-                    path.display()
-                ),
-                invalid: false,
-            },
-        };
-    }
-    let bytes = match dropped::read_submitted(path, shared.config.max_file) {
-        Ok(b) => b,
-        Err(e) => return invalid(format!("{}: {e}", path.display())),
-    };
-    let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
-    let checked = load_tools(shared, &dir)
-        .and_then(|tools| workflow::parse(path, &bytes, &tools).map(|p| (p, tools)));
-    match checked {
-        Ok((plan, tools)) => match record(shared, &plan, path, &dir, None, "submitted") {
-            Ok(run) => {
-                start(shared, run, plan, dir, tools, false);
-                Response::Submitted { run }
-            }
-            Err(e) => Response::Error {
-                message: format!("{e:#}"),
-                invalid: false,
-            },
-        },
-        Err(problems) => invalid(problems.to_string()),
-    }
-}
-
-/// `uet retry` (a failed or canceled run) and `uet release` (a quarantined one): the steps that
-/// did not succeed go back to pending and the run resumes; succeeded steps keep their outputs.
-pub(super) fn requeue(shared: &Arc<Daemon>, run: RunId, release: bool) -> Response {
-    let invalid = |message: String| Response::Error {
-        message,
-        invalid: true,
-    };
-    let record = match shared.store.run(run) {
-        Ok(Some(r)) => r,
-        Ok(None) => return invalid(format!("no run {run}")),
-        Err(e) => {
-            return Response::Error {
-                message: e.to_string(),
-                invalid: false,
-            };
-        }
-    };
-    let allowed = if release {
-        record.state == RunState::Quarantined
-    } else {
-        matches!(record.state, RunState::Failed | RunState::Canceled)
-    };
-    if !allowed || lock(&shared.active).contains_key(&run) {
-        let hint = match (release, record.state) {
-            (false, RunState::Quarantined) => format!("; `uet release {run}` puts it back"),
-            (true, RunState::Failed | RunState::Canceled) => {
-                format!("; `uet retry {run}` re-runs it")
-            }
-            _ => String::new(),
-        };
-        let what = if release { "released" } else { "retried" };
-        return invalid(format!(
-            "run {run} is {}: only a {} run can be {what}{hint}",
-            record.state,
-            if release {
-                "quarantined"
-            } else {
-                "failed or canceled"
-            },
-        ));
-    }
-    let reason = if release {
-        "released by request"
-    } else {
-        "retry requested"
-    };
-    let changes = engine::requeue_unfinished(&shared.store, run, reason);
-    match changes.and_then(|c| shared.store.apply(&c)) {
-        Ok(()) => {
-            resume(shared, run, false);
-            Response::Done {
-                message: format!("run {run} is pending again"),
-            }
-        }
-        Err(e) => Response::Error {
-            message: e.to_string(),
-            invalid: false,
-        },
-    }
-}
-
-pub(super) fn status(shared: &Daemon) -> Result<Status, ops::Refused> {
-    Ok(Status {
-        version: env!("CARGO_PKG_VERSION").into(),
-        pid: std::process::id(),
-        uptime_seconds: shared.started.elapsed().as_secs(),
-        state: shared.config.state.clone(),
-        watching: shared.config.watch.clone(),
-        runs: ops::run_counts(&shared.store)?,
-        active: lock(&shared.active).len() as u64,
-        metrics: lock(&shared.metrics_at).clone(),
-    })
-}
-
-/// What `uet top` shows: the daemon in brief, every run not yet ended with its progress, how
-/// many wait for a slot, and the tools with their breakers.
-pub(super) fn top_view(shared: &Arc<Daemon>) -> Response {
-    let tools = tools_shown(shared).unwrap_or_default();
-    status(shared)
-        .and_then(|status| ops::top(&shared.store, Some(status), tools))
-        .map(|view| Response::Top {
-            view: Box::new(view),
-        })
-        .unwrap_or_else(Response::from)
-}
-
-/// The tools of every watched folder (or of `--tools`), with their breakers.
-pub(super) fn tools_shown(shared: &Arc<Daemon>) -> Result<Vec<crate::api::types::ToolShown>, crate::spec::doc::Problems> {
-    let mut dirs: Vec<PathBuf> = match &shared.config.tools {
-        Some(f) => vec![f.parent().unwrap_or(Path::new("/")).to_path_buf()],
-        None => shared.config.watch.clone(),
-    };
-    dirs.dedup();
-    let files = dirs
-        .iter()
-        .map(|dir| load_tools(shared, dir))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(ops::tools(&files, |t| shared.breakers.get(t)))
 }

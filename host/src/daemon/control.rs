@@ -1,0 +1,190 @@
+//! The daemon's side of the facade: what it does when a face asks ([`ops::Control`]). The
+//! socket maps its requests onto these calls; the web dashboard and the fleet will do the same.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::*;
+use crate::api::ops::{self, Control, Refused};
+use crate::api::types::{RunShown, RunSummary, Status, ToolShown, TopView};
+
+impl Control for Arc<Daemon> {
+    fn status(&self) -> Result<Status, Refused> {
+        Ok(Status {
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            state: self.config.state.clone(),
+            watching: self.config.watch.clone(),
+            runs: ops::run_counts(&self.store)?,
+            active: lock(&self.active).len() as u64,
+            metrics: lock(&self.metrics_at).clone(),
+        })
+    }
+
+    fn runs(&self, limit: Option<usize>) -> Result<Vec<RunSummary>, Refused> {
+        ops::runs(&self.store, limit)
+    }
+
+    fn show(&self, run: RunId, from: usize) -> Result<RunShown, Refused> {
+        ops::show(&self.store, run, from)
+    }
+
+    /// The tools of every watched folder (or of `--tools`), with their breakers.
+    fn tools(&self) -> Result<Vec<ToolShown>, Refused> {
+        let mut dirs: Vec<PathBuf> = match &self.config.tools {
+            Some(f) => vec![f.parent().unwrap_or(Path::new("/")).to_path_buf()],
+            None => self.config.watch.clone(),
+        };
+        dirs.dedup();
+        let files = dirs
+            .iter()
+            .map(|dir| load_tools(self, dir))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|problems| Refused {
+                message: problems.to_string(),
+                invalid: false,
+            })?;
+        Ok(ops::tools(&files, |t| self.breakers.get(t)))
+    }
+
+    /// The daemon in brief, every run not yet ended with its progress, how many wait for a
+    /// slot, and the tools with their breakers (none when a tools file cannot be read: the
+    /// runs are still worth seeing).
+    fn top(&self) -> Result<TopView, Refused> {
+        let tools = self.tools().unwrap_or_default();
+        ops::top(&self.store, Some(self.status()?), tools)
+    }
+
+    fn metrics(&self) -> Result<String, Refused> {
+        let active = lock(&self.active).len() as u64;
+        ops::metrics(&self.store, &self.breakers.all(), Some(active))
+    }
+
+    fn verify(&self, run: RunId) -> Result<String, Refused> {
+        ops::verify(&self.store, run)
+    }
+
+    fn prune(&self, older_than_ms: Option<u64>, keep: Option<usize>) -> Result<String, Refused> {
+        ops::prune(&self.store, older_than_ms, keep)
+    }
+
+    /// `uet submit`: a file in a watched folder is claimed like a drop (so the watcher does not
+    /// run it a second time); any other file runs with its folder as the workstream.
+    fn submit(&self, path: &Path) -> Result<RunId, Refused> {
+        if let Some(path) = watched_as(self, path) {
+            return match claim(self, &path) {
+                Some(Ok(run)) => Ok(run),
+                Some(Err(ClaimError::Rejected(report))) => Err(Refused::invalid(format!(
+                    "{report}(moved to rejected/ in its folder)"
+                ))),
+                Some(Err(ClaimError::Failed(e))) => Err(failed(e)),
+                None => Err(failed(format!(
+                    "{} was picked up by the folder watcher already: see `uet runs`",
+                    path.display()
+                ))),
+            };
+        }
+        let bytes = dropped::read_submitted(path, self.config.max_file)
+            .map_err(|e| Refused::invalid(format!("{}: {e}", path.display())))?;
+        let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let tools = load_tools(self, &dir).map_err(|p| Refused::invalid(p.to_string()))?;
+        let plan =
+            workflow::parse(path, &bytes, &tools).map_err(|p| Refused::invalid(p.to_string()))?;
+        let run = record(self, &plan, path, &dir, None, "submitted")
+            .map_err(|e| failed(format!("{e:#}")))?;
+        start(self, run, plan, dir, tools, false);
+        Ok(run)
+    }
+
+    fn cancel(&self, run: RunId) -> Result<String, Refused> {
+        let token = lock(&self.active).get(&run).cloned();
+        match token {
+            Some(t) => {
+                t.cancel();
+                Ok(format!("run {run} canceled"))
+            }
+            None => match self.store.run(run)? {
+                Some(r) => Err(Refused::invalid(format!(
+                    "run {run} is {}, not running",
+                    r.state
+                ))),
+                None => Err(Refused::invalid(format!("no run {run}"))),
+            },
+        }
+    }
+
+    fn retry(&self, run: RunId) -> Result<String, Refused> {
+        requeue(self, run, false)
+    }
+
+    fn release(&self, run: RunId) -> Result<String, Refused> {
+        requeue(self, run, true)
+    }
+
+    fn stop(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The daemon's own fault, not the request's.
+fn failed(message: String) -> Refused {
+    Refused {
+        message,
+        invalid: false,
+    }
+}
+
+/// The path under a watched folder of a file in it, however the client named it (through `..`
+/// or a link), when it is one the watcher would take: such a file is claimed as a drop is, so
+/// the watcher cannot run it a second time.
+fn watched_as(shared: &Daemon, path: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let (parent, name) = path.parent().zip(path.file_name())?;
+    let here = std::fs::metadata(parent).ok()?;
+    let folder = shared.config.watch.iter().find(|w| {
+        std::fs::metadata(w).is_ok_and(|m| m.dev() == here.dev() && m.ino() == here.ino())
+    })?;
+    Some(folder.join(name)).filter(|p| is_submission(p, &shared.config.watch))
+}
+
+/// `uet retry` (a failed or canceled run) and `uet release` (a quarantined one): the steps that
+/// did not succeed go back to pending and the run resumes; succeeded steps keep their outputs.
+fn requeue(shared: &Arc<Daemon>, run: RunId, release: bool) -> Result<String, Refused> {
+    let record = shared
+        .store
+        .run(run)?
+        .ok_or_else(|| Refused::invalid(format!("no run {run}")))?;
+    let allowed = if release {
+        record.state == RunState::Quarantined
+    } else {
+        matches!(record.state, RunState::Failed | RunState::Canceled)
+    };
+    if !allowed || lock(&shared.active).contains_key(&run) {
+        let hint = match (release, record.state) {
+            (false, RunState::Quarantined) => format!("; `uet release {run}` puts it back"),
+            (true, RunState::Failed | RunState::Canceled) => {
+                format!("; `uet retry {run}` re-runs it")
+            }
+            _ => String::new(),
+        };
+        let (what, which) = if release {
+            ("released", "quarantined")
+        } else {
+            ("retried", "failed or canceled")
+        };
+        return Err(Refused::invalid(format!(
+            "run {run} is {}: only a {which} run can be {what}{hint}",
+            record.state,
+        )));
+    }
+    let reason = if release {
+        "released by request"
+    } else {
+        "retry requested"
+    };
+    let changes = engine::requeue_unfinished(&shared.store, run, reason)?;
+    shared.store.apply(&changes)?;
+    resume(shared, run, false);
+    Ok(format!("run {run} is pending again"))
+}
