@@ -189,7 +189,10 @@ mod tests {
         std::fs::write(dir.path().join("plain"), "x").unwrap();
         for (rel, create) in [("out", true), ("out/sub", true), ("real/link/x", true)] {
             assert!(
-                matches!(open_folder(dir.path(), rel, create), Err(BeneathError::Link(_))),
+                matches!(
+                    open_folder(dir.path(), rel, create),
+                    Err(BeneathError::Link(_))
+                ),
                 "{rel}"
             );
         }
@@ -206,7 +209,10 @@ mod tests {
         assert!(!elsewhere.path().join("x").exists());
         for rel in ["", "..", "a/../..", "/etc"] {
             assert!(
-                matches!(open_folder(dir.path(), rel, true), Err(BeneathError::Outside(_))),
+                matches!(
+                    open_folder(dir.path(), rel, true),
+                    Err(BeneathError::Outside(_))
+                ),
                 "{rel:?}"
             );
         }

@@ -103,7 +103,8 @@ pub async fn run_command(mut spec: CommandSpec, cancel: CancellationToken) -> Co
     };
     let child = if spec.start_aside {
         let (argv, cwd, env) = (spec.argv.clone(), spec.cwd.clone(), spec.env.clone());
-        let starting = tokio::task::spawn_blocking(move || crate::adapters::spawn::start(&argv, &cwd, &env));
+        let starting =
+            tokio::task::spawn_blocking(move || crate::adapters::spawn::start(&argv, &cwd, &env));
         match starting.await {
             Ok(Ok(started)) => started.into_child(),
             Ok(Err(e)) => Err(e),
@@ -123,9 +124,11 @@ pub async fn run_command(mut spec: CommandSpec, cancel: CancellationToken) -> Co
         stderr,
         mut waiter,
     } = child;
-    let noted = spec.groups.as_ref().zip(token).and_then(|(groups, token)| {
-        groups.note(pgid, token).map(|slot| (groups, slot))
-    });
+    let noted = spec
+        .groups
+        .as_ref()
+        .zip(token)
+        .and_then(|(groups, token)| groups.note(pgid, token).map(|slot| (groups, slot)));
 
     let input = spec.stdin;
     let feed = async move {
@@ -263,7 +266,9 @@ impl Groups {
 
     /// Clears a slot: its group is gone.
     fn clear(&self, slot: u64) {
-        let _ = self.file.write_all_at(&[0u8; SLOT], (slot + 1) * SLOT as u64);
+        let _ = self
+            .file
+            .write_all_at(&[0u8; SLOT], (slot + 1) * SLOT as u64);
         self.free(slot);
     }
 
@@ -355,7 +360,9 @@ fn carries(pid: i32, token: u32) -> bool {
         return false;
     };
     let wanted = format!("{GROUP_TOKEN}={token:08x}");
-    environ.split(|&b| b == 0).any(|var| var == wanted.as_bytes())
+    environ
+        .split(|&b| b == 0)
+        .any(|var| var == wanted.as_bytes())
 }
 
 /// The processes of a group, with their start times, from `/proc`.
@@ -365,7 +372,11 @@ fn group_members(pgid: i32) -> Vec<(i32, u64)> {
     };
     let mut members = Vec::new();
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             continue;
         };
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -375,7 +386,11 @@ fn group_members(pgid: i32) -> Vec<(i32, u64)> {
             continue;
         };
         // after the name: state, ppid, pgrp
-        if rest.split_whitespace().nth(2).and_then(|g| g.parse::<i32>().ok()) == Some(pgid)
+        if rest
+            .split_whitespace()
+            .nth(2)
+            .and_then(|g| g.parse::<i32>().ok())
+            == Some(pgid)
             && let Some(started) = start_time(pid)
         {
             members.push((pid, started));
@@ -734,10 +749,19 @@ mod tests {
         another_boot[..SLOT].fill(0xee);
         for (forged, why) in [
             (another_boot, "another boot's note"),
-            (ledger(pid, token, started + 10 * NOTE_WITHIN), "a note long after the start"),
+            (
+                ledger(pid, token, started + 10 * NOTE_WITHIN),
+                "a note long after the start",
+            ),
             (ledger(pid, token, u64::MAX), "a note at the end of time"),
-            (ledger(pid, token ^ 0xff, noted), "a note with another token"),
-            (ledger(pid, 0, noted), "a note without a token (an older uet's)"),
+            (
+                ledger(pid, token ^ 0xff, noted),
+                "a note with another token",
+            ),
+            (
+                ledger(pid, 0, noted),
+                "a note without a token (an older uet's)",
+            ),
         ] {
             std::fs::write(&path, &forged).unwrap();
             let (_, killed) = Groups::open(&path).unwrap();
@@ -762,7 +786,10 @@ mod tests {
         leader.wait().unwrap();
         let member_started = start_time(member).unwrap();
         for (forged, why) in [
-            (ledger(pgid, token, member_started + 10 * NOTE_WITHIN), "noted long after"),
+            (
+                ledger(pgid, token, member_started + 10 * NOTE_WITHIN),
+                "noted long after",
+            ),
             (ledger(pgid, token ^ 0xff, member_started), "another token"),
         ] {
             std::fs::write(&path, forged).unwrap();

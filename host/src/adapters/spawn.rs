@@ -125,8 +125,9 @@ pub fn start(argv: &[String], cwd: &Path, env: &[(String, String)]) -> io::Resul
             libc::sigemptyset(&mut pipe_signal);
             libc::sigaddset(&mut pipe_signal, libc::SIGPIPE);
             check(libc::posix_spawnattr_setsigdefault(&mut attr, &pipe_signal))?;
-            let flags =
-                libc::POSIX_SPAWN_SETPGROUP | libc::POSIX_SPAWN_SETSIGMASK | libc::POSIX_SPAWN_SETSIGDEF;
+            let flags = libc::POSIX_SPAWN_SETPGROUP
+                | libc::POSIX_SPAWN_SETSIGMASK
+                | libc::POSIX_SPAWN_SETSIGDEF;
             check(libc::posix_spawnattr_setflags(&mut attr, flags as _))?;
             check(libc::posix_spawnp(
                 &mut pid,
@@ -280,7 +281,10 @@ fn inherited() -> &'static [(OsString, CString)] {
 fn c_string(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| {
         let shown = OsStr::from_bytes(bytes).to_string_lossy().into_owned();
-        io::Error::new(io::ErrorKind::InvalidInput, format!("{shown:?} holds a NUL byte"))
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{shown:?} holds a NUL byte"),
+        )
     })
 }
 
@@ -297,7 +301,11 @@ fn nonblocking(fd: OwnedFd) -> io::Result<OwnedFd> {
     // SAFETY: fcntl on a descriptor we own
     unsafe {
         let flags = check_errno(libc::fcntl(fd.as_raw_fd(), libc::F_GETFL))?;
-        check_errno(libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK))?;
+        check_errno(libc::fcntl(
+            fd.as_raw_fd(),
+            libc::F_SETFL,
+            flags | libc::O_NONBLOCK,
+        ))?;
     }
     Ok(fd)
 }

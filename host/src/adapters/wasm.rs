@@ -451,8 +451,12 @@ impl Runtime {
             for dir in &g.write {
                 let fd = crate::adapters::beneath::open_folder(&g.workstream, dir, true)
                     .map_err(|e| format!("sandbox write grant {dir:?} refused: {e}"))?;
-                wasi.preopened_dir(crate::adapters::beneath::fd_path(&fd), dir, FsPerms::ReadWrite)
-                    .map_err(|e| format!("cannot grant {dir:?}: {e:#}"))?;
+                wasi.preopened_dir(
+                    crate::adapters::beneath::fd_path(&fd),
+                    dir,
+                    FsPerms::ReadWrite,
+                )
+                .map_err(|e| format!("cannot grant {dir:?}: {e:#}"))?;
                 opened.push(fd);
             }
             for dir in g.read.iter().filter(|d| !g.write.contains(d)) {
@@ -462,8 +466,12 @@ impl Runtime {
                     Err(crate::adapters::beneath::BeneathError::Missing(_)) => continue,
                     Err(e) => return Err(format!("sandbox read grant {dir:?} refused: {e}")),
                 };
-                wasi.preopened_dir(crate::adapters::beneath::fd_path(&fd), dir, FsPerms::ReadOnly)
-                    .map_err(|e| format!("cannot grant {dir:?}: {e:#}"))?;
+                wasi.preopened_dir(
+                    crate::adapters::beneath::fd_path(&fd),
+                    dir,
+                    FsPerms::ReadOnly,
+                )
+                .map_err(|e| format!("cannot grant {dir:?}: {e:#}"))?;
                 opened.push(fd);
             }
         }

@@ -149,7 +149,8 @@ pub struct Inbox {
 impl Inbox {
     /// Opens a watched folder (the operator's, named in the daemon's config: opened as given).
     pub fn open(path: &Path) -> std::io::Result<Inbox> {
-        let fd = crate::adapters::beneath::open_folder(path, ".", false).map_err(std::io::Error::other)?;
+        let fd = crate::adapters::beneath::open_folder(path, ".", false)
+            .map_err(std::io::Error::other)?;
         Ok(Inbox {
             path: path.to_path_buf(),
             fd,
@@ -430,7 +431,13 @@ mod tests {
         assert_eq!(ClaimName::parse(&again.to_string()), Some(again.clone()));
         assert_eq!(ClaimName::parse("x.toml"), None);
         // the longest name still fits a file name with its stamp and tries
-        assert!(ClaimName::now(&"n".repeat(MAX_NAME)).retried().to_string().len() <= 255);
+        assert!(
+            ClaimName::now(&"n".repeat(MAX_NAME))
+                .retried()
+                .to_string()
+                .len()
+                <= 255
+        );
         assert!(format!("99-{}.error.txt", "n".repeat(MAX_NAME)).len() <= 255);
     }
 
@@ -467,7 +474,10 @@ mod tests {
             Err(Refusal::NotPlain("a FIFO"))
         ));
         std::fs::hard_link(&plain, dir.path().join("twin.toml")).unwrap();
-        assert!(matches!(read("twin.toml", 100), Err(Refusal::OtherNames(2))));
+        assert!(matches!(
+            read("twin.toml", 100),
+            Err(Refusal::OtherNames(2))
+        ));
     }
 
     #[test]
@@ -476,7 +486,14 @@ mod tests {
         let inbox = Inbox::open(dir.path()).unwrap();
         for text in ["one", "two"] {
             std::fs::write(dir.path().join("x.toml"), text).unwrap();
-            reject(&inbox, inbox.fd(), "x.toml", "x.toml", &format!("report {text}")).unwrap();
+            reject(
+                &inbox,
+                inbox.fd(),
+                "x.toml",
+                "x.toml",
+                &format!("report {text}"),
+            )
+            .unwrap();
         }
         let rejected = dir.path().join("rejected");
         let read = |n: &str| std::fs::read_to_string(rejected.join(n)).unwrap();
@@ -502,6 +519,9 @@ mod tests {
         std::fs::write(dir.path().join("config.toml"), "x").unwrap();
         assert!(reject(&inbox, inbox.fd(), "config.toml", "config.toml", "r").is_err());
         assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
-        assert!(dir.path().join("config.toml").exists(), "the file stays where it was");
+        assert!(
+            dir.path().join("config.toml").exists(),
+            "the file stays where it was"
+        );
     }
 }

@@ -185,7 +185,9 @@ pub(super) fn watch_inbox(shared: &Arc<Daemon>, dir: &Path) -> anyhow::Result<()
     )?;
     lock(&shared.watchers).insert((dir.to_path_buf(), false), watcher);
     for entry in std::fs::read_dir(dir)?.flatten() {
-        let _ = shared.inbox.send(FolderEvent::Path(entry.path(), Seen::Changed));
+        let _ = shared
+            .inbox
+            .send(FolderEvent::Path(entry.path(), Seen::Changed));
     }
     Ok(())
 }
@@ -483,14 +485,21 @@ pub(super) fn recover_claims(shared: &Arc<Daemon>, dir: &Path) {
                 let _ = dropped::remove_at(&claimed, &file_name);
             }
             Ok(None) if claim.tries >= dropped::CLAIM_TRIES => {
-                let _ = refuse(&inbox, &claimed, &file_name, &claim.name, &dropped::Refusal::Crashed);
+                let _ = refuse(
+                    &inbox,
+                    &claimed,
+                    &file_name,
+                    &claim.name,
+                    &dropped::Refusal::Crashed,
+                );
             }
             Ok(None) => {
                 // the try is counted on disk before the file is read again: if reading it
                 // stops this daemon too, the next start knows
                 let again = claim.retried();
-                let counted = dropped::rename_at(&claimed, &file_name, &claimed, &again.to_string(), false)
-                    .and_then(|()| dropped::sync_folder(&claimed));
+                let counted =
+                    dropped::rename_at(&claimed, &file_name, &claimed, &again.to_string(), false)
+                        .and_then(|()| dropped::sync_folder(&claimed));
                 if let Err(e) = counted {
                     tracing::error!("cannot take claim {file_name} in again: {e}");
                     continue;
@@ -608,7 +617,13 @@ pub(super) fn process_claim(
                     );
                     Err(ClaimError::Rejected(report))
                 }
-                Err(e) => Err(ClaimError::Failed(unrejected(inbox, claimed, &claim_name, name, &e))),
+                Err(e) => Err(ClaimError::Failed(unrejected(
+                    inbox,
+                    claimed,
+                    &claim_name,
+                    name,
+                    &e,
+                ))),
             }
         }
     }

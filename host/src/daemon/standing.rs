@@ -106,7 +106,15 @@ pub(super) async fn standing_loop(
                 if empty {
                     registry.remove(&key);
                 } else {
-                    register(&shared, &mut registry, key, *plan, workstream, source, running);
+                    register(
+                        &shared,
+                        &mut registry,
+                        key,
+                        *plan,
+                        workstream,
+                        source,
+                        running,
+                    );
                 }
             }
             StandingMsg::Changed { workstream, paths } => {
@@ -139,10 +147,7 @@ pub(super) async fn standing_loop(
 
 /// The standing workflows the state holds, registered again; a run of one that the last daemon
 /// left unfinished is resuming, so changes queue behind it.
-fn restore(
-    shared: &Arc<Daemon>,
-    runs: &[crate::model::RunRecord],
-) -> HashMap<String, Registered> {
+fn restore(shared: &Arc<Daemon>, runs: &[crate::model::RunRecord]) -> HashMap<String, Registered> {
     let mut registry: HashMap<String, Registered> = HashMap::new();
     let saved = match shared.store.standing() {
         Ok(saved) => saved,
@@ -167,7 +172,15 @@ fn restore(
             })
             .map(|r| r.id);
         let source = PathBuf::from(record["source"].as_str().unwrap_or(""));
-        register(shared, &mut registry, key, plan, workstream, source, running);
+        register(
+            shared,
+            &mut registry,
+            key,
+            plan,
+            workstream,
+            source,
+            running,
+        );
     }
     registry
 }

@@ -10,10 +10,9 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-
 use crate::model::{BreakerChange, BreakerPhase, BreakerRecord, Millis, Outcome};
-use crate::state::{StateError, Store};
 use crate::spec::tools::Tool;
+use crate::state::{StateError, Store};
 
 /// The answer to [`Breakers::admit`].
 #[derive(Debug, Clone, PartialEq)]

@@ -10,11 +10,11 @@
 
 use std::collections::HashMap;
 
-
-
-use crate::model::{Millis, Progress, RunId, RunRecord, RunState, StepRecord, StepState, now_millis};
-use crate::state::{StateError, Store};
+use crate::model::{
+    Millis, Progress, RunId, RunRecord, RunState, StepRecord, StepState, now_millis,
+};
 use crate::spec::workflow::{Plan, Target};
+use crate::state::{StateError, Store};
 
 /// Each tool's median duration (ms), from [`Store::durations`].
 pub fn medians(durations: &HashMap<String, Vec<u64>>) -> HashMap<String, u64> {
@@ -219,7 +219,8 @@ mod tests {
               [[tools]]\nname = \"fast\"\ncommand = [\"true\"]\n",
         )
         .unwrap();
-        crate::spec::workflow::parse(std::path::Path::new("w.toml"), text.as_bytes(), &tools).unwrap()
+        crate::spec::workflow::parse(std::path::Path::new("w.toml"), text.as_bytes(), &tools)
+            .unwrap()
     }
 
     fn run(state: RunState) -> RunRecord {

@@ -14,15 +14,15 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::adapters::process::{CommandSpec, Exit, Groups, run_command};
+use crate::adapters::wasm::{Grants, Limits, PluginReport, Runtime, WasmOutcome};
 use crate::engine::breaker::{Admission, Breakers};
 use crate::model::BreakerPhase;
 use crate::model::{Millis, Outcome, RunId, RunState, StepState, now_millis};
-use crate::adapters::process::{CommandSpec, Exit, Groups, run_command};
-use crate::state::{Change, StateError, Store};
 use crate::spec::template;
 use crate::spec::tools::{RetryPolicy, Tool, ToolKind, Tools};
-use crate::adapters::wasm::{Grants, Limits, PluginReport, Runtime, WasmOutcome};
 use crate::spec::workflow::{Plan, Target};
+use crate::state::{Change, StateError, Store};
 
 /// How much of an attempt's stdout/stderr the attempt record keeps; the full (bounded) stdout
 /// is the step's output, so the record needs only enough to read what happened.
@@ -474,7 +474,11 @@ impl<'a> Scheduler<'a> {
 
     /// How the run ends: as stopped (its unfinished steps put back, or canceled), or by its
     /// steps: quarantined, succeeded or failed.
-    fn outcome(&mut self, stop: Option<(RunState, String)>, started: Instant) -> (RunState, String) {
+    fn outcome(
+        &mut self,
+        stop: Option<(RunState, String)>,
+        started: Instant,
+    ) -> (RunState, String) {
         let all_ended = self.state.iter().all(|s| s.is_terminal());
         let stop = stop.filter(|(state, _)| *state != RunState::Pending || !all_ended);
         match stop {
@@ -726,7 +730,9 @@ impl<'a> Scheduler<'a> {
             Message::Plugin(i, report) => {
                 let id = self.plan.steps[i].id.clone();
                 let (kind, detail) = match report {
-                    PluginReport::Log { level, message } => ("plugin.log", format!("{level}: {message}")),
+                    PluginReport::Log { level, message } => {
+                        ("plugin.log", format!("{level}: {message}"))
+                    }
                     PluginReport::Progress { fraction, message } => {
                         self.notify(Notice::Progress {
                             id: id.clone(),
@@ -981,7 +987,10 @@ pub fn open_groups(store: &Store) -> std::io::Result<(Groups, usize)> {
     Groups::open(&path).map_err(|e| {
         std::io::Error::new(
             e.kind(),
-            format!("cannot open the process-group ledger {}: {e}", path.display()),
+            format!(
+                "cannot open the process-group ledger {}: {e}",
+                path.display()
+            ),
         )
     })
 }
@@ -1237,10 +1246,7 @@ fn command_ended(
         Exit::Code(0) if result.stdout.truncated => {
             end.outcome = Outcome::Failed;
             end.input_fault = true;
-            end.error = Some(over_output(
-                result.stdout.total_bytes,
-                tool.output_limit(),
-            ));
+            end.error = Some(over_output(result.stdout.total_bytes, tool.output_limit()));
         }
         Exit::Code(0) => {
             end.outcome = Outcome::Succeeded;

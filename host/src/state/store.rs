@@ -36,16 +36,14 @@ mod redo;
 pub mod repair;
 mod writer;
 
+use batch::*;
+use files::*;
 pub use files::{BACKUP_FILE, BEFORE_REPAIR_FILE, LOCK_FILE};
 pub use queries::chain_hash;
-pub use schema::{DURATION_BUCKETS, ToolStats};
-use files::*;
 use redo::*;
 use schema::*;
+pub use schema::{DURATION_BUCKETS, ToolStats};
 use writer::*;
-use batch::*;
-
-
 
 /// Why the state could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -398,8 +396,9 @@ impl Store {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| open_err(Box::new(e)))?;
         // opened after the database, whose lock keeps a second process away from both
-        let journal = crate::state::journal::Journal::open(&dir.join(crate::state::journal::JOURNAL_FILE))
-            .map_err(|e| open_err(Box::new(e)))?;
+        let journal =
+            crate::state::journal::Journal::open(&dir.join(crate::state::journal::JOURNAL_FILE))
+                .map_err(|e| open_err(Box::new(e)))?;
         let setup = Setup {
             lock: Some(lock),
             copies: true,
@@ -417,10 +416,12 @@ impl Store {
         label: &Path,
         checkpoint_after: u64,
     ) -> Result<Store, StateError> {
-        let db = redb::Builder::new().create_with_backend(db).map_err(|e| StateError::Open {
-            path: label.to_path_buf(),
-            source: Box::new(e),
-        })?;
+        let db = redb::Builder::new()
+            .create_with_backend(db)
+            .map_err(|e| StateError::Open {
+                path: label.to_path_buf(),
+                source: Box::new(e),
+            })?;
         let setup = Setup {
             lock: None,
             copies: false,
@@ -498,8 +499,9 @@ impl Store {
                 });
             }
         };
-        let mut journal =
-            crate::state::journal::Journal::open_read_only(&dir.join(crate::state::journal::JOURNAL_FILE))?;
+        let mut journal = crate::state::journal::Journal::open_read_only(
+            &dir.join(crate::state::journal::JOURNAL_FILE),
+        )?;
         let generation = journal_generation(&db)?;
         if generation > 0 && !journal.records(generation)?.is_empty() {
             return Err(StateError::Unclean(path));
@@ -730,7 +732,6 @@ impl Store {
         self.committed.send_modify(|n| *n += 1);
         Ok(id)
     }
-
 }
 
 impl Store {
@@ -756,8 +757,7 @@ impl Store {
     }
 }
 
-impl Store {
-}
+impl Store {}
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // serializing our own plain structs to JSON cannot fail
@@ -1125,8 +1125,15 @@ mod tests {
             .unwrap();
         // the read waits for the writer thread, which puts the batch in once it is synced
         let steps = store.steps(run).unwrap();
-        assert_eq!(steps.iter().find(|s| s.id == "a").unwrap().state, StepState::Running);
-        assert_eq!(store.journal_syncs().0, synced + 1, "one sync, by the sync thread");
+        assert_eq!(
+            steps.iter().find(|s| s.id == "a").unwrap().state,
+            StepState::Running
+        );
+        assert_eq!(
+            store.journal_syncs().0,
+            synced + 1,
+            "one sync, by the sync thread"
+        );
         // and a crash after that finds it in the journal
         let copy = crash_copy(dir.path(), true);
         let reopened = Store::open(copy.path()).unwrap();
@@ -1241,7 +1248,10 @@ mod tests {
         replay(&tx, &[&first, &second]).unwrap();
         tx.commit().unwrap();
         let steps = store.steps(run).unwrap();
-        assert_eq!(steps.iter().find(|s| s.id == "a").unwrap().state, StepState::Failed);
+        assert_eq!(
+            steps.iter().find(|s| s.id == "a").unwrap().state,
+            StepState::Failed
+        );
     }
 
     #[test]
@@ -1371,7 +1381,11 @@ mod tests {
             .recv_timeout(std::time::Duration::from_secs(10))
             .expect("the reader was left waiting");
         assert!(got.unwrap_err().to_string().contains("a test's failure"));
-        assert!(store.apply(&[step_to(run, "b", StepState::Running)]).is_err());
+        assert!(
+            store
+                .apply(&[step_to(run, "b", StepState::Running)])
+                .is_err()
+        );
         // and the last handle's close stops both threads
         let (closed, close) = std::sync::mpsc::channel();
         std::thread::spawn(move || {

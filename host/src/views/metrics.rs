@@ -68,7 +68,12 @@ fn runs(out: &mut String, store: &Store, live: Option<Live>) -> Result<(), State
         );
         let _ = writeln!(out, "uet_runs_active {}", live.active);
     }
-    family(out, "uet_steps", "gauge", "Steps of all runs, by step state.");
+    family(
+        out,
+        "uet_steps",
+        "gauge",
+        "Steps of all runs, by step state.",
+    );
     for (state, n) in store.step_counts()? {
         let _ = writeln!(out, "uet_steps{{state=\"{state}\"}} {n}");
     }

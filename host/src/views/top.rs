@@ -12,7 +12,11 @@ pub fn frame(view: &TopView, width: usize) -> Vec<String> {
     let mut lines = Vec::new();
     match &view.status {
         Some(status) => {
-            let counts: Vec<String> = status.runs.iter().map(|(k, v)| format!("{v} {k}")).collect();
+            let counts: Vec<String> = status
+                .runs
+                .iter()
+                .map(|(k, v)| format!("{v} {k}"))
+                .collect();
             lines.push(format!(
                 "uet top · daemon {} (pid {}) · up {}s · {} active · {} queued · q to quit",
                 status.version, status.pid, status.uptime_seconds, status.active, view.queued,

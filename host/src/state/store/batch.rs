@@ -58,17 +58,17 @@ impl<'b> Batch<'b> {
                 output,
                 ..
             } => {
-                let s = self
-                    .steps
-                    .get((run_id, step.clone()), || load_step(db, pending, run_id, step))?;
+                let s = self.steps.get((run_id, step.clone()), || {
+                    load_step(db, pending, run_id, step)
+                })?;
                 step_state(redo, run, s, step, *to, reason, output, self.now)
             }
             Change::AttemptStarted {
                 step, number, tool, ..
             } => {
-                let s = self
-                    .steps
-                    .get((run_id, step.clone()), || load_step(db, pending, run_id, step))?;
+                let s = self.steps.get((run_id, step.clone()), || {
+                    load_step(db, pending, run_id, step)
+                })?;
                 s.record.attempts = *number;
                 s.record.tool = Some(tool.clone());
                 s.record.progress = None;
@@ -109,9 +109,9 @@ impl<'b> Batch<'b> {
                 message,
                 ..
             } => {
-                let s = self
-                    .steps
-                    .get((run_id, step.clone()), || load_step(db, pending, run_id, step))?;
+                let s = self.steps.get((run_id, step.clone()), || {
+                    load_step(db, pending, run_id, step)
+                })?;
                 s.record.progress = Some(fraction.clamp(0.0, 1.0));
                 let detail = format!("{:.0}% {message}", fraction * 100.0);
                 append_event(redo, run, Some(step), "plugin.progress", detail)
@@ -146,17 +146,17 @@ impl<'b> Batch<'b> {
             unreachable!("called for an attempt's end")
         };
         let (db, pending, now) = (&mut self.db, self.pending, self.now);
-        let attempt = self
-            .attempts
-            .get((*run_id, step.clone(), *number), || {
-                load_attempt(db, pending, *run_id, step, *number)
-            })?;
+        let attempt = self.attempts.get((*run_id, step.clone(), *number), || {
+            load_attempt(db, pending, *run_id, step, *number)
+        })?;
         attempt.finished_at = Some(now);
         attempt.outcome = Some(*outcome);
         let took = now.saturating_sub(attempt.started_at);
         let tool = attempt.tool.as_str();
         self.stats
-            .get(tool.to_string(), || or_default(db, Reader::stats, &pending.stats, tool))?
+            .get(tool.to_string(), || {
+                or_default(db, Reader::stats, &pending.stats, tool)
+            })?
             .record(*outcome, took);
         if *outcome == Outcome::Succeeded {
             let kept = self.durations.get(tool.to_string(), || {
@@ -630,6 +630,4 @@ impl Store {
             self.shared.queued.notify_one();
         }
     }
-
 }
-

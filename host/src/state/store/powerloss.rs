@@ -134,12 +134,20 @@ impl redb::StorageBackend for SimDb {
 /// only then given its name, so no power loss finds a database half made.
 fn created(clock: &Arc<AtomicU64>) -> Vec<u8> {
     let file = SimFile::new(clock, Vec::new());
-    drop(redb::Builder::new().create_with_backend(SimDb(file.clone())).unwrap());
+    drop(
+        redb::Builder::new()
+            .create_with_backend(SimDb(file.clone()))
+            .unwrap(),
+    );
     file.inner.lock().unwrap().0.clone()
 }
 
 /// A state on simulated files; checkpoints every 16 KiB, so a short workload crosses many.
-fn open(clock: &Arc<AtomicU64>, db: Vec<u8>, journal: Vec<u8>) -> (Store, Arc<SimFile>, Arc<SimFile>) {
+fn open(
+    clock: &Arc<AtomicU64>,
+    db: Vec<u8>,
+    journal: Vec<u8>,
+) -> (Store, Arc<SimFile>, Arc<SimFile>) {
     let (db, journal) = (SimFile::new(clock, db), SimFile::new(clock, journal));
     let store = Store::open_on(
         SimDb(db.clone()),
@@ -260,7 +268,10 @@ fn survive(steps: usize, wide: usize, cuts: usize, seed: u64) {
     let end = clock.load(Ordering::SeqCst);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     // a checkpoint syncs the database: the workload must have crossed several
-    let checkpoints = db_ops.iter().filter(|op| matches!(op, Op::Sync { .. })).count();
+    let checkpoints = db_ops
+        .iter()
+        .filter(|op| matches!(op, Op::Sync { .. }))
+        .count();
     assert!(checkpoints >= 3, "only {checkpoints} syncs of the database");
     for _ in 0..cuts {
         let crash = rng.random_range(start..=end);

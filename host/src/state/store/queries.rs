@@ -85,7 +85,11 @@ impl Store {
         self.step_rows(run, false)
     }
 
-    pub(super) fn step_rows(&self, run: RunId, outputs: bool) -> Result<Vec<StepRecord>, StateError> {
+    pub(super) fn step_rows(
+        &self,
+        run: RunId,
+        outputs: bool,
+    ) -> Result<Vec<StepRecord>, StateError> {
         let tx = self.read()?;
         let steps = tx.open_table(STEPS).map_err(storage)?;
         let mut rows: Vec<StepRow> = Vec::new();
@@ -389,4 +393,3 @@ impl Store {
         Ok(Ok(expected - 1))
     }
 }
-

@@ -117,7 +117,11 @@ pub(super) fn replay(tx: &WriteTransaction, records: &[&[u8]]) -> Result<(), Sta
     }
     macro_rules! put {
         ($tag:literal, $table:ident) => {
-            put_rows(tx, $table, latest.range(($tag, &[][..])..($tag + 1, &[][..])))?;
+            put_rows(
+                tx,
+                $table,
+                latest.range(($tag, &[][..])..($tag + 1, &[][..])),
+            )?;
         };
     }
     journaled_tables!(put);

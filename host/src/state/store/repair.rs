@@ -70,9 +70,9 @@ pub fn check(dir: &Path) -> Result<Health, StateError> {
             let _ = std::fs::remove_dir_all(&scratch);
             checked?;
         }
-        Ok(Err(
-            e @ (StateError::Missing(_) | StateError::InUse(_) | StateError::Emptied(_)),
-        )) => return Err(e),
+        Ok(Err(e @ (StateError::Missing(_) | StateError::InUse(_) | StateError::Emptied(_)))) => {
+            return Err(e);
+        }
         // the system's refusal (permissions, no descriptors left) says nothing of the file
         Ok(Err(e)) if is_io(&e) => return Err(e),
         Ok(Err(e)) => health.damaged(format!("the file cannot be opened: {e}")),
@@ -124,10 +124,9 @@ fn walk(store: &Store, health: &mut Health) {
         ($table:ident) => {
             match quietly(|| count_rows(&tx, $table)) {
                 Ok(Ok(rows)) => health.rows += rows,
-                Ok(Err(e)) => health.damaged(format!(
-                    "table {} cannot be read: {e}",
-                    $table.to_string()
-                )),
+                Ok(Err(e)) => {
+                    health.damaged(format!("table {} cannot be read: {e}", $table.to_string()))
+                }
                 Err(panic) => health.damaged(format!(
                     "table {} cannot be read: {panic}",
                     $table.to_string()
@@ -240,7 +239,10 @@ pub fn recover(dir: &Path) -> Result<Recovered, StateError> {
     if damaged.exists() {
         return Err(StateError::Journal(std::io::Error::new(
             std::io::ErrorKind::AlreadyExists,
-            format!("{} exists already: try again in a second", damaged.display()),
+            format!(
+                "{} exists already: try again in a second",
+                damaged.display()
+            ),
         )));
     }
     if file.exists() {

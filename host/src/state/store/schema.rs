@@ -23,7 +23,8 @@ pub(super) const PLANS: TableDefinition<u64, &[u8]> = TableDefinition::new("plan
 pub(super) const STEPS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("steps");
 
 /// (run, step id, attempt number) → [`AttemptRecord`].
-pub(super) const ATTEMPTS: TableDefinition<(u64, &str, u32), &[u8]> = TableDefinition::new("attempts");
+pub(super) const ATTEMPTS: TableDefinition<(u64, &str, u32), &[u8]> =
+    TableDefinition::new("attempts");
 
 /// Claim name of a file picked up from a watched folder → `{run, sha256}` JSON: written in the
 /// transaction that creates the run, so a restart knows a claimed file was already recorded.

@@ -97,11 +97,14 @@ impl Pending {
     /// The rows of batch `seq` (its record `bytes` long), as they stand after it.
     pub(super) fn add(&mut self, seq: u64, rows: BatchRows, bytes: usize) {
         self.added += bytes;
-        self.runs.extend(rows.runs.into_iter().map(|(k, v)| (k, (seq, v))));
-        self.steps.extend(rows.steps.into_iter().map(|(k, v)| (k, (seq, v))));
+        self.runs
+            .extend(rows.runs.into_iter().map(|(k, v)| (k, (seq, v))));
+        self.steps
+            .extend(rows.steps.into_iter().map(|(k, v)| (k, (seq, v))));
         self.attempts
             .extend(rows.attempts.into_iter().map(|(k, v)| (k, (seq, v))));
-        self.stats.extend(rows.stats.into_iter().map(|(k, v)| (k, (seq, v))));
+        self.stats
+            .extend(rows.stats.into_iter().map(|(k, v)| (k, (seq, v))));
         self.durations
             .extend(rows.durations.into_iter().map(|(k, v)| (k, (seq, v))));
     }
@@ -251,11 +254,12 @@ impl Shared {
     /// Writes the last good copy now, and says how it went in the log.
     pub(super) fn back_up(&self, dir: &Path) {
         let began = std::time::Instant::now();
-        let copied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            write_backup(&self.db, dir)
-        }));
+        let copied =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| write_backup(&self.db, dir)));
         match copied {
-            Ok(Ok(rows)) => tracing::debug!(rows, took = ?began.elapsed(), "wrote the state's last good copy"),
+            Ok(Ok(rows)) => {
+                tracing::debug!(rows, took = ?began.elapsed(), "wrote the state's last good copy")
+            }
             Ok(Err(e)) => tracing::error!(
                 "cannot copy the state {}: {e}; the last good copy is kept (`uet state check` says more)",
                 self.path.display()
@@ -410,11 +414,7 @@ pub(super) fn write_behind(shared: &Shared) {
             continue;
         }
         let gathering = writes.behind[0].at.elapsed();
-        if writes.waiting == 0
-            && !writes.closing
-            && gathering < GATHER
-            && ready < GATHER_MOST
-        {
+        if writes.waiting == 0 && !writes.closing && gathering < GATHER && ready < GATHER_MOST {
             writes = wait_on(&shared.queued, writes, Some(GATHER - gathering));
             continue;
         }
@@ -463,7 +463,12 @@ impl Drop for Writer {
     /// leaves the database holding everything, so the next open replays nothing.
     fn drop(&mut self) {
         // a copy being written holds a handle of the store: the file closes once it is done
-        let copying = self.shared.backup.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let copying = self
+            .shared
+            .backup
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(thread) = copying {
             let _ = thread.join();
         }
