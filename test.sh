@@ -9,10 +9,15 @@ cd "$(dirname "$0")"
 # present). The WASM target is needed to build the plugins.
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 rustup target add wasm32-wasip2
-# the live views (`uet top`, `uet run`'s bar) are tested in a real terminal: tmux
-if ! command -v tmux >/dev/null; then
+# the live views (`uet top`, `uet run`'s bar) are tested in a real terminal: tmux; the web
+# dashboard in a real browser: Debian's chromium, driven through its chromedriver
+need=()
+command -v tmux >/dev/null || need+=(tmux)
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+if [ ${#need[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
-  $sudo apt-get update -qq && $sudo apt-get install -y -qq tmux >/dev/null
+  $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
 echo "== fmt"

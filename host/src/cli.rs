@@ -100,7 +100,20 @@ fn dispatch(command: Command) -> Result<u8, Failure> {
             watch,
             state,
             socket,
-        } => daemon::daemon(config, tools, watch, state, socket),
+            http,
+            http_public,
+        } => daemon::daemon(
+            config,
+            tools,
+            watch,
+            state,
+            socket,
+            daemon::Http {
+                addr: http,
+                public: http_public,
+            },
+        ),
+        Command::Web { open, client } => client::web(&client, open),
         Command::Runs {
             limit,
             all,

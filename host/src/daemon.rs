@@ -59,6 +59,10 @@ pub struct Config {
     pub poll: Option<Duration>,
     /// Serve `GET /metrics` on this loopback address (off when `None`).
     pub metrics: Option<std::net::SocketAddr>,
+    /// Serve the web dashboard on this address (off when `None`).
+    pub http: Option<std::net::SocketAddr>,
+    /// Whether `http` may be an address beyond loopback.
+    pub http_public: bool,
     /// Retention: finished runs older than this are deleted.
     pub keep_for: Option<Duration>,
     /// Retention: only this many finished runs are kept, the newest.
@@ -86,6 +90,8 @@ struct Daemon {
     groups: Arc<crate::adapters::process::Groups>,
     /// Where `GET /metrics` is served, if it is.
     metrics_at: Mutex<Option<String>>,
+    /// The web dashboard's logins and caches, when it is served.
+    web: Option<Arc<crate::web::Web>>,
     /// When retention last ran, and whether a run is already scheduled.
     pruned: Mutex<(Instant, bool)>,
     /// The live watchers, by folder and whether they watch its whole tree (standing
@@ -106,6 +112,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::warn!("killed {reaped} process groups left running by an earlier uet");
     }
     let metrics_listener = metrics_listener(config.metrics).await?;
+    let http_listener = match config.http {
+        Some(addr) => Some(crate::web::listen(addr, config.http_public).await?),
+        None => None,
+    };
+    let web = http_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|addr| Arc::new(crate::web::Web::new(addr)));
     let listener = bind(&config.socket).await?;
     let watch: Vec<PathBuf> = config
         .watch
@@ -136,6 +150,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         breakers,
         groups: Arc::new(groups),
         metrics_at: Mutex::new(None),
+        web,
         pruned: Mutex::new((Instant::now(), false)),
         watchers: Mutex::new(HashMap::new()),
     });
@@ -155,6 +170,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tokio::spawn(inbox(shared.clone(), inbox_rx));
     if let Some(listener) = metrics_listener {
         serve_metrics(&shared, listener);
+    }
+    if let (Some(listener), Some(web)) = (http_listener, shared.web.clone()) {
+        tracing::info!(
+            "web dashboard on http://{} (`uet web` for a login address)",
+            web.addr()
+        );
+        let control: Arc<dyn crate::api::ops::Control + Send + Sync> = Arc::new(shared.clone());
+        crate::web::spawn(control, web, listener, shared.shutdown.clone());
     }
     accept_loop(&shared, &listener).await;
     drop(listener);

@@ -4,7 +4,7 @@
 //! The rooms, by concern (docs/ARCHITECTURE.md has the map and the data flow):
 //! [`spec`] what users write, [`model`] the records every room shares, [`state`] the durable
 //! state, [`engine`] driving runs, [`adapters`] plugins and commands, [`daemon`] the watched
-//! folders and the socket, [`views`] what people see, [`api`] the protocol.
+//! folders and the socket, [`views`] what people see, [`api`] the facade and the protocol, [`web`] the dashboard.
 
 // What the fuzz targets build (without the `runtime` feature): the parsers and the frame decoder.
 pub mod api;
@@ -23,6 +23,8 @@ pub mod engine;
 pub mod state;
 #[cfg(feature = "runtime")]
 pub mod views;
+#[cfg(feature = "runtime")]
+pub mod web;
 
 /// Lower-case hex of a digest: event hashes, submission checksums, plugin cache keys. By table,
 /// not a `format!` per byte, which was a third of the cost of recording an event.

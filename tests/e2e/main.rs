@@ -3,6 +3,7 @@
 mod util;
 
 mod architecture;
+mod browser;
 mod daemon;
 mod daemon_ops;
 mod hardening;
@@ -16,3 +17,4 @@ mod state;
 mod terminal;
 mod torture;
 mod validate;
+mod web;

@@ -7,11 +7,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use crate::api::types::{
-    BreakerShown, EventShown, RunShown, RunSummary, Status, ToolShown, TopRun, TopView,
+    AttemptBar, BreakerShown, EventShown, RunShown, RunSummary, Status, StepDetail, StepShown,
+    ToolShown, TopRun, TopView,
 };
 use crate::model::{BreakerPhase, BreakerRecord, RunId, RunState, StepState, now_millis};
 use crate::spec::tools::{ToolKind, Tools};
+use crate::spec::workflow::Plan;
 use crate::state::{StateError, Store};
+use crate::views::graph::Layout;
 
 /// Why a call was not answered: the request's own fault (`invalid`: an unknown run, input that
 /// cannot be used), or the state's or the daemon's.
@@ -84,6 +87,10 @@ pub trait Control {
     fn release(&self, run: RunId) -> Result<String, Refused>;
     /// Stops the daemon: runs going are left to resume at its next start.
     fn stop(&self);
+    /// A one-time login address of the web dashboard, or why there is none.
+    fn web_login(&self) -> Result<String, Refused>;
+    /// The state the facade's reads ([`run_page`], [`step_detail`], [`events`], ...) take.
+    fn state(&self) -> &Store;
 }
 
 /// Bytes of steps per page of a run shown: half a frame, so the run's own fields and a last
@@ -127,6 +134,94 @@ pub fn whole_run(store: &Store, run: RunId) -> Result<RunShown, Refused> {
     let steps = store.steps(run)?;
     let progress = crate::engine::progress::load_for(store, &record, &steps)?;
     Ok(RunShown::new(&record, &steps, progress))
+}
+
+/// A run with every step brief (no outputs: a step panel reads one with [`step_detail`]),
+/// and its progress: what a run's page draws, whatever the size of the outputs.
+pub fn run_page(store: &Store, run: RunId) -> Result<RunShown, Refused> {
+    let record = store
+        .run(run)?
+        .ok_or_else(|| Refused::invalid(format!("no run {run}")))?;
+    let steps = store.steps_brief(run)?;
+    let progress = crate::engine::progress::load_for(store, &record, &steps)?;
+    Ok(RunShown::new(&record, &steps, progress))
+}
+
+/// One step in full: its record and output, what it runs and needs, and every attempt with
+/// what it printed.
+pub fn step_detail(store: &Store, run: RunId, id: &str) -> Result<StepDetail, Refused> {
+    let plan = plan_of(store, run)?;
+    let Some(at) = plan.steps.iter().position(|s| s.id == id) else {
+        return Err(Refused::invalid(format!("run {run} has no step {id:?}")));
+    };
+    let planned = &plan.steps[at];
+    let record = store
+        .step(run, id)?
+        .ok_or_else(|| Refused::invalid(format!("run {run} has no step {id:?}")))?;
+    Ok(StepDetail {
+        step: StepShown::from(&record),
+        target: planned.target.to_string(),
+        needs: planned
+            .needs
+            .iter()
+            .filter_map(|&d| plan.steps.get(d).map(|s| s.id.clone()))
+            .collect(),
+        with: planned.with.clone(),
+        attempts: store.attempts(run, id)?,
+        events: store
+            .events(run)?
+            .iter()
+            .filter(|e| e.step.as_deref() == Some(id))
+            .map(|e| EventShown::new(run, e))
+            .collect(),
+    })
+}
+
+/// Every attempt of a run without its output, oldest first: a timeline's bars.
+pub fn timeline(store: &Store, run: RunId) -> Result<Vec<AttemptBar>, Refused> {
+    known(store, Some(run))?;
+    let mut bars: Vec<AttemptBar> = store
+        .run_attempts(run)?
+        .into_iter()
+        .map(|(step, a)| AttemptBar {
+            step,
+            number: a.number,
+            started_at: a.started_at,
+            finished_at: a.finished_at,
+            outcome: a.outcome,
+            retry_at: a.retry_at,
+        })
+        .collect();
+    bars.sort_by_key(|b| (b.started_at, b.number));
+    Ok(bars)
+}
+
+/// A run's steps laid out for drawing (see [`crate::views::graph`]).
+pub fn layout(store: &Store, run: RunId) -> Result<Layout, Refused> {
+    Ok(crate::views::graph::layout(&plan_of(store, run)?))
+}
+
+/// The latest `limit` runs of one workflow, by name, oldest first: its duration history.
+pub fn history(store: &Store, name: &str, limit: usize) -> Result<Vec<RunSummary>, Refused> {
+    let mut runs: Vec<RunSummary> = store
+        .runs()?
+        .iter()
+        .filter(|r| r.name == name)
+        .map(RunSummary::from)
+        .collect();
+    runs.sort_by_key(|r| r.run_id);
+    let skip = runs.len().saturating_sub(limit);
+    Ok(runs.split_off(skip))
+}
+
+fn plan_of(store: &Store, run: RunId) -> Result<Plan, Refused> {
+    let plan = store
+        .plan(run)?
+        .ok_or_else(|| Refused::invalid(format!("no run {run}")))?;
+    serde_json::from_value(plan).map_err(|e| Refused {
+        message: format!("run {run}'s plan cannot be read: {e}"),
+        invalid: false,
+    })
 }
 
 /// Where a reader of event logs is: the last event it has of each run.

@@ -99,6 +99,9 @@ pub enum Request {
     },
     /// Stop the daemon gracefully.
     Shutdown,
+    /// A one-time login address of the web dashboard ([`Response::Done`] carries it): only
+    /// whoever can reach the socket may ask, so the socket's folder guards the dashboard too.
+    WebLogin,
 }
 
 /// What the daemon answers.
@@ -202,6 +205,7 @@ pub fn answer(control: &impl crate::api::ops::Control, request: Request) -> Resp
         Request::Cancel { run } => return done(control.cancel(run)),
         Request::Retry { run } => return done(control.retry(run)),
         Request::Release { run } => return done(control.release(run)),
+        Request::WebLogin => return done(control.web_login()),
         Request::Shutdown => Ok(Response::Done {
             message: "shutting down".into(),
         }),

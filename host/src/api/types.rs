@@ -7,7 +7,8 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    EventRecord, Millis, Progress, RunId, RunRecord, RunState, StepRecord, StepState,
+    AttemptRecord, EventRecord, Millis, Outcome, Progress, RunId, RunRecord, RunState, StepRecord,
+    StepState,
 };
 
 /// The daemon in brief.
@@ -30,6 +31,9 @@ pub struct Status {
     /// Where the daemon serves `GET /metrics`, when it was asked to.
     #[serde(default)]
     pub metrics: Option<String>,
+    /// Where the web dashboard is served, if it is (`uet web` gives a login address).
+    #[serde(default)]
+    pub web: Option<String>,
 }
 
 /// A run in a list (`uet runs`).
@@ -294,4 +298,39 @@ pub struct TopRun {
 
 fn duration_ms(start: Option<u64>, end: Option<u64>) -> Option<u64> {
     Some(end?.saturating_sub(start?))
+}
+
+/// One step in full, for a step's panel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepDetail {
+    /// The step as it stands, with its output.
+    pub step: StepShown,
+    /// What runs it: `tool NAME` or `capability NAME`.
+    pub target: String,
+    /// The steps it needs, by id.
+    pub needs: Vec<String>,
+    /// Its input, as written in the workflow (templates unexpanded).
+    pub with: serde_json::Value,
+    /// Every attempt, first first, with what it printed.
+    pub attempts: Vec<AttemptRecord>,
+    /// The step's own events, in order: its changes of state and its plugin's log lines
+    /// (`plugin.log`).
+    pub events: Vec<EventShown>,
+}
+
+/// One attempt on a run's timeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptBar {
+    /// The step's id.
+    pub step: String,
+    /// 1 for the first try.
+    pub number: u32,
+    /// When it started.
+    pub started_at: Millis,
+    /// When it ended; `None` while it runs.
+    pub finished_at: Option<Millis>,
+    /// How it ended; `None` while it runs.
+    pub outcome: Option<Outcome>,
+    /// When the next attempt is due, if one will be.
+    pub retry_at: Option<Millis>,
 }

@@ -68,6 +68,21 @@ pub(crate) enum Command {
         /// The control socket.
         #[arg(long, env = "UET_SOCKET")]
         socket: Option<PathBuf>,
+        /// Serve the web dashboard on this address, e.g. 127.0.0.1:7878 (`uet web` then
+        /// prints a login address).
+        #[arg(long)]
+        http: Option<std::net::SocketAddr>,
+        /// Let --http be an address beyond this machine's loopback.
+        #[arg(long)]
+        http_public: bool,
+    },
+    /// Print a one-time login address of the daemon's web dashboard.
+    Web {
+        /// Open it in the desktop's browser too (xdg-open, or $BROWSER).
+        #[arg(long)]
+        open: bool,
+        #[command(flatten)]
+        client: ClientArgs,
     },
     /// The daemon's state in brief.
     Status(ClientArgs),

@@ -47,6 +47,53 @@ pub(crate) fn ask(args: &ClientArgs, request: Request, quiet: bool) -> Result<u8
     })
 }
 
+/// `uet web`: asks the daemon for a one-time login address, prints it, and with `open` hands
+/// it to the desktop's browser.
+pub(crate) fn web(args: &ClientArgs, open: bool) -> Result<u8, Failure> {
+    let socket = socket(args);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let answer = runtime.block_on(async {
+        let mut client = Client::connect(&socket).await.map_err(Err)?;
+        client.call(&Request::WebLogin).await.map_err(Ok)
+    });
+    match answer {
+        Ok(Response::Done { message: url }) => {
+            println!("{url}");
+            if open {
+                open_browser(&url);
+            }
+            Ok(exit::OK)
+        }
+        Ok(other) => Ok(print::response(args.json, other)),
+        Err(Err(e)) => {
+            no_daemon(&socket, &e, None);
+            Ok(exit::NO_DAEMON)
+        }
+        Err(Ok(e)) => Ok(stopped(&socket, &e)),
+    }
+}
+
+/// Opens an address in `$BROWSER`, else `xdg-open`; says so when neither can, since the
+/// address is printed anyway.
+fn open_browser(url: &str) {
+    let browser = std::env::var("BROWSER")
+        .ok()
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "xdg-open".into());
+    let opened = std::process::Command::new(&browser)
+        .arg(url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    if let Err(e) = opened {
+        eprintln!("uet: cannot open a browser with {browser} ({e}): open the address above");
+    }
+}
+
 /// The socket the command asks: `--socket`, `UET_SOCKET`, else the default.
 pub(crate) fn socket(args: &ClientArgs) -> PathBuf {
     args.socket

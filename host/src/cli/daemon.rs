@@ -33,6 +33,17 @@ struct DaemonFile {
     keep_runs: Option<usize>,
     /// The largest workflow file read from a watched folder ("8MiB").
     max_file: Option<String>,
+    /// Serve the web dashboard on this address, e.g. "127.0.0.1:7878".
+    http: Option<std::net::SocketAddr>,
+    /// Let `http` be an address beyond loopback.
+    #[serde(default)]
+    http_public: bool,
+}
+
+/// The dashboard's flags.
+pub(crate) struct Http {
+    pub(crate) addr: Option<std::net::SocketAddr>,
+    pub(crate) public: bool,
 }
 
 mod humantime_opt {
@@ -52,6 +63,7 @@ pub(crate) fn daemon(
     watch: Vec<PathBuf>,
     state: Option<PathBuf>,
     socket: Option<PathBuf>,
+    http: Http,
 ) -> Result<u8, Failure> {
     let file: DaemonFile = match &config {
         Some(path) => {
@@ -87,6 +99,8 @@ pub(crate) fn daemon(
         grace: file.grace.unwrap_or(std::time::Duration::from_secs(10)),
         poll: file.poll,
         metrics: file.metrics,
+        http: http.addr.or(file.http),
+        http_public: http.public || file.http_public,
         keep_for: file.keep_for,
         keep_runs: file.keep_runs,
         max_file: match &file.max_file {

@@ -98,6 +98,12 @@ pub(crate) fn status(json: bool, status: &Status) {
         },
         status.active,
     );
+    if let Some(metrics) = &status.metrics {
+        println!("metrics: http://{metrics}/metrics");
+    }
+    if let Some(web) = &status.web {
+        println!("web: {web} (`uet web` for a login address)");
+    }
 }
 
 pub(crate) fn runs(json: bool, runs: &[RunSummary]) {

@@ -9,6 +9,20 @@ use crate::api::ops::{self, Control, Refused};
 use crate::api::types::{RunShown, RunSummary, Status, ToolShown, TopView};
 
 impl Control for Arc<Daemon> {
+    fn state(&self) -> &crate::state::Store {
+        &self.store
+    }
+
+    fn web_login(&self) -> Result<String, Refused> {
+        match &self.web {
+            Some(web) => Ok(web.login_url()),
+            None => Err(Refused::invalid(
+                "the web dashboard is off: start the daemon with --http 127.0.0.1:7878 (or \
+                 `http = \"127.0.0.1:7878\"` in its config file)",
+            )),
+        }
+    }
+
     fn status(&self) -> Result<Status, Refused> {
         Ok(Status {
             version: env!("CARGO_PKG_VERSION").into(),
@@ -19,6 +33,7 @@ impl Control for Arc<Daemon> {
             runs: ops::run_counts(&self.store)?,
             active: lock(&self.active).len() as u64,
             metrics: lock(&self.metrics_at).clone(),
+            web: self.web.as_ref().map(|w| format!("http://{}", w.addr())),
         })
     }
 

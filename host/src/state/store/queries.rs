@@ -144,6 +144,36 @@ impl Store {
         Ok((page, None))
     }
 
+    /// One step of a run, with its output.
+    pub fn step(&self, run: RunId, id: &str) -> Result<Option<StepRecord>, StateError> {
+        let tx = self.read()?;
+        let steps = tx.open_table(STEPS).map_err(storage)?;
+        let Some(v) = steps.get((run, id)).map_err(storage)? else {
+            return Ok(None);
+        };
+        let row: StepRow = decode("steps", &(run, id), v.value())?;
+        Ok(Some(row.record))
+    }
+
+    /// Every attempt of a run, each with its step's id, without their captured output: what a
+    /// timeline draws.
+    pub fn run_attempts(&self, run: RunId) -> Result<Vec<(String, AttemptRecord)>, StateError> {
+        let tx = self.read()?;
+        let attempts = tx.open_table(ATTEMPTS).map_err(storage)?;
+        let mut out = Vec::new();
+        for item in attempts
+            .range((run, "", 0)..(run + 1, "", 0))
+            .map_err(storage)?
+        {
+            let (k, v) = item.map_err(storage)?;
+            let mut a: AttemptRecord = decode("attempts", &k.value(), v.value())?;
+            a.stdout = String::new();
+            a.stderr = String::new();
+            out.push((k.value().1.to_string(), a));
+        }
+        Ok(out)
+    }
+
     /// A step's attempts, first first.
     pub fn attempts(&self, run: RunId, step: &str) -> Result<Vec<AttemptRecord>, StateError> {
         let tx = self.read()?;
@@ -188,6 +218,17 @@ impl Store {
             out.push(decode("events", &k.value(), v.value())?);
         }
         Ok(out)
+    }
+
+    /// The number of a run's latest event, `None` for an unknown run.
+    pub fn last_event(&self, run: RunId) -> Result<Option<u64>, StateError> {
+        let tx = self.read()?;
+        let runs = tx.open_table(RUNS).map_err(storage)?;
+        let Some(v) = runs.get(run).map_err(storage)? else {
+            return Ok(None);
+        };
+        let row: RunRow = decode("runs", &run, v.value())?;
+        Ok(Some(row.next_event - 1))
     }
 
     /// Each run with the number of its latest event, oldest run first: what a follower of
