@@ -8,6 +8,7 @@
 //! must come from the dashboard's own origin (no cross-site requests), and nothing a GET does
 //! changes anything. See docs/WEB.md.
 
+mod conn;
 mod guard;
 mod routes;
 mod stream;
@@ -232,7 +233,7 @@ pub fn spawn(
     };
     let router = routes::router(app);
     tokio::spawn(async move {
-        let served = axum::serve(listener, router)
+        let served = axum::serve(conn::Bounded::new(listener), router)
             .with_graceful_shutdown(async move { stop.cancelled().await })
             .await;
         if let Err(e) = served {

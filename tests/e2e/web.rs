@@ -524,3 +524,37 @@ pub(crate) fn event_latencies(port: u16, cookie: &str, run: u64) -> Vec<u64> {
     latencies.sort();
     latencies
 }
+
+#[test]
+fn connections_are_bounded_and_the_rest_wait_their_turn() {
+    let env = Env::new();
+    tools(&env);
+    let web = Dashboard::start(&env);
+    // 128 connections that say nothing hold every place
+    let held: Vec<TcpStream> = (0..128)
+        .map(|_| TcpStream::connect(("127.0.0.1", web.port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut next = TcpStream::connect(("127.0.0.1", web.port)).unwrap();
+    let ask = format!(
+        "GET /app.js HTTP/1.1\r\nHost: localhost:{}\r\nConnection: close\r\n\r\n",
+        web.port
+    );
+    next.write_all(ask.as_bytes()).unwrap();
+    next.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let waited = next.read(&mut byte);
+    assert!(
+        waited.is_err(),
+        "the 129th was served beside 128 others: {waited:?}"
+    );
+    // the daemon itself goes on answering on its socket
+    web.daemon.client(&env, &["status"]).expect(0);
+    drop(held);
+    next.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = String::new();
+    next.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
