@@ -235,11 +235,20 @@ fn a_run_page_colours_its_steps_as_they_finish() {
         panel.contains("tool `gate`") && panel.contains("attempts (1)"),
         "{panel}"
     );
-    for tab in ["timeline", "events"] {
-        browser
-            .block(browser.find(&format!("#tab-{tab}")).click())
-            .unwrap();
-    }
+    // the timeline: an attempt bar a step, each clickable, and the queue before `wait`
+    browser
+        .block(browser.find("#tab-timeline").click())
+        .unwrap();
+    browser.find("#drawing rect.node[data-step='last']");
+    browser.until(
+        "a bar for each attempt",
+        "return document.querySelectorAll('#drawing rect.node').length === 3",
+    );
+    browser.block(browser.find("#tab-events").click()).unwrap();
+    browser.until(
+        "the log lists the run's end",
+        "return document.getElementById('events').textContent.includes('run.succeeded')",
+    );
     browser.block(browser.find("#verify").click()).unwrap();
     browser.until(
         "the chain is checked",

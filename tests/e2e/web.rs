@@ -192,6 +192,15 @@ fn the_dashboard_is_off_unless_asked_and_stays_on_loopback_unless_told() {
     let off = daemon.client(&env, &["web"]).expect(2);
     assert!(off.stderr().contains("--http"), "{}", off.describe());
     drop(daemon);
+    // the config file's `http` turns it on as the flag does
+    let config = env.ws.parent().unwrap().join("uet.toml");
+    std::fs::write(&config, "http = \"127.0.0.1:0\"\n").unwrap();
+    let daemon = Daemon::start_with(&env, &["--config", config.to_str().unwrap()]);
+    let url = daemon.client(&env, &["web"]).expect(0).stdout();
+    assert!(url.starts_with("http://localhost:"), "{url}");
+    let status = daemon.client(&env, &["status"]).expect(0).stdout();
+    assert!(status.contains("web: http://127.0.0.1:"), "{status}");
+    drop(daemon);
     // beyond loopback without --http-public: refused at start, and says how
     let out = crate::daemon::daemon_command(&env, &env.ws.parent().unwrap().join("s2/u.sock"))
         .args(["--http", "0.0.0.0:0"])

@@ -352,11 +352,24 @@ async function loadTimeline() {
   const bars = await api("/api/runs/" + run.id + "/timeline");
   if (run.tab !== "timeline") return;
   const view = document.getElementById("view");
-  const t0 = bars.length ? Math.min(...bars.map((b) => b.started_at)) : Date.now();
-  const t1 = Math.max(Date.now() * (run.info.finished_at ? 0 : 1), run.info.finished_at || 0,
-    ...bars.map((b) => b.finished_at || b.started_at)) || t0 + 1;
+  // by loops, not Math.min(...bars): a long run has more attempts than a call has arguments
+  let t0 = run.info.started_at || Infinity, t1 = run.info.finished_at || Date.now();
+  for (const b of bars) {
+    t0 = Math.min(t0, b.started_at);
+    t1 = Math.max(t1, b.finished_at || b.started_at, b.retry_at || 0);
+  }
+  if (t0 === Infinity) t0 = t1 - 1;
   const left = 170, width = Math.max(600, view.clientWidth - 4), scale = (width - left - PAD) / Math.max(1, t1 - t0);
+  // a step is queued from when its last need ended (or the run began) to its first attempt
+  const queuedFrom = (b) => {
+    const i = run.index.get(b.step);
+    if (b.number !== 1 || i === undefined) return null;
+    const needs = run.layout.nodes[i].needs.map((d) => run.steps[d].finished_at || 0);
+    const from = needs.length ? Math.max(...needs) : run.info.started_at;
+    return from && from < b.started_at ? from : null;
+  };
   view.replaceChildren(el("div", { class: "legend" },
+    el("span", {}, el("i", { class: "st-pending" }), "queued"),
     el("span", {}, el("i", { class: "st-running" }), "running"),
     el("span", {}, el("i", { class: "st-succeeded" }), "succeeded"),
     el("span", {}, el("i", { class: "st-failed" }), "failed, retry waits after it"),
@@ -375,6 +388,11 @@ async function loadTimeline() {
       const tip = svg("title", {});
       tip.textContent = b.step + " attempt " + b.number + ": " + (b.outcome || "running") + ", " + seconds(((b.finished_at || Date.now()) - b.started_at) / 1000);
       bar.append(tip);
+      const queued = queuedFrom(b);
+      if (queued) {
+        const qx = left + (queued - t0) * scale;
+        out.push(svg("rect", { x: qx, y: top + 8, width: Math.max(1, x1 - qx), height: 4, class: "st-pending" }));
+      }
       out.push(label, bar);
       if (b.retry_at) {
         const wait = svg("rect", { x: x2, y: top + 8, width: Math.max(1, (b.retry_at - (b.finished_at || b.retry_at)) * scale), height: 4, class: "st-pending" });
