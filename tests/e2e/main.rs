@@ -6,6 +6,7 @@ mod architecture;
 mod browser;
 mod daemon;
 mod daemon_ops;
+mod fleet;
 mod hardening;
 mod monitoring;
 mod plugins;

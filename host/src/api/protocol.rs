@@ -116,7 +116,7 @@ pub enum Response {
         version: String,
     },
     /// The answer to [`Request::Status`].
-    Status(Status),
+    Status(Box<Status>),
     /// The answer to [`Request::Runs`].
     Runs {
         /// The runs.
@@ -182,7 +182,7 @@ pub fn answer(control: &impl crate::api::ops::Control, request: Request) -> Resp
             protocol: PROTOCOL_VERSION,
             version: env!("CARGO_PKG_VERSION").into(),
         }),
-        Request::Status => control.status().map(Response::Status),
+        Request::Status => control.status().map(|s| Response::Status(Box::new(s))),
         Request::Runs { limit } => control.runs(limit).map(|runs| Response::Runs { runs }),
         Request::Show { run, from } => control
             .show(run, from)

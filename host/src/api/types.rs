@@ -34,6 +34,9 @@ pub struct Status {
     /// Where the web dashboard is served, if it is (`uet web` gives a login address).
     #[serde(default)]
     pub web: Option<String>,
+    /// The fleet this daemon is part of, if any.
+    #[serde(default)]
+    pub fleet: Option<FleetShown>,
 }
 
 /// A run in a list (`uet runs`).
@@ -333,4 +336,17 @@ pub struct AttemptBar {
     pub outcome: Option<Outcome>,
     /// When the next attempt is due, if one will be.
     pub retry_at: Option<Millis>,
+}
+
+/// What `uet status` says of the fleet (docs/FLEET.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FleetShown {
+    /// This node's name.
+    pub node: String,
+    /// The server it is connected to, and its version.
+    pub server: String,
+    /// Whether the connection is up now.
+    pub connected: bool,
+    /// Copies of each stream the fleet keeps (3 on a cluster, 1 on a single server).
+    pub replicas: usize,
 }

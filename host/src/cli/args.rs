@@ -75,6 +75,12 @@ pub(crate) enum Command {
         /// Let --http be an address beyond this machine's loopback.
         #[arg(long)]
         http_public: bool,
+        /// Join a fleet through these NATS servers (comma-separated), docs/FLEET.md.
+        #[arg(long, value_delimiter = ',')]
+        nats: Vec<String>,
+        /// This node's name in the fleet [default: the host name].
+        #[arg(long)]
+        node: Option<String>,
     },
     /// Print a one-time login address of the daemon's web dashboard.
     Web {

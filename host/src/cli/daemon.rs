@@ -38,6 +38,17 @@ struct DaemonFile {
     /// Let `http` be an address beyond loopback.
     #[serde(default)]
     http_public: bool,
+    /// Join a fleet through these NATS servers.
+    #[serde(default)]
+    nats: Vec<String>,
+    /// This node's name in the fleet.
+    node: Option<String>,
+}
+
+/// The fleet's flags.
+pub(crate) struct Nats {
+    pub(crate) urls: Vec<String>,
+    pub(crate) node: Option<String>,
 }
 
 /// The dashboard's flags.
@@ -64,6 +75,7 @@ pub(crate) fn daemon(
     state: Option<PathBuf>,
     socket: Option<PathBuf>,
     http: Http,
+    nats: Nats,
 ) -> Result<u8, Failure> {
     let file: DaemonFile = match &config {
         Some(path) => {
@@ -101,6 +113,7 @@ pub(crate) fn daemon(
         metrics: file.metrics,
         http: http.addr.or(file.http),
         http_public: http.public || file.http_public,
+        fleet: fleet_config(nats, file.nats, file.node)?,
         keep_for: file.keep_for,
         keep_runs: file.keep_runs,
         max_file: match &file.max_file {
@@ -113,4 +126,37 @@ pub(crate) fn daemon(
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(uet::daemon::serve(config))?;
     Ok(exit::OK)
+}
+
+/// The fleet to join: the flags' servers, else the file's; a node's name, else the host's.
+fn fleet_config(
+    flags: Nats,
+    urls: Vec<String>,
+    node: Option<String>,
+) -> anyhow::Result<Option<uet::fleet::Config>> {
+    let urls = if flags.urls.is_empty() {
+        urls
+    } else {
+        flags.urls
+    };
+    if urls.is_empty() {
+        return Ok(None);
+    }
+    let node = match flags.node.or(node) {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default(),
+    };
+    // the name is part of NATS subjects: letters, digits, `-` and `_` only
+    if node.is_empty()
+        || !node
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        anyhow::bail!(
+            "node: {node:?} cannot name a fleet node: use letters, digits, - and _ (--node NAME)"
+        );
+    }
+    Ok(Some(uet::fleet::Config { urls, node }))
 }

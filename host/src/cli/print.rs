@@ -101,6 +101,19 @@ pub(crate) fn status(json: bool, status: &Status) {
     if let Some(metrics) = &status.metrics {
         println!("metrics: http://{metrics}/metrics");
     }
+    if let Some(fleet) = &status.fleet {
+        println!(
+            "fleet: node {} on {}, {} ({} copies of each stream)",
+            fleet.node,
+            fleet.server,
+            if fleet.connected {
+                "connected"
+            } else {
+                "reconnecting"
+            },
+            fleet.replicas
+        );
+    }
     if let Some(web) = &status.web {
         println!("web: {web} (`uet web` for a login address)");
     }

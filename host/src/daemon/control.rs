@@ -34,6 +34,7 @@ impl Control for Arc<Daemon> {
             active: lock(&self.active).len() as u64,
             metrics: lock(&self.metrics_at).clone(),
             web: self.web.as_ref().map(|w| format!("http://{}", w.addr())),
+            fleet: self.fleet.as_ref().map(|f| f.shown()),
         })
     }
 
