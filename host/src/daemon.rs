@@ -177,6 +177,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         watch_inbox(&shared, dir)?;
     }
     tokio::spawn(inbox(shared.clone(), inbox_rx));
+    work_for_the_fleet(&shared).await?;
     if let Some(listener) = metrics_listener {
         serve_metrics(&shared, listener);
     }
@@ -192,6 +193,36 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     drop(listener);
     stop(&shared).await;
     Ok(())
+}
+
+/// In a fleet, takes others' attempts of the fleet tools this node has (those of its watched
+/// folders' tools files), two per core at once.
+async fn work_for_the_fleet(shared: &Arc<Daemon>) -> anyhow::Result<()> {
+    let (Some(fleet), Some(wasm)) = (&shared.fleet, &shared.wasm) else {
+        return Ok(());
+    };
+    let mut work = Vec::new();
+    for dir in &shared.config.watch {
+        let Ok(tools) = load_tools(shared, dir) else {
+            continue;
+        };
+        for tool in tools.tools.into_iter().filter(|t| t.fleet) {
+            work.push(crate::fleet::Work {
+                tool,
+                workstream: dir.clone(),
+            });
+        }
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    crate::fleet::work(
+        fleet,
+        work,
+        wasm.clone(),
+        shared.groups.clone(),
+        2 * cores,
+        shared.shutdown.clone(),
+    )
+    .await
 }
 
 /// Opens the state, saying plainly when another uet has it.
@@ -494,6 +525,7 @@ fn start(
                 }),
                 breakers: shared.breakers.clone(),
                 groups: shared.groups.clone(),
+                remote: shared.fleet.as_ref().map(|f| f.remote()),
             };
             engine::execute(&shared.store, spec, cancel, None)
                 .await

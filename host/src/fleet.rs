@@ -1,14 +1,27 @@
 //! The fleet: daemons that share steps through NATS JetStream (docs/FLEET.md).
 //!
 //! This room is being built in the order FLEET.md lists. What is here: joining the NATS
-//! cluster at start (a server older than 2.11 is refused, plainly), and the streams, consumers'
-//! homes and buckets every node shares, made once by whichever node comes first.
+//! cluster at start (a server older than 2.11 is refused, plainly); the streams every node
+//! shares, made once by whichever node comes first; the owner's side of a remote attempt
+//! ([`Owner`]: dispatch, results, fencing) and the worker's ([`work`]).
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::{self, stream};
+use async_nats::jetstream::{self, AckKind, consumer, stream};
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, oneshot};
+use tokio_util::sync::CancellationToken;
 
+use crate::adapters::process::Groups;
+use crate::adapters::wasm::Runtime;
 use crate::api::types::FleetShown;
+use crate::engine::{Dispatch, Ended, Landing, Notes, Remote};
+use crate::model::Outcome;
+use crate::spec::tools::{Tool, ToolKind};
 
 /// The oldest nats-server uet works with: clustered work queues and the per-message
 /// duplicate window behave as FLEET.md needs from 2.11 on.
@@ -33,14 +46,24 @@ pub struct Config {
     pub node: String,
 }
 
+/// How long a dispatch may go without word from its worker before NATS hands it to another:
+/// a worker says it is still at it every third of this.
+const ACK_WAIT: Duration = Duration::from_secs(30);
+
 /// This daemon's membership: its connection and what it made.
 pub struct Fleet {
     client: async_nats::Client,
     node: String,
     replicas: usize,
+    owner: Arc<Owner>,
 }
 
 impl Fleet {
+    /// Where this node's runs send their fleet tools' attempts.
+    pub fn remote(&self) -> Arc<dyn Remote> {
+        Arc::new(Dispatcher(self.owner.clone()))
+    }
+
     /// The fleet as `uet status` shows it.
     pub fn shown(&self) -> FleetShown {
         let info = self.client.server_info();
@@ -116,6 +139,14 @@ pub async fn join(config: &Config) -> anyhow::Result<Fleet> {
     let replicas = if info.connect_urls.len() >= 3 { 3 } else { 1 };
     let js = jetstream::new(client.clone());
     make_streams(&js, replicas, started).await?;
+    let owner = Arc::new(Owner {
+        js: js.clone(),
+        node: config.node.clone(),
+        pending: Mutex::new(HashMap::new()),
+        hashes: Mutex::new(HashMap::new()),
+    });
+    let results = results_consumer(&js, &config.node).await?;
+    tokio::spawn(owner.clone().take_results(results));
     tracing::info!(
         node = %config.node,
         server = %info.server_name,
@@ -127,7 +158,405 @@ pub async fn join(config: &Config) -> anyhow::Result<Fleet> {
         client,
         node: config.node.clone(),
         replicas,
+        owner,
     })
+}
+
+/// A dispatch on the wire: the attempt, who owns it, and its id (also its `Nats-Msg-Id`).
+#[derive(Serialize, Deserialize)]
+struct Sent {
+    owner: String,
+    id: String,
+    attempt: Dispatch,
+}
+
+/// An outcome on the wire, to its owner.
+#[derive(Serialize, Deserialize)]
+struct Returned {
+    id: String,
+    node: String,
+    ended: Ended,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The subject of a tool's work: its name (a `.` would split the subject, and `~` is never
+/// in a tool's name) and the first 16 hex digits of its plugin's sha256.
+fn work_subject(tool: &str, sha256: &str) -> String {
+    format!(
+        "uet.steps.{}.{}",
+        tool.replace('.', "~"),
+        &sha256[..16.min(sha256.len())]
+    )
+}
+
+/// The owner's side: attempts sent and not yet back, by id. An outcome whose id is not here
+/// (a duplicate, a late one, one from before a restart) is fenced: logged and dropped.
+pub struct Owner {
+    js: jetstream::Context,
+    node: String,
+    pending: Mutex<HashMap<String, oneshot::Sender<Returned>>>,
+    /// Plugins' sha256 by file, kept while the file's size and time stay the same.
+    hashes: Mutex<HashMap<PathBuf, (std::time::SystemTime, u64, String)>>,
+}
+
+impl Owner {
+    fn sha256_of(&self, path: &Path) -> std::io::Result<String> {
+        use sha2::{Digest, Sha256};
+        let meta = std::fs::metadata(path)?;
+        let stamp = (meta.modified()?, meta.len());
+        if let Some((t, n, h)) = lock(&self.hashes).get(path)
+            && (*t, *n) == stamp
+        {
+            return Ok(h.clone());
+        }
+        let hash = crate::hex(&Sha256::digest(std::fs::read(path)?));
+        lock(&self.hashes).insert(path.to_path_buf(), (stamp.0, stamp.1, hash.clone()));
+        Ok(hash)
+    }
+
+    /// Sends one attempt and waits for its outcome, its deadline or its cancel.
+    async fn send_and_wait(
+        self: Arc<Self>,
+        path: PathBuf,
+        attempt: Dispatch,
+        notes: Notes,
+        cancel: CancellationToken,
+    ) -> (Ended, Option<String>) {
+        let hash = match self.sha256_of(&path) {
+            Ok(h) => h,
+            Err(e) => {
+                return (
+                    not_run(format!("cannot read the plugin {}: {e}", path.display())),
+                    None,
+                );
+            }
+        };
+        let subject = work_subject(&attempt.tool, &hash);
+        let id = format!(
+            "{}/{}/{}/{}/{:016x}",
+            self.node,
+            attempt.run,
+            attempt.step,
+            attempt.number,
+            rand::random::<u64>()
+        );
+        let timeout = attempt.timeout_ms.map(Duration::from_millis);
+        let sent = Sent {
+            owner: self.node.clone(),
+            id: id.clone(),
+            attempt,
+        };
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id.clone(), tx);
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id.as_str());
+        let body = serde_json::to_vec(&sent).unwrap_or_default();
+        let published = async {
+            self.js
+                .publish_with_headers(subject.clone(), headers, body.into())
+                .await?
+                .await
+        };
+        if let Err(e) = published.await {
+            lock(&self.pending).remove(&id);
+            return (
+                not_run(format!("cannot send the attempt to the fleet: {e}")),
+                None,
+            );
+        }
+        notes(format!(
+            "attempt {} sent on {subject} as {id}",
+            sent.attempt.number
+        ));
+        let deadline = async {
+            match timeout {
+                Some(t) => tokio::time::sleep(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        let ended = tokio::select! {
+            back = rx => back.ok(),
+            _ = deadline => None,
+            _ = cancel.cancelled() => None,
+        };
+        lock(&self.pending).remove(&id);
+        match ended {
+            Some(r) => (r.ended, Some(r.node)),
+            None if cancel.is_cancelled() => (ended_as(Outcome::Canceled, "canceled".into()), None),
+            None => (
+                ended_as(
+                    Outcome::TimedOut,
+                    format!(
+                        "no outcome from the fleet within {:?}",
+                        timeout.unwrap_or_default()
+                    ),
+                ),
+                None,
+            ),
+        }
+    }
+
+    /// Takes this node's results for as long as the connection lives: hands each to the
+    /// attempt waiting for it, or fences it.
+    async fn take_results(self: Arc<Self>, results: consumer::PullConsumer) {
+        loop {
+            let mut messages = match results.messages().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!("fleet: cannot read results: {e}; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            while let Some(message) = messages.next().await {
+                let Ok(message) = message else { break };
+                match serde_json::from_slice::<Returned>(&message.payload) {
+                    Ok(r) => match lock(&self.pending).remove(&r.id) {
+                        Some(waiting) => {
+                            let _ = waiting.send(r);
+                        }
+                        None => {
+                            tracing::info!(id = %r.id, node = %r.node, "fleet: fenced an outcome no attempt waits for")
+                        }
+                    },
+                    Err(e) => tracing::warn!("fleet: dropped a result that cannot be read: {e}"),
+                }
+                let _ = message.ack().await;
+            }
+        }
+    }
+}
+
+/// The engine's door to the owner.
+struct Dispatcher(Arc<Owner>);
+
+impl Remote for Dispatcher {
+    fn dispatch(
+        &self,
+        tool: &Tool,
+        attempt: Dispatch,
+        notes: Notes,
+        cancel: CancellationToken,
+    ) -> Landing {
+        let ToolKind::Wasm { path } = &tool.kind else {
+            let name = tool.name.clone();
+            return Box::pin(async move {
+                (
+                    not_run(format!("tool `{name}` is not a plugin and cannot travel")),
+                    None,
+                )
+            });
+        };
+        Box::pin(
+            self.0
+                .clone()
+                .send_and_wait(path.clone(), attempt, notes, cancel),
+        )
+    }
+}
+
+fn ended_as(outcome: Outcome, error: String) -> Ended {
+    Ended {
+        outcome,
+        output: None,
+        error: Some(error),
+        retryable: true,
+        input_fault: false,
+        stdout: String::new(),
+        stderr: String::new(),
+    }
+}
+
+fn not_run(error: String) -> Ended {
+    ended_as(Outcome::Error, error)
+}
+
+async fn results_consumer(
+    js: &jetstream::Context,
+    node: &str,
+) -> anyhow::Result<consumer::PullConsumer> {
+    let stream = js.get_stream(RESULTS).await?;
+    let name = format!("results-{node}");
+    Ok(stream
+        .get_or_create_consumer(
+            &name,
+            consumer::pull::Config {
+                durable_name: Some(name.clone()),
+                filter_subject: format!("uet.results.{node}"),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ack_wait: ACK_WAIT,
+                ..Default::default()
+            },
+        )
+        .await?)
+}
+
+/// What a worker needs to run others' attempts of one tool.
+pub struct Work {
+    /// The tool, from this node's tools file.
+    pub tool: Tool,
+    /// The folder its attempts run in (its tools file's).
+    pub workstream: PathBuf,
+}
+
+/// Works for the fleet: for each tool, takes dispatches as slots free up, runs them here,
+/// says so while they run, sends each outcome home and only then takes the dispatch off the
+/// queue. Returns at once; the work goes on until `stop`.
+pub async fn work(
+    fleet: &Fleet,
+    tools: Vec<Work>,
+    wasm: Arc<Runtime>,
+    groups: Arc<Groups>,
+    slots: usize,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let slots = Arc::new(Semaphore::new(slots.max(1)));
+    for w in tools {
+        let ToolKind::Wasm { path } = &w.tool.kind else {
+            continue;
+        };
+        let hash = fleet.owner.sha256_of(path)?;
+        let subject = work_subject(&w.tool.name, &hash);
+        let name = subject.replace(['.', '~'], "-");
+        let stream = fleet.owner.js.get_stream(STEPS).await?;
+        let consumer: consumer::PullConsumer = stream
+            .get_or_create_consumer(
+                &name,
+                consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    filter_subject: subject.clone(),
+                    ack_policy: consumer::AckPolicy::Explicit,
+                    ack_wait: ACK_WAIT,
+                    ..Default::default()
+                },
+            )
+            .await?;
+        tracing::info!(tool = %w.tool.name, %subject, "fleet: working");
+        let job = Job {
+            js: fleet.owner.js.clone(),
+            node: fleet.node.clone(),
+            tool: Arc::new(w.tool),
+            workstream: w.workstream,
+            wasm: wasm.clone(),
+            groups: groups.clone(),
+        };
+        tokio::spawn(take_work(consumer, job, slots.clone(), stop.clone()));
+    }
+    Ok(())
+}
+
+/// One tool's work, shared by its attempts.
+#[derive(Clone)]
+struct Job {
+    js: jetstream::Context,
+    node: String,
+    tool: Arc<Tool>,
+    workstream: PathBuf,
+    wasm: Arc<Runtime>,
+    groups: Arc<Groups>,
+}
+
+async fn take_work(
+    consumer: consumer::PullConsumer,
+    job: Job,
+    slots: Arc<Semaphore>,
+    stop: CancellationToken,
+) {
+    loop {
+        // as many as there are free slots, never more: the rest wait for another node
+        let first = tokio::select! {
+            p = slots.clone().acquire_owned() => p.expect("never closed"),
+            _ = stop.cancelled() => return,
+        };
+        let mut places = vec![first];
+        while let Ok(p) = slots.clone().try_acquire_owned() {
+            places.push(p);
+        }
+        let batch = consumer
+            .fetch()
+            .max_messages(places.len())
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!("fleet: cannot fetch work: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        while let Some(message) = batch.next().await {
+            let Ok(message) = message else { break };
+            let Some(place) = places.pop() else { break };
+            let job = job.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                do_one(job, message, stop).await;
+                drop(place);
+            });
+        }
+    }
+}
+
+/// Runs one dispatch here: in-progress acks while it runs, the outcome published and its
+/// publish acknowledged, then the dispatch acked. Dies before that ack, and it runs again.
+async fn do_one(job: Job, message: jetstream::Message, stop: CancellationToken) {
+    let sent: Sent = match serde_json::from_slice(&message.payload) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("fleet: dropped a dispatch that cannot be read: {e}");
+            let _ = message.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let run = crate::engine::run_here(
+        &job.tool,
+        &sent.attempt,
+        job.wasm.clone(),
+        job.groups.clone(),
+        &job.workstream,
+        stop.child_token(),
+    );
+    tokio::pin!(run);
+    let ended = loop {
+        tokio::select! {
+            ended = &mut run => break ended,
+            _ = tokio::time::sleep(ACK_WAIT / 3) => {
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+        }
+    };
+    if stop.is_cancelled() {
+        // stopped mid-attempt: let another node have it now rather than after the ack wait
+        let _ = message.ack_with(AckKind::Nak(None)).await;
+        return;
+    }
+    let back = Returned {
+        id: sent.id.clone(),
+        node: job.node.clone(),
+        ended,
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", format!("{}/end", sent.id).as_str());
+    let body = serde_json::to_vec(&back).unwrap_or_default();
+    let subject = format!("uet.results.{}", sent.owner);
+    let published = async {
+        job.js
+            .publish_with_headers(subject, headers, body.into())
+            .await?
+            .await
+    };
+    match published.await {
+        Ok(_) => {
+            let _ = message.double_ack().await;
+        }
+        // not acked: NATS hands the dispatch out again after the ack wait
+        Err(e) => tracing::warn!(id = %sent.id, "fleet: cannot send an outcome home: {e}"),
+    }
 }
 
 /// The streams every node shares, made by the first node to come (the others find them).

@@ -109,8 +109,8 @@ fn fleet_of(daemon: &Daemon, env: &Env) -> serde_json::Value {
     status["fleet"].clone()
 }
 
-/// A stream's configuration, read from NATS itself.
-fn stream_config(url: &str, name: &str) -> serde_json::Value {
+/// A stream's configuration and how many messages it holds, read from NATS itself.
+fn stream_info(url: &str, name: &str) -> (serde_json::Value, u64) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -120,7 +120,10 @@ fn stream_config(url: &str, name: &str) -> serde_json::Value {
         let js = async_nats::jetstream::new(client);
         let mut stream = js.get_stream(name).await.unwrap();
         let info = stream.info().await.unwrap();
-        serde_json::to_value(&info.config).unwrap()
+        (
+            serde_json::to_value(&info.config).unwrap(),
+            info.state.messages,
+        )
     })
 }
 
@@ -137,7 +140,7 @@ fn daemons_join_a_three_server_cluster_and_share_its_streams() {
     let human = a.client(&env, &["status"]).expect(0).stdout();
     assert!(human.contains("fleet: node alpha on"), "{human}");
     for name in ["UET_STEPS", "UET_RESULTS"] {
-        let config = stream_config(&cluster.urls[2], name);
+        let (config, _) = stream_info(&cluster.urls[2], name);
         assert_eq!(config["retention"], "workqueue", "{config}");
         assert_eq!(config["num_replicas"], 3, "{config}");
     }
@@ -179,4 +182,80 @@ fn a_bad_node_name_is_refused_plainly() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is not a server address"), "{err}");
+}
+
+/// A tools file whose `q` is the jsonq plugin, shared with the fleet.
+fn fleet_tools(env: &Env) {
+    env.write(
+        "tools.toml",
+        &format!(
+            "[[tools]]\nname = \"q\"\nwasm = \"{}\"\nfleet = true\n",
+            crate::util::plugin("jsonq").display()
+        ),
+    );
+}
+
+#[test]
+fn a_fleet_tools_steps_run_on_the_nodes_that_have_it() {
+    let cluster = Cluster::start(3);
+    let (env_a, env_b) = (Env::new(), Env::new());
+    fleet_tools(&env_a);
+    fleet_tools(&env_b);
+    let a = Daemon::start_with(&env_a, &["--nats", &cluster.urls[0], "--node", "alpha"]);
+    let _b = Daemon::start_with(&env_b, &["--nats", &cluster.urls[1], "--node", "beta"]);
+    let mut flow = String::from("name = \"spread\"\nmax_parallel = 8\n");
+    for i in 0..200 {
+        flow.push_str(&format!(
+            "[[steps]]\nid = \"s{i}\"\ntool = \"q\"\nwith = {{ value = {i}, query = \"\" }}\n"
+        ));
+    }
+    crate::daemon::drop_file(&env_a, "spread.toml", &flow);
+    let runs = a.wait_for_runs(&env_a, 1);
+    assert_eq!(runs[0]["state"], "succeeded", "{runs:?}");
+    let shown = a
+        .client(&env_a, &["show", "1", "--json"])
+        .expect(0)
+        .stdout();
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    for (i, step) in shown["steps"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(step["output"]["value"], i, "{step}");
+    }
+    let events = a
+        .client(&env_a, &["events", "1", "--json"])
+        .expect(0)
+        .stdout();
+    let ran: Vec<String> = events
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["kind"] == "attempt.remote")
+        .map(|e| e["detail"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ran.len(), 200, "one remote end per step");
+    let on_beta = ran.iter().filter(|d| d.ends_with("on node beta")).count();
+    let on_alpha = ran.iter().filter(|d| d.ends_with("on node alpha")).count();
+    assert_eq!(on_alpha + on_beta, 200, "{ran:?}");
+    assert!(on_beta > 0, "beta ran none of them");
+    // nothing is left in the queues
+    assert_eq!(stream_info(&cluster.urls[2], "UET_STEPS").1, 0);
+    assert_eq!(stream_info(&cluster.urls[2], "UET_RESULTS").1, 0);
+}
+
+#[test]
+fn only_a_plugin_may_travel() {
+    let env = Env::new();
+    env.write(
+        "tools.toml",
+        "[[tools]]\nname = \"echo\"\ncommand = [\"cat\"]\nfleet = true\n",
+    );
+    env.write(
+        "w.toml",
+        "name = \"w\"\n[[steps]]\nid = \"a\"\ntool = \"echo\"\n",
+    );
+    let out = env.uet(&["validate", "w.toml"]).expect(2);
+    let err = out.stderr();
+    assert!(err.contains("tools.toml:4:"), "{err}");
+    assert!(
+        err.contains("`fleet = true` needs a `wasm` plugin"),
+        "{err}"
+    );
 }

@@ -192,6 +192,8 @@ pub(crate) fn run(
             pause: None,
             breakers: Arc::new(uet::engine::breaker::Breakers::load(&store)?),
             groups: Arc::new(groups),
+            // `uet run` is one process, not a fleet's node: every step runs here
+            remote: None,
         };
         let printer = live_progress(&store, run, plan.steps.len(), rx);
         let (result, ()) = tokio::join!(

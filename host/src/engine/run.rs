@@ -59,6 +59,8 @@ pub struct RunSpec<'a> {
     pub breakers: Arc<Breakers>,
     /// Where command steps' process groups are noted while they run (one per state).
     pub groups: Arc<Groups>,
+    /// Where fleet tools' attempts go, when this daemon is in a fleet.
+    pub remote: Option<Arc<dyn Remote>>,
 }
 
 /// A stop that is not an end: see [`RunSpec::pause`].
@@ -131,6 +133,94 @@ enum Message {
     Due(usize),
     /// A plugin said something while it ran.
     Plugin(usize, PluginReport),
+    /// Something to note in the step's log: where a remote attempt went, and where it ran.
+    Note(usize, &'static str, String),
+}
+
+/// An attempt to run on another node of a fleet (docs/FLEET.md): what a worker needs.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Dispatch {
+    /// The run, on its owner.
+    pub run: RunId,
+    /// The step's id.
+    pub step: String,
+    /// Its attempt number.
+    pub number: u32,
+    /// The tool, by name; the subject it is sent on names its content too.
+    pub tool: String,
+    /// The step's input.
+    pub input: serde_json::Value,
+    /// The attempt's time limit, if any (the owner's own deadline is the authority).
+    pub timeout_ms: Option<u64>,
+}
+
+/// How an attempt ended, wherever it ran.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Ended {
+    pub outcome: Outcome,
+    pub output: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub retryable: bool,
+    /// The input's fault, not the tool's: its breaker does not count it.
+    pub input_fault: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Lines for a step's log, from wherever its attempt went.
+pub type Notes = Box<dyn Fn(String) + Send + Sync>;
+
+/// A remote attempt's end, when it comes, and the node that ran it.
+pub type Landing =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (Ended, Option<String>)> + Send>>;
+
+/// Where a fleet tool's attempts go: the engine hands them over and waits for their end. The
+/// fleet implements it; the engine never imports the fleet.
+pub trait Remote: Send + Sync {
+    /// Sends an attempt away and resolves with its end, and the node that ran it. `notes`
+    /// receives lines for the step's log (where it was sent).
+    fn dispatch(
+        &self,
+        tool: &Tool,
+        attempt: Dispatch,
+        notes: Notes,
+        cancel: CancellationToken,
+    ) -> Landing;
+}
+
+/// Runs one plugin attempt on this node for a fleet's worker: the same adapter, limits and
+/// bounds as a local attempt; the plugin's log lines go nowhere (the owner keeps the log).
+pub async fn run_here(
+    tool: &Tool,
+    attempt: &Dispatch,
+    wasm: Arc<Runtime>,
+    groups: Arc<Groups>,
+    workstream: &Path,
+    cancel: CancellationToken,
+) -> Ended {
+    let (reports, _) = mpsc::unbounded_channel();
+    let ctx = AttemptContext {
+        run: attempt.run,
+        step: attempt.step.clone(),
+        number: attempt.number,
+        workstream: workstream.to_path_buf(),
+        timeout: attempt.timeout_ms.map(Duration::from_millis),
+        wasm: Some(wasm),
+        reports,
+        groups,
+        crowded: true,
+        remote: None,
+    };
+    let end = run_attempt(tool, attempt.input.clone(), &ctx, 0, cancel).await;
+    Ended {
+        outcome: end.outcome,
+        output: end.output,
+        error: end.error,
+        retryable: end.retryable,
+        input_fault: end.input_fault,
+        stdout: end.stdout,
+        stderr: end.stderr,
+    }
 }
 
 /// Drives a run to a terminal state and returns it. Steps already succeeded (a resumed run) keep
@@ -167,6 +257,7 @@ struct Scheduler<'a> {
     rng: rand::rngs::SmallRng,
     breakers: Arc<Breakers>,
     groups: Arc<Groups>,
+    remote: Option<Arc<dyn Remote>>,
     /// Per step: the tool its attempt in flight runs on, and whether it is a breaker's probe.
     in_flight: Vec<Option<(String, bool)>>,
     /// Ready steps whose tools' breakers all said wait, with those tools' names.
@@ -241,6 +332,7 @@ impl<'a> Scheduler<'a> {
             rng: rand::make_rng(),
             breakers: spec.breakers.clone(),
             groups: spec.groups.clone(),
+            remote: spec.remote.clone(),
             in_flight: vec![None; n],
             blocked: Vec::new(),
             wake_at: None,
@@ -627,6 +719,7 @@ impl<'a> Scheduler<'a> {
                         reports: tx.clone(),
                         groups: self.groups.clone(),
                         crowded: self.running > 1,
+                        remote: self.remote.clone(),
                     };
                     let tool = Arc::new(tool.clone());
                     tokio::spawn(async move {
@@ -752,6 +845,14 @@ impl<'a> Scheduler<'a> {
                 self.changes.push(Change::Event {
                     run: self.run,
                     step: Some(id),
+                    kind: kind.into(),
+                    detail,
+                });
+            }
+            Message::Note(i, kind, detail) => {
+                self.changes.push(Change::Event {
+                    run: self.run,
+                    step: Some(self.plan.steps[i].id.clone()),
                     kind: kind.into(),
                     detail,
                 });
@@ -1104,6 +1205,8 @@ struct AttemptContext {
     groups: Arc<Groups>,
     /// Other attempts of the run are in flight: a command starts on a blocking thread.
     crowded: bool,
+    /// Where fleet tools' attempts go.
+    remote: Option<Arc<dyn Remote>>,
 }
 
 async fn run_attempt(
@@ -1153,6 +1256,12 @@ async fn attempt(
         stdout: String::new(),
         stderr: String::new(),
     };
+    if tool.fleet
+        && let Some(remote) = &ctx.remote
+    {
+        run_remote(remote.as_ref(), tool, input, ctx, cancel, &mut end).await;
+        return end;
+    }
     match &tool.kind {
         ToolKind::Wasm { path } => {
             let Some(runtime) = ctx.wasm.clone() else {
@@ -1169,6 +1278,44 @@ async fn attempt(
         }
     }
     end
+}
+
+/// One attempt on another node: sent through the fleet, its end taken as a local one's, and
+/// where it went and ran noted in the step's log.
+async fn run_remote(
+    remote: &dyn Remote,
+    tool: &Tool,
+    input: serde_json::Value,
+    ctx: &AttemptContext,
+    cancel: CancellationToken,
+    end: &mut AttemptEnd,
+) {
+    let attempt = Dispatch {
+        run: ctx.run,
+        step: ctx.step.clone(),
+        number: ctx.number,
+        tool: tool.name.clone(),
+        input,
+        timeout_ms: ctx.timeout.map(|t| t.as_millis() as u64),
+    };
+    let (index, reports) = (end.index, ctx.reports.clone());
+    let notes = Box::new(move |line: String| {
+        let _ = reports.send(Message::Note(index, "attempt.dispatched", line));
+    });
+    let (ended, node) = remote.dispatch(tool, attempt, notes, cancel).await;
+    if let Some(node) = node {
+        let line = format!("attempt {} ran on node {node}", ctx.number);
+        let _ = ctx
+            .reports
+            .send(Message::Note(index, "attempt.remote", line));
+    }
+    end.outcome = ended.outcome;
+    end.output = ended.output;
+    end.error = ended.error;
+    end.retryable = ended.retryable;
+    end.input_fault = ended.input_fault;
+    end.stdout = ended.stdout;
+    end.stderr = ended.stderr;
 }
 
 /// One attempt through a command: its argv filled from the input (no value may begin an

@@ -63,6 +63,8 @@ pub struct Tool {
     pub allow_options: bool,
     /// What a WASM plugin said of itself, once asked.
     pub described: Option<Description>,
+    /// Its attempts may run on any node of a fleet with the same plugin (docs/FLEET.md).
+    pub fleet: bool,
 }
 
 impl Tool {
@@ -335,6 +337,7 @@ const TOOL_KEYS: &[&str] = &[
     "exit_codes",
     "allow_options",
     "description",
+    "fleet",
 ];
 
 fn read_tool(
@@ -386,7 +389,21 @@ fn read_tool(
         exit_codes: ExitCodes::default(),
         allow_options: f.boolean(src, "allow_options").unwrap_or(false),
         described: None,
+        fleet: false,
     };
+    let fleet_span = f.node("fleet").map(|n| n.span.clone());
+    if let (Some(fleet), Some(span)) = (f.boolean(src, "fleet"), fleet_span) {
+        // a command means what its machine has: only a plugin is the same wherever it runs
+        if fleet && !matches!(tool.kind, ToolKind::Wasm { .. }) {
+            src.error(
+                &span,
+                format!(
+                    "{label}: `fleet = true` needs a `wasm` plugin: a command runs where its run is"
+                ),
+            );
+        }
+        tool.fleet = fleet;
+    }
     if let Some(limits) = f.table(src, "limits") {
         read_limits(src, limits, &label, &mut tool);
     }
