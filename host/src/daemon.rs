@@ -196,7 +196,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 /// In a fleet, takes others' attempts of the fleet tools this node has (those of its watched
-/// folders' tools files), two per core at once.
+/// folders' tools files), as many at once as its `fleet_slots`.
 async fn work_for_the_fleet(shared: &Arc<Daemon>) -> anyhow::Result<()> {
     let (Some(fleet), Some(wasm)) = (&shared.fleet, &shared.wasm) else {
         return Ok(());
@@ -213,13 +213,11 @@ async fn work_for_the_fleet(shared: &Arc<Daemon>) -> anyhow::Result<()> {
             });
         }
     }
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     crate::fleet::work(
         fleet,
         work,
         wasm.clone(),
         shared.groups.clone(),
-        2 * cores,
         shared.shutdown.clone(),
     )
     .await

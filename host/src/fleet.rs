@@ -44,11 +44,15 @@ pub struct Config {
     pub urls: Vec<String>,
     /// This node's name: owners address results to it.
     pub node: String,
+    /// How long a dispatch may go without word from its worker before another gets it (set
+    /// by the first node to make a tool's queue; 30 s unless the config says otherwise).
+    pub ack_wait: Duration,
+    /// Attempts this node runs for the fleet at once; 0: it only sends its own.
+    pub slots: usize,
 }
 
-/// How long a dispatch may go without word from its worker before NATS hands it to another:
-/// a worker says it is still at it every third of this.
-const ACK_WAIT: Duration = Duration::from_secs(30);
+/// The default [`Config::ack_wait`].
+pub const ACK_WAIT: Duration = Duration::from_secs(30);
 
 /// This daemon's membership: its connection and what it made.
 pub struct Fleet {
@@ -56,6 +60,8 @@ pub struct Fleet {
     node: String,
     replicas: usize,
     owner: Arc<Owner>,
+    ack_wait: Duration,
+    slots: usize,
 }
 
 impl Fleet {
@@ -74,6 +80,14 @@ impl Fleet {
             replicas: self.replicas,
         }
     }
+}
+
+/// Whether a node's name can be a subject's token: letters, digits, `-` and `_`.
+pub fn plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// A server version's major and minor, from `2.11.3` or `v2.12.0-beta`.
@@ -145,7 +159,7 @@ pub async fn join(config: &Config) -> anyhow::Result<Fleet> {
         pending: Mutex::new(HashMap::new()),
         hashes: Mutex::new(HashMap::new()),
     });
-    let results = results_consumer(&js, &config.node).await?;
+    let results = results_consumer(&js, &config.node, config.ack_wait).await?;
     tokio::spawn(owner.clone().take_results(results));
     tracing::info!(
         node = %config.node,
@@ -159,6 +173,8 @@ pub async fn join(config: &Config) -> anyhow::Result<Fleet> {
         node: config.node.clone(),
         replicas,
         owner,
+        ack_wait: config.ack_wait,
+        slots: config.slots,
     })
 }
 
@@ -175,6 +191,10 @@ struct Sent {
 struct Returned {
     id: String,
     node: String,
+    /// How many times NATS had handed the dispatch out (more than once: a worker died or
+    /// went silent past the ack wait).
+    #[serde(default)]
+    delivered: i64,
     ended: Ended,
 }
 
@@ -284,6 +304,10 @@ impl Owner {
         };
         lock(&self.pending).remove(&id);
         match ended {
+            Some(r) if r.delivered > 1 => (
+                r.ended,
+                Some(format!("{} (delivery {})", r.node, r.delivered)),
+            ),
             Some(r) => (r.ended, Some(r.node)),
             None if cancel.is_cancelled() => (ended_as(Outcome::Canceled, "canceled".into()), None),
             None => (
@@ -377,6 +401,7 @@ fn not_run(error: String) -> Ended {
 async fn results_consumer(
     js: &jetstream::Context,
     node: &str,
+    ack_wait: Duration,
 ) -> anyhow::Result<consumer::PullConsumer> {
     let stream = js.get_stream(RESULTS).await?;
     let name = format!("results-{node}");
@@ -387,7 +412,7 @@ async fn results_consumer(
                 durable_name: Some(name.clone()),
                 filter_subject: format!("uet.results.{node}"),
                 ack_policy: consumer::AckPolicy::Explicit,
-                ack_wait: ACK_WAIT,
+                ack_wait,
                 ..Default::default()
             },
         )
@@ -410,10 +435,13 @@ pub async fn work(
     tools: Vec<Work>,
     wasm: Arc<Runtime>,
     groups: Arc<Groups>,
-    slots: usize,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
-    let slots = Arc::new(Semaphore::new(slots.max(1)));
+    if fleet.slots == 0 {
+        tracing::info!("fleet: this node sends its attempts and runs none of others'");
+        return Ok(());
+    }
+    let slots = Arc::new(Semaphore::new(fleet.slots));
     for w in tools {
         let ToolKind::Wasm { path } = &w.tool.kind else {
             continue;
@@ -429,7 +457,7 @@ pub async fn work(
                     durable_name: Some(name.clone()),
                     filter_subject: subject.clone(),
                     ack_policy: consumer::AckPolicy::Explicit,
-                    ack_wait: ACK_WAIT,
+                    ack_wait: fleet.ack_wait,
                     ..Default::default()
                 },
             )
@@ -442,6 +470,7 @@ pub async fn work(
             workstream: w.workstream,
             wasm: wasm.clone(),
             groups: groups.clone(),
+            ack_wait: fleet.ack_wait,
         };
         tokio::spawn(take_work(consumer, job, slots.clone(), stop.clone()));
     }
@@ -457,6 +486,8 @@ struct Job {
     workstream: PathBuf,
     wasm: Arc<Runtime>,
     groups: Arc<Groups>,
+    /// The queue's ack wait: the worker says it is still at it every third of it.
+    ack_wait: Duration,
 }
 
 async fn take_work(
@@ -505,8 +536,14 @@ async fn take_work(
 /// Runs one dispatch here: in-progress acks while it runs, the outcome published and its
 /// publish acknowledged, then the dispatch acked. Dies before that ack, and it runs again.
 async fn do_one(job: Job, message: jetstream::Message, stop: CancellationToken) {
-    let sent: Sent = match serde_json::from_slice(&message.payload) {
-        Ok(s) => s,
+    let sent: Sent = match serde_json::from_slice::<Sent>(&message.payload) {
+        // the owner's name becomes a subject: a plain name or nothing
+        Ok(s) if plain_name(&s.owner) => s,
+        Ok(s) => {
+            tracing::warn!(owner = %s.owner, "fleet: dropped a dispatch from an owner that cannot be named");
+            let _ = message.ack_with(AckKind::Term).await;
+            return;
+        }
         Err(e) => {
             tracing::warn!("fleet: dropped a dispatch that cannot be read: {e}");
             let _ = message.ack_with(AckKind::Term).await;
@@ -525,7 +562,7 @@ async fn do_one(job: Job, message: jetstream::Message, stop: CancellationToken) 
     let ended = loop {
         tokio::select! {
             ended = &mut run => break ended,
-            _ = tokio::time::sleep(ACK_WAIT / 3) => {
+            _ = tokio::time::sleep(job.ack_wait / 3) => {
                 let _ = message.ack_with(AckKind::Progress).await;
             }
         }
@@ -538,6 +575,7 @@ async fn do_one(job: Job, message: jetstream::Message, stop: CancellationToken) 
     let back = Returned {
         id: sent.id.clone(),
         node: job.node.clone(),
+        delivered: message.info().map_or(1, |i| i.delivered),
         ended,
     };
     let mut headers = async_nats::HeaderMap::new();

@@ -109,15 +109,21 @@ fn fleet_of(daemon: &Daemon, env: &Env) -> serde_json::Value {
     status["fleet"].clone()
 }
 
-/// A stream's configuration and how many messages it holds, read from NATS itself.
-fn stream_info(url: &str, name: &str) -> (serde_json::Value, u64) {
+/// Asks NATS itself, through JetStream at `url`.
+fn ask_nats<T>(url: &str, ask: impl AsyncFnOnce(async_nats::jetstream::Context) -> T) -> T {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
         let client = async_nats::connect(url).await.unwrap();
-        let js = async_nats::jetstream::new(client);
+        ask(async_nats::jetstream::new(client)).await
+    })
+}
+
+/// A stream's configuration and how many messages it holds, read from NATS itself.
+fn stream_info(url: &str, name: &str) -> (serde_json::Value, u64) {
+    ask_nats(url, async |js| {
         let mut stream = js.get_stream(name).await.unwrap();
         let info = stream.info().await.unwrap();
         (
@@ -258,4 +264,122 @@ fn only_a_plugin_may_travel() {
         err.contains("`fleet = true` needs a `wasm` plugin"),
         "{err}"
     );
+}
+
+/// A fleet node whose config file says where NATS is, its name, and `extra` settings.
+fn node(env: &Env, cluster: &Cluster, name: &str, extra: &str) -> Daemon {
+    let config = env.ws.parent().unwrap().join("uet.toml");
+    let text = format!("nats = {:?}\nnode = \"{name}\"\n{extra}\n", cluster.urls);
+    std::fs::write(&config, text).unwrap();
+    Daemon::start_with(env, &["--config", config.to_str().unwrap()])
+}
+
+/// A tools file whose `nap` is the hostile plugin (its sleep mode), shared with the fleet.
+fn nap_tools(env: &Env) {
+    env.write(
+        "tools.toml",
+        &format!(
+            "[[tools]]\nname = \"nap\"\nwasm = \"{}\"\nfleet = true\n",
+            crate::util::plugin("hostile").display()
+        ),
+    );
+}
+
+/// The first consumer of UET_STEPS whose name starts with `prefix`: how many dispatches it
+/// has handed out and not had acked.
+fn ack_pending(url: &str, prefix: &str) -> Option<usize> {
+    ask_nats(url, async |js| {
+        use futures_util::StreamExt;
+        let stream = js.get_stream("UET_STEPS").await.unwrap();
+        let mut names = stream.consumer_names();
+        while let Some(name) = names.next().await {
+            let name = name.unwrap();
+            if name.starts_with(prefix) {
+                let mut c: async_nats::jetstream::consumer::PullConsumer =
+                    stream.get_consumer(&name).await.unwrap();
+                return Some(c.info().await.unwrap().num_ack_pending);
+            }
+        }
+        None
+    })
+}
+
+/// The `attempt.remote` lines of run 1's log.
+fn ran_on(daemon: &Daemon, env: &Env) -> Vec<String> {
+    let events = daemon
+        .client(env, &["events", "1", "--json"])
+        .expect(0)
+        .stdout();
+    events
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["kind"] == "attempt.remote")
+        .map(|e| e["detail"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A 3-server cluster and three nodes' folders, each with the `nap` tool.
+fn nap_fleet() -> (Cluster, [Env; 3]) {
+    let envs = [Env::new(), Env::new(), Env::new()];
+    for env in &envs {
+        nap_tools(env);
+    }
+    (Cluster::start(3), envs)
+}
+
+const NAP: &str = "name = \"nap\"\n[[steps]]\nid = \"z\"\ntool = \"nap\"\n";
+
+#[test]
+fn a_worker_killed_mid_step_leaves_it_to_another_and_the_run_succeeds() {
+    let (cluster, [env_a, env_b, env_c]) = nap_fleet();
+    // alpha only sends; beta works, with a short ack wait so the test is quick
+    let alpha = node(&env_a, &cluster, "alpha", "fleet_slots = 0");
+    let beta = node(
+        &env_b,
+        &cluster,
+        "beta",
+        "fleet_slots = 1\nfleet_ack_wait = \"2s\"",
+    );
+    let flow = format!("{NAP}with = {{ mode = \"sleep\", ms = 3000 }}\n");
+    crate::daemon::drop_file(&env_a, "nap.toml", &flow);
+    let start = Instant::now();
+    while ack_pending(&cluster.urls[0], "uet-steps-nap-") != Some(1) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "beta never took it"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(beta); // SIGKILL, mid-step
+    let _gamma = node(&env_c, &cluster, "gamma", "fleet_slots = 1");
+    let runs = alpha.wait_for_runs(&env_a, 1);
+    assert_eq!(runs[0]["state"], "succeeded", "{runs:?}");
+    let ran = ran_on(&alpha, &env_a);
+    assert_eq!(ran, ["attempt 1 ran on node gamma (delivery 2)"], "{ran:?}");
+    let shown = alpha
+        .client(&env_a, &["show", "1", "--json"])
+        .expect(0)
+        .stdout();
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(
+        shown["steps"][0]["attempts"], 1,
+        "the same attempt, redelivered"
+    );
+}
+
+#[test]
+fn a_step_longer_than_the_ack_wait_is_never_handed_out_twice() {
+    let (cluster, [env_a, env_b, env_c]) = nap_fleet();
+    let alpha = node(&env_a, &cluster, "alpha", "fleet_slots = 0");
+    let config = "fleet_slots = 1\nfleet_ack_wait = \"1s\"";
+    let _beta = node(&env_b, &cluster, "beta", config);
+    let _gamma = node(&env_c, &cluster, "gamma", config);
+    // three and a half times the ack wait: only the in-progress acks keep it
+    let flow = format!("{NAP}with = {{ mode = \"sleep\", ms = 3500 }}\n");
+    crate::daemon::drop_file(&env_a, "nap.toml", &flow);
+    let runs = alpha.wait_for_runs(&env_a, 1);
+    assert_eq!(runs[0]["state"], "succeeded", "{runs:?}");
+    let ran = ran_on(&alpha, &env_a);
+    assert_eq!(ran.len(), 1, "{ran:?}");
+    assert!(!ran[0].contains("delivery"), "handed out twice: {ran:?}");
 }

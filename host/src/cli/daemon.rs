@@ -43,6 +43,11 @@ struct DaemonFile {
     nats: Vec<String>,
     /// This node's name in the fleet.
     node: Option<String>,
+    /// How long a dispatch may go without word from its worker ("30s").
+    #[serde(default, with = "humantime_opt")]
+    fleet_ack_wait: Option<std::time::Duration>,
+    /// Attempts run for the fleet at once (default: two per core; 0: none).
+    fleet_slots: Option<usize>,
 }
 
 /// The fleet's flags.
@@ -85,6 +90,7 @@ pub(crate) fn daemon(
         }
         None => DaemonFile::default(),
     };
+    let fleet = fleet_config(nats, &file)?;
     let watch = if watch.is_empty() { file.watch } else { watch };
     if watch.is_empty() {
         return Err(
@@ -113,7 +119,7 @@ pub(crate) fn daemon(
         metrics: file.metrics,
         http: http.addr.or(file.http),
         http_public: http.public || file.http_public,
-        fleet: fleet_config(nats, file.nats, file.node)?,
+        fleet,
         keep_for: file.keep_for,
         keep_runs: file.keep_runs,
         max_file: match &file.max_file {
@@ -129,34 +135,36 @@ pub(crate) fn daemon(
 }
 
 /// The fleet to join: the flags' servers, else the file's; a node's name, else the host's.
-fn fleet_config(
-    flags: Nats,
-    urls: Vec<String>,
-    node: Option<String>,
-) -> anyhow::Result<Option<uet::fleet::Config>> {
+fn fleet_config(flags: Nats, file: &DaemonFile) -> anyhow::Result<Option<uet::fleet::Config>> {
     let urls = if flags.urls.is_empty() {
-        urls
+        file.nats.clone()
     } else {
         flags.urls
     };
     if urls.is_empty() {
         return Ok(None);
     }
-    let node = match flags.node.or(node) {
+    let node = match flags.node.or(file.node.clone()) {
         Some(n) => n,
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_default(),
     };
     // the name is part of NATS subjects: letters, digits, `-` and `_` only
-    if node.is_empty()
-        || !node
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
+    if !uet::fleet::plain_name(&node) {
         anyhow::bail!(
             "node: {node:?} cannot name a fleet node: use letters, digits, - and _ (--node NAME)"
         );
     }
-    Ok(Some(uet::fleet::Config { urls, node }))
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Ok(Some(uet::fleet::Config {
+        urls,
+        node,
+        // a second at least: in-progress acks go every third of it
+        ack_wait: file
+            .fleet_ack_wait
+            .unwrap_or(uet::fleet::ACK_WAIT)
+            .max(std::time::Duration::from_secs(1)),
+        slots: file.fleet_slots.unwrap_or(2 * cores),
+    }))
 }

@@ -21,6 +21,9 @@ pub struct Input {
     /// Bytes, for the output mode.
     #[serde(default)]
     pub size: usize,
+    /// Milliseconds, for the sleep mode.
+    #[serde(default)]
+    pub ms: u64,
 }
 
 impl Plugin for Hostile {
@@ -32,6 +35,11 @@ impl Plugin for Hostile {
         match input.mode.as_str() {
             // nothing at all: what a plugin call costs by itself
             "noop" => Ok(json!({})),
+            // a step that takes a while and then behaves: a worker can be killed during it
+            "sleep" => {
+                std::thread::sleep(std::time::Duration::from_millis(input.ms));
+                Ok(json!({"slept": input.ms}))
+            }
             "ok" => {
                 uet_plugin_sdk::info("behaving, for once");
                 uet_plugin_sdk::progress(0.5, "halfway");
