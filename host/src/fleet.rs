@@ -572,14 +572,18 @@ async fn do_one(job: Job, message: jetstream::Message, stop: CancellationToken) 
         let _ = message.ack_with(AckKind::Nak(None)).await;
         return;
     }
+    let delivered = message.info().map_or(1, |i| i.delivered);
     let back = Returned {
         id: sent.id.clone(),
         node: job.node.clone(),
-        delivered: message.info().map_or(1, |i| i.delivered),
+        delivered,
         ended,
     };
+    // one id per copy: a worker's own re-publish is dropped by the stream, while another
+    // worker's copy of a redelivered dispatch reaches the owner, which fences it
     let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Nats-Msg-Id", format!("{}/end", sent.id).as_str());
+    let copy = format!("{}/end/{}/{delivered}", sent.id, job.node);
+    headers.insert("Nats-Msg-Id", copy.as_str());
     let body = serde_json::to_vec(&back).unwrap_or_default();
     let subject = format!("uet.results.{}", sent.owner);
     let published = async {

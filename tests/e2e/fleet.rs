@@ -304,6 +304,18 @@ fn ack_pending(url: &str, prefix: &str) -> Option<usize> {
     })
 }
 
+/// How many results an owner has been handed.
+fn results_taken(url: &str, owner: &str) -> u64 {
+    ask_nats(url, async |js| {
+        let stream = js.get_stream("UET_RESULTS").await.unwrap();
+        let mut c: async_nats::jetstream::consumer::PullConsumer = stream
+            .get_consumer(&format!("results-{owner}"))
+            .await
+            .unwrap();
+        c.info().await.unwrap().delivered.consumer_sequence
+    })
+}
+
 /// The `attempt.remote` lines of run 1's log.
 fn ran_on(daemon: &Daemon, env: &Env) -> Vec<String> {
     let events = daemon
@@ -327,6 +339,18 @@ fn nap_fleet() -> (Cluster, [Env; 3]) {
     (Cluster::start(3), envs)
 }
 
+/// Waits until a worker has taken the one nap dispatch (NATS counts it handed out, unacked).
+fn wait_taken(cluster: &Cluster) {
+    let start = Instant::now();
+    while ack_pending(&cluster.urls[0], "uet-steps-nap-") != Some(1) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no worker took it"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 const NAP: &str = "name = \"nap\"\n[[steps]]\nid = \"z\"\ntool = \"nap\"\n";
 
 #[test]
@@ -342,14 +366,7 @@ fn a_worker_killed_mid_step_leaves_it_to_another_and_the_run_succeeds() {
     );
     let flow = format!("{NAP}with = {{ mode = \"sleep\", ms = 3000 }}\n");
     crate::daemon::drop_file(&env_a, "nap.toml", &flow);
-    let start = Instant::now();
-    while ack_pending(&cluster.urls[0], "uet-steps-nap-") != Some(1) {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "beta never took it"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_taken(&cluster);
     drop(beta); // SIGKILL, mid-step
     let _gamma = node(&env_c, &cluster, "gamma", "fleet_slots = 1");
     let runs = alpha.wait_for_runs(&env_a, 1);
@@ -382,4 +399,41 @@ fn a_step_longer_than_the_ack_wait_is_never_handed_out_twice() {
     let ran = ran_on(&alpha, &env_a);
     assert_eq!(ran.len(), 1, "{ran:?}");
     assert!(!ran[0].contains("delivery"), "handed out twice: {ran:?}");
+}
+
+#[test]
+fn a_worker_paused_past_the_ack_wait_finishes_too_and_only_one_outcome_counts() {
+    let (cluster, [env_a, env_b, env_c]) = nap_fleet();
+    let alpha = node(&env_a, &cluster, "alpha", "fleet_slots = 0");
+    let config = "fleet_slots = 1\nfleet_ack_wait = \"1s\"";
+    let beta = node(&env_b, &cluster, "beta", config);
+    let flow = format!("{NAP}with = {{ mode = \"sleep\", ms = 2000 }}\n");
+    crate::daemon::drop_file(&env_a, "nap.toml", &flow);
+    wait_taken(&cluster);
+    let pid = beta.child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
+        assert!(ok.success());
+    };
+    signal("-STOP");
+    // silent past the ack wait: NATS hands the dispatch to gamma, which finishes it
+    let _gamma = node(&env_c, &cluster, "gamma", config);
+    let runs = alpha.wait_for_runs(&env_a, 1);
+    assert_eq!(runs[0]["state"], "succeeded", "{runs:?}");
+    signal("-CONT");
+    // beta finishes its copy and sends it home, where no attempt waits for it any more: the
+    // owner takes it (a second result), records nothing, and nothing is left in either queue
+    let start = Instant::now();
+    while results_taken(&cluster.urls[0], "alpha") < 2
+        || stream_info(&cluster.urls[0], "UET_STEPS").1 > 0
+        || stream_info(&cluster.urls[0], "UET_RESULTS").1 > 0
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "beta's copy never came home"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let ran = ran_on(&alpha, &env_a);
+    assert_eq!(ran, ["attempt 1 ran on node gamma (delivery 2)"], "{ran:?}");
 }
