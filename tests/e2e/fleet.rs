@@ -437,3 +437,35 @@ fn a_worker_paused_past_the_ack_wait_finishes_too_and_only_one_outcome_counts() 
     let ran = ran_on(&alpha, &env_a);
     assert_eq!(ran, ["attempt 1 ran on node gamma (delivery 2)"], "{ran:?}");
 }
+
+#[test]
+fn an_owner_killed_while_its_attempt_runs_elsewhere_retries_it_and_fences_the_old_outcome() {
+    let (cluster, [env_a, env_b, _]) = nap_fleet();
+    let alpha = node(&env_a, &cluster, "alpha", "fleet_slots = 0");
+    let _beta = node(
+        &env_b,
+        &cluster,
+        "beta",
+        "fleet_slots = 1\nfleet_ack_wait = \"2s\"",
+    );
+    let flow = format!("{NAP}with = {{ mode = \"sleep\", ms = 1500 }}\n");
+    crate::daemon::drop_file(&env_a, "nap.toml", &flow);
+    wait_taken(&cluster);
+    // killed between sending the attempt and recording its end
+    drop(alpha);
+    let alpha = node(&env_a, &cluster, "alpha", "fleet_slots = 0");
+    let runs = alpha.wait_for_runs(&env_a, 1);
+    assert_eq!(runs[0]["state"], "succeeded", "{runs:?}");
+    // the attempt in flight at the crash is retried under a new id; its own outcome, which
+    // came home while the owner was down, finds no attempt waiting and is fenced
+    let ran = ran_on(&alpha, &env_a);
+    assert_eq!(ran, ["attempt 2 ran on node beta"], "{ran:?}");
+    let start = Instant::now();
+    while results_taken(&cluster.urls[0], "alpha") < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the first outcome never reached the owner"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
