@@ -78,18 +78,24 @@ pub(super) fn lock_state(dir: &Path, exclusive: bool) -> Result<std::fs::File, S
     }
 }
 
-/// Makes a new database file apart and gives it its name only once it is whole and synced:
-/// a power loss while it is being made leaves no half-made database under the name (which
-/// would then never open), only a `.new` file the next open replaces.
-pub(super) fn create_whole(path: &Path) -> std::io::Result<()> {
+/// An empty file at `path`, replacing any left there, made 0600 before redb writes a byte of it.
+fn fresh_private(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("redb.new");
-    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_file(path);
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
-        .open(&tmp)?;
+        .open(path)?;
+    Ok(())
+}
+
+/// Makes a new database file apart and gives it its name only once it is whole and synced:
+/// a power loss while it is being made leaves no half-made database under the name (which
+/// would then never open), only a `.new` file the next open replaces.
+pub(super) fn create_whole(path: &Path) -> std::io::Result<()> {
+    let tmp = path.with_extension("redb.new");
+    fresh_private(&tmp)?;
     drop(Database::create(&tmp).map_err(std::io::Error::other)?);
     std::fs::File::open(&tmp)?.sync_all()?;
     std::fs::rename(&tmp, path)?;
@@ -123,15 +129,8 @@ pub(super) fn copy_privately(from: &Path, to: &Path) -> std::io::Result<()> {
 /// row that cannot be read (a damaged page) fails the copy, and the last good copy is kept.
 /// Returns the rows copied.
 pub(super) fn write_backup(db: &Db, dir: &Path) -> Result<u64, StateError> {
-    use std::os::unix::fs::OpenOptionsExt;
     let tmp = dir.join(format!("{BACKUP_FILE}.tmp"));
-    let _ = std::fs::remove_file(&tmp);
-    // made 0600 before redb writes a byte of it
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
+    fresh_private(&tmp)?;
     let copied = (|| {
         let out = Database::create(&tmp).map_err(storage)?;
         let from = db.begin_read()?;
