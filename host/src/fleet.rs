@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::adapters::process::Groups;
 use crate::adapters::wasm::Runtime;
 use crate::api::types::FleetShown;
-use crate::engine::{Dispatch, Ended, Landing, Notes, Remote};
+use crate::engine::{Back, Dispatch, Ended, Landing, Notes, Recorded, Remote};
 use crate::model::Outcome;
 use crate::spec::tools::{Tool, ToolKind};
 
@@ -78,6 +78,7 @@ impl Fleet {
             server: format!("{} ({} {})", info.server_name, "nats-server", info.version),
             connected: self.client.connection_state() == async_nats::connection::State::Connected,
             replicas: self.replicas,
+            waiting: lock(&self.owner.waiting).clone(),
         }
     }
 }
@@ -158,6 +159,8 @@ pub async fn join(config: &Config) -> anyhow::Result<Fleet> {
         node: config.node.clone(),
         pending: Mutex::new(HashMap::new()),
         hashes: Mutex::new(HashMap::new()),
+        waiting: Mutex::new(None),
+        die_before_ack: std::env::var("UET_FAULT").is_ok_and(|f| f == FAULT_BEFORE_ACK),
     });
     let results = results_consumer(&js, &config.node, config.ack_wait).await?;
     tokio::spawn(owner.clone().take_results(results));
@@ -212,14 +215,22 @@ fn work_subject(tool: &str, sha256: &str) -> String {
     )
 }
 
+/// A fault the tests inject (`UET_FAULT=fleet-owner-before-ack`): the owner kills itself
+/// (SIGKILL) after recording a remote outcome and before taking it off its queue, the one
+/// instant a test cannot hit from outside.
+const FAULT_BEFORE_ACK: &str = "fleet-owner-before-ack";
+
 /// The owner's side: attempts sent and not yet back, by id. An outcome whose id is not here
 /// (a duplicate, a late one, one from before a restart) is fenced: logged and dropped.
 pub struct Owner {
     js: jetstream::Context,
     node: String,
-    pending: Mutex<HashMap<String, oneshot::Sender<Returned>>>,
+    pending: Mutex<HashMap<String, oneshot::Sender<(Returned, Recorded)>>>,
     /// Plugins' sha256 by file, kept while the file's size and time stay the same.
     hashes: Mutex<HashMap<PathBuf, (std::time::SystemTime, u64, String)>>,
+    /// Why JetStream is not answering, while it is not (shown by `uet status`).
+    waiting: Mutex<Option<String>>,
+    die_before_ack: bool,
 }
 
 impl Owner {
@@ -244,14 +255,14 @@ impl Owner {
         attempt: Dispatch,
         notes: Notes,
         cancel: CancellationToken,
-    ) -> (Ended, Option<String>) {
+    ) -> Back {
         let hash = match self.sha256_of(&path) {
             Ok(h) => h,
             Err(e) => {
-                return (
-                    not_run(format!("cannot read the plugin {}: {e}", path.display())),
-                    None,
-                );
+                return home(not_run(format!(
+                    "cannot read the plugin {}: {e}",
+                    path.display()
+                )));
             }
         };
         let subject = work_subject(&attempt.tool, &hash);
@@ -264,6 +275,7 @@ impl Owner {
             rand::random::<u64>()
         );
         let timeout = attempt.timeout_ms.map(Duration::from_millis);
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         let sent = Sent {
             owner: self.node.clone(),
             id: id.clone(),
@@ -273,54 +285,93 @@ impl Owner {
         lock(&self.pending).insert(id.clone(), tx);
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", id.as_str());
-        let body = serde_json::to_vec(&sent).unwrap_or_default();
-        let published = async {
-            self.js
-                .publish_with_headers(subject.clone(), headers, body.into())
-                .await?
-                .await
-        };
-        if let Err(e) = published.await {
-            lock(&self.pending).remove(&id);
-            return (
-                not_run(format!("cannot send the attempt to the fleet: {e}")),
-                None,
-            );
-        }
-        notes(format!(
-            "attempt {} sent on {subject} as {id}",
-            sent.attempt.number
-        ));
-        let deadline = async {
-            match timeout {
-                Some(t) => tokio::time::sleep(t).await,
-                None => std::future::pending().await,
+        let body: bytes::Bytes = serde_json::to_vec(&sent).unwrap_or_default().into();
+        // JetStream not answering (a lost server, no majority up) is waited out, not failed:
+        // the same message id makes a publish that did land before its ack was lost count once
+        let publish = async {
+            let mut pause = Duration::from_millis(100);
+            loop {
+                let published = async {
+                    self.js
+                        .publish_with_headers(subject.clone(), headers.clone(), body.clone())
+                        .await?
+                        .await
+                };
+                match published.await {
+                    Ok(_) => break,
+                    Err(e) => self.troubled(format!("cannot send attempts ({e})")),
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(2));
             }
+            self.untroubled();
         };
+        let sent_off = tokio::select! {
+            _ = publish => true,
+            _ = sleep_until(deadline) => false,
+            _ = cancel.cancelled() => false,
+        };
+        if sent_off {
+            notes(format!(
+                "attempt {} sent on {subject} as {id}",
+                sent.attempt.number
+            ));
+        }
         let ended = tokio::select! {
-            back = rx => back.ok(),
-            _ = deadline => None,
+            back = rx, if sent_off => back.ok(),
+            _ = sleep_until(deadline) => None,
             _ = cancel.cancelled() => None,
         };
         lock(&self.pending).remove(&id);
         match ended {
-            Some(r) if r.delivered > 1 => (
-                r.ended,
-                Some(format!("{} (delivery {})", r.node, r.delivered)),
-            ),
-            Some(r) => (r.ended, Some(r.node)),
-            None if cancel.is_cancelled() => (ended_as(Outcome::Canceled, "canceled".into()), None),
-            None => (
-                ended_as(
-                    Outcome::TimedOut,
-                    format!(
-                        "no outcome from the fleet within {:?}",
-                        timeout.unwrap_or_default()
-                    ),
+            Some((r, recorded)) => Back {
+                node: Some(if r.delivered > 1 {
+                    format!("{} (delivery {})", r.node, r.delivered)
+                } else {
+                    r.node
+                }),
+                ended: r.ended,
+                recorded: Some(recorded),
+            },
+            None if cancel.is_cancelled() => home(ended_as(Outcome::Canceled, "canceled".into())),
+            None => home(ended_as(
+                Outcome::TimedOut,
+                format!(
+                    "no outcome from the fleet within {:?}",
+                    timeout.unwrap_or_default()
                 ),
-                None,
-            ),
+            )),
         }
+    }
+
+    /// JetStream did not answer: said once per spell in the log, and kept for `uet status`.
+    fn troubled(&self, why: String) {
+        let mut waiting = lock(&self.waiting);
+        if waiting.is_none() {
+            tracing::warn!("fleet: JetStream does not answer: {why}; waiting for it");
+        }
+        *waiting = Some(format!("JetStream does not answer: {why}"));
+    }
+
+    fn untroubled(&self) {
+        if lock(&self.waiting).take().is_some() {
+            tracing::info!("fleet: JetStream answers again");
+        }
+    }
+
+    /// Called once the engine recorded an outcome: it leaves the owner's queue only now.
+    fn take_off(self: &Arc<Self>, message: jetstream::Message) -> Recorded {
+        let die = self.die_before_ack;
+        let runtime = tokio::runtime::Handle::current();
+        Box::new(move || {
+            if die {
+                // SAFETY: kill and getpid have no preconditions; this is the test's kill -9
+                unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+            }
+            runtime.spawn(async move {
+                let _ = message.ack().await;
+            });
+        })
     }
 
     /// Takes this node's results for as long as the connection lives: hands each to the
@@ -336,19 +387,35 @@ impl Owner {
                 }
             };
             while let Some(message) = messages.next().await {
-                let Ok(message) = message else { break };
-                match serde_json::from_slice::<Returned>(&message.payload) {
-                    Ok(r) => match lock(&self.pending).remove(&r.id) {
-                        Some(waiting) => {
-                            let _ = waiting.send(r);
-                        }
-                        None => {
-                            tracing::info!(id = %r.id, node = %r.node, "fleet: fenced an outcome no attempt waits for")
-                        }
-                    },
-                    Err(e) => tracing::warn!("fleet: dropped a result that cannot be read: {e}"),
+                let message = match message {
+                    Ok(m) => m,
+                    Err(e) => {
+                        self.troubled(format!("cannot read results ({e})"));
+                        break;
+                    }
+                };
+                self.untroubled();
+                let returned = match serde_json::from_slice::<Returned>(&message.payload) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!("fleet: dropped a result that cannot be read: {e}");
+                        let _ = message.ack_with(AckKind::Term).await;
+                        continue;
+                    }
+                };
+                let waiting = lock(&self.pending).remove(&returned.id);
+                let Some(waiting) = waiting else {
+                    tracing::info!(id = %returned.id, node = %returned.node, "fleet: fenced an outcome no attempt waits for");
+                    let _ = message.ack().await;
+                    continue;
+                };
+                // acked once the engine has recorded it; if the attempt stopped waiting in
+                // the meantime, it is fenced here and now
+                let recorded = self.take_off(message.clone());
+                if let Err((r, _)) = waiting.send((returned, recorded)) {
+                    tracing::info!(id = %r.id, node = %r.node, "fleet: fenced an outcome that came as its attempt ended");
+                    let _ = message.ack().await;
                 }
-                let _ = message.ack().await;
             }
         }
     }
@@ -368,10 +435,9 @@ impl Remote for Dispatcher {
         let ToolKind::Wasm { path } = &tool.kind else {
             let name = tool.name.clone();
             return Box::pin(async move {
-                (
-                    not_run(format!("tool `{name}` is not a plugin and cannot travel")),
-                    None,
-                )
+                home(not_run(format!(
+                    "tool `{name}` is not a plugin and cannot travel"
+                )))
             });
         };
         Box::pin(
@@ -396,6 +462,22 @@ fn ended_as(outcome: Outcome, error: String) -> Ended {
 
 fn not_run(error: String) -> Ended {
     ended_as(Outcome::Error, error)
+}
+
+/// An end that never went out, or never came back: nothing to take off a queue.
+fn home(ended: Ended) -> Back {
+    Back {
+        ended,
+        node: None,
+        recorded: None,
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn results_consumer(
@@ -584,21 +666,39 @@ async fn do_one(job: Job, message: jetstream::Message, stop: CancellationToken) 
     let mut headers = async_nats::HeaderMap::new();
     let copy = format!("{}/end/{}/{delivered}", sent.id, job.node);
     headers.insert("Nats-Msg-Id", copy.as_str());
-    let body = serde_json::to_vec(&back).unwrap_or_default();
+    let body: bytes::Bytes = serde_json::to_vec(&back).unwrap_or_default().into();
     let subject = format!("uet.results.{}", sent.owner);
-    let published = async {
-        job.js
-            .publish_with_headers(subject, headers, body.into())
-            .await?
-            .await
-    };
-    match published.await {
-        Ok(_) => {
-            let _ = message.double_ack().await;
+    // JetStream not answering is waited out: the outcome is kept and sent when it answers
+    // (saying, while it can, that the dispatch is still in hand); stopped first, the dispatch
+    // is not acked and NATS hands it out again
+    let mut pause = Duration::from_millis(100);
+    let mut said = false;
+    loop {
+        let published = async {
+            job.js
+                .publish_with_headers(subject.clone(), headers.clone(), body.clone())
+                .await?
+                .await
+        };
+        match published.await {
+            Ok(_) => break,
+            Err(e) if !said => {
+                tracing::warn!(id = %sent.id, "fleet: cannot send an outcome home ({e}); trying again");
+                said = true;
+            }
+            Err(_) => {}
         }
-        // not acked: NATS hands the dispatch out again after the ack wait
-        Err(e) => tracing::warn!(id = %sent.id, "fleet: cannot send an outcome home: {e}"),
+        let _ = message.ack_with(AckKind::Progress).await;
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = stop.cancelled() => return,
+        }
+        pause = (pause * 2).min(Duration::from_secs(2));
     }
+    if said {
+        tracing::info!(id = %sent.id, "fleet: sent the outcome home");
+    }
+    let _ = message.double_ack().await;
 }
 
 /// The streams every node shares, made by the first node to come (the others find them).

@@ -22,9 +22,15 @@ impl Daemon {
 
     /// A daemon with more arguments (`--config F`, ...).
     pub(crate) fn start_with(env: &Env, args: &[&str]) -> Daemon {
+        Daemon::start_with_vars(env, args, &[])
+    }
+
+    /// [`Daemon::start_with`], with these environment variables set for the daemon.
+    pub(crate) fn start_with_vars(env: &Env, args: &[&str], vars: &[(&str, &str)]) -> Daemon {
         let socket = env.ws.parent().unwrap().join("sock/uet.sock");
         let child = daemon_command(env, &socket)
             .args(args)
+            .envs(vars.iter().copied())
             .spawn()
             .expect("start the daemon");
         let daemon = Daemon { child, socket };

@@ -268,10 +268,21 @@ fn only_a_plugin_may_travel() {
 
 /// A fleet node whose config file says where NATS is, its name, and `extra` settings.
 fn node(env: &Env, cluster: &Cluster, name: &str, extra: &str) -> Daemon {
+    node_with(env, cluster, name, extra, &[])
+}
+
+/// [`node`], with environment variables (the fault the tests inject).
+fn node_with(
+    env: &Env,
+    cluster: &Cluster,
+    name: &str,
+    extra: &str,
+    vars: &[(&str, &str)],
+) -> Daemon {
     let config = env.ws.parent().unwrap().join("uet.toml");
     let text = format!("nats = {:?}\nnode = \"{name}\"\n{extra}\n", cluster.urls);
     std::fs::write(&config, text).unwrap();
-    Daemon::start_with(env, &["--config", config.to_str().unwrap()])
+    Daemon::start_with_vars(env, &["--config", config.to_str().unwrap()], vars)
 }
 
 /// A tools file whose `nap` is the hostile plugin (its sleep mode), shared with the fleet.
@@ -465,6 +476,46 @@ fn an_owner_killed_while_its_attempt_runs_elsewhere_retries_it_and_fences_the_ol
         assert!(
             start.elapsed() < Duration::from_secs(20),
             "the first outcome never reached the owner"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn an_owner_killed_between_recording_an_outcome_and_acking_it_fences_it_when_it_comes_again() {
+    let (cluster, [env_a, env_b, _]) = nap_fleet();
+    // alpha kills itself (SIGKILL) right after its first remote outcome is recorded, before
+    // it is taken off its queue; its results come back after two seconds unacked
+    let mut alpha = node_with(
+        &env_a,
+        &cluster,
+        "alpha",
+        "fleet_slots = 0\nfleet_ack_wait = \"2s\"",
+        &[("UET_FAULT", "fleet-owner-before-ack")],
+    );
+    let _beta = node(&env_b, &cluster, "beta", "fleet_slots = 1");
+    let flow = format!("{NAP}with = {{ mode = \"sleep\", ms = 10 }}\n");
+    crate::daemon::drop_file(&env_a, "nap.toml", &flow);
+    let died = alpha.child.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&died),
+        Some(9),
+        "{died:?}"
+    );
+    let alpha = node(&env_a, &cluster, "alpha", "fleet_slots = 0");
+    let runs = alpha.wait_for_runs(&env_a, 1);
+    assert_eq!(runs[0]["state"], "succeeded", "{runs:?}");
+    // the step ran once and its one outcome counted once: the copy handed out again after
+    // the restart found no attempt waiting, was fenced, and left the queue
+    let ran = ran_on(&alpha, &env_a);
+    assert_eq!(ran, ["attempt 1 ran on node beta"], "{ran:?}");
+    let start = Instant::now();
+    while results_taken(&cluster.urls[0], "alpha") < 2
+        || stream_info(&cluster.urls[0], "UET_RESULTS").1 > 0
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the outcome was never handed out again, or never left the queue"
         );
         std::thread::sleep(Duration::from_millis(100));
     }

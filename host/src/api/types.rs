@@ -349,4 +349,8 @@ pub struct FleetShown {
     pub connected: bool,
     /// Copies of each stream the fleet keeps (3 on a cluster, 1 on a single server).
     pub replicas: usize,
+    /// What the fleet is waiting for, when JetStream does not answer (a server lost, or no
+    /// majority of the cluster up): its attempts wait, they are not failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
 }

@@ -113,6 +113,9 @@ pub(crate) fn status(json: bool, status: &Status) {
             },
             fleet.replicas
         );
+        if let Some(waiting) = &fleet.waiting {
+            println!("fleet: waiting: {waiting}");
+        }
     }
     if let Some(web) = &status.web {
         println!("web: {web} (`uet web` for a login address)");

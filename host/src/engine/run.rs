@@ -125,6 +125,8 @@ struct AttemptEnd {
     input_fault: bool,
     stdout: String,
     stderr: String,
+    /// What to do once the end is recorded (a remote outcome: take it off its queue).
+    recorded: Option<Recorded>,
 }
 
 enum Message {
@@ -170,9 +172,21 @@ pub struct Ended {
 /// Lines for a step's log, from wherever its attempt went.
 pub type Notes = Box<dyn Fn(String) + Send + Sync>;
 
-/// A remote attempt's end, when it comes, and the node that ran it.
-pub type Landing =
-    std::pin::Pin<Box<dyn std::future::Future<Output = (Ended, Option<String>)> + Send>>;
+/// Called once an end is recorded: a remote outcome may leave its queue only then, so that a
+/// crash before the record leaves it there to be taken again (and fenced).
+pub type Recorded = Box<dyn FnOnce() + Send>;
+
+/// A remote attempt's end as it came home.
+pub struct Back {
+    pub ended: Ended,
+    /// The node that ran it, when it ran somewhere.
+    pub node: Option<String>,
+    /// Called after the commit that holds this end.
+    pub recorded: Option<Recorded>,
+}
+
+/// A remote attempt's end, when it comes.
+pub type Landing = std::pin::Pin<Box<dyn std::future::Future<Output = Back> + Send>>;
 
 /// Where a fleet tool's attempts go: the engine hands them over and waits for their end. The
 /// fleet implements it; the engine never imports the fleet.
@@ -269,6 +283,8 @@ struct Scheduler<'a> {
     /// Attempts whose starts are among `changes`: they begin once the commit holding them has
     /// landed.
     queued: Vec<Launch<'a>>,
+    /// What recorded ends ask done once their commit has landed.
+    after_commit: Vec<Recorded>,
 }
 
 /// An attempt about to begin: the step, its attempt number, and the tool, input and probe flag
@@ -338,6 +354,7 @@ impl<'a> Scheduler<'a> {
             wake_at: None,
             quarantine: None,
             queued: Vec::new(),
+            after_commit: Vec::new(),
         })
     }
 
@@ -462,6 +479,9 @@ impl<'a> Scheduler<'a> {
                     .store
                     .apply_sync_behind(&std::mem::take(&mut self.changes));
                 (commits, committing) = (commits + 1, committing + began.elapsed());
+                if result.is_ok() {
+                    self.after_commit.drain(..).for_each(|f| f());
+                }
                 self.landed(result, &tx, &attempts_cancel, stop.is_some())?;
                 continue;
             }
@@ -688,6 +708,7 @@ impl<'a> Scheduler<'a> {
                 input_fault,
                 stdout: String::new(),
                 stderr: String::new(),
+                recorded: None,
             };
             match prepared {
                 Err(error) => {
@@ -862,11 +883,12 @@ impl<'a> Scheduler<'a> {
 
     fn finish_attempt(
         &mut self,
-        end: AttemptEnd,
+        mut end: AttemptEnd,
         tx: &mpsc::UnboundedSender<Message>,
         cancel: &CancellationToken,
         stopping: bool,
     ) {
+        self.after_commit.extend(end.recorded.take());
         let i = end.index;
         let step = &self.plan.steps[i];
         let id = step.id.clone();
@@ -1061,6 +1083,7 @@ impl<'a> Scheduler<'a> {
             let changes = std::mem::take(&mut self.changes);
             self.store.apply(&changes)?;
         }
+        self.after_commit.drain(..).for_each(|f| f());
         Ok(())
     }
 }
@@ -1255,6 +1278,7 @@ async fn attempt(
         input_fault: false,
         stdout: String::new(),
         stderr: String::new(),
+        recorded: None,
     };
     if tool.fleet
         && let Some(remote) = &ctx.remote
@@ -1302,7 +1326,12 @@ async fn run_remote(
     let notes = Box::new(move |line: String| {
         let _ = reports.send(Message::Note(index, "attempt.dispatched", line));
     });
-    let (ended, node) = remote.dispatch(tool, attempt, notes, cancel).await;
+    let Back {
+        ended,
+        node,
+        recorded,
+    } = remote.dispatch(tool, attempt, notes, cancel).await;
+    end.recorded = recorded;
     if let Some(node) = node {
         let line = format!("attempt {} ran on node {node}", ctx.number);
         let _ = ctx
