@@ -30,7 +30,9 @@ fn free_port() -> u16 {
 
 /// NATS servers with JetStream, clustered when there are several; killed when dropped.
 pub(crate) struct Cluster {
-    servers: Vec<Child>,
+    servers: Vec<Option<Child>>,
+    /// How each server was started, to start it again.
+    commands: Vec<Vec<std::ffi::OsString>>,
     /// Their client addresses, `nats://127.0.0.1:PORT`.
     pub(crate) urls: Vec<String>,
     _dir: tempfile::TempDir,
@@ -44,15 +46,15 @@ impl Cluster {
             .iter()
             .map(|(_, c)| format!("nats://127.0.0.1:{c}"))
             .collect();
-        let mut servers = Vec::new();
+        let mut commands = Vec::new();
         for (i, (client, cluster)) in ports.iter().enumerate() {
-            let mut cmd = Command::new(nats_server());
-            cmd.args(["-js", "-a", "127.0.0.1", "-n", &format!("n{i}")])
-                .args(["-p", &client.to_string()])
-                .arg("-sd")
-                .arg(dir.path().join(format!("n{i}")))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
+            let mut args: Vec<std::ffi::OsString> = ["-js", "-a", "127.0.0.1", "-n"]
+                .iter()
+                .map(Into::into)
+                .collect();
+            args.push(format!("n{i}").into());
+            args.extend(["-p".into(), client.to_string().into(), "-sd".into()]);
+            args.push(dir.path().join(format!("n{i}")).into());
             if n > 1 {
                 let others: Vec<&str> = routes
                     .iter()
@@ -60,30 +62,60 @@ impl Cluster {
                     .filter(|(j, _)| *j != i)
                     .map(|(_, r)| r.as_str())
                     .collect();
-                cmd.args(["--cluster_name", "uet"])
-                    .args(["--cluster", &format!("nats://127.0.0.1:{cluster}")])
-                    .args(["--routes", &others.join(",")]);
+                for a in [
+                    "--cluster_name",
+                    "uet",
+                    "--cluster",
+                    &format!("nats://127.0.0.1:{cluster}"),
+                    "--routes",
+                    &others.join(","),
+                ] {
+                    args.push(a.into());
+                }
             }
-            servers.push(cmd.spawn().expect("start nats-server"));
+            commands.push(args);
         }
         let urls: Vec<String> = ports
             .iter()
             .map(|(c, _)| format!("nats://127.0.0.1:{c}"))
             .collect();
-        for (client, _) in &ports {
-            let start = Instant::now();
-            while std::net::TcpStream::connect(("127.0.0.1", *client)).is_err() {
-                assert!(
-                    start.elapsed() < Duration::from_secs(10),
-                    "nats-server never listened"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        Cluster {
-            servers,
+        let mut cluster = Cluster {
+            servers: (0..n).map(|_| None).collect(),
+            commands,
             urls,
             _dir: dir,
+        };
+        for i in 0..n {
+            cluster.start_server(i);
+        }
+        cluster
+    }
+
+    /// Starts server `i` (again), on its ports and its storage, and waits until it listens.
+    pub(crate) fn start_server(&mut self, i: usize) {
+        let child = Command::new(nats_server())
+            .args(&self.commands[i])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.servers[i] = Some(child);
+        let port: u16 = self.urls[i].rsplit(':').next().unwrap().parse().unwrap();
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "nats-server never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills server `i` (SIGKILL).
+    pub(crate) fn kill_server(&mut self, i: usize) {
+        if let Some(mut s) = self.servers[i].take() {
+            let _ = s.kill();
+            let _ = s.wait();
         }
     }
 
@@ -95,9 +127,8 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for s in &mut self.servers {
-            let _ = s.kill();
-            let _ = s.wait();
+        for i in 0..self.servers.len() {
+            self.kill_server(i);
         }
     }
 }
@@ -519,4 +550,120 @@ fn an_owner_killed_between_recording_an_outcome_and_acking_it_fences_it_when_it_
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Which server (`n0`, `n1`, ...) leads a stream now, by its index, asked through `url`.
+fn leader_of(url: &str, stream: &str) -> usize {
+    let leader = ask_nats(url, async |js| {
+        let mut stream = js.get_stream(stream).await.unwrap();
+        let info = stream.info().await.unwrap();
+        info.cluster.clone().and_then(|c| c.leader).unwrap()
+    });
+    leader.trim_start_matches('n').parse().unwrap()
+}
+
+/// Run 1's steps as `uet show --json` gives them.
+fn steps_of(daemon: &Daemon, env: &Env) -> Vec<serde_json::Value> {
+    let shown = daemon
+        .client(env, &["show", "1", "--json"])
+        .expect(0)
+        .stdout();
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    shown["steps"].as_array().unwrap().clone()
+}
+
+/// `n` nap steps of `ms` each, side by side.
+fn naps(n: usize, ms: u64) -> String {
+    let mut flow = String::from("name = \"naps\"\nmax_parallel = 6\n");
+    for i in 0..n {
+        flow.push_str(&format!(
+            "[[steps]]\nid = \"s{i}\"\ntool = \"nap\"\nwith = {{ mode = \"sleep\", ms = {ms} }}\n"
+        ));
+    }
+    flow
+}
+
+#[test]
+fn the_stream_leaders_server_killed_mid_run_loses_nothing_and_the_run_completes() {
+    let (mut cluster, [env_a, env_b, env_c]) = nap_fleet();
+    let alpha = node(
+        &env_a,
+        &cluster,
+        "alpha",
+        "fleet_slots = 0\nfleet_ack_wait = \"3s\"",
+    );
+    let config = "fleet_slots = 3\nfleet_ack_wait = \"3s\"";
+    let _beta = node(&env_b, &cluster, "beta", config);
+    let _gamma = node(&env_c, &cluster, "gamma", config);
+    crate::daemon::drop_file(&env_a, "naps.toml", &naps(60, 150));
+    // a third of the way in, the server leading the queue of steps dies
+    let start = Instant::now();
+    while results_taken(&cluster.urls[0], "alpha") < 20 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "too slow to start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let leader = leader_of(&cluster.urls[0], "UET_STEPS");
+    cluster.kill_server(leader);
+    let runs = alpha.wait_for_runs(&env_a, 1);
+    assert_eq!(runs[0]["state"], "succeeded", "{runs:?}");
+    let steps = steps_of(&alpha, &env_a);
+    assert_eq!(steps.len(), 60);
+    for step in &steps {
+        assert_eq!(step["state"], "succeeded", "{step}");
+        assert_eq!(step["attempts"], 1, "an attempt was lost: {step}");
+    }
+    assert_eq!(ran_on(&alpha, &env_a).len(), 60);
+    let alive = &cluster.urls[(leader + 1) % 3];
+    assert_ne!(leader_of(alive, "UET_STEPS"), leader, "a new leader");
+}
+
+#[test]
+fn two_of_three_servers_down_the_owner_says_so_and_waits_then_goes_on() {
+    let (mut cluster, [env_a, env_b, _]) = nap_fleet();
+    let alpha = node(
+        &env_a,
+        &cluster,
+        "alpha",
+        "fleet_slots = 0\nfleet_ack_wait = \"3s\"",
+    );
+    let _beta = node(
+        &env_b,
+        &cluster,
+        "beta",
+        "fleet_slots = 1\nfleet_ack_wait = \"3s\"",
+    );
+    cluster.kill_server(1);
+    cluster.kill_server(2);
+    crate::daemon::drop_file(&env_a, "naps.toml", &naps(3, 50));
+    // no majority: nothing can be sent, and the owner says so instead of failing attempts
+    let start = Instant::now();
+    let waiting = loop {
+        if let Some(w) = fleet_of(&alpha, &env_a)["waiting"].as_str() {
+            break w.to_string();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the owner never said it waits"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(waiting.contains("JetStream does not answer"), "{waiting}");
+    let text = alpha.client(&env_a, &["status"]).expect(0).stdout();
+    assert!(text.contains("fleet: waiting: JetStream"), "{text}");
+    std::thread::sleep(Duration::from_secs(2));
+    let runs = alpha.runs(&env_a);
+    assert_eq!(runs[0]["state"], "running", "{runs:?}");
+    for step in steps_of(&alpha, &env_a) {
+        assert_eq!(step["attempts"], 1, "an attempt was spent waiting: {step}");
+    }
+    // back up: it goes on, and says no more that it waits
+    cluster.start_server(1);
+    cluster.start_server(2);
+    let runs = alpha.wait_for_runs(&env_a, 1);
+    assert_eq!(runs[0]["state"], "succeeded", "{runs:?}");
+    assert_eq!(ran_on(&alpha, &env_a).len(), 3);
+    assert!(fleet_of(&alpha, &env_a).get("waiting").is_none());
 }
