@@ -667,3 +667,99 @@ fn two_of_three_servers_down_the_owner_says_so_and_waits_then_goes_on() {
     assert_eq!(ran_on(&alpha, &env_a).len(), 3);
     assert!(fleet_of(&alpha, &env_a).get("waiting").is_none());
 }
+
+#[test]
+fn a_thousand_step_dag_of_two_capabilities_runs_once_per_step_across_three_daemons() {
+    let cluster = Cluster::start(3);
+    let envs = [Env::new(), Env::new(), Env::new()];
+    for env in &envs {
+        env.write(
+            "tools.toml",
+            &format!(
+                "[[tools]]\nname = \"q\"\nwasm = \"{}\"\nfleet = true\n\n\
+                 [[tools]]\nname = \"nap\"\nwasm = \"{}\"\nfleet = true\n",
+                crate::util::plugin("jsonq").display(),
+                crate::util::plugin("hostile").display()
+            ),
+        );
+    }
+    let config = "fleet_slots = 4\nfleet_ack_wait = \"5s\"";
+    let alpha = node(&envs[0], &cluster, "alpha", config);
+    let _beta = node(&envs[1], &cluster, "beta", config);
+    let _gamma = node(&envs[2], &cluster, "gamma", config);
+    // ten strands of a hundred steps, each step needing the one ten before it; queries
+    // (data.query) and naps (test.hostile) take turns, and each query reads its upstream's
+    let mut flow = String::from("name = \"dag\"\nmax_parallel = 12\n");
+    for i in 0..1000 {
+        let needs = if i >= 10 {
+            format!("needs = [\"s{}\"]\n", i - 10)
+        } else {
+            String::new()
+        };
+        let with = if i % 2 == 0 {
+            let up = if i >= 10 {
+                format!(", up = \"${{steps.s{}.output}}\"", i - 10)
+            } else {
+                String::new()
+            };
+            format!(
+                "capability = \"data.query\"\nwith = {{ value = {{ n = {i}{up} }}, query = \"n\" }}"
+            )
+        } else {
+            "capability = \"test.hostile\"\nwith = { mode = \"sleep\", ms = 1 }".to_string()
+        };
+        flow.push_str(&format!("[[steps]]\nid = \"s{i}\"\n{needs}{with}\n"));
+    }
+    crate::daemon::drop_file(&envs[0], "dag.toml", &flow);
+    let runs = alpha.wait_for_runs(&envs[0], 1);
+    assert_eq!(runs[0]["state"], "succeeded", "{runs:?}");
+    let steps = steps_of(&alpha, &envs[0]);
+    assert_eq!(steps.len(), 1000);
+    for (i, step) in steps.iter().enumerate() {
+        assert_eq!(step["state"], "succeeded", "{step}");
+        assert_eq!(step["attempts"], 1, "{step}");
+        if i % 2 == 0 {
+            assert_eq!(step["output"]["value"], i, "{step}");
+        }
+    }
+    // one outcome recorded per attempt, each from some node, all three working
+    let events = alpha
+        .client(&envs[0], &["events", "1", "--json"])
+        .expect(0)
+        .stdout();
+    let mut per_step = std::collections::HashMap::new();
+    let mut per_node = std::collections::HashMap::new();
+    for line in events.lines() {
+        let e: serde_json::Value = serde_json::from_str(line).unwrap();
+        if e["kind"] == "attempt.remote" {
+            *per_step
+                .entry(e["step"].as_str().unwrap().to_string())
+                .or_insert(0) += 1;
+            let detail = e["detail"].as_str().unwrap();
+            let node = detail
+                .split("on node ")
+                .nth(1)
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap();
+            *per_node.entry(node.to_string()).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(per_step.len(), 1000);
+    assert!(per_step.values().all(|n| *n == 1), "{per_step:?}");
+    assert_eq!(per_node.len(), 3, "{per_node:?}");
+    // and nothing is left in flight: both queues empty, no consumer holding anything
+    let start = Instant::now();
+    while stream_info(&cluster.urls[1], "UET_STEPS").1 > 0
+        || stream_info(&cluster.urls[1], "UET_RESULTS").1 > 0
+        || ack_pending(&cluster.urls[1], "uet-steps-q-") != Some(0)
+        || ack_pending(&cluster.urls[1], "uet-steps-nap-") != Some(0)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "something is still pending"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
