@@ -37,6 +37,9 @@ pub const STEPS: &str = "UET_STEPS";
 /// The queue of outcomes on their way to their run's owner.
 pub const RESULTS: &str = "UET_RESULTS";
 
+/// The object store plugins travel through, each under its sha256.
+pub const PLUGINS: &str = "uet_plugins";
+
 /// How this daemon joins a fleet.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -154,8 +157,11 @@ pub async fn join(config: &Config) -> anyhow::Result<Fleet> {
     let replicas = if info.connect_urls.len() >= 3 { 3 } else { 1 };
     let js = jetstream::new(client.clone());
     make_streams(&js, replicas, started).await?;
+    let plugins = plugin_store(&js, replicas).await?;
     let owner = Arc::new(Owner {
         js: js.clone(),
+        plugins,
+        shared: Mutex::new(std::collections::HashSet::new()),
         node: config.node.clone(),
         pending: Mutex::new(HashMap::new()),
         hashes: Mutex::new(HashMap::new()),
@@ -224,6 +230,9 @@ const FAULT_BEFORE_ACK: &str = "fleet-owner-before-ack";
 /// (a duplicate, a late one, one from before a restart) is fenced: logged and dropped.
 pub struct Owner {
     js: jetstream::Context,
+    /// Where plugins travel by hash, and the hashes this node knows are there.
+    plugins: jetstream::object_store::ObjectStore,
+    shared: Mutex<std::collections::HashSet<String>>,
     node: String,
     pending: Mutex<HashMap<String, oneshot::Sender<(Returned, Recorded)>>>,
     /// Plugins' sha256 by file, kept while the file's size and time stay the same.
@@ -235,7 +244,6 @@ pub struct Owner {
 
 impl Owner {
     fn sha256_of(&self, path: &Path) -> std::io::Result<String> {
-        use sha2::{Digest, Sha256};
         let meta = std::fs::metadata(path)?;
         let stamp = (meta.modified()?, meta.len());
         if let Some((t, n, h)) = lock(&self.hashes).get(path)
@@ -243,28 +251,81 @@ impl Owner {
         {
             return Ok(h.clone());
         }
-        let hash = crate::hex(&Sha256::digest(std::fs::read(path)?));
+        let hash = crate::adapters::wasm::sha256_file(path)?;
         lock(&self.hashes).insert(path.to_path_buf(), (stamp.0, stamp.1, hash.clone()));
         Ok(hash)
+    }
+
+    /// The content of a fleet tool's plugin: the file's sha256, or the pinned one of a plugin
+    /// that comes from the fleet; a file that no longer matches its pin is refused.
+    fn content_of(&self, tool: &Tool, path: &Path) -> Result<String, String> {
+        if tool.from_fleet
+            && let Some(pinned) = &tool.sha256
+            && !path.exists()
+        {
+            return Ok(pinned.clone());
+        }
+        let hash = self
+            .sha256_of(path)
+            .map_err(|e| format!("cannot read the plugin {}: {e}", path.display()))?;
+        match &tool.sha256 {
+            Some(pinned) if *pinned != hash => Err(format!(
+                "the plugin {} has sha256 {hash}, and its entry pins {pinned}",
+                path.display()
+            )),
+            _ => Ok(hash),
+        }
+    }
+
+    /// Puts a plugin in the fleet's store under its hash, unless it is there already: nodes
+    /// that name it only by hash take it from there.
+    async fn share(&self, path: &Path, hash: &str) {
+        if lock(&self.shared).contains(hash) {
+            return;
+        }
+        let there = match self.plugins.info(hash).await {
+            Ok(_) => true,
+            Err(e) if e.kind() == jetstream::object_store::InfoErrorKind::NotFound => false,
+            Err(e) => {
+                tracing::debug!("fleet: cannot ask for plugin {hash}: {e}");
+                return;
+            }
+        };
+        if !there {
+            let Ok(bytes) = tokio::fs::read(path).await else {
+                return;
+            };
+            // the bytes read now must still be the content the subject names
+            if crate::adapters::wasm::sha256_bytes(&bytes) != hash {
+                return;
+            }
+            match self.plugins.put(hash, &mut bytes.as_slice()).await {
+                Ok(_) => tracing::info!(%hash, plugin = %path.display(), "fleet: shared a plugin"),
+                Err(e) => {
+                    tracing::warn!("fleet: cannot share plugin {}: {e}", path.display());
+                    return;
+                }
+            }
+        }
+        lock(&self.shared).insert(hash.to_string());
     }
 
     /// Sends one attempt and waits for its outcome, its deadline or its cancel.
     async fn send_and_wait(
         self: Arc<Self>,
+        tool: Tool,
         path: PathBuf,
         attempt: Dispatch,
         notes: Notes,
         cancel: CancellationToken,
     ) -> Back {
-        let hash = match self.sha256_of(&path) {
+        let hash = match self.content_of(&tool, &path) {
             Ok(h) => h,
-            Err(e) => {
-                return home(not_run(format!(
-                    "cannot read the plugin {}: {e}",
-                    path.display()
-                )));
-            }
+            Err(e) => return home(not_run(e)),
         };
+        if path.exists() {
+            self.share(&path, &hash).await;
+        }
         let subject = work_subject(&attempt.tool, &hash);
         let id = format!(
             "{}/{}/{}/{}/{:016x}",
@@ -443,7 +504,7 @@ impl Remote for Dispatcher {
         Box::pin(
             self.0
                 .clone()
-                .send_and_wait(path.clone(), attempt, notes, cancel),
+                .send_and_wait(tool.clone(), path.clone(), attempt, notes, cancel),
         )
     }
 }
@@ -528,7 +589,13 @@ pub async fn work(
         let ToolKind::Wasm { path } = &w.tool.kind else {
             continue;
         };
-        let hash = fleet.owner.sha256_of(path)?;
+        let hash = match fleet.owner.content_of(&w.tool, path) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(tool = %w.tool.name, "fleet: not working on it: {e}");
+                continue;
+            }
+        };
         let subject = work_subject(&w.tool.name, &hash);
         let name = subject.replace(['.', '~'], "-");
         let stream = fleet.owner.js.get_stream(STEPS).await?;
@@ -553,6 +620,9 @@ pub async fn work(
             wasm: wasm.clone(),
             groups: groups.clone(),
             ack_wait: fleet.ack_wait,
+            sha256: hash,
+            plugins: fleet.owner.plugins.clone(),
+            fetching: Arc::new(tokio::sync::Mutex::new(())),
         };
         tokio::spawn(take_work(consumer, job, slots.clone(), stop.clone()));
     }
@@ -570,6 +640,69 @@ struct Job {
     groups: Arc<Groups>,
     /// The queue's ack wait: the worker says it is still at it every third of it.
     ack_wait: Duration,
+    /// The plugin's content, and where to fetch it from when this node has no copy yet.
+    sha256: String,
+    plugins: jetstream::object_store::ObjectStore,
+    fetching: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Job {
+    /// Makes sure this node has the plugin: one that comes from the fleet is fetched by its
+    /// hash the first time it is needed, checked, and kept in the cache.
+    async fn plugin_here(&self) -> Result<(), String> {
+        let ToolKind::Wasm { path } = &self.tool.kind else {
+            return Ok(());
+        };
+        if !self.tool.from_fleet || path.exists() {
+            return Ok(());
+        }
+        let _one_at_a_time = self.fetching.lock().await;
+        if path.exists() {
+            return Ok(());
+        }
+        let mut object = self
+            .plugins
+            .get(&self.sha256)
+            .await
+            .map_err(|e| format!("cannot fetch plugin {} from the fleet: {e}", self.sha256))?;
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes)
+            .await
+            .map_err(|e| format!("cannot fetch plugin {} from the fleet: {e}", self.sha256))?;
+        // whoever put it there, only the content the tool's entry pins is kept
+        let got = crate::adapters::wasm::sha256_bytes(&bytes);
+        if got != self.sha256 {
+            return Err(format!(
+                "the fleet's plugin {} has sha256 {got}: not kept",
+                self.sha256
+            ));
+        }
+        keep_private(path, &bytes)
+            .map_err(|e| format!("cannot keep plugin {}: {e}", path.display()))?;
+        tracing::info!(tool = %self.tool.name, hash = %self.sha256, "fleet: fetched a plugin");
+        Ok(())
+    }
+}
+
+/// Writes a file whole (a temporary beside it, renamed), readable by this user alone, in a
+/// folder of its own.
+fn keep_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let tmp = dir.join(format!(".{}.tmp", rand::random::<u64>()));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 async fn take_work(
@@ -632,6 +765,14 @@ async fn do_one(job: Job, message: jetstream::Message, stop: CancellationToken) 
             return;
         }
     };
+    if let Err(e) = job.plugin_here().await {
+        // another node may have it, or the store may answer later
+        tracing::warn!(tool = %job.tool.name, "fleet: {e}");
+        let _ = message
+            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+            .await;
+        return;
+    }
     let run = crate::engine::run_here(
         &job.tool,
         &sent.attempt,
@@ -699,6 +840,25 @@ async fn do_one(job: Job, message: jetstream::Message, stop: CancellationToken) 
         tracing::info!(id = %sent.id, "fleet: sent the outcome home");
     }
     let _ = message.double_ack().await;
+}
+
+/// The object store of plugins, made by the first node to come.
+async fn plugin_store(
+    js: &jetstream::Context,
+    replicas: usize,
+) -> anyhow::Result<jetstream::object_store::ObjectStore> {
+    if let Ok(store) = js.get_object_store(PLUGINS).await {
+        return Ok(store);
+    }
+    js.create_object_store(jetstream::object_store::Config {
+        bucket: PLUGINS.into(),
+        description: Some("uet plugins, each under its sha256".into()),
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("nats: cannot make the object store {PLUGINS}: {e}"))
 }
 
 /// The streams every node shares, made by the first node to come (the others find them).

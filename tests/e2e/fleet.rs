@@ -232,6 +232,17 @@ fn fleet_tools(env: &Env) {
     );
 }
 
+/// A workflow of `n` side-by-side `q` steps, step `i` answering `i`.
+fn queries(name: &str, n: usize) -> String {
+    let mut flow = format!("name = \"{name}\"\nmax_parallel = 8\n");
+    for i in 0..n {
+        flow.push_str(&format!(
+            "[[steps]]\nid = \"s{i}\"\ntool = \"q\"\nwith = {{ value = {i}, query = \"\" }}\n"
+        ));
+    }
+    flow
+}
+
 #[test]
 fn a_fleet_tools_steps_run_on_the_nodes_that_have_it() {
     let cluster = Cluster::start(3);
@@ -240,13 +251,7 @@ fn a_fleet_tools_steps_run_on_the_nodes_that_have_it() {
     fleet_tools(&env_b);
     let a = Daemon::start_with(&env_a, &["--nats", &cluster.urls[0], "--node", "alpha"]);
     let _b = Daemon::start_with(&env_b, &["--nats", &cluster.urls[1], "--node", "beta"]);
-    let mut flow = String::from("name = \"spread\"\nmax_parallel = 8\n");
-    for i in 0..200 {
-        flow.push_str(&format!(
-            "[[steps]]\nid = \"s{i}\"\ntool = \"q\"\nwith = {{ value = {i}, query = \"\" }}\n"
-        ));
-    }
-    crate::daemon::drop_file(&env_a, "spread.toml", &flow);
+    crate::daemon::drop_file(&env_a, "spread.toml", &queries("spread", 200));
     let runs = a.wait_for_runs(&env_a, 1);
     assert_eq!(runs[0]["state"], "succeeded", "{runs:?}");
     let shown = a
@@ -762,4 +767,76 @@ fn a_thousand_step_dag_of_two_capabilities_runs_once_per_step_across_three_daemo
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn a_node_that_names_a_plugin_by_its_hash_fetches_it_from_the_fleet_and_runs_it() {
+    let cluster = Cluster::start(1);
+    let (env_a, env_b) = (Env::new(), Env::new());
+    fleet_tools(&env_a);
+    let jsonq = crate::util::plugin("jsonq");
+    let hash = uet::adapters::wasm::sha256_file(&jsonq).unwrap();
+    // beta has no plugin file: only the name and the content it agrees to run
+    env_b.write(
+        "tools.toml",
+        &format!("[[tools]]\nname = \"q\"\nsha256 = \"{hash}\"\nfleet = true\n"),
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let cache_dir = cache.path().to_str().unwrap();
+    let alpha = node(&env_a, &cluster, "alpha", "fleet_slots = 0");
+    let _beta = node_with(
+        &env_b,
+        &cluster,
+        "beta",
+        "fleet_slots = 2",
+        &[("UET_CACHE_DIR", cache_dir)],
+    );
+    crate::daemon::drop_file(&env_a, "far.toml", &queries("far", 5));
+    let runs = alpha.wait_for_runs(&env_a, 1);
+    assert_eq!(runs[0]["state"], "succeeded", "{runs:?}");
+    for (i, step) in steps_of(&alpha, &env_a).iter().enumerate() {
+        assert_eq!(step["output"]["value"], i, "{step}");
+    }
+    let ran = ran_on(&alpha, &env_a);
+    assert!(ran.iter().all(|r| r.ends_with("on node beta")), "{ran:?}");
+    // beta keeps the copy it fetched, checked and private
+    let copy = cache.path().join(format!("fleet/{hash}.wasm"));
+    assert_eq!(uet::adapters::wasm::sha256_file(&copy).unwrap(), hash);
+    let mode = std::os::unix::fs::PermissionsExt::mode(&copy.metadata().unwrap().permissions());
+    assert_eq!(mode & 0o077, 0, "{mode:o}");
+}
+
+#[test]
+fn a_pinned_plugin_must_match_and_a_hash_alone_needs_the_fleet() {
+    let env = Env::new();
+    env.write(
+        "w.toml",
+        "name = \"w\"\n[[steps]]\nid = \"a\"\ntool = \"q\"\nwith = { value = 1, query = \"\" }\n",
+    );
+    let zeros = "0".repeat(64);
+    env.write(
+        "tools.toml",
+        &format!(
+            "[[tools]]\nname = \"q\"\nwasm = \"{}\"\nsha256 = \"{zeros}\"\n",
+            crate::util::plugin("jsonq").display()
+        ),
+    );
+    let err = env.uet(&["run", "w.toml"]).expect(2).stderr();
+    assert!(err.contains("and its entry pins 000000"), "{err}");
+    env.write(
+        "tools.toml",
+        &format!("[[tools]]\nname = \"q\"\nsha256 = \"{zeros}\"\n"),
+    );
+    let err = env.uet(&["validate", "w.toml"]).expect(2).stderr();
+    assert!(err.contains("tools.toml:3:"), "{err}");
+    assert!(
+        err.contains("comes from the fleet: add `fleet = true`"),
+        "{err}"
+    );
+    env.write(
+        "tools.toml",
+        "[[tools]]\nname = \"q\"\nsha256 = \"ABC\"\nfleet = true\n",
+    );
+    let err = env.uet(&["validate", "w.toml"]).expect(2).stderr();
+    assert!(err.contains("must be 64 lowercase hex digits"), "{err}");
 }

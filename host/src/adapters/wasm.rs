@@ -497,6 +497,13 @@ impl Runtime {
         Ok((store, stdout, stderr))
     }
 
+    /// Where this node keeps a plugin that came from the fleet by its sha256 (in the cache;
+    /// `None` when the runtime keeps none).
+    pub fn fleet_copy(&self, sha256: &str) -> Option<PathBuf> {
+        let dir = self.cache_dir.as_ref()?;
+        Some(dir.join("fleet").join(format!("{sha256}.wasm")))
+    }
+
     /// Asks a plugin what it is.
     pub fn describe(&self, path: &Path) -> Result<Description, String> {
         let loaded = self.load(path)?;
@@ -612,9 +619,39 @@ pub fn describe_tools(
 ) -> Result<(), crate::spec::doc::Problems> {
     let mut problems = Vec::new();
     for tool in &mut tools.tools {
-        let crate::spec::tools::ToolKind::Wasm { path } = &tool.kind else {
+        let crate::spec::tools::ToolKind::Wasm { path } = &mut tool.kind else {
             continue;
         };
+        if tool.from_fleet {
+            // the copy this node keeps, once fetched; until then its entry says what it does
+            let Some(copy) = runtime.fleet_copy(tool.sha256.as_deref().unwrap_or_default()) else {
+                continue;
+            };
+            let fetched = copy.exists();
+            *path = copy;
+            if !fetched {
+                continue;
+            }
+        } else if let Some(pinned) = &tool.sha256 {
+            match sha256_file(path) {
+                Ok(h) if &h == pinned => {}
+                Ok(h) => problems.push(crate::spec::doc::Problem {
+                    file: tools.path.clone(),
+                    position: None,
+                    message: format!(
+                        "tool `{}`: {} has sha256 {h}, and its entry pins {pinned}",
+                        tool.name,
+                        path.display()
+                    ),
+                }),
+                Err(e) => problems.push(crate::spec::doc::Problem {
+                    file: tools.path.clone(),
+                    position: None,
+                    message: format!("tool `{}`: cannot read {}: {e}", tool.name, path.display()),
+                }),
+            }
+        }
+        let path = &*path;
         if !all && !tool.capabilities.is_empty() {
             continue;
         }
@@ -637,6 +674,16 @@ pub fn describe_tools(
     } else {
         Err(crate::spec::doc::Problems::new(problems))
     }
+}
+
+/// A file's sha256, as lowercase hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    Ok(sha256_bytes(&std::fs::read(path)?))
+}
+
+/// Bytes' sha256, as lowercase hex.
+pub fn sha256_bytes(bytes: &[u8]) -> String {
+    crate::hex(&Sha256::digest(bytes))
 }
 
 /// Names what ended an attempt that trapped, in a user's words.

@@ -65,6 +65,12 @@ pub struct Tool {
     pub described: Option<Description>,
     /// Its attempts may run on any node of a fleet with the same plugin (docs/FLEET.md).
     pub fleet: bool,
+    /// The plugin's content, pinned: a `wasm` file with another sha256 is refused; with no
+    /// `wasm`, the plugin comes from the fleet by this hash.
+    pub sha256: Option<String>,
+    /// The plugin comes from the fleet by its sha256, this node having no file of its own:
+    /// its path is empty until the runtime names the copy it keeps in its cache.
+    pub from_fleet: bool,
 }
 
 impl Tool {
@@ -338,6 +344,7 @@ const TOOL_KEYS: &[&str] = &[
     "allow_options",
     "description",
     "fleet",
+    "sha256",
 ];
 
 fn read_tool(
@@ -367,7 +374,23 @@ fn read_tool(
     f.ignore("description");
     let command = f.strings(src, "command");
     let wasm = f.string(src, "wasm");
-    let kind = read_kind(src, node, &label, command, wasm, base);
+    let sha256 = f.string(src, "sha256");
+    if let Some((hash, span)) = &sha256
+        && (hash.len() != 64 || !hash.chars().all(|c| matches!(c, '0'..='9' | 'a'..='f')))
+    {
+        src.error(
+            span,
+            format!("{label}: `sha256` must be 64 lowercase hex digits"),
+        );
+    }
+    let from_fleet = command.is_none() && wasm.is_none() && sha256.is_some();
+    let kind = if from_fleet {
+        Some(ToolKind::Wasm {
+            path: PathBuf::new(),
+        })
+    } else {
+        read_kind(src, node, &label, command, wasm, base)
+    };
     let capabilities = f
         .strings(src, "capabilities")
         .unwrap_or_default()
@@ -390,6 +413,8 @@ fn read_tool(
         allow_options: f.boolean(src, "allow_options").unwrap_or(false),
         described: None,
         fleet: false,
+        sha256: sha256.as_ref().map(|(h, _)| h.clone()),
+        from_fleet,
     };
     let fleet_span = f.node("fleet").map(|n| n.span.clone());
     if let (Some(fleet), Some(span)) = (f.boolean(src, "fleet"), fleet_span) {
@@ -403,6 +428,21 @@ fn read_tool(
             );
         }
         tool.fleet = fleet;
+    }
+    if let Some((_, span)) = &sha256 {
+        if !matches!(tool.kind, ToolKind::Wasm { .. }) {
+            src.error(
+                span,
+                format!("{label}: `sha256` pins a `wasm` plugin's content"),
+            );
+        } else if from_fleet && !tool.fleet {
+            src.error(
+                span,
+                format!(
+                    "{label}: a plugin named only by `sha256` comes from the fleet: add `fleet = true`, or give its `wasm` file"
+                ),
+            );
+        }
     }
     if let Some(limits) = f.table(src, "limits") {
         read_limits(src, limits, &label, &mut tool);
