@@ -40,6 +40,87 @@ pub const RESULTS: &str = "UET_RESULTS";
 /// The object store plugins travel through, each under its sha256.
 pub const PLUGINS: &str = "uet_plugins";
 
+/// The object store of dispatches and outcomes too large for a message.
+pub const BLOBS: &str = "uet_blobs";
+
+/// A dispatch or outcome larger than this travels through [`BLOBS`]; its message carries
+/// only the blob's name, in this header. NATS refuses messages over 1 MiB by default.
+const INLINE_MAX: usize = 512 << 10;
+const BLOB_HEADER: &str = "Uet-Blob";
+
+/// The largest blob a node reads: outputs are at most 8 MiB, and an input is made of a few.
+const BLOB_MAX: usize = 64 << 20;
+
+/// Where large messages go, and come from.
+#[derive(Clone)]
+struct Blobs(jetstream::object_store::ObjectStore);
+
+/// Why a blob could not be read: gone for good (its attempt ended and its owner dropped it),
+/// or not now.
+enum Unpacked {
+    Gone(String),
+    NotNow(String),
+}
+
+impl Blobs {
+    /// The payload to publish: the body itself, or, when it is large, nothing but the name of
+    /// the blob now holding it (in the headers).
+    async fn pack(
+        &self,
+        name: &str,
+        body: &bytes::Bytes,
+        headers: &mut async_nats::HeaderMap,
+    ) -> Result<bytes::Bytes, String> {
+        if body.len() <= INLINE_MAX {
+            return Ok(body.clone());
+        }
+        self.0
+            .put(name, &mut body.as_ref())
+            .await
+            .map_err(|e| format!("cannot store a blob of {} bytes ({e})", body.len()))?;
+        headers.insert(BLOB_HEADER, name);
+        Ok(bytes::Bytes::new())
+    }
+
+    /// A message's body, from the blob it names if it names one.
+    async fn unpack(&self, message: &async_nats::Message) -> Result<bytes::Bytes, Unpacked> {
+        let Some(name) = blob_of(message) else {
+            return Ok(message.payload.clone());
+        };
+        let mut object = match self.0.get(&name).await {
+            Ok(o) => o,
+            Err(e) if e.kind() == jetstream::object_store::GetErrorKind::NotFound => {
+                return Err(Unpacked::Gone(format!("blob {name} is gone")));
+            }
+            Err(e) => return Err(Unpacked::NotNow(format!("cannot read blob {name}: {e}"))),
+        };
+        if object.info().size > BLOB_MAX {
+            return Err(Unpacked::Gone(format!(
+                "blob {name} holds {} bytes, over the {BLOB_MAX} a node reads",
+                object.info().size
+            )));
+        }
+        let mut body = Vec::with_capacity(object.info().size);
+        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut body)
+            .await
+            .map_err(|e| Unpacked::NotNow(format!("cannot read blob {name}: {e}")))?;
+        Ok(body.into())
+    }
+
+    /// Drops a blob whose message is done with (the bucket's age limit takes any missed).
+    async fn drop_blob(&self, name: &str) {
+        if let Err(e) = self.0.delete(name).await {
+            tracing::debug!("fleet: cannot drop blob {name}: {e}");
+        }
+    }
+}
+
+/// The blob a message names, if any.
+fn blob_of(message: &async_nats::Message) -> Option<String> {
+    let header = message.headers.as_ref()?.get(BLOB_HEADER)?;
+    Some(header.as_str().to_string())
+}
+
 /// How this daemon joins a fleet.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -157,10 +238,26 @@ pub async fn join(config: &Config) -> anyhow::Result<Fleet> {
     let replicas = if info.connect_urls.len() >= 3 { 3 } else { 1 };
     let js = jetstream::new(client.clone());
     make_streams(&js, replicas, started).await?;
-    let plugins = plugin_store(&js, replicas).await?;
+    let plugins = object_store(
+        &js,
+        PLUGINS,
+        "uet plugins, each under its sha256",
+        replicas,
+        None,
+    )
+    .await?;
+    let blobs = object_store(
+        &js,
+        BLOBS,
+        "uet dispatches and outcomes too large for a message",
+        replicas,
+        Some(BLOB_AGE),
+    )
+    .await?;
     let owner = Arc::new(Owner {
         js: js.clone(),
         plugins,
+        blobs: Blobs(blobs),
         shared: Mutex::new(std::collections::HashSet::new()),
         node: config.node.clone(),
         pending: Mutex::new(HashMap::new()),
@@ -233,6 +330,7 @@ pub struct Owner {
     /// Where plugins travel by hash, and the hashes this node knows are there.
     plugins: jetstream::object_store::ObjectStore,
     shared: Mutex<std::collections::HashSet<String>>,
+    blobs: Blobs,
     node: String,
     pending: Mutex<HashMap<String, oneshot::Sender<(Returned, Recorded)>>>,
     /// Plugins' sha256 by file, kept while the file's size and time stay the same.
@@ -344,19 +442,23 @@ impl Owner {
         };
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id.clone(), tx);
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", id.as_str());
         let body: bytes::Bytes = serde_json::to_vec(&sent).unwrap_or_default().into();
+        let blob = format!("{id}/in");
         // JetStream not answering (a lost server, no majority up) is waited out, not failed:
         // the same message id makes a publish that did land before its ack was lost count once
         let publish = async {
             let mut pause = Duration::from_millis(100);
             loop {
                 let published = async {
+                    let mut headers = async_nats::HeaderMap::new();
+                    headers.insert("Nats-Msg-Id", id.as_str());
+                    let payload = self.blobs.pack(&blob, &body, &mut headers).await?;
                     self.js
-                        .publish_with_headers(subject.clone(), headers.clone(), body.clone())
-                        .await?
+                        .publish_with_headers(subject.clone(), headers, payload)
                         .await
+                        .map_err(|e| e.to_string())?
+                        .await
+                        .map_err(|e| e.to_string())
                 };
                 match published.await {
                     Ok(_) => break,
@@ -384,6 +486,10 @@ impl Owner {
             _ = cancel.cancelled() => None,
         };
         lock(&self.pending).remove(&id);
+        if body.len() > INLINE_MAX {
+            // the attempt is over: a copy of its dispatch still queued finds nothing, and goes
+            self.blobs.drop_blob(&blob).await;
+        }
         match ended {
             Some((r, recorded)) => Back {
                 node: Some(if r.delivered > 1 {
@@ -424,14 +530,13 @@ impl Owner {
     fn take_off(self: &Arc<Self>, message: jetstream::Message) -> Recorded {
         let die = self.die_before_ack;
         let runtime = tokio::runtime::Handle::current();
+        let blobs = self.blobs.clone();
         Box::new(move || {
             if die {
                 // SAFETY: kill and getpid have no preconditions; this is the test's kill -9
                 unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
             }
-            runtime.spawn(async move {
-                let _ = message.ack().await;
-            });
+            runtime.spawn(done_with(blobs, message));
         })
     }
 
@@ -456,7 +561,22 @@ impl Owner {
                     }
                 };
                 self.untroubled();
-                let returned = match serde_json::from_slice::<Returned>(&message.payload) {
+                let payload = match self.blobs.unpack(&message).await {
+                    Ok(p) => p,
+                    Err(Unpacked::NotNow(e)) => {
+                        tracing::warn!("fleet: {e}; trying again");
+                        let _ = message
+                            .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
+                        continue;
+                    }
+                    Err(Unpacked::Gone(e)) => {
+                        tracing::warn!("fleet: dropped a result: {e}");
+                        let _ = message.ack_with(AckKind::Term).await;
+                        continue;
+                    }
+                };
+                let returned = match serde_json::from_slice::<Returned>(&payload) {
                     Ok(r) => r,
                     Err(e) => {
                         tracing::warn!("fleet: dropped a result that cannot be read: {e}");
@@ -467,18 +587,27 @@ impl Owner {
                 let waiting = lock(&self.pending).remove(&returned.id);
                 let Some(waiting) = waiting else {
                     tracing::info!(id = %returned.id, node = %returned.node, "fleet: fenced an outcome no attempt waits for");
-                    let _ = message.ack().await;
+                    done_with(self.blobs.clone(), message).await;
                     continue;
                 };
                 // acked once the engine has recorded it; if the attempt stopped waiting in
                 // the meantime, it is fenced here and now
                 let recorded = self.take_off(message.clone());
-                if let Err((r, _)) = waiting.send((returned, recorded)) {
+                if let Err((r, recorded)) = waiting.send((returned, recorded)) {
                     tracing::info!(id = %r.id, node = %r.node, "fleet: fenced an outcome that came as its attempt ended");
-                    let _ = message.ack().await;
+                    recorded();
                 }
             }
         }
+    }
+}
+
+/// Takes an outcome off the owner's queue, and drops the blob that held it, if one did.
+async fn done_with(blobs: Blobs, message: jetstream::Message) {
+    if message.ack().await.is_ok()
+        && let Some(name) = blob_of(&message)
+    {
+        blobs.drop_blob(&name).await;
     }
 }
 
@@ -622,6 +751,7 @@ pub async fn work(
             ack_wait: fleet.ack_wait,
             sha256: hash,
             plugins: fleet.owner.plugins.clone(),
+            blobs: fleet.owner.blobs.clone(),
             fetching: Arc::new(tokio::sync::Mutex::new(())),
         };
         tokio::spawn(take_work(consumer, job, slots.clone(), stop.clone()));
@@ -643,6 +773,7 @@ struct Job {
     /// The plugin's content, and where to fetch it from when this node has no copy yet.
     sha256: String,
     plugins: jetstream::object_store::ObjectStore,
+    blobs: Blobs,
     fetching: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -751,7 +882,23 @@ async fn take_work(
 /// Runs one dispatch here: in-progress acks while it runs, the outcome published and its
 /// publish acknowledged, then the dispatch acked. Dies before that ack, and it runs again.
 async fn do_one(job: Job, message: jetstream::Message, stop: CancellationToken) {
-    let sent: Sent = match serde_json::from_slice::<Sent>(&message.payload) {
+    let payload = match job.blobs.unpack(&message).await {
+        Ok(p) => p,
+        Err(Unpacked::NotNow(e)) => {
+            tracing::warn!("fleet: {e}; trying again");
+            let _ = message
+                .ack_with(AckKind::Nak(Some(Duration::from_secs(1))))
+                .await;
+            return;
+        }
+        Err(Unpacked::Gone(e)) => {
+            // its attempt is over: nothing to run
+            tracing::info!("fleet: dropped a dispatch: {e}");
+            let _ = message.ack_with(AckKind::Term).await;
+            return;
+        }
+    };
+    let sent: Sent = match serde_json::from_slice::<Sent>(&payload) {
         // the owner's name becomes a subject: a plain name or nothing
         Ok(s) if plain_name(&s.owner) => s,
         Ok(s) => {
@@ -804,9 +951,7 @@ async fn do_one(job: Job, message: jetstream::Message, stop: CancellationToken) 
     };
     // one id per copy: a worker's own re-publish is dropped by the stream, while another
     // worker's copy of a redelivered dispatch reaches the owner, which fences it
-    let mut headers = async_nats::HeaderMap::new();
     let copy = format!("{}/end/{}/{delivered}", sent.id, job.node);
-    headers.insert("Nats-Msg-Id", copy.as_str());
     let body: bytes::Bytes = serde_json::to_vec(&back).unwrap_or_default().into();
     let subject = format!("uet.results.{}", sent.owner);
     // JetStream not answering is waited out: the outcome is kept and sent when it answers
@@ -816,10 +961,15 @@ async fn do_one(job: Job, message: jetstream::Message, stop: CancellationToken) 
     let mut said = false;
     loop {
         let published = async {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", copy.as_str());
+            let payload = job.blobs.pack(&copy, &body, &mut headers).await?;
             job.js
-                .publish_with_headers(subject.clone(), headers.clone(), body.clone())
-                .await?
+                .publish_with_headers(subject.clone(), headers, payload)
                 .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())
         };
         match published.await {
             Ok(_) => break,
@@ -842,23 +992,31 @@ async fn do_one(job: Job, message: jetstream::Message, stop: CancellationToken) 
     let _ = message.double_ack().await;
 }
 
-/// The object store of plugins, made by the first node to come.
-async fn plugin_store(
+/// How long a blob is kept at most: its owner drops it once its attempt ended, and this takes
+/// any an owner missed (it died, and came back under another name).
+const BLOB_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// An object store every node shares, made by the first node to come.
+async fn object_store(
     js: &jetstream::Context,
+    bucket: &str,
+    description: &str,
     replicas: usize,
+    max_age: Option<Duration>,
 ) -> anyhow::Result<jetstream::object_store::ObjectStore> {
-    if let Ok(store) = js.get_object_store(PLUGINS).await {
+    if let Ok(store) = js.get_object_store(bucket).await {
         return Ok(store);
     }
     js.create_object_store(jetstream::object_store::Config {
-        bucket: PLUGINS.into(),
-        description: Some("uet plugins, each under its sha256".into()),
+        bucket: bucket.into(),
+        description: Some(description.into()),
         storage: stream::StorageType::File,
         num_replicas: replicas,
+        max_age: max_age.unwrap_or_default(),
         ..Default::default()
     })
     .await
-    .map_err(|e| anyhow::anyhow!("nats: cannot make the object store {PLUGINS}: {e}"))
+    .map_err(|e| anyhow::anyhow!("nats: cannot make the object store {bucket}: {e}"))
 }
 
 /// The streams every node shares, made by the first node to come (the others find them).

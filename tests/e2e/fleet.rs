@@ -840,3 +840,62 @@ fn a_pinned_plugin_must_match_and_a_hash_alone_needs_the_fleet() {
     let err = env.uet(&["validate", "w.toml"]).expect(2).stderr();
     assert!(err.contains("must be 64 lowercase hex digits"), "{err}");
 }
+
+/// The objects a store holds now (deleted ones left out).
+fn objects_in(url: &str, bucket: &str) -> usize {
+    ask_nats(url, async |js| {
+        use futures_util::StreamExt;
+        let store = js.get_object_store(bucket).await.unwrap();
+        let mut list = store.list().await.unwrap();
+        let mut n = 0;
+        while let Some(info) = list.next().await {
+            if !info.unwrap().deleted {
+                n += 1;
+            }
+        }
+        n
+    })
+}
+
+#[test]
+fn inputs_and_outputs_larger_than_a_message_travel_as_blobs() {
+    let cluster = Cluster::start(1);
+    let (env_a, env_b) = (Env::new(), Env::new());
+    for env in [&env_a, &env_b] {
+        env.write(
+            "tools.toml",
+            &format!(
+                "[[tools]]\nname = \"q\"\nwasm = \"{}\"\nfleet = true\nlimits = {{ output = \"4MiB\" }}\n\n\
+                 [[tools]]\nname = \"nap\"\nwasm = \"{}\"\nfleet = true\nlimits = {{ output = \"4MiB\" }}\n",
+                crate::util::plugin("jsonq").display(),
+                crate::util::plugin("hostile").display()
+            ),
+        );
+    }
+    let alpha = node(&env_a, &cluster, "alpha", "fleet_slots = 0");
+    let _beta = node(&env_b, &cluster, "beta", "fleet_slots = 2");
+    // 1.5 MB, over NATS's 1 MiB message limit: an output home, then an input out and its
+    // output home again
+    let flow = "name = \"big\"\n\
+        [[steps]]\nid = \"make\"\ntool = \"nap\"\nwith = { mode = \"big\", size = 1500000 }\n\
+        [[steps]]\nid = \"pass\"\nneeds = [\"make\"]\ntool = \"q\"\nwith = { value = \"${steps.make.output.big}\", query = \"\" }\n";
+    crate::daemon::drop_file(&env_a, "big.toml", flow);
+    let runs = alpha.wait_for_runs(&env_a, 1);
+    assert_eq!(runs[0]["state"], "succeeded", "{runs:?}");
+    let steps = steps_of(&alpha, &env_a);
+    let passed = steps[1]["output"]["value"].as_str().unwrap();
+    assert_eq!(passed.len(), 1_500_000);
+    assert!(passed.bytes().all(|b| b == b'x'));
+    let ran = ran_on(&alpha, &env_a);
+    assert_eq!(ran.len(), 2, "{ran:?}");
+    assert!(ran.iter().all(|r| r.ends_with("on node beta")), "{ran:?}");
+    // each blob is dropped once its message is done with
+    let start = Instant::now();
+    while objects_in(&cluster.urls[0], "uet_blobs") > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "blobs left behind"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
