@@ -899,3 +899,106 @@ fn inputs_and_outputs_larger_than_a_message_travel_as_blobs() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The fleet's figures for docs/PERFORMANCE.md: `scripts/measure-fleet` runs this. A chain
+/// of trivial plugin steps gives the time per step one after another, here and through the
+/// fleet (owner and worker on a 3-server loopback cluster); a wide run gives steps per
+/// second, on one daemon without NATS and on three daemons sharing the work.
+#[test]
+#[ignore = "a measurement: run by scripts/measure-fleet"]
+fn measure_fleet() {
+    let tools = |env: &Env, fleet: bool| {
+        env.write(
+            "tools.toml",
+            &format!(
+                "[[tools]]\nname = \"nap\"\nwasm = \"{}\"\nfleet = {fleet}\n",
+                crate::util::plugin("hostile").display()
+            ),
+        )
+    };
+    let flow = |n: usize, chain: bool| {
+        let mut flow = String::from("name = \"m\"\nmax_parallel = 32\n");
+        for i in 0..n {
+            let needs = if chain && i > 0 {
+                format!("needs = [\"s{}\"]\n", i - 1)
+            } else {
+                String::new()
+            };
+            flow.push_str(&format!(
+                "[[steps]]\nid = \"s{i}\"\n{needs}tool = \"nap\"\nwith = {{ mode = \"noop\" }}\n"
+            ));
+        }
+        flow
+    };
+    // each step's start and end (ms), in the workflow's order
+    let times = |daemon: &Daemon, env: &Env| -> Vec<(u64, u64)> {
+        let runs = daemon.wait_for_runs(env, 1);
+        assert_eq!(runs[0]["state"], "succeeded", "{runs:?}");
+        steps_of(daemon, env)
+            .iter()
+            .map(|s| {
+                (
+                    s["started_at"].as_u64().unwrap(),
+                    s["finished_at"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let pct = |v: &mut Vec<u64>, p: f64| {
+        v.sort_unstable();
+        v[((v.len() - 1) as f64 * p).round() as usize]
+    };
+    let chain_report = |what: &str, t: &[(u64, u64)]| {
+        let mut cycles: Vec<u64> = t.windows(2).map(|w| w[1].1 - w[0].1).collect();
+        let mean = (t[t.len() - 1].1 - t[0].0) as f64 * 1000.0 / t.len() as f64;
+        println!(
+            "chain of {} steps, {what}: {mean:.0} us per step (mean); end to end p50 {} ms, p99 {} ms",
+            t.len(),
+            pct(&mut cycles, 0.5),
+            pct(&mut cycles, 0.99)
+        );
+    };
+    let wide_report = |what: &str, t: &[(u64, u64)]| {
+        let start = t.iter().map(|x| x.0).min().unwrap();
+        let end = t.iter().map(|x| x.1).max().unwrap();
+        println!(
+            "{} side-by-side steps, {what}: {:.0} steps/s",
+            t.len(),
+            t.len() as f64 * 1000.0 / (end - start).max(1) as f64
+        );
+    };
+    const CHAIN: usize = 1000;
+    const WIDE: usize = 3000;
+    // one daemon, no NATS
+    for (chain, n) in [(true, CHAIN), (false, WIDE)] {
+        let env = Env::new();
+        tools(&env, false);
+        let daemon = Daemon::start(&env);
+        crate::daemon::drop_file(&env, "m.toml", &flow(n, chain));
+        let t = times(&daemon, &env);
+        if chain {
+            chain_report("one daemon, no NATS", &t);
+        } else {
+            wide_report("one daemon, no NATS", &t);
+        }
+    }
+    // a chain sent from an owner that runs none to one worker
+    {
+        let (cluster, [env_a, env_b, _]) = nap_fleet();
+        let alpha = node(&env_a, &cluster, "alpha", "fleet_slots = 0");
+        let _beta = node(&env_b, &cluster, "beta", "fleet_slots = 4");
+        crate::daemon::drop_file(&env_a, "m.toml", &flow(CHAIN, true));
+        chain_report("each step on another daemon", &times(&alpha, &env_a));
+    }
+    // a wide run shared by three daemons, its owner among them
+    {
+        let (cluster, envs) = nap_fleet();
+        let nodes: Vec<Daemon> = ["alpha", "beta", "gamma"]
+            .iter()
+            .zip(&envs)
+            .map(|(name, env)| node(env, &cluster, name, "fleet_slots = 16"))
+            .collect();
+        crate::daemon::drop_file(&envs[0], "m.toml", &flow(WIDE, false));
+        wide_report("three daemons on the fleet", &times(&nodes[0], &envs[0]));
+    }
+}
