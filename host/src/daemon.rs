@@ -206,6 +206,9 @@ async fn work_for_the_fleet(shared: &Arc<Daemon>) -> anyhow::Result<()> {
         let Ok(tools) = load_tools(shared, dir) else {
             continue;
         };
+        fleet
+            .share_breakers(shared.breakers.clone(), &tools.tools)
+            .await;
         for tool in tools.tools.into_iter().filter(|t| t.fleet) {
             work.push(crate::fleet::Work {
                 tool,

@@ -19,8 +19,9 @@ use tokio_util::sync::CancellationToken;
 use crate::adapters::process::Groups;
 use crate::adapters::wasm::Runtime;
 use crate::api::types::FleetShown;
+use crate::engine::breaker::Breakers;
 use crate::engine::{Back, Dispatch, Ended, Landing, Notes, Recorded, Remote};
-use crate::model::Outcome;
+use crate::model::{BreakerPhase, BreakerRecord, Outcome};
 use crate::spec::tools::{Tool, ToolKind};
 
 /// The oldest nats-server uet works with: clustered work queues and the per-message
@@ -39,6 +40,9 @@ pub const RESULTS: &str = "UET_RESULTS";
 
 /// The object store plugins travel through, each under its sha256.
 pub const PLUGINS: &str = "uet_plugins";
+
+/// The key-value bucket of fleet tools' breakers, each under its tool's name and content.
+pub const BREAKERS: &str = "uet_breakers";
 
 /// The object store of dispatches and outcomes too large for a message.
 pub const BLOBS: &str = "uet_blobs";
@@ -141,6 +145,7 @@ pub const ACK_WAIT: Duration = Duration::from_secs(30);
 /// This daemon's membership: its connection and what it made.
 pub struct Fleet {
     client: async_nats::Client,
+    breakers: jetstream::kv::Store,
     node: String,
     replicas: usize,
     owner: Arc<Owner>,
@@ -165,6 +170,126 @@ impl Fleet {
             waiting: lock(&self.owner.waiting).clone(),
         }
     }
+}
+
+/// A fleet tool's breaker as the fleet keeps it: its record, and the node that wrote it.
+#[derive(Serialize, Deserialize)]
+struct SharedBreaker {
+    node: String,
+    record: BreakerRecord,
+}
+
+/// Whether a breaker record says more than the one the fleet holds: an opening later than the
+/// fleet's, or the closing of the very opening the fleet holds (a probe that succeeded). A
+/// closing of an older opening says nothing: another node opened it again since.
+fn says_more(ours: &BreakerRecord, held: Option<&BreakerRecord>) -> bool {
+    let Some(held) = held else {
+        return true;
+    };
+    match (ours.phase, held.phase) {
+        (BreakerPhase::Open, BreakerPhase::Open) => ours.opened_at > held.opened_at,
+        (BreakerPhase::Open, _) => true,
+        (BreakerPhase::Closed, BreakerPhase::Open) => ours.opened_at >= held.opened_at,
+        _ => false,
+    }
+}
+
+impl Fleet {
+    /// Shares the breakers of this node's fleet tools that have one: an opening or closing
+    /// here is written to the fleet's bucket by compare-and-set, and one written by another
+    /// node is taken here, so a tool failing on one node holds every owner's steps.
+    pub async fn share_breakers(&self, breakers: Arc<Breakers>, tools: &[Tool]) {
+        let mut keys = HashMap::new();
+        for tool in tools.iter().filter(|t| t.fleet && t.breaker.is_some()) {
+            let ToolKind::Wasm { path } = &tool.kind else {
+                continue;
+            };
+            if let Ok(hash) = self.owner.content_of(tool, path) {
+                keys.insert(tool.name.clone(), format!("{}.{}", &hash[..16], tool.name));
+            }
+        }
+        if keys.is_empty() {
+            return;
+        }
+        let names: HashMap<String, String> =
+            keys.iter().map(|(n, k)| (k.clone(), n.clone())).collect();
+        let (kv, node) = (self.breakers.clone(), self.node.clone());
+        let mut news = breakers.news();
+        tokio::spawn(async move {
+            loop {
+                match news.recv().await {
+                    Ok((tool, record)) => {
+                        if let Some(key) = keys.get(&tool) {
+                            write_breaker(&kv, key, &node, record).await;
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        let (kv, node) = (self.breakers.clone(), self.node.clone());
+        tokio::spawn(async move {
+            loop {
+                // the latest of each key first, then every change
+                let mut watch = match kv.watch_with_history(">").await {
+                    Ok(w) => w,
+                    Err(e) => {
+                        tracing::debug!("fleet: cannot watch breakers: {e}");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        continue;
+                    }
+                };
+                while let Some(Ok(entry)) = watch.next().await {
+                    let Some(tool) = names.get(&entry.key) else {
+                        continue;
+                    };
+                    let Ok(shared) = serde_json::from_slice::<SharedBreaker>(&entry.value) else {
+                        continue;
+                    };
+                    if shared.node != node && breakers.adopt(tool, &shared.record) {
+                        tracing::info!(%tool, by = %shared.node, "fleet: breaker {} by another node", shared.record.phase.as_str());
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+}
+
+/// Writes a breaker's opening or closing to the fleet's bucket, unless the fleet knows as much
+/// already; another node's write in between makes it read again and decide again.
+async fn write_breaker(kv: &jetstream::kv::Store, key: &str, node: &str, record: BreakerRecord) {
+    let value: bytes::Bytes = serde_json::to_vec(&SharedBreaker {
+        node: node.to_string(),
+        record: record.clone(),
+    })
+    .unwrap_or_default()
+    .into();
+    for _ in 0..10 {
+        let (held, revision) = match kv.entry(key).await {
+            Ok(Some(e)) if e.operation == jetstream::kv::Operation::Put => (
+                serde_json::from_slice::<SharedBreaker>(&e.value).ok(),
+                Some(e.revision),
+            ),
+            Ok(_) => (None, None),
+            Err(e) => {
+                tracing::warn!("fleet: cannot read breaker {key}: {e}");
+                return;
+            }
+        };
+        if !says_more(&record, held.as_ref().map(|h| &h.record)) {
+            return;
+        }
+        let written = match revision {
+            Some(r) => kv.update(key, value.clone(), r).await.is_ok(),
+            None => kv.create(key, value.clone()).await.is_ok(),
+        };
+        if written {
+            return;
+        }
+    }
+    tracing::warn!("fleet: breaker {key} kept changing; not written");
 }
 
 /// Whether a node's name can be a subject's token: letters, digits, `-` and `_`.
@@ -254,6 +379,20 @@ pub async fn join(config: &Config) -> anyhow::Result<Fleet> {
         Some(BLOB_AGE),
     )
     .await?;
+    let breakers = match js.get_key_value(BREAKERS).await {
+        Ok(kv) => kv,
+        Err(_) => js
+            .create_key_value(jetstream::kv::Config {
+                bucket: BREAKERS.into(),
+                description: "uet fleet tools' circuit breakers".into(),
+                history: 1,
+                num_replicas: replicas,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("nats: cannot make the bucket {BREAKERS}: {e}"))?,
+    };
     let owner = Arc::new(Owner {
         js: js.clone(),
         plugins,
@@ -276,6 +415,7 @@ pub async fn join(config: &Config) -> anyhow::Result<Fleet> {
     );
     Ok(Fleet {
         client,
+        breakers,
         node: config.node.clone(),
         replicas,
         owner,
@@ -1065,5 +1205,29 @@ mod tests {
         assert!(version_of("2.15.1").unwrap() >= MIN_SERVER);
         assert!(version_of("3.0.0").unwrap() >= MIN_SERVER);
         assert_eq!(version_of("nightly"), None);
+    }
+
+    #[test]
+    fn a_breaker_is_written_only_when_it_says_more_than_the_fleet_knows() {
+        let open = |at| BreakerRecord {
+            phase: BreakerPhase::Open,
+            failures: 3,
+            opened_at: Some(at),
+            probe_at: Some(at + 1000),
+        };
+        let closed = |at| BreakerRecord {
+            phase: BreakerPhase::Closed,
+            failures: 0,
+            opened_at: Some(at),
+            probe_at: None,
+        };
+        assert!(says_more(&open(5), None));
+        assert!(says_more(&open(6), Some(&open(5))));
+        assert!(!says_more(&open(5), Some(&open(6))), "an older opening");
+        assert!(says_more(&open(5), Some(&closed(4))));
+        // a probe's success closes the opening it knew, not a later one
+        assert!(says_more(&closed(5), Some(&open(5))));
+        assert!(!says_more(&closed(5), Some(&open(6))));
+        assert!(!says_more(&closed(5), Some(&closed(5))));
     }
 }

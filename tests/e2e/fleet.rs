@@ -1002,3 +1002,77 @@ fn measure_fleet() {
         wide_report("three daemons on the fleet", &times(&nodes[0], &envs[0]));
     }
 }
+
+/// A tool's breaker as a daemon shows it (`uet tools --json`): its state and probe time.
+fn breaker_of(daemon: &Daemon, env: &Env, tool: &str) -> Option<(String, u64)> {
+    let out = daemon.client(env, &["tools", "--json"]).expect(0).stdout();
+    let tools: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tools = tools.as_array().unwrap();
+    let b = &tools.iter().find(|t| t["name"] == tool)?["breaker"];
+    Some((
+        b["state"].as_str()?.to_string(),
+        b["probe_at"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// Polls a daemon until `tool`'s breaker is in `state`; returns its probe time.
+fn wait_breaker(daemon: &Daemon, env: &Env, tool: &str, state: &str) -> u64 {
+    let start = Instant::now();
+    loop {
+        if let Some((s, probe_at)) = breaker_of(daemon, env, tool)
+            && s == state
+        {
+            return probe_at;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{tool}'s breaker never went {state}: {:?}",
+            breaker_of(daemon, env, tool)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_breaker_opened_on_one_node_holds_every_owners_steps_until_a_probe_closes_it() {
+    let cluster = Cluster::start(1);
+    let (env_a, env_b) = (Env::new(), Env::new());
+    for env in [&env_a, &env_b] {
+        env.write(
+            "tools.toml",
+            &format!(
+                "[[tools]]\nname = \"flaky\"\nwasm = \"{}\"\nfleet = true\n\
+                 limits = {{ timeout = \"300ms\" }}\n\
+                 breaker = {{ failures = 2, cool_down = \"4s\" }}\n",
+                crate::util::plugin("hostile").display()
+            ),
+        );
+    }
+    let alpha = node(&env_a, &cluster, "alpha", "fleet_slots = 1");
+    let beta = node(&env_b, &cluster, "beta", "fleet_slots = 1");
+    // two failures in a row (timeouts) on alpha's run open its breaker
+    let failing = "name = \"bad\"\nmax_parallel = 1\n\
+        [[steps]]\nid = \"a\"\ntool = \"flaky\"\nwith = { mode = \"loop\" }\n\
+        [[steps]]\nid = \"b\"\ntool = \"flaky\"\nwith = { mode = \"loop\" }\n";
+    crate::daemon::drop_file(&env_a, "bad.toml", failing);
+    let runs = alpha.wait_for_runs(&env_a, 1);
+    assert_eq!(runs[0]["state"], "failed", "{runs:?}");
+    let probe_at = wait_breaker(&alpha, &env_a, "flaky", "open");
+    // beta, which saw none of those failures, takes the fleet's word for it
+    assert_eq!(wait_breaker(&beta, &env_b, "flaky", "open"), probe_at);
+    let good =
+        "name = \"good\"\n[[steps]]\nid = \"c\"\ntool = \"flaky\"\nwith = { mode = \"ok\" }\n";
+    crate::daemon::drop_file(&env_b, "good.toml", good);
+    let runs = beta.wait_for_runs(&env_b, 1);
+    assert_eq!(runs[0]["state"], "succeeded", "{runs:?}");
+    // its step waited for the probe time, using no attempt before it; its success closed
+    // the breaker, on beta and, through the fleet, on alpha
+    let step = &steps_of(&beta, &env_b)[0];
+    assert_eq!(step["attempts"], 1, "{step}");
+    assert!(
+        step["started_at"].as_u64().unwrap() >= probe_at,
+        "started before the probe time: {step}, probe at {probe_at}"
+    );
+    wait_breaker(&beta, &env_b, "flaky", "closed");
+    wait_breaker(&alpha, &env_a, "flaky", "closed");
+}

@@ -39,7 +39,13 @@ pub struct Breakers {
     live: Mutex<HashMap<String, Live>>,
     /// Bumped whenever an attempt ends or a breaker changes: waiting steps ask again then.
     changed: tokio::sync::watch::Sender<u64>,
+    /// A breaker opened or closed here, for whoever shares breakers with other processes
+    /// (a fleet's nodes).
+    news: tokio::sync::broadcast::Sender<(String, BreakerRecord)>,
 }
+
+/// How many openings and closings a slow listener may fall behind by.
+const NEWS: usize = 64;
 
 impl Breakers {
     /// Breakers as the state left them. One that was half-open (its probe cut off by a stop)
@@ -62,6 +68,7 @@ impl Breakers {
         Ok(Breakers {
             live: Mutex::new(live),
             changed: tokio::sync::watch::Sender::new(0),
+            news: tokio::sync::broadcast::Sender::new(NEWS),
         })
     }
 
@@ -70,12 +77,57 @@ impl Breakers {
         Breakers {
             live: Mutex::new(HashMap::new()),
             changed: tokio::sync::watch::Sender::new(0),
+            news: tokio::sync::broadcast::Sender::new(NEWS),
         }
     }
 
     /// A receiver that sees every change worth asking [`Breakers::admit`] again.
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    /// Every breaker that opens or closes here from now on, with its record.
+    pub fn news(&self) -> tokio::sync::broadcast::Receiver<(String, BreakerRecord)> {
+        self.news.subscribe()
+    }
+
+    /// Takes another process's word for a tool's breaker: opened there (until a later probe
+    /// time than this one knew), or closed there by a probe that succeeded. Steps waiting on
+    /// it ask again; nothing is said back (no news).
+    pub fn adopt(&self, tool: &str, record: &BreakerRecord) -> bool {
+        {
+            let mut all = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            let live = all.entry(tool.to_string()).or_insert_with(|| Live {
+                record: BreakerRecord::default(),
+                in_flight: 0,
+                probing: false,
+            });
+            let r = &mut live.record;
+            match record.phase {
+                BreakerPhase::Open => {
+                    if r.phase == BreakerPhase::Open && r.probe_at >= record.probe_at {
+                        return false;
+                    }
+                    r.phase = BreakerPhase::Open;
+                    r.opened_at = record.opened_at;
+                    r.probe_at = record.probe_at;
+                    r.failures = r.failures.max(record.failures);
+                }
+                BreakerPhase::Closed => {
+                    if r.phase == BreakerPhase::Closed {
+                        return false;
+                    }
+                    r.phase = BreakerPhase::Closed;
+                    r.failures = 0;
+                    r.probe_at = None;
+                    live.probing = false;
+                }
+                // a probe elsewhere is that process's own business
+                BreakerPhase::HalfOpen => return false,
+            }
+        }
+        self.changed.send_modify(|n| *n += 1);
+        true
     }
 
     /// A tool's breaker now, if it has one that has been used.
@@ -226,6 +278,16 @@ impl Breakers {
                 event,
             })
         };
+        if let Some(BreakerChange {
+            event: Some(_),
+            record,
+            ..
+        }) = &transition
+            && record.phase != BreakerPhase::HalfOpen
+        {
+            // no one listening is fine: a daemon alone shares nothing
+            let _ = self.news.send((tool.name.clone(), record.clone()));
+        }
         self.changed.send_modify(|n| *n += 1);
         transition
     }
