@@ -41,6 +41,10 @@ pub const RESULTS: &str = "UET_RESULTS";
 /// The object store plugins travel through, each under its sha256.
 pub const PLUGINS: &str = "uet_plugins";
 
+/// The subject an owner tells workers on to stop an attempt (plain NATS: whoever runs it
+/// now hears it; the dispatch itself leaves the queue by its sequence).
+const CANCEL: &str = "uet.cancel";
+
 /// The key-value bucket of fleet tools' breakers, each under its tool's name and content.
 pub const BREAKERS: &str = "uet_breakers";
 
@@ -394,6 +398,7 @@ pub async fn join(config: &Config) -> anyhow::Result<Fleet> {
             .map_err(|e| anyhow::anyhow!("nats: cannot make the bucket {BREAKERS}: {e}"))?,
     };
     let owner = Arc::new(Owner {
+        steps: js.get_stream(STEPS).await?,
         js: js.clone(),
         plugins,
         blobs: Blobs(blobs),
@@ -467,6 +472,8 @@ const FAULT_BEFORE_ACK: &str = "fleet-owner-before-ack";
 /// (a duplicate, a late one, one from before a restart) is fenced: logged and dropped.
 pub struct Owner {
     js: jetstream::Context,
+    /// The queue of dispatches, to take back one no longer wanted.
+    steps: jetstream::stream::Stream,
     /// Where plugins travel by hash, and the hashes this node knows are there.
     plugins: jetstream::object_store::ObjectStore,
     shared: Mutex<std::collections::HashSet<String>>,
@@ -601,19 +608,22 @@ impl Owner {
                         .map_err(|e| e.to_string())
                 };
                 match published.await {
-                    Ok(_) => break,
+                    Ok(ack) => {
+                        self.untroubled();
+                        return ack.sequence;
+                    }
                     Err(e) => self.troubled(format!("cannot send attempts ({e})")),
                 }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(2));
             }
-            self.untroubled();
         };
-        let sent_off = tokio::select! {
-            _ = publish => true,
-            _ = sleep_until(deadline) => false,
-            _ = cancel.cancelled() => false,
+        let queued_as = tokio::select! {
+            seq = publish => Some(seq),
+            _ = sleep_until(deadline) => None,
+            _ = cancel.cancelled() => None,
         };
+        let sent_off = queued_as.is_some();
         if sent_off {
             notes(format!(
                 "attempt {} sent on {subject} as {id}",
@@ -626,6 +636,11 @@ impl Owner {
             _ = cancel.cancelled() => None,
         };
         lock(&self.pending).remove(&id);
+        if ended.is_none()
+            && let Some(seq) = queued_as
+        {
+            self.call_off(&id, seq).await;
+        }
         if body.len() > INLINE_MAX {
             // the attempt is over: a copy of its dispatch still queued finds nothing, and goes
             self.blobs.drop_blob(&blob).await;
@@ -648,6 +663,19 @@ impl Owner {
                     timeout.unwrap_or_default()
                 ),
             )),
+        }
+    }
+
+    /// An attempt canceled or past its deadline here: its dispatch leaves the queue if no
+    /// worker took it yet, and the worker running it is told to stop (best effort: one that
+    /// misses it finishes, and its outcome is fenced).
+    async fn call_off(&self, id: &str, seq: u64) {
+        if let Err(e) = self.steps.delete_message(seq).await {
+            tracing::debug!(%id, "fleet: dispatch not deleted ({e})");
+        }
+        let client = self.js.client();
+        if let Err(e) = client.publish(CANCEL, id.to_string().into()).await {
+            tracing::debug!(%id, "fleet: cannot call off ({e})");
         }
     }
 
@@ -854,6 +882,24 @@ pub async fn work(
         return Ok(());
     }
     let slots = Arc::new(Semaphore::new(fleet.slots));
+    let running: Running = Arc::new(Mutex::new(HashMap::new()));
+    let mut calls = fleet.client.subscribe(CANCEL).await?;
+    let called = running.clone();
+    let stopped = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let call = tokio::select! {
+                c = calls.next() => c,
+                _ = stopped.cancelled() => return,
+            };
+            let Some(call) = call else { return };
+            let id = String::from_utf8_lossy(&call.payload);
+            if let Some(token) = lock(&called).get(id.as_ref()) {
+                tracing::info!(%id, "fleet: its owner called the attempt off");
+                token.cancel();
+            }
+        }
+    });
     for w in tools {
         let ToolKind::Wasm { path } = &w.tool.kind else {
             continue;
@@ -892,6 +938,7 @@ pub async fn work(
             sha256: hash,
             plugins: fleet.owner.plugins.clone(),
             blobs: fleet.owner.blobs.clone(),
+            running: running.clone(),
             fetching: Arc::new(tokio::sync::Mutex::new(())),
         };
         tokio::spawn(take_work(consumer, job, slots.clone(), stop.clone()));
@@ -914,8 +961,12 @@ struct Job {
     sha256: String,
     plugins: jetstream::object_store::ObjectStore,
     blobs: Blobs,
+    /// The attempts this node runs now, by id: an owner may call one off.
+    running: Running,
     fetching: Arc<tokio::sync::Mutex<()>>,
 }
+
+type Running = Arc<Mutex<HashMap<String, CancellationToken>>>;
 
 impl Job {
     /// Makes sure this node has the plugin: one that comes from the fleet is fetched by its
@@ -1060,13 +1111,15 @@ async fn do_one(job: Job, message: jetstream::Message, stop: CancellationToken) 
             .await;
         return;
     }
+    let called_off = stop.child_token();
+    lock(&job.running).insert(sent.id.clone(), called_off.clone());
     let run = crate::engine::run_here(
         &job.tool,
         &sent.attempt,
         job.wasm.clone(),
         job.groups.clone(),
         &job.workstream,
-        stop.child_token(),
+        called_off,
     );
     tokio::pin!(run);
     let ended = loop {
@@ -1077,6 +1130,7 @@ async fn do_one(job: Job, message: jetstream::Message, stop: CancellationToken) 
             }
         }
     };
+    lock(&job.running).remove(&sent.id);
     if stop.is_cancelled() {
         // stopped mid-attempt: let another node have it now rather than after the ack wait
         let _ = message.ack_with(AckKind::Nak(None)).await;

@@ -1076,3 +1076,39 @@ fn a_breaker_opened_on_one_node_holds_every_owners_steps_until_a_probe_closes_it
     wait_breaker(&beta, &env_b, "flaky", "closed");
     wait_breaker(&alpha, &env_a, "flaky", "closed");
 }
+
+#[test]
+fn a_canceled_run_calls_its_remote_attempts_off_running_or_queued() {
+    let (cluster, [env_a, env_b, _]) = nap_fleet();
+    let alpha = node(&env_a, &cluster, "alpha", "fleet_slots = 0");
+    let _beta = node(&env_b, &cluster, "beta", "fleet_slots = 1");
+    // beta runs the first, which never ends by itself; the second waits in the queue
+    let flow = "name = \"forever\"\nmax_parallel = 2\n\
+        [[steps]]\nid = \"a\"\ntool = \"nap\"\nwith = { mode = \"loop\" }\n\
+        [[steps]]\nid = \"b\"\ntool = \"nap\"\nwith = { mode = \"loop\" }\n";
+    crate::daemon::drop_file(&env_a, "forever.toml", flow);
+    wait_taken(&cluster);
+    let start = Instant::now();
+    while stream_info(&cluster.urls[0], "UET_STEPS").1 < 2 {
+        assert!(start.elapsed() < Duration::from_secs(10), "not both sent");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    alpha.client(&env_a, &["cancel", "1"]).expect(0);
+    let runs = alpha.wait_for_runs(&env_a, 1);
+    assert_eq!(runs[0]["state"], "canceled", "{runs:?}");
+    // the queued dispatch is taken back, the running one stopped: its worker sends its end
+    // home (fenced there) and takes it off the queue
+    let start = Instant::now();
+    while stream_info(&cluster.urls[0], "UET_STEPS").1 > 0
+        || results_taken(&cluster.urls[0], "alpha") < 1
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the worker never stopped: {} dispatches queued, {} results",
+            stream_info(&cluster.urls[0], "UET_STEPS").1,
+            results_taken(&cluster.urls[0], "alpha")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(ack_pending(&cluster.urls[0], "uet-steps-nap-"), Some(0));
+}
