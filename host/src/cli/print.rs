@@ -103,7 +103,7 @@ pub(crate) fn status(json: bool, status: &Status) {
     }
     if let Some(fleet) = &status.fleet {
         println!(
-            "fleet: node {} on {}, {} ({} copies of each stream)",
+            "fleet: node {} on {}, {} ({} of each stream)",
             fleet.node,
             fleet.server,
             if fleet.connected {
@@ -111,7 +111,11 @@ pub(crate) fn status(json: bool, status: &Status) {
             } else {
                 "reconnecting"
             },
-            fleet.replicas
+            if fleet.replicas == 1 {
+                "1 copy".to_string()
+            } else {
+                format!("{} copies", fleet.replicas)
+            }
         );
         if let Some(waiting) = &fleet.waiting {
             println!("fleet: waiting: {waiting}");
