@@ -183,11 +183,7 @@ fn report(result: Result<u8, Failure>) -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(Failure::Problems(p)) => {
             eprintln!("{p}");
-            let n = p.count();
-            eprintln!(
-                "uet: {n} problem{}; nothing was run",
-                if n == 1 { "" } else { "s" }
-            );
+            eprintln!("{}", p.nothing_run());
             ExitCode::from(exit::INVALID)
         }
         Err(Failure::Other(e)) => {

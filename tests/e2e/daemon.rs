@@ -306,6 +306,14 @@ fn cancel_stops_a_long_step_at_once() {
         "{}",
         refused.describe()
     );
+    // ending as `uet run` ends: how many, and that nothing ran
+    assert!(
+        refused
+            .stderr()
+            .ends_with("\nuet: 2 problems; nothing was run\n"),
+        "{}",
+        refused.describe()
+    );
 }
 
 #[test]
@@ -501,4 +509,84 @@ command = ["sh", "-c", "echo {name} >> ran.log; if [ ! -e stalled ]; then touch 
     let attempts = store.attempts(1, "b").unwrap();
     assert_eq!(attempts[0].outcome, Some(uet::model::Outcome::Interrupted));
     assert_eq!(attempts[1].outcome, Some(uet::model::Outcome::Succeeded));
+}
+
+/// A run's time is one figure wherever it is shown: the wall clock's from its first start to
+/// its end, counting the time the daemon was down between (ENGINE.md).
+#[test]
+fn a_resumed_runs_time_is_the_same_in_its_event_and_in_show() {
+    let env = Env::new();
+    env.write(
+        "tools.toml",
+        "[[tools]]\nname = \"nap\"\ncommand = [\"sh\", \"-c\", \"touch {mark}; sleep 1\"]\n",
+    );
+    let daemon = Daemon::start(&env);
+    drop_file(
+        &env,
+        "slow.toml",
+        "name = \"slow\"\n[[steps]]\nid = \"a\"\ntool = \"nap\"\nwith = { mark = \"started\" }\n",
+    );
+    let start = Instant::now();
+    while !env.ws.join("started").exists() {
+        assert!(start.elapsed() < Duration::from_secs(20), "never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(daemon); // kill -9 mid-step
+    std::thread::sleep(Duration::from_secs(2));
+    let daemon = Daemon::start(&env);
+    let runs = daemon.wait_for_runs(&env, 1);
+    assert_eq!(runs[0]["state"], "succeeded", "{runs:?}");
+    let shown = daemon
+        .client(&env, &["show", "1", "--json"])
+        .expect(0)
+        .stdout();
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    let in_show = shown["duration_ms"].as_u64().unwrap() as f64 / 1000.0;
+    let events = daemon
+        .client(&env, &["events", "1", "--json"])
+        .expect(0)
+        .stdout();
+    let detail = events
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["kind"] == "run.succeeded")
+        .unwrap()["detail"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let in_event: f64 = detail
+        .rsplit(" in ")
+        .next()
+        .unwrap()
+        .trim_end_matches('s')
+        .parse()
+        .unwrap_or_else(|e| panic!("{detail:?}: {e}"));
+    assert!(in_show >= 3.0, "the downtime counts: {in_show} s");
+    assert!(
+        (in_event - in_show).abs() < 0.1,
+        "event says {in_event} s, show says {in_show} s"
+    );
+}
+
+/// `top` and `tools` show a plugin as the plugin describes itself, capabilities included.
+#[test]
+fn top_and_tools_show_a_plugins_own_capabilities_alike() {
+    let env = Env::new();
+    env.write(
+        "tools.toml",
+        &format!(
+            "[[tools]]\nname = \"q\"\nwasm = \"{}\"\n",
+            crate::util::plugin("jsonq").display()
+        ),
+    );
+    let daemon = Daemon::start(&env);
+    let top = daemon.client(&env, &["top", "--json"]).expect(0).stdout();
+    let top: serde_json::Value = serde_json::from_str(&top).unwrap();
+    let tools = daemon.client(&env, &["tools", "--json"]).expect(0).stdout();
+    let tools: serde_json::Value = serde_json::from_str(&tools).unwrap();
+    assert_eq!(
+        top["tools"][0]["capabilities"],
+        serde_json::json!(["data.query"])
+    );
+    assert_eq!(top["tools"], tools);
 }

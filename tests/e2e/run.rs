@@ -487,3 +487,64 @@ with = { flag = "--output=sorted.txt" }
     assert_eq!(step(&out, "allowed")["state"], "succeeded");
     assert_eq!(env.read("sorted.txt"), "a\nb\n");
 }
+
+#[test]
+fn a_second_ctrl_c_kills_the_steps_and_records_the_run_canceled() {
+    let env = Env::new();
+    // a command the first Ctrl-C kills at once, and a plugin asleep in a host call, which no
+    // cancel reaches until it wakes: only the second Ctrl-C ends the run
+    env.write(
+        "tools.toml",
+        &format!(
+            "[[tools]]\nname = \"mark\"\n\
+             command = [\"sh\", \"-c\", \"echo $$ > {{pidfile}}; touch {{pidfile}}.done; sleep 60\"]\n\
+             [[tools]]\nname = \"nap\"\nwasm = \"{}\"\n",
+            crate::util::plugin("hostile").display()
+        ),
+    );
+    env.write(
+        "stuck.toml",
+        "name = \"stuck\"\nmax_parallel = 2\n\
+         [[steps]]\nid = \"s\"\ntool = \"mark\"\nwith = { pidfile = \"pid\" }\n\
+         [[steps]]\nid = \"z\"\ntool = \"nap\"\nwith = { mode = \"sleep\", ms = 30000 }\n",
+    );
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_uet"))
+        .args(["run", "stuck.toml"])
+        .current_dir(&env.ws)
+        .env("UET_STATE", &env.state)
+        .env("UET_CACHE_DIR", crate::util::shared_cache())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !env.ws.join("pid.done").exists() {
+        assert!(start.elapsed() < Duration::from_secs(20), "never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ctrl_c = || {
+        // SAFETY: signalling a child we spawned
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    };
+    ctrl_c();
+    std::thread::sleep(Duration::from_millis(300));
+    ctrl_c();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("run 1 recorded canceled"), "{err}");
+    let pid: i32 = env.read("pid").trim().parse().unwrap();
+    let start = Instant::now();
+    while !gone(pid) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the step outlived uet"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // the state says so: a later daemon finds nothing to resume
+    let shown = env.uet(&["show", "1", "--json"]).expect(0).stdout();
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["state"], "canceled", "{shown}");
+    assert_eq!(shown["reason"], "canceled: forced by a second Ctrl-C");
+}

@@ -347,6 +347,15 @@ fn reads_go_to_the_state_when_no_daemon_answers() {
     assert!(kinds.iter().any(|k| k == "run.succeeded"), "{kinds:?}");
     let top: serde_json::Value = serde_json::from_str(&read(&["top", "--json"]).stdout()).unwrap();
     assert!(top["status"].is_null() && top["runs"].as_array().unwrap().is_empty());
+    // `--every` takes seconds, as its help says, or a duration with its unit
+    for every in ["2", "0.5", "300ms"] {
+        read(&["top", "--every", every, "--json"]);
+    }
+    let refused = env.uet(&["top", "--every", "0"]).expect(2).stderr();
+    assert!(
+        refused.contains("not a positive number of seconds"),
+        "{refused}"
+    );
     // an unknown run is the request's fault, as the daemon says it
     let mut args = vec!["show", "7", "--socket", socket];
     args.push("--json");

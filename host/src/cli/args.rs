@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
-/// Exit codes, as DESIGN.md fixes them.
+/// Exit codes, as the README lists them.
 pub(crate) mod exit {
     pub const OK: u8 = 0;
     pub const RUN_FAILED: u8 = 1;
@@ -172,8 +172,8 @@ pub(crate) enum Command {
     /// A live view of the daemon: runs in flight with progress and ETA, the queue, tools and
     /// their breakers; `q` quits. Prints one frame when stdout is not a terminal.
     Top {
-        /// Seconds between refreshes.
-        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        /// Time between refreshes: seconds (`2`, `0.5`) or a duration (`500ms`).
+        #[arg(long, default_value = "1", value_parser = seconds_or_duration)]
         every: std::time::Duration,
         #[command(flatten)]
         client: ClientArgs,
@@ -268,4 +268,13 @@ pub(crate) enum PluginCommand {
         #[arg(long)]
         sdk: Option<PathBuf>,
     },
+}
+
+/// A time given as seconds (`2`, `0.5`) or as a duration with its unit (`500ms`, `1m`).
+fn seconds_or_duration(text: &str) -> Result<std::time::Duration, String> {
+    match text.trim().parse::<f64>() {
+        Ok(s) if s.is_finite() && s > 0.0 => Ok(std::time::Duration::from_secs_f64(s)),
+        Ok(_) => Err(format!("{text:?} is not a positive number of seconds")),
+        Err(_) => humantime::parse_duration(text).map_err(|e| e.to_string()),
+    }
 }

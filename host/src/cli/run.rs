@@ -173,11 +173,13 @@ pub(crate) fn run(
         // registered before any step starts: a Ctrl-C from then on cancels, never kills outright
         let mut interrupts =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let forced = store.clone();
         tokio::spawn(async move {
             if interrupts.recv().await.is_some() {
                 eprintln!("uet: canceling (Ctrl-C again to force)…");
                 on_signal.cancel();
                 if interrupts.recv().await.is_some() {
+                    force_stop(&forced, run);
                     std::process::exit(130);
                 }
             }
@@ -210,6 +212,27 @@ pub(crate) fn run(
         RunState::Succeeded => exit::OK,
         _ => exit::RUN_FAILED,
     })
+}
+
+/// A second Ctrl-C: the steps are not waited for. Their command processes are killed, and
+/// the run is recorded canceled (its unfinished attempts interrupted) before uet exits, so no
+/// later daemon takes it for one that was cut off and runs it again unasked.
+fn force_stop(store: &Store, run: u64) {
+    // opening the ledger again kills the process groups it notes: this run's commands
+    let killed = engine::open_groups(store).map(|(_, n)| n).unwrap_or(0);
+    let mut changes = engine::requeue_in_flight(store, run).unwrap_or_default();
+    changes.push(uet::state::Change::RunState {
+        run,
+        to: RunState::Canceled,
+        reason: Some("canceled: forced by a second Ctrl-C".into()),
+    });
+    match store.apply(&changes) {
+        Ok(()) => eprintln!(
+            "uet: forced; run {run} recorded canceled ({killed} command{} killed)",
+            if killed == 1 { "" } else { "s" }
+        ),
+        Err(e) => eprintln!("uet: forced; run {run} could not be recorded canceled: {e}"),
+    }
 }
 
 /// Shows a run's progress on stderr as it goes: on a terminal, a bar with the steps running

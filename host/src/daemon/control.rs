@@ -104,9 +104,11 @@ impl Control for Arc<Daemon> {
         let bytes = dropped::read_submitted(path, self.config.max_file)
             .map_err(|e| Refused::invalid(format!("{}: {e}", path.display())))?;
         let dir = path.parent().unwrap_or(Path::new("/")).to_path_buf();
-        let tools = load_tools(self, &dir).map_err(|p| Refused::invalid(p.to_string()))?;
-        let plan =
-            workflow::parse(path, &bytes, &tools).map_err(|p| Refused::invalid(p.to_string()))?;
+        // said as `uet run` says it: the problems, then how many
+        let refused =
+            |p: crate::spec::doc::Problems| Refused::invalid(format!("{p}\n{}", p.nothing_run()));
+        let tools = load_tools(self, &dir).map_err(refused)?;
+        let plan = workflow::parse(path, &bytes, &tools).map_err(refused)?;
         let run = record(self, &plan, path, &dir, None, "submitted")
             .map_err(|e| failed(format!("{e:#}")))?;
         start(self, run, plan, dir, tools, false);

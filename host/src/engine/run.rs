@@ -373,7 +373,13 @@ impl<'a> Scheduler<'a> {
         self.set_going(&run)?;
         let started = Instant::now();
         let stop = self.drive(&run, cancel, pause).await?;
-        let (state, reason) = self.outcome(stop, started);
+        // a run's time is the wall clock's from its first start, as `uet show` gives it: a run
+        // resumed after a restart counts the time the daemon was down too
+        let took = match run.started_at {
+            Some(at) => Duration::from_millis(now_millis().saturating_sub(at)),
+            None => started.elapsed(),
+        };
+        let (state, reason) = self.outcome(stop, took);
         self.changes.push(Change::RunState {
             run: self.run,
             to: state,
@@ -586,11 +592,7 @@ impl<'a> Scheduler<'a> {
 
     /// How the run ends: as stopped (its unfinished steps put back, or canceled), or by its
     /// steps: quarantined, succeeded or failed.
-    fn outcome(
-        &mut self,
-        stop: Option<(RunState, String)>,
-        started: Instant,
-    ) -> (RunState, String) {
+    fn outcome(&mut self, stop: Option<(RunState, String)>, took: Duration) -> (RunState, String) {
         let all_ended = self.state.iter().all(|s| s.is_terminal());
         let stop = stop.filter(|(state, _)| *state != RunState::Pending || !all_ended);
         match stop {
@@ -620,11 +622,7 @@ impl<'a> Scheduler<'a> {
                 } else if failed.is_empty() {
                     (
                         RunState::Succeeded,
-                        format!(
-                            "{} steps succeeded in {:.2?}",
-                            self.state.len(),
-                            started.elapsed()
-                        ),
+                        format!("{} steps succeeded in {:.2?}", self.state.len(), took),
                     )
                 } else {
                     (RunState::Failed, format!("failed: {}", failed.join(", ")))

@@ -79,6 +79,18 @@ impl Problems {
     }
 }
 
+impl Problems {
+    /// The line that ends a report of these problems, as every command that refuses a file
+    /// prints it.
+    pub fn nothing_run(&self) -> String {
+        let n = self.count();
+        format!(
+            "uet: {n} problem{}; nothing was run",
+            if n == 1 { "" } else { "s" }
+        )
+    }
+}
+
 impl std::fmt::Display for Problems {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         for (i, p) in self.list.iter().enumerate() {
