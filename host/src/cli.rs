@@ -6,6 +6,7 @@ mod args;
 mod client;
 mod daemon;
 mod local;
+mod plan;
 mod print;
 mod run;
 pub mod scaffold;
@@ -85,9 +86,22 @@ fn dispatch(command: Command) -> Result<u8, Failure> {
         Command::Run {
             file,
             tools,
+            json,
+            dry_run: true,
+            ..
+        } => plan::dry_run(&file, tools.as_deref(), json),
+        Command::Run {
+            file,
+            tools,
             state,
             json,
+            dry_run: false,
         } => run::run(&file, tools.as_deref(), state, json),
+        Command::Graph {
+            file,
+            tools,
+            format,
+        } => plan::graph(&file, tools.as_deref(), format),
         Command::Validate { files, tools } => run::validate(&files, tools.as_deref()),
         Command::Tools {
             tools,

@@ -548,3 +548,79 @@ fn a_second_ctrl_c_kills_the_steps_and_records_the_run_canceled() {
     assert_eq!(shown["state"], "canceled", "{shown}");
     assert_eq!(shown["reason"], "canceled: forced by a second Ctrl-C");
 }
+
+/// A plan seen without running it: `uet graph` draws it, `uet run --dry-run` lists its waves
+/// with the tools they resolve to; neither runs a step nor touches the state.
+#[test]
+fn graph_and_dry_run_show_the_plan_and_run_nothing() {
+    let env = Env::new();
+    env.write(
+        "tools.toml",
+        "[[tools]]\nname = \"echo\"\ncommand = [\"touch\", \"ran\"]\ncapabilities = [\"say\"]\n",
+    );
+    env.write(
+        "w.toml",
+        "name = \"a \\\"quoted\\\" plan\"\n\
+         [[steps]]\nid = \"last\"\ntool = \"echo\"\nneeds = [\"first\", \"second\"]\n\
+         [[steps]]\nid = \"first\"\ncapability = \"say\"\n\
+         [[steps]]\nid = \"second\"\ntool = \"echo\"\nneeds = [\"first\"]\n",
+    );
+    let mermaid = env.uet(&["graph", "w.toml"]).expect(0).stdout();
+    assert!(mermaid.contains("flowchart LR\n"), "{mermaid}");
+    assert!(
+        mermaid.contains("s1[\"first<br/><i>say → echo</i>\"]"),
+        "{mermaid}"
+    );
+    for edge in ["s1 --> s0", "s2 --> s0", "s1 --> s2"] {
+        assert!(mermaid.contains(edge), "{edge}: {mermaid}");
+    }
+    let dot = env
+        .uet(&["graph", "--format", "dot", "w.toml"])
+        .expect(0)
+        .stdout();
+    assert!(
+        dot.starts_with("digraph \"a \\\"quoted\\\" plan\" {"),
+        "{dot}"
+    );
+    assert!(
+        dot.contains("s1 -> s2;") && dot.trim_end().ends_with('}'),
+        "{dot}"
+    );
+    let text = env.uet(&["run", "--dry-run", "w.toml"]).expect(0).stdout();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].contains("3 steps in 3 waves"), "{text}");
+    assert_eq!(lines[1], "wave 1:");
+    assert!(
+        lines[2]
+            .trim_start()
+            .starts_with("first   capability `say` → echo (command "),
+        "{text}"
+    );
+    assert!(lines[6].contains("after first, second"), "{text}");
+    let json = env
+        .uet(&["run", "--dry-run", "--json", "w.toml"])
+        .expect(0)
+        .stdout();
+    let json: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let order: Vec<(&str, u64)> = json["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["id"].as_str().unwrap(), s["wave"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(order, [("first", 1), ("second", 2), ("last", 3)]);
+    assert_eq!(json["steps"][0]["capability"], "say");
+    assert_eq!(json["steps"][0]["tool"], "echo");
+    assert!(!env.ws.join("ran").exists(), "a step ran");
+    assert!(!env.state.exists(), "the state was touched");
+    // a plan that cannot be made is refused as `uet run` refuses it
+    env.write(
+        "bad.toml",
+        "name = \"b\"\n[[steps]]\nid = \"x\"\ntool = \"nope\"\n",
+    );
+    let err = env.uet(&["graph", "bad.toml"]).expect(2).stderr();
+    assert!(
+        err.contains("bad.toml:4:") && err.contains("nothing was run"),
+        "{err}"
+    );
+}

@@ -11,7 +11,7 @@ use crate::api::types::{
     ToolShown, TopRun, TopView,
 };
 use crate::model::{BreakerPhase, BreakerRecord, RunId, RunState, StepState, now_millis};
-use crate::spec::tools::{ToolKind, Tools};
+use crate::spec::tools::Tools;
 use crate::spec::workflow::Plan;
 use crate::state::{StateError, Store};
 use crate::views::graph::Layout;
@@ -319,14 +319,7 @@ pub fn tools(files: &[Tools], breaker: impl Fn(&str) -> Option<BreakerRecord>) -
     let mut shown = Vec::new();
     for file in files {
         for t in &file.tools {
-            let source = match &t.kind {
-                ToolKind::Command { argv } => argv
-                    .iter()
-                    .map(|a| a.to_string())
-                    .collect::<Vec<_>>()
-                    .join(" "),
-                ToolKind::Wasm { path } => path.display().to_string(),
-            };
+            let source = t.kind.source();
             let breaker = t.breaker.map(|settings| {
                 let r = breaker(&t.name).unwrap_or_default();
                 let open = r.phase == BreakerPhase::Open;

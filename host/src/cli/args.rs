@@ -38,6 +38,20 @@ pub(crate) enum Command {
         /// Print one JSON object instead of a summary.
         #[arg(long)]
         json: bool,
+        /// Print what would run, in which order and with which tools, and run nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Draw a workflow's plan: its steps and what each needs, as Mermaid or Graphviz DOT.
+    Graph {
+        /// The workflow file.
+        file: PathBuf,
+        /// The tools file [default: tools.toml beside the workflow].
+        #[arg(long)]
+        tools: Option<PathBuf>,
+        /// `mermaid` (paste into Markdown) or `dot` (`| dot -Tsvg`).
+        #[arg(long, value_enum, default_value = "mermaid")]
+        format: GraphFormat,
     },
     /// List tools: kind, capabilities and source. Those of the daemon's folders, or with
     /// `--tools` (or no daemon running) those of a tools file.
@@ -277,4 +291,13 @@ fn seconds_or_duration(text: &str) -> Result<std::time::Duration, String> {
         Ok(_) => Err(format!("{text:?} is not a positive number of seconds")),
         Err(_) => humantime::parse_duration(text).map_err(|e| e.to_string()),
     }
+}
+
+/// How `uet graph` draws.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub(crate) enum GraphFormat {
+    /// A Mermaid flowchart.
+    Mermaid,
+    /// A Graphviz digraph.
+    Dot,
 }

@@ -73,7 +73,7 @@ pub(crate) fn tools(
 }
 
 /// The tools file for a workflow: `--tools`, else `tools.toml` beside it.
-fn tools_path(workflow: &Path, given: Option<&Path>) -> PathBuf {
+pub(crate) fn tools_path(workflow: &Path, given: Option<&Path>) -> PathBuf {
     given
         .map(Path::to_path_buf)
         .unwrap_or_else(|| workflow.parent().unwrap_or(Path::new(".")).join(TOOLS_FILE))

@@ -109,6 +109,18 @@ pub enum ToolKind {
 }
 
 impl ToolKind {
+    /// What it runs, as shown: the command line, or the component file.
+    pub fn source(&self) -> String {
+        match self {
+            ToolKind::Command { argv } => argv
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+            ToolKind::Wasm { path } => path.display().to_string(),
+        }
+    }
+
     /// `command` or `wasm`.
     pub fn name(&self) -> &'static str {
         match self {

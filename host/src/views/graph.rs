@@ -95,7 +95,7 @@ pub fn layout(plan: &Plan) -> Layout {
 /// Each step's column: one past the furthest of its needs, in topological order (Kahn's), so
 /// a 10,000-step chain needs no recursion. Steps left in a cycle (never in a valid plan) stay
 /// in column 0.
-fn columns(needs: &[Vec<usize>]) -> Vec<usize> {
+pub fn columns(needs: &[Vec<usize>]) -> Vec<usize> {
     let n = needs.len();
     let mut waiting: Vec<usize> = needs.iter().map(Vec::len).collect();
     let mut after: Vec<Vec<usize>> = vec![Vec::new(); n];
