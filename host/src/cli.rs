@@ -144,6 +144,13 @@ fn dispatch(command: Command) -> Result<u8, Failure> {
             client,
             state,
         } => local::events(run, follow, &client, state.state),
+        Command::Logs {
+            run,
+            step,
+            attempt,
+            client,
+            state,
+        } => local::logs(run, step, attempt, &client, state.state),
         Command::Top {
             every,
             client,

@@ -562,6 +562,17 @@ fn a_resumed_runs_time_is_the_same_in_its_event_and_in_show() {
         .parse()
         .unwrap_or_else(|e| panic!("{detail:?}: {e}"));
     assert!(in_show >= 3.0, "the downtime counts: {in_show} s");
+    // and the daemon answers `uet logs` as the state would: the attempt cut off, then the one
+    // that ran to its end
+    let logs = daemon.client(&env, &["logs", "1", "--json"]).expect(0).stdout();
+    let logs: serde_json::Value = serde_json::from_str(&logs).unwrap();
+    let ended: Vec<&str> = logs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(ended, ["interrupted", "succeeded"]);
     assert!(
         (in_event - in_show).abs() < 0.1,
         "event says {in_event} s, show says {in_show} s"

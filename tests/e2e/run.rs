@@ -624,3 +624,58 @@ fn graph_and_dry_run_show_the_plan_and_run_nothing() {
         "{err}"
     );
 }
+
+/// `uet logs`: what each attempt printed and logged, per step and attempt, from the state.
+#[test]
+fn logs_show_each_attempts_output_and_plugin_lines() {
+    let env = Env::new();
+    env.write(
+        "tools.toml",
+        &format!(
+            "[[tools]]\nname = \"flaky\"\n\
+             command = [\"sh\", \"-c\", \"echo out-$(cat n 2>/dev/null || echo 1); echo err >&2; [ -f n ] && exit 0; echo 2 > n; exit 1\"]\n\
+             [[tools]]\nname = \"nice\"\nwasm = \"{}\"\n",
+            crate::util::plugin("hostile").display()
+        ),
+    );
+    env.write(
+        "w.toml",
+        "name = \"w\"\n\
+         [[steps]]\nid = \"cmd\"\ntool = \"flaky\"\nretries = 1\nretry = { base = \"10ms\" }\n\
+         [[steps]]\nid = \"plug\"\ntool = \"nice\"\nwith = { mode = \"ok\" }\n",
+    );
+    let (_, out) = env.run_json("w.toml");
+    assert_eq!(out["state"], "succeeded", "{out}");
+    let text = env.uet(&["logs", "1"]).expect(0).stdout();
+    let expected = [
+        "== cmd · attempt 1 · flaky · failed",
+        "stdout:",
+        "  out-1",
+        "stderr:",
+        "  err",
+        "error: ",
+        "== cmd · attempt 2 · flaky · succeeded",
+        "  out-2",
+        "== plug · attempt 1 · nice · succeeded",
+        "log:",
+        "  info: behaving, for once",
+    ];
+    let mut at = 0;
+    for want in expected {
+        let found = text[at..]
+            .find(want)
+            .unwrap_or_else(|| panic!("{want:?} after {at}:\n{text}"));
+        at += found + want.len();
+    }
+    let one = env
+        .uet(&["logs", "1", "cmd", "--attempt", "2", "--json"])
+        .expect(0)
+        .stdout();
+    let one: serde_json::Value = serde_json::from_str(&one).unwrap();
+    assert_eq!(one.as_array().unwrap().len(), 1);
+    assert_eq!(one[0]["stdout"], "out-2\n");
+    assert_eq!(one[0]["outcome"], "succeeded");
+    let err = env.uet(&["logs", "1", "nope"]).expect(2).stderr();
+    assert!(err.contains("run 1 has no step `nope`"), "{err}");
+    env.uet(&["logs", "1", "cmd", "--attempt", "9"]).expect(2);
+}

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use crate::api::types::{
-    AttemptBar, BreakerShown, EventShown, RunShown, RunSummary, Status, StepDetail, StepShown,
-    ToolShown, TopRun, TopView,
+    AttemptBar, AttemptLog, BreakerShown, EventShown, RunShown, RunSummary, Status, StepDetail,
+    StepShown, ToolShown, TopRun, TopView,
 };
 use crate::model::{BreakerPhase, BreakerRecord, RunId, RunState, StepState, now_millis};
 use crate::spec::tools::Tools;
@@ -253,6 +253,75 @@ pub fn events(
         if out.len() == limit {
             break;
         }
+    }
+    Ok(out)
+}
+
+/// What a run's attempts printed and logged: every step's in the plan's order, or `step`'s
+/// alone, or only its attempt `attempt`. A plugin's log lines are its step's `plugin.log`
+/// events, each given to the attempt that was running when it was written.
+pub fn logs(
+    store: &Store,
+    run: RunId,
+    step: Option<&str>,
+    attempt: Option<u32>,
+) -> Result<Vec<AttemptLog>, Refused> {
+    known(store, Some(run))?;
+    let plan = plan_of(store, run)?;
+    if let Some(id) = step
+        && !plan.steps.iter().any(|s| s.id == id)
+    {
+        return Err(Refused::invalid(format!("run {run} has no step `{id}`")));
+    }
+    let mut lines: HashMap<String, Vec<(u64, String)>> = HashMap::new();
+    for e in store.events(run)? {
+        if e.kind == "plugin.log"
+            && let Some(s) = e.step
+            && step.is_none_or(|id| id == s)
+        {
+            lines.entry(s).or_default().push((e.at, e.detail));
+        }
+    }
+    let mut out = Vec::new();
+    for s in plan
+        .steps
+        .iter()
+        .filter(|s| step.is_none_or(|id| id == s.id))
+    {
+        let attempts = store.attempts(run, &s.id)?;
+        let mut said = lines
+            .remove(&s.id)
+            .unwrap_or_default()
+            .into_iter()
+            .peekable();
+        for (i, a) in attempts.iter().enumerate() {
+            // this attempt's lines: those written before the next attempt began
+            let next = attempts.get(i + 1).map_or(u64::MAX, |n| n.started_at);
+            let mut plugin = Vec::new();
+            while let Some((_, line)) = said.next_if(|(at, _)| *at < next) {
+                plugin.push(line);
+            }
+            if attempt.is_some_and(|n| n != a.number) {
+                continue;
+            }
+            out.push(AttemptLog {
+                step: s.id.clone(),
+                attempt: a.number,
+                tool: a.tool.clone(),
+                outcome: a.outcome,
+                error: a.error.clone(),
+                stdout: a.stdout.clone(),
+                stderr: a.stderr.clone(),
+                plugin,
+            });
+        }
+    }
+    if let Some(n) = attempt
+        && out.is_empty()
+    {
+        return Err(Refused::invalid(format!(
+            "run {run} has no attempt {n} of that step"
+        )));
     }
     Ok(out)
 }

@@ -85,6 +85,17 @@ pub enum Request {
     Metrics,
     /// Everything `uet top` draws: status, runs in flight with progress, tools and breakers.
     Top,
+    /// What a run's attempts printed and logged: every step's, or one step's, or one attempt's.
+    Logs {
+        /// The run.
+        run: RunId,
+        /// One step, by id.
+        #[serde(default)]
+        step: Option<String>,
+        /// One attempt, by number.
+        #[serde(default)]
+        attempt: Option<u32>,
+    },
     /// Delete finished runs older than `older_than_ms` or beyond the newest `keep`.
     Prune {
         /// Age limit, in milliseconds.
@@ -143,6 +154,11 @@ pub enum Response {
         /// The view.
         view: Box<TopView>,
     },
+    /// The answer to [`Request::Logs`].
+    Logs {
+        /// One entry per attempt, in the plan's order of steps, first attempt first.
+        logs: Vec<crate::api::types::AttemptLog>,
+    },
     /// The answer to [`Request::Metrics`].
     Metrics {
         /// Prometheus text exposition.
@@ -196,6 +212,11 @@ pub fn answer(control: &impl crate::api::ops::Control, request: Request) -> Resp
             view: Box::new(view),
         }),
         Request::Metrics => control.metrics().map(|text| Response::Metrics { text }),
+        // a read of the state, the same from a daemon as from the state itself
+        Request::Logs { run, step, attempt } => {
+            crate::api::ops::logs(control.state(), run, step.as_deref(), attempt)
+                .map(|logs| Response::Logs { logs })
+        }
         Request::Submit { path } => control.submit(&path).map(|run| Response::Submitted { run }),
         Request::Verify { run } => return done(control.verify(run)),
         Request::Prune {

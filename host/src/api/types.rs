@@ -354,3 +354,24 @@ pub struct FleetShown {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<String>,
 }
+
+/// What one attempt printed and logged (`uet logs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptLog {
+    /// The step.
+    pub step: String,
+    /// The attempt's number, from 1.
+    pub attempt: u32,
+    /// The tool that ran it.
+    pub tool: String,
+    /// How it ended; `None` while it runs.
+    pub outcome: Option<Outcome>,
+    /// What went wrong, in words.
+    pub error: Option<String>,
+    /// A command's standard output, as kept (bounded).
+    pub stdout: String,
+    /// A command's (or a plugin's) standard error, as kept (bounded).
+    pub stderr: String,
+    /// A plugin's log lines, `level: message`.
+    pub plugin: Vec<String>,
+}

@@ -156,6 +156,21 @@ pub(crate) enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Print what a run's attempts printed (a command's stdout and stderr) and logged (a
+    /// plugin's log lines), step by step (the daemon's, else the state's).
+    Logs {
+        /// The run.
+        run: u64,
+        /// One step, by id [default: every step].
+        step: Option<String>,
+        /// One attempt of the step, by number [default: every attempt].
+        #[arg(long, requires = "step")]
+        attempt: Option<u32>,
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(flatten)]
+        state: StateArgs,
+    },
     /// Print the event log (the audit trail) of a run, or of every run.
     Events {
         /// The run [default: every run].

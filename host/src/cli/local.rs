@@ -107,6 +107,30 @@ pub(crate) fn runs(
 }
 
 /// `uet show`: a page at a time, printed as one object.
+/// `uet logs`.
+pub(crate) fn logs(
+    run: u64,
+    step: Option<String>,
+    attempt: Option<u32>,
+    args: &ClientArgs,
+    state: Option<PathBuf>,
+) -> Result<u8, Failure> {
+    let request = Request::Logs {
+        run,
+        step: step.clone(),
+        attempt,
+    };
+    daemon_or_state(args, state, request, Missing::NoDaemon, |store| {
+        Ok(match ops::logs(store, run, step.as_deref(), attempt) {
+            Ok(logs) => {
+                print::logs(args.json, &logs);
+                exit::OK
+            }
+            Err(r) => refused(r),
+        })
+    })
+}
+
 pub(crate) fn show(run: u64, args: &ClientArgs, state: Option<PathBuf>) -> Result<u8, Failure> {
     daemon_or_state(
         args,

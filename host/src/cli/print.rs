@@ -19,6 +19,10 @@ pub(crate) fn response(json: bool, answer: Response) -> u8 {
                 exit::RUN_FAILED
             }
         }
+        Response::Logs { logs } => {
+            self::logs(json, &logs);
+            exit::OK
+        }
         Response::Status(status) => {
             self::status(json, &status);
             exit::OK
@@ -207,5 +211,42 @@ pub(crate) fn top(json: bool, view: &TopView) {
     }
     for line in uet::views::top::frame(view, 200) {
         println!("{line}");
+    }
+}
+
+/// `uet logs`: each attempt under a heading, then what it printed and logged, indented.
+pub(crate) fn logs(json: bool, logs: &[uet::api::types::AttemptLog]) {
+    if json {
+        println!("{}", serde_json::to_string(logs).unwrap_or_default());
+        return;
+    }
+    for log in logs {
+        // the outcome's name as JSON spells it: `succeeded`, `timed_out`, ...
+        let ended = log
+            .outcome
+            .and_then(|o| serde_json::to_value(o).ok())
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_else(|| "running".into());
+        println!(
+            "== {} · attempt {} · {} · {ended}",
+            log.step, log.attempt, log.tool
+        );
+        let plugin = log.plugin.join("\n");
+        for (what, text) in [
+            ("stdout", log.stdout.as_str()),
+            ("stderr", log.stderr.as_str()),
+            ("log", plugin.as_str()),
+        ] {
+            if text.trim().is_empty() {
+                continue;
+            }
+            println!("{what}:");
+            for line in text.trim_end_matches('\n').lines() {
+                println!("  {line}");
+            }
+        }
+        if let Some(error) = &log.error {
+            println!("error: {error}");
+        }
     }
 }
