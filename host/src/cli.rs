@@ -70,11 +70,14 @@ pub fn main() -> ExitCode {
         }
     }));
     let cli = Cli::parse();
+    // uet's own lifecycle lines (a daemon's start and stop, runs submitted) and every warning;
+    // colours only for a terminal, so a journal or a log file stays plain text
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,uet=info")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     report(dispatch(cli.command))
@@ -112,6 +115,7 @@ fn dispatch(command: Command) -> Result<u8, Failure> {
             config,
             tools,
             watch,
+            create,
             state,
             socket,
             http,
@@ -121,7 +125,7 @@ fn dispatch(command: Command) -> Result<u8, Failure> {
         } => daemon::daemon(
             config,
             tools,
-            watch,
+            daemon::Folders { watch, create },
             state,
             socket,
             daemon::Http {

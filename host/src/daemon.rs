@@ -163,7 +163,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         pruned: Mutex::new((Instant::now(), false)),
         watchers: Mutex::new(HashMap::new()),
     });
-    tracing::info!(socket = %shared.config.socket.display(), "uet daemon listening");
+    let folders: Vec<String> = watch.iter().map(|d| d.display().to_string()).collect();
+    tracing::info!(
+        "uet daemon {} started: watching {}; socket {}; state {}",
+        env!("CARGO_PKG_VERSION"),
+        folders.join(", "),
+        shared.config.socket.display(),
+        shared.config.state.display()
+    );
     stop_on_signals(&shared)?;
     retain(&shared);
     let unfinished = resume_unfinished(&shared)?;

@@ -28,9 +28,16 @@ impl Daemon {
     /// [`Daemon::start_with`], with these environment variables set for the daemon.
     pub(crate) fn start_with_vars(env: &Env, args: &[&str], vars: &[(&str, &str)]) -> Daemon {
         let socket = env.ws.parent().unwrap().join("sock/uet.sock");
+        // its log is read by no one (a full pipe would stall it), unless asked for to debug
+        let log = if std::env::var_os("UET_TEST_DAEMON_LOGS").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        };
         let child = daemon_command(env, &socket)
             .args(args)
             .envs(vars.iter().copied())
+            .stderr(log)
             .spawn()
             .expect("start the daemon");
         let daemon = Daemon { child, socket };
@@ -564,7 +571,10 @@ fn a_resumed_runs_time_is_the_same_in_its_event_and_in_show() {
     assert!(in_show >= 3.0, "the downtime counts: {in_show} s");
     // and the daemon answers `uet logs` as the state would: the attempt cut off, then the one
     // that ran to its end
-    let logs = daemon.client(&env, &["logs", "1", "--json"]).expect(0).stdout();
+    let logs = daemon
+        .client(&env, &["logs", "1", "--json"])
+        .expect(0)
+        .stdout();
     let logs: serde_json::Value = serde_json::from_str(&logs).unwrap();
     let ended: Vec<&str> = logs
         .as_array()
@@ -600,4 +610,66 @@ fn top_and_tools_show_a_plugins_own_capabilities_alike() {
         serde_json::json!(["data.query"])
     );
     assert_eq!(top["tools"], tools);
+}
+
+/// A daemon says in one plain line where it is when it starts, and refuses a watched folder
+/// that is not there unless told to make it.
+#[test]
+fn the_daemon_says_where_it_is_and_watches_only_folders_that_exist() {
+    let env = Env::new();
+    let socket = env.ws.parent().unwrap().join("sock/uet.sock");
+    let missing = env.ws.join("typo");
+    let out = daemon_command(&env, &socket)
+        .arg("--watch")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "cannot watch {}: no such folder (create it, or pass --create)",
+            missing.display()
+        )),
+        "{err}"
+    );
+    assert!(!missing.exists());
+    let mut child = daemon_command(&env, &socket)
+        .arg("--watch")
+        .arg(&missing)
+        .arg("--create")
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while env
+        .uet(&["status", "--socket", socket.to_str().unwrap()])
+        .code()
+        != 0
+    {
+        assert!(start.elapsed() < Duration::from_secs(20), "never answered");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(missing.is_dir());
+    env.uet(&["shutdown", "--socket", socket.to_str().unwrap()])
+        .expect(0);
+    child.wait().unwrap();
+    let mut log = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    let started = format!(
+        "started: watching {}, {}; socket {}; state {}",
+        env.ws.display(),
+        missing.display(),
+        socket.display(),
+        env.state.display()
+    );
+    assert!(log.contains(&started), "{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "colour codes in a log that is not a terminal: {log:?}"
+    );
 }

@@ -73,9 +73,12 @@ pub(crate) enum Command {
         /// A tools file for every watched folder [default: each folder's tools.toml].
         #[arg(long)]
         tools: Option<PathBuf>,
-        /// A folder to watch (repeatable).
+        /// A folder to watch (repeatable); it must exist, unless --create.
         #[arg(long)]
         watch: Vec<PathBuf>,
+        /// Create watched folders that do not exist yet (`create = true` in the config).
+        #[arg(long)]
+        create: bool,
         /// The state folder.
         #[arg(long, env = "UET_STATE")]
         state: Option<PathBuf>,

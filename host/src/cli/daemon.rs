@@ -14,6 +14,8 @@ struct DaemonFile {
     tools: Option<PathBuf>,
     #[serde(default)]
     watch: Vec<PathBuf>,
+    #[serde(default)]
+    create: bool,
     state: Option<PathBuf>,
     socket: Option<PathBuf>,
     max_runs: Option<usize>,
@@ -73,10 +75,16 @@ mod humantime_opt {
     }
 }
 
+/// The folders to watch, and whether missing ones are made.
+pub(crate) struct Folders {
+    pub(crate) watch: Vec<PathBuf>,
+    pub(crate) create: bool,
+}
+
 pub(crate) fn daemon(
     config: Option<PathBuf>,
     tools: Option<PathBuf>,
-    watch: Vec<PathBuf>,
+    Folders { watch, create }: Folders,
     state: Option<PathBuf>,
     socket: Option<PathBuf>,
     http: Http,
@@ -96,6 +104,16 @@ pub(crate) fn daemon(
         return Err(
             anyhow!("nothing to watch: pass --watch DIR (or `watch = [...]` in --config)").into(),
         );
+    }
+    // a mistyped folder would be watched forever, empty: refused unless creating is asked for
+    if !(create || file.create)
+        && let Some(missing) = watch.iter().find(|d| !d.exists())
+    {
+        return Err(anyhow!(
+            "cannot watch {}: no such folder (create it, or pass --create)",
+            missing.display()
+        )
+        .into());
     }
     let state = match state.or(file.state) {
         Some(s) => s,
