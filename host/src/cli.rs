@@ -179,7 +179,8 @@ fn dispatch(command: Command) -> Result<u8, Failure> {
 fn ask_daemon(command: Command) -> Result<u8, Failure> {
     let (client, request) = match command {
         Command::Status(c) => (c, Request::Status),
-        Command::Submit { file, client } => match std::path::absolute(&file) {
+        Command::Submit { file, wait, client } => match std::path::absolute(&file) {
+            Ok(path) if wait => return client::submit_and_wait(&client, path),
             Ok(path) => (client, Request::Submit { path }),
             Err(e) => return Err(anyhow!("{}: {e}", file.display()).into()),
         },

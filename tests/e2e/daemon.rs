@@ -673,3 +673,42 @@ fn the_daemon_says_where_it_is_and_watches_only_folders_that_exist() {
         "colour codes in a log that is not a terminal: {log:?}"
     );
 }
+
+/// `submit --wait` and `events RUN --follow` end with the run, and exit with its code.
+#[test]
+fn submit_wait_and_follow_exit_with_the_runs_code() {
+    let env = Env::new();
+    env.write(
+        "tools.toml",
+        "[[tools]]\nname = \"ok\"\ncommand = [\"true\"]\n\n[[tools]]\nname = \"no\"\ncommand = [\"false\"]\n",
+    );
+    let daemon = Daemon::start(&env);
+    let sub = env.ws.parent().unwrap().join("submitted");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::copy(env.ws.join("tools.toml"), sub.join("tools.toml")).unwrap();
+    let good = sub.join("good.toml");
+    std::fs::write(
+        &good,
+        "name = \"good\"\n[[steps]]\nid = \"a\"\ntool = \"ok\"\n",
+    )
+    .unwrap();
+    let bad = sub.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"bad\"\n[[steps]]\nid = \"a\"\ntool = \"no\"\n",
+    )
+    .unwrap();
+    let out = daemon
+        .client(&env, &["submit", "--wait", good.to_str().unwrap()])
+        .expect(0);
+    assert_eq!(out.stdout(), "run 1 succeeded\n");
+    let out = daemon
+        .client(&env, &["submit", "--wait", "--json", bad.to_str().unwrap()])
+        .expect(1);
+    let json: serde_json::Value = serde_json::from_str(&out.stdout()).unwrap();
+    assert_eq!(json, serde_json::json!({"run_id": 2, "state": "failed"}));
+    daemon.client(&env, &["events", "1", "--follow"]).expect(0);
+    daemon.client(&env, &["events", "2", "--follow"]).expect(1);
+    // without --follow it is a listing, whatever the run's end
+    daemon.client(&env, &["events", "2"]).expect(0);
+}

@@ -266,9 +266,10 @@ fn events_follow_streams_a_run_live_and_ends_with_it() {
         .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
         .collect();
     let status = follower.wait().unwrap();
-    assert!(
-        status.success(),
-        "the stream ends by itself when the run does"
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "the stream ends by itself when the run does, with the run's code (canceled: 1)"
     );
     let kinds: Vec<&str> = rest.iter().map(|e| e["kind"].as_str().unwrap()).collect();
     assert_eq!(*kinds.last().unwrap(), "run.canceled", "{kinds:?}");

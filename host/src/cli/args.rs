@@ -135,6 +135,9 @@ pub(crate) enum Command {
     Submit {
         /// The workflow file.
         file: PathBuf,
+        /// Wait for the run to end, and exit with its code (0 succeeded, 1 otherwise).
+        #[arg(long)]
+        wait: bool,
         #[command(flatten)]
         client: ClientArgs,
     },

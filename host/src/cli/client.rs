@@ -144,12 +144,18 @@ async fn stream(
     let mut answer = client.call(&request).await;
     loop {
         match answer {
-            // the end of a followed run: a note for a person, nothing in a JSON-lines stream
+            // the end of a followed run: a note for a person, nothing in a JSON-lines stream; the
+            // exit code is the run's
             Ok(Response::Done { message }) => {
                 if following && !args.json {
                     eprintln!("uet: {message}");
                 }
-                return Ok(exit::OK);
+                let run_named = matches!(request, Request::Events { run: Some(_), .. });
+                return Ok(if following && run_named {
+                    ended_code(&message)
+                } else {
+                    exit::OK
+                });
             }
             Ok(Response::Events { events }) => print::events(args.json, &events),
             Ok(other) => return Ok(print::response(args.json, other)),
@@ -157,6 +163,65 @@ async fn stream(
         }
         answer = client.next().await;
     }
+}
+
+/// The exit code of a followed run, from the daemon's last word on it (`run 7 succeeded`).
+fn ended_code(message: &str) -> u8 {
+    if message.ends_with(" succeeded") {
+        exit::OK
+    } else {
+        exit::RUN_FAILED
+    }
+}
+
+/// `uet submit --wait`: submits, then follows the run on the same connection, printing
+/// nothing until it ends; says how it ended and exits with its code.
+pub(crate) fn submit_and_wait(args: &ClientArgs, path: PathBuf) -> Result<u8, Failure> {
+    let socket = socket(args);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let mut client = match Client::connect(&socket).await {
+            Ok(c) => c,
+            Err(e) => {
+                no_daemon(&socket, &e, None);
+                return Ok(exit::NO_DAEMON);
+            }
+        };
+        let run = match client.call(&Request::Submit { path }).await {
+            Ok(Response::Submitted { run }) => run,
+            Ok(other) => return Ok(print::response(args.json, other)),
+            Err(e) => return Ok(stopped(&socket, &e)),
+        };
+        if !args.json {
+            eprintln!("submitted: run {run}; waiting for it to end");
+        }
+        let follow = Request::Events {
+            run: Some(run),
+            follow: true,
+        };
+        let mut answer = client.call(&follow).await;
+        loop {
+            match answer {
+                Ok(Response::Done { message }) => {
+                    let code = ended_code(&message);
+                    if args.json {
+                        let state = message.rsplit(' ').next().unwrap_or_default();
+                        println!("{}", serde_json::json!({ "run_id": run, "state": state }));
+                    } else {
+                        println!("{message}");
+                    }
+                    return Ok(code);
+                }
+                Ok(Response::Events { .. }) => {}
+                Ok(other) => return Ok(print::response(args.json, other)),
+                Err(e) => return Ok(stopped(&socket, &e)),
+            }
+            answer = client.next().await;
+        }
+    })
 }
 
 /// `uet show`: the run a page at a time (a run of many steps does not fit one answer), printed
