@@ -19,6 +19,23 @@ pub(crate) fn send(args: &ClientArgs, request: Request) -> Result<u8, Failure> {
 
 /// [`send`], saying nothing when no daemon answers if `quiet`: the caller has another way.
 pub(crate) fn ask(args: &ClientArgs, request: Request, quiet: bool) -> Result<u8, Failure> {
+    talk(args, quiet, async |client, socket| match request {
+        Request::Show { run, .. } => show_pages(client, socket, args, run).await,
+        Request::Events { follow, .. } => stream(client, socket, args, request, follow).await,
+        request => match client.call(&request).await {
+            Ok(answer) => Ok(print::response(args.json, answer)),
+            Err(e) => Ok(stopped(socket, &e)),
+        },
+    })
+}
+
+/// Connects to the daemon and hands the connection to `conversation`; when no daemon answers,
+/// says so (unless `quiet`) and exits 3.
+fn talk(
+    args: &ClientArgs,
+    quiet: bool,
+    conversation: impl AsyncFnOnce(&mut Client, &Path) -> Result<u8, Failure>,
+) -> Result<u8, Failure> {
     let socket = socket(args);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -34,16 +51,7 @@ pub(crate) fn ask(args: &ClientArgs, request: Request, quiet: bool) -> Result<u8
                 return Ok(exit::NO_DAEMON);
             }
         };
-        match request {
-            Request::Show { run, .. } => show_pages(&mut client, &socket, args, run).await,
-            Request::Events { follow, .. } => {
-                stream(&mut client, &socket, args, request, follow).await
-            }
-            request => match client.call(&request).await {
-                Ok(answer) => Ok(print::response(args.json, answer)),
-                Err(e) => Ok(stopped(&socket, &e)),
-            },
-        }
+        conversation(&mut client, &socket).await
     })
 }
 
@@ -177,23 +185,11 @@ fn ended_code(message: &str) -> u8 {
 /// `uet submit --wait`: submits, then follows the run on the same connection, printing
 /// nothing until it ends; says how it ended and exits with its code.
 pub(crate) fn submit_and_wait(args: &ClientArgs, path: PathBuf) -> Result<u8, Failure> {
-    let socket = socket(args);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    runtime.block_on(async {
-        let mut client = match Client::connect(&socket).await {
-            Ok(c) => c,
-            Err(e) => {
-                no_daemon(&socket, &e, None);
-                return Ok(exit::NO_DAEMON);
-            }
-        };
+    talk(args, false, async |client, socket| {
         let run = match client.call(&Request::Submit { path }).await {
             Ok(Response::Submitted { run }) => run,
             Ok(other) => return Ok(print::response(args.json, other)),
-            Err(e) => return Ok(stopped(&socket, &e)),
+            Err(e) => return Ok(stopped(socket, &e)),
         };
         if !args.json {
             eprintln!("submitted: run {run}; waiting for it to end");
@@ -217,7 +213,7 @@ pub(crate) fn submit_and_wait(args: &ClientArgs, path: PathBuf) -> Result<u8, Fa
                 }
                 Ok(Response::Events { .. }) => {}
                 Ok(other) => return Ok(print::response(args.json, other)),
-                Err(e) => return Ok(stopped(&socket, &e)),
+                Err(e) => return Ok(stopped(socket, &e)),
             }
             answer = client.next().await;
         }
