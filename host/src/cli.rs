@@ -141,26 +141,41 @@ fn dispatch(command: Command) -> Result<u8, Failure> {
             client,
             state,
         } => local::runs((!all).then_some(limit), &client, state.state),
-        Command::Show { run, client, state } => local::show(run, &client, state.state),
+        Command::Show { run, client, state } => {
+            let run = run_number(run, &client, state.state.clone())?;
+            local::show(run, &client, state.state)
+        }
         Command::Events {
             run,
             follow,
             client,
             state,
-        } => local::events(run, follow, &client, state.state),
+        } => {
+            let run = match run {
+                Some(r) => Some(run_number(r, &client, state.state.clone())?),
+                None => None,
+            };
+            local::events(run, follow, &client, state.state)
+        }
         Command::Logs {
             run,
             step,
             attempt,
             client,
             state,
-        } => local::logs(run, step, attempt, &client, state.state),
+        } => {
+            let run = run_number(run, &client, state.state.clone())?;
+            local::logs(run, step, attempt, &client, state.state)
+        }
         Command::Top {
             every,
             client,
             state,
         } => local::top(every, &client, state.state),
-        Command::Verify { run, state, client } => local::verify(run, state, &client),
+        Command::Verify { run, state, client } => {
+            let run = run_number(run, &client, state.clone())?;
+            local::verify(run, state, &client)
+        }
         Command::Metrics { state, client } => local::metrics(state, &client),
         Command::Prune {
             older_than,
@@ -175,6 +190,23 @@ fn dispatch(command: Command) -> Result<u8, Failure> {
     }
 }
 
+/// The number of the run the command line names: `last` is the newest run, the daemon's when
+/// one answers, else the state's.
+fn run_number(
+    run: args::RunRef,
+    client: &args::ClientArgs,
+    state: Option<PathBuf>,
+) -> Result<u64, Failure> {
+    let newest = match run {
+        args::RunRef::Id(n) => return Ok(n),
+        args::RunRef::Last => match client::newest_run(client)? {
+            Some(newest) => newest,
+            None => local::newest_run(state)?,
+        },
+    };
+    newest.ok_or_else(|| anyhow!("there is no run yet for `last` to name").into())
+}
+
 /// The commands that only a daemon can carry out.
 fn ask_daemon(command: Command) -> Result<u8, Failure> {
     let (client, request) = match command {
@@ -184,9 +216,18 @@ fn ask_daemon(command: Command) -> Result<u8, Failure> {
             Ok(path) => (client, Request::Submit { path }),
             Err(e) => return Err(anyhow!("{}: {e}", file.display()).into()),
         },
-        Command::Cancel { run, client } => (client, Request::Cancel { run }),
-        Command::Retry { run, client } => (client, Request::Retry { run }),
-        Command::Release { run, client } => (client, Request::Release { run }),
+        Command::Cancel { run, client } => {
+            let run = run_number(run, &client, None)?;
+            (client, Request::Cancel { run })
+        }
+        Command::Retry { run, client } => {
+            let run = run_number(run, &client, None)?;
+            (client, Request::Retry { run })
+        }
+        Command::Release { run, client } => {
+            let run = run_number(run, &client, None)?;
+            (client, Request::Release { run })
+        }
         Command::Shutdown(c) => (c, Request::Shutdown),
         _ => unreachable!("dispatched before"),
     };

@@ -711,4 +711,19 @@ fn submit_wait_and_follow_exit_with_the_runs_code() {
     daemon.client(&env, &["events", "2", "--follow"]).expect(1);
     // without --follow it is a listing, whatever the run's end
     daemon.client(&env, &["events", "2"]).expect(0);
+    // `last` names the newest run
+    let shown = daemon
+        .client(&env, &["show", "last", "--json"])
+        .expect(0)
+        .stdout();
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["run_id"], 2);
+    daemon
+        .client(&env, &["events", "last", "--follow"])
+        .expect(1);
+    let err = daemon.client(&env, &["show", "lats"]).expect(2).stderr();
+    assert!(
+        err.contains("\"lats\" is not a run: give its number, or `last`"),
+        "{err}"
+    );
 }

@@ -675,7 +675,36 @@ fn logs_show_each_attempts_output_and_plugin_lines() {
     assert_eq!(one.as_array().unwrap().len(), 1);
     assert_eq!(one[0]["stdout"], "out-2\n");
     assert_eq!(one[0]["outcome"], "succeeded");
+    // `last` is the newest run of the state, when no daemon answers
+    let last = env
+        .uet(&["logs", "last", "cmd", "--attempt", "2", "--json"])
+        .expect(0)
+        .stdout();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&last).unwrap(),
+        one
+    );
     let err = env.uet(&["logs", "1", "nope"]).expect(2).stderr();
     assert!(err.contains("run 1 has no step `nope`"), "{err}");
     env.uet(&["logs", "1", "cmd", "--attempt", "9"]).expect(2);
+}
+
+#[test]
+fn last_names_no_run_when_there_is_none() {
+    let env = Env::new();
+    env.write(
+        "w.toml",
+        "name = \"w\"\n[[steps]]\nid = \"a\"\ntool = \"t\"\n",
+    );
+    env.write(
+        "tools.toml",
+        "[[tools]]\nname = \"t\"\ncommand = [\"true\"]\n",
+    );
+    // no state yet, then a state with one run
+    let err = env.uet(&["show", "last"]).expect(2).stderr();
+    assert!(err.contains("there is no run yet for `last` to name"), "{err}");
+    env.run_json("w.toml");
+    let shown = env.uet(&["show", "last", "--json"]).expect(0).stdout();
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown["run_id"], 1);
 }

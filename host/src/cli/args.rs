@@ -124,8 +124,8 @@ pub(crate) enum Command {
     },
     /// Show a run and its steps (the daemon's, else the state's).
     Show {
-        /// The run.
-        run: u64,
+        /// The run: its number, or `last` (the newest).
+        run: RunRef,
         #[command(flatten)]
         client: ClientArgs,
         #[command(flatten)]
@@ -143,30 +143,30 @@ pub(crate) enum Command {
     },
     /// Cancel a run: its running steps are killed at once.
     Cancel {
-        /// The run.
-        run: u64,
+        /// The run: its number, or `last` (the newest).
+        run: RunRef,
         #[command(flatten)]
         client: ClientArgs,
     },
     /// Re-run a failed or canceled run: steps that succeeded keep their outputs.
     Retry {
-        /// The run.
-        run: u64,
+        /// The run: its number, or `last` (the newest).
+        run: RunRef,
         #[command(flatten)]
         client: ClientArgs,
     },
     /// Put a quarantined run back in the queue.
     Release {
-        /// The run.
-        run: u64,
+        /// The run: its number, or `last` (the newest).
+        run: RunRef,
         #[command(flatten)]
         client: ClientArgs,
     },
     /// Print what a run's attempts printed (a command's stdout and stderr) and logged (a
     /// plugin's log lines), step by step (the daemon's, else the state's).
     Logs {
-        /// The run.
-        run: u64,
+        /// The run: its number, or `last` (the newest).
+        run: RunRef,
         /// One step, by id [default: every step].
         step: Option<String>,
         /// One attempt of the step, by number [default: every attempt].
@@ -179,8 +179,8 @@ pub(crate) enum Command {
     },
     /// Print the event log (the audit trail) of a run, or of every run.
     Events {
-        /// The run [default: every run].
-        run: Option<u64>,
+        /// The run: its number, or `last` [default: every run].
+        run: Option<RunRef>,
         /// Keep printing events as they happen (until the run ends, or Ctrl-C).
         #[arg(long, short)]
         follow: bool,
@@ -225,8 +225,8 @@ pub(crate) enum Command {
     },
     /// Check a run's event log against its hash chain (the daemon's, else the state's).
     Verify {
-        /// The run.
-        run: u64,
+        /// The run: its number, or `last` (the newest).
+        run: RunRef,
         /// The state folder, when no daemon answers.
         #[arg(long, env = "UET_STATE")]
         state: Option<PathBuf>,
@@ -321,4 +321,27 @@ pub(crate) enum GraphFormat {
     Mermaid,
     /// A Graphviz digraph.
     Dot,
+}
+
+/// A run as the command line names it: by number, or `last`, the newest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RunRef {
+    /// Run N.
+    Id(u64),
+    /// The newest run.
+    Last,
+}
+
+impl std::str::FromStr for RunRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "last" => Ok(RunRef::Last),
+            n => n
+                .parse()
+                .map(RunRef::Id)
+                .map_err(|_| format!("{n:?} is not a run: give its number, or `last`")),
+        }
+    }
 }

@@ -29,6 +29,23 @@ pub(crate) fn ask(args: &ClientArgs, request: Request, quiet: bool) -> Result<u8
     })
 }
 
+/// The newest run of the daemon: `Ok(None)` when no daemon answers, `Ok(Some(None))` when it
+/// has no run.
+pub(crate) fn newest_run(args: &ClientArgs) -> Result<Option<Option<u64>>, Failure> {
+    let mut found = None;
+    let code = talk(args, true, async |client, socket| {
+        match client.call(&Request::Runs { limit: Some(1) }).await {
+            Ok(Response::Runs { runs }) => {
+                found = Some(runs.last().map(|r| r.run_id));
+                Ok(exit::OK)
+            }
+            Ok(other) => Ok(print::response(args.json, other)),
+            Err(e) => Ok(stopped(socket, &e)),
+        }
+    })?;
+    Ok(if code == exit::NO_DAEMON { None } else { found })
+}
+
 /// Connects to the daemon and hands the connection to `conversation`; when no daemon answers,
 /// says so (unless `quiet`) and exits 3.
 fn talk(

@@ -107,6 +107,18 @@ pub(crate) fn runs(
 }
 
 /// `uet show`: a page at a time, printed as one object.
+/// The newest run of the state, if it has any (or there is a state at all).
+pub(crate) fn newest_run(state: Option<PathBuf>) -> Result<Option<u64>, Failure> {
+    let dir = state_dir(state)?;
+    if !dir.join(uet::state::STATE_FILE).exists() {
+        return Ok(None);
+    }
+    let store = uet::state::Store::open_read_only(&dir)
+        .map_err(|e| anyhow::anyhow!("cannot read the state in {}: {e}", dir.display()))?;
+    let runs = ops::runs(&store, Some(1)).map_err(|r| anyhow::anyhow!("{}", r.message))?;
+    Ok(runs.last().map(|r| r.run_id))
+}
+
 /// `uet logs`.
 pub(crate) fn logs(
     run: u64,
