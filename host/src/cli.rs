@@ -228,7 +228,8 @@ fn ask_daemon(command: Command) -> Result<u8, Failure> {
             let run = run_number(run, &client, None)?;
             (client, Request::Release { run })
         }
-        Command::Shutdown(c) => (c, Request::Shutdown),
+        Command::Shutdown { wait: true, client } => return client::shutdown_and_wait(&client),
+        Command::Shutdown { client, .. } => (client, Request::Shutdown),
         _ => unreachable!("dispatched before"),
     };
     client::send(&client, request)

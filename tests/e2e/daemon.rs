@@ -650,9 +650,13 @@ fn the_daemon_says_where_it_is_and_watches_only_folders_that_exist() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(missing.is_dir());
-    env.uet(&["shutdown", "--socket", socket.to_str().unwrap()])
+    // --wait returns once the daemon's process has ended, not merely its socket
+    env.uet(&["shutdown", "--wait", "--socket", socket.to_str().unwrap()])
         .expect(0);
-    child.wait().unwrap();
+    assert!(
+        child.try_wait().unwrap().is_some(),
+        "shutdown --wait returned while the daemon still ran"
+    );
     let mut log = String::new();
     child
         .stderr
@@ -668,6 +672,7 @@ fn the_daemon_says_where_it_is_and_watches_only_folders_that_exist() {
         env.state.display()
     );
     assert!(log.contains(&started), "{log}");
+    assert!(log.contains("uet daemon stopped"), "{log}");
     assert!(
         !log.contains('\x1b'),
         "colour codes in a log that is not a terminal: {log:?}"

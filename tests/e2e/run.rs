@@ -702,7 +702,10 @@ fn last_names_no_run_when_there_is_none() {
     );
     // no state yet, then a state with one run
     let err = env.uet(&["show", "last"]).expect(2).stderr();
-    assert!(err.contains("there is no run yet for `last` to name"), "{err}");
+    assert!(
+        err.contains("there is no run yet for `last` to name"),
+        "{err}"
+    );
     env.run_json("w.toml");
     let shown = env.uet(&["show", "last", "--json"]).expect(0).stdout();
     let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();

@@ -233,8 +233,14 @@ pub(crate) enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Stop the daemon gracefully.
-    Shutdown(ClientArgs),
+    /// Stop the daemon gracefully: running steps get its grace period, then go back to pending.
+    Shutdown {
+        /// Return only once the daemon has stopped (its socket gone).
+        #[arg(long)]
+        wait: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Check the state file, or put its last good copy back (no daemon may hold it).
     #[command(subcommand)]
     State(StateCommand),

@@ -46,6 +46,47 @@ pub(crate) fn newest_run(args: &ClientArgs) -> Result<Option<Option<u64>>, Failu
     Ok(if code == exit::NO_DAEMON { None } else { found })
 }
 
+/// `uet shutdown --wait`: asks the daemon its process id, stops it, and returns once that
+/// process has exited (its runs paused and its state closed); gives up after its grace period
+/// and a minute more, exit 1.
+pub(crate) fn shutdown_and_wait(args: &ClientArgs) -> Result<u8, Failure> {
+    let mut pid = None;
+    let code = talk(args, false, async |client, socket| {
+        let status = match client.call(&Request::Status).await {
+            Ok(Response::Status(status)) => status,
+            Ok(other) => return Ok(print::response(args.json, other)),
+            Err(e) => return Ok(stopped(socket, &e)),
+        };
+        pid = Some(status.pid);
+        match client.call(&Request::Shutdown).await {
+            Ok(answer) => Ok(print::response(args.json, answer)),
+            Err(e) => Ok(stopped(socket, &e)),
+        }
+    })?;
+    let Some(pid) = pid.filter(|_| code == exit::OK) else {
+        return Ok(code);
+    };
+    // gone, or a zombie its parent has not reaped yet: it has exited either way
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.trim().chars().next());
+            !matches!(state, Some('Z' | 'X') | None)
+        })
+    };
+    let start = std::time::Instant::now();
+    while alive() {
+        if start.elapsed() > std::time::Duration::from_secs(600) {
+            eprintln!("uet: the daemon (pid {pid}) has not stopped within 10 minutes");
+            return Ok(exit::RUN_FAILED);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Ok(exit::OK)
+}
+
 /// Connects to the daemon and hands the connection to `conversation`; when no daemon answers,
 /// says so (unless `quiet`) and exits 3.
 fn talk(
