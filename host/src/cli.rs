@@ -148,6 +148,7 @@ fn dispatch(command: Command) -> Result<u8, Failure> {
         Command::Events {
             run,
             follow,
+            since,
             client,
             state,
         } => {
@@ -155,7 +156,7 @@ fn dispatch(command: Command) -> Result<u8, Failure> {
                 Some(r) => Some(run_number(r, &client, state.state.clone())?),
                 None => None,
             };
-            local::events(run, follow, &client, state.state)
+            local::events((run, since), follow, &client, state.state)
         }
         Command::Logs {
             run,

@@ -726,6 +726,20 @@ fn submit_wait_and_follow_exit_with_the_runs_code() {
     daemon
         .client(&env, &["events", "last", "--follow"])
         .expect(1);
+    // --since keeps the events of a recent while, or from a time on
+    let recent = daemon
+        .client(&env, &["events", "1", "--since", "1h", "--json"])
+        .expect(0)
+        .stdout();
+    assert!(recent.lines().count() >= 3, "{recent}");
+    let later = daemon
+        .client(
+            &env,
+            &["events", "--since", "2999-01-01T00:00:00Z", "--json"],
+        )
+        .expect(0)
+        .stdout();
+    assert_eq!(later, "");
     let err = daemon.client(&env, &["show", "lats"]).expect(2).stderr();
     assert!(
         err.contains("\"lats\" is not a run: give its number, or `last`"),

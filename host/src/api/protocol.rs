@@ -78,6 +78,9 @@ pub enum Request {
         run: Option<RunId>,
         /// Keep the stream open.
         follow: bool,
+        /// Only events at or after this time (milliseconds since the epoch).
+        #[serde(default)]
+        since: Option<crate::model::Millis>,
     },
     /// The tools of every watched folder.
     Tools,

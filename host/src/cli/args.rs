@@ -184,6 +184,9 @@ pub(crate) enum Command {
         /// Keep printing events as they happen (until the run ends, or Ctrl-C).
         #[arg(long, short)]
         follow: bool,
+        /// Only events of the last while ("10m", "2h") or since a time ("2026-12-01T10:00:00Z").
+        #[arg(long, value_parser = since_time)]
+        since: Option<u64>,
         #[command(flatten)]
         client: ClientArgs,
         #[command(flatten)]
@@ -350,4 +353,20 @@ impl std::str::FromStr for RunRef {
                 .map_err(|_| format!("{n:?} is not a run: give its number, or `last`")),
         }
     }
+}
+
+/// `--since`: a while ago ("10m"), or an RFC 3339 time; as milliseconds since the epoch.
+fn since_time(text: &str) -> Result<u64, String> {
+    let at = match humantime::parse_duration(text) {
+        Ok(ago) => std::time::SystemTime::now()
+            .checked_sub(ago)
+            .ok_or_else(|| format!("{text:?} reaches before 1970"))?,
+        Err(_) => humantime::parse_rfc3339_weak(text).map_err(|_| {
+            format!("{text:?} is neither a while (\"10m\") nor a time (\"2026-12-01T10:00:00Z\")")
+        })?,
+    };
+    Ok(at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| format!("{text:?} is before 1970"))?
+        .as_millis() as u64)
 }

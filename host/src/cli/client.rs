@@ -255,6 +255,7 @@ pub(crate) fn submit_and_wait(args: &ClientArgs, path: PathBuf) -> Result<u8, Fa
         let follow = Request::Events {
             run: Some(run),
             follow: true,
+            since: None,
         };
         let mut answer = client.call(&follow).await;
         loop {

@@ -171,7 +171,7 @@ pub(crate) fn show(run: u64, args: &ClientArgs, state: Option<PathBuf>) -> Resul
 
 /// `uet events`: without a daemon, the log as it stands (nothing else writes the state then).
 pub(crate) fn events(
-    run: Option<u64>,
+    (run, since): (Option<u64>, Option<u64>),
     follow: bool,
     args: &ClientArgs,
     state: Option<PathBuf>,
@@ -179,7 +179,7 @@ pub(crate) fn events(
     daemon_or_state(
         args,
         state,
-        Request::Events { run, follow },
+        Request::Events { run, follow, since },
         Missing::NoDaemon,
         |store| {
             if let Err(r) = ops::known(store, run) {
@@ -189,7 +189,10 @@ pub(crate) fn events(
             loop {
                 match ops::events(store, run, &mut cursor, ops::EVENTS_PAGE) {
                     Ok(batch) if batch.is_empty() => break,
-                    Ok(batch) => print::events(args.json, &batch),
+                    Ok(mut batch) => {
+                        batch.retain(|e| since.is_none_or(|at| e.at >= at));
+                        print::events(args.json, &batch)
+                    }
                     Err(r) => return Ok(refused(r)),
                 }
             }

@@ -207,8 +207,8 @@ pub(super) async fn client(
                 shared.stop();
                 return;
             }
-            Request::Events { run, follow } => {
-                stream_events(&shared, &mut conn, run, follow).await;
+            Request::Events { run, follow, since } => {
+                stream_events(&shared, &mut conn, (run, since), follow).await;
                 return;
             }
             request => {
@@ -255,7 +255,7 @@ pub(super) async fn client(
 pub(super) async fn stream_events(
     shared: &Arc<Daemon>,
     conn: &mut interprocess::local_socket::tokio::Stream,
-    run: Option<RunId>,
+    (run, since): (Option<RunId>, Option<crate::model::Millis>),
     follow: bool,
 ) {
     use tokio::io::AsyncReadExt;
@@ -299,7 +299,7 @@ pub(super) async fn stream_events(
         // a long backlog is read and sent a frame at a time, each well under the frame limit;
         // the first frame goes out even when empty, so a client sees the stream has begun
         loop {
-            let batch = match ops::events(&shared.store, run, &mut seen, ops::EVENTS_PAGE) {
+            let mut batch = match ops::events(&shared.store, run, &mut seen, ops::EVENTS_PAGE) {
                 Ok(b) => b,
                 Err(e) => {
                     tracing::error!("cannot read events: {e}");
@@ -307,6 +307,9 @@ pub(super) async fn stream_events(
                 }
             };
             let full = batch.len() == ops::EVENTS_PAGE;
+            if let Some(since) = since {
+                batch.retain(|e| e.at >= since);
+            }
             if started && batch.is_empty() {
                 break;
             }
