@@ -90,6 +90,26 @@ impl Blobs {
         Ok(bytes::Bytes::new())
     }
 
+    /// Publishes `body` once under the message id `id` (through the blob `blob` when it is
+    /// large) and waits for JetStream's ack; the caller decides whether to try again.
+    async fn publish(
+        &self,
+        js: &jetstream::Context,
+        subject: &str,
+        id: &str,
+        blob: &str,
+        body: &bytes::Bytes,
+    ) -> Result<jetstream::publish::PublishAck, String> {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", id);
+        let payload = self.pack(blob, body, &mut headers).await?;
+        js.publish_with_headers(subject.to_string(), headers, payload)
+            .await
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())
+    }
+
     /// A message's body, from the blob it names if it names one.
     async fn unpack(&self, message: &async_nats::Message) -> Result<bytes::Bytes, Unpacked> {
         let Some(name) = blob_of(message) else {
@@ -405,7 +425,6 @@ pub async fn join(config: &Config) -> anyhow::Result<Fleet> {
         shared: Mutex::new(std::collections::HashSet::new()),
         node: config.node.clone(),
         pending: Mutex::new(HashMap::new()),
-        hashes: Mutex::new(HashMap::new()),
         waiting: Mutex::new(None),
         die_before_ack: std::env::var("UET_FAULT").is_ok_and(|f| f == FAULT_BEFORE_ACK),
     });
@@ -480,27 +499,12 @@ pub struct Owner {
     blobs: Blobs,
     node: String,
     pending: Mutex<HashMap<String, oneshot::Sender<(Returned, Recorded)>>>,
-    /// Plugins' sha256 by file, kept while the file's size and time stay the same.
-    hashes: Mutex<HashMap<PathBuf, (std::time::SystemTime, u64, String)>>,
     /// Why JetStream is not answering, while it is not (shown by `uet status`).
     waiting: Mutex<Option<String>>,
     die_before_ack: bool,
 }
 
 impl Owner {
-    fn sha256_of(&self, path: &Path) -> std::io::Result<String> {
-        let meta = std::fs::metadata(path)?;
-        let stamp = (meta.modified()?, meta.len());
-        if let Some((t, n, h)) = lock(&self.hashes).get(path)
-            && (*t, *n) == stamp
-        {
-            return Ok(h.clone());
-        }
-        let hash = crate::adapters::wasm::sha256_file(path)?;
-        lock(&self.hashes).insert(path.to_path_buf(), (stamp.0, stamp.1, hash.clone()));
-        Ok(hash)
-    }
-
     /// The content of a fleet tool's plugin: the file's sha256, or the pinned one of a plugin
     /// that comes from the fleet; a file that no longer matches its pin is refused.
     fn content_of(&self, tool: &Tool, path: &Path) -> Result<String, String> {
@@ -510,8 +514,7 @@ impl Owner {
         {
             return Ok(pinned.clone());
         }
-        let hash = self
-            .sha256_of(path)
+        let hash = crate::adapters::wasm::sha256_file(path)
             .map_err(|e| format!("cannot read the plugin {}: {e}", path.display()))?;
         match &tool.sha256 {
             Some(pinned) if *pinned != hash => Err(format!(
@@ -596,17 +599,7 @@ impl Owner {
         let publish = async {
             let mut pause = Duration::from_millis(100);
             loop {
-                let published = async {
-                    let mut headers = async_nats::HeaderMap::new();
-                    headers.insert("Nats-Msg-Id", id.as_str());
-                    let payload = self.blobs.pack(&blob, &body, &mut headers).await?;
-                    self.js
-                        .publish_with_headers(subject.clone(), headers, payload)
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .await
-                        .map_err(|e| e.to_string())
-                };
+                let published = self.blobs.publish(&self.js, &subject, &id, &blob, &body);
                 match published.await {
                     Ok(ack) => {
                         self.untroubled();
@@ -1154,17 +1147,7 @@ async fn do_one(job: Job, message: jetstream::Message, stop: CancellationToken) 
     let mut pause = Duration::from_millis(100);
     let mut said = false;
     loop {
-        let published = async {
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert("Nats-Msg-Id", copy.as_str());
-            let payload = job.blobs.pack(&copy, &body, &mut headers).await?;
-            job.js
-                .publish_with_headers(subject.clone(), headers, payload)
-                .await
-                .map_err(|e| e.to_string())?
-                .await
-                .map_err(|e| e.to_string())
-        };
+        let published = job.blobs.publish(&job.js, &subject, &copy, &copy, &body);
         match published.await {
             Ok(_) => break,
             Err(e) if !said => {

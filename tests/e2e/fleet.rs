@@ -400,20 +400,28 @@ fn wait_taken(cluster: &Cluster) {
 
 const NAP: &str = "name = \"nap\"\n[[steps]]\nid = \"z\"\ntool = \"nap\"\n";
 
+/// alpha, which only sends, and beta, which works with `beta_config`; returns them once beta
+/// has taken the one nap of `ms` that alpha was given.
+fn nap_taken(
+    cluster: &Cluster,
+    (env_a, env_b): (&Env, &Env),
+    beta_config: &str,
+    ms: u64,
+) -> (Daemon, Daemon) {
+    let alpha = node(env_a, cluster, "alpha", "fleet_slots = 0");
+    let beta = node(env_b, cluster, "beta", beta_config);
+    let flow = format!("{NAP}with = {{ mode = \"sleep\", ms = {ms} }}\n");
+    crate::daemon::drop_file(env_a, "nap.toml", &flow);
+    wait_taken(cluster);
+    (alpha, beta)
+}
+
 #[test]
 fn a_worker_killed_mid_step_leaves_it_to_another_and_the_run_succeeds() {
     let (cluster, [env_a, env_b, env_c]) = nap_fleet();
-    // alpha only sends; beta works, with a short ack wait so the test is quick
-    let alpha = node(&env_a, &cluster, "alpha", "fleet_slots = 0");
-    let beta = node(
-        &env_b,
-        &cluster,
-        "beta",
-        "fleet_slots = 1\nfleet_ack_wait = \"2s\"",
-    );
-    let flow = format!("{NAP}with = {{ mode = \"sleep\", ms = 3000 }}\n");
-    crate::daemon::drop_file(&env_a, "nap.toml", &flow);
-    wait_taken(&cluster);
+    // beta works with a short ack wait, so the test is quick
+    let beta_config = "fleet_slots = 1\nfleet_ack_wait = \"2s\"";
+    let (alpha, beta) = nap_taken(&cluster, (&env_a, &env_b), beta_config, 3000);
     drop(beta); // SIGKILL, mid-step
     let _gamma = node(&env_c, &cluster, "gamma", "fleet_slots = 1");
     let runs = alpha.wait_for_runs(&env_a, 1);
@@ -451,12 +459,8 @@ fn a_step_longer_than_the_ack_wait_is_never_handed_out_twice() {
 #[test]
 fn a_worker_paused_past_the_ack_wait_finishes_too_and_only_one_outcome_counts() {
     let (cluster, [env_a, env_b, env_c]) = nap_fleet();
-    let alpha = node(&env_a, &cluster, "alpha", "fleet_slots = 0");
     let config = "fleet_slots = 1\nfleet_ack_wait = \"1s\"";
-    let beta = node(&env_b, &cluster, "beta", config);
-    let flow = format!("{NAP}with = {{ mode = \"sleep\", ms = 2000 }}\n");
-    crate::daemon::drop_file(&env_a, "nap.toml", &flow);
-    wait_taken(&cluster);
+    let (alpha, beta) = nap_taken(&cluster, (&env_a, &env_b), config, 2000);
     let pid = beta.child.id().to_string();
     let signal = |sig: &str| {
         let ok = Command::new("kill").args([sig, &pid]).status().unwrap();
@@ -488,16 +492,8 @@ fn a_worker_paused_past_the_ack_wait_finishes_too_and_only_one_outcome_counts() 
 #[test]
 fn an_owner_killed_while_its_attempt_runs_elsewhere_retries_it_and_fences_the_old_outcome() {
     let (cluster, [env_a, env_b, _]) = nap_fleet();
-    let alpha = node(&env_a, &cluster, "alpha", "fleet_slots = 0");
-    let _beta = node(
-        &env_b,
-        &cluster,
-        "beta",
-        "fleet_slots = 1\nfleet_ack_wait = \"2s\"",
-    );
-    let flow = format!("{NAP}with = {{ mode = \"sleep\", ms = 1500 }}\n");
-    crate::daemon::drop_file(&env_a, "nap.toml", &flow);
-    wait_taken(&cluster);
+    let beta_config = "fleet_slots = 1\nfleet_ack_wait = \"2s\"";
+    let (alpha, _beta) = nap_taken(&cluster, (&env_a, &env_b), beta_config, 1500);
     // killed between sending the attempt and recording its end
     drop(alpha);
     let alpha = node(&env_a, &cluster, "alpha", "fleet_slots = 0");
