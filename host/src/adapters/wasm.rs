@@ -676,9 +676,31 @@ pub fn describe_tools(
     }
 }
 
-/// A file's sha256, as lowercase hex.
+/// A file's sha256, as lowercase hex. Kept per file while its size and modification time
+/// stay the same: a pinned plugin is checked at every load of its tools file (every drop), and
+/// a fleet plugin at every attempt sent, and a plugin may be tens of megabytes.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    Ok(sha256_bytes(&std::fs::read(path)?))
+    type Stamp = (std::time::SystemTime, u64);
+    static KNOWN: std::sync::LazyLock<Mutex<HashMap<PathBuf, (Stamp, String)>>> =
+        std::sync::LazyLock::new(Default::default);
+    let meta = std::fs::metadata(path)?;
+    let stamp = (meta.modified()?, meta.len());
+    let known = |m: &Mutex<HashMap<PathBuf, (Stamp, String)>>| {
+        m.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(path)
+            .filter(|(s, _)| *s == stamp)
+            .map(|(_, h)| h.clone())
+    };
+    if let Some(hash) = known(&KNOWN) {
+        return Ok(hash);
+    }
+    let hash = sha256_bytes(&std::fs::read(path)?);
+    KNOWN
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(path.to_path_buf(), (stamp, hash.clone()));
+    Ok(hash)
 }
 
 /// Bytes' sha256, as lowercase hex.

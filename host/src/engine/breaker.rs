@@ -28,6 +28,7 @@ pub enum Admission {
     Wait(Option<Millis>),
 }
 
+#[derive(Default)]
 struct Live {
     record: BreakerRecord,
     in_flight: u32,
@@ -97,11 +98,7 @@ impl Breakers {
     pub fn adopt(&self, tool: &str, record: &BreakerRecord) -> bool {
         {
             let mut all = self.live.lock().unwrap_or_else(|e| e.into_inner());
-            let live = all.entry(tool.to_string()).or_insert_with(|| Live {
-                record: BreakerRecord::default(),
-                in_flight: 0,
-                probing: false,
-            });
+            let live = all.entry(tool.to_string()).or_default();
             let r = &mut live.record;
             match record.phase {
                 BreakerPhase::Open => {
@@ -153,11 +150,7 @@ impl Breakers {
             return (Admission::Go { probe: false }, None);
         };
         let mut all = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        let live = all.entry(tool.name.clone()).or_insert_with(|| Live {
-            record: BreakerRecord::default(),
-            in_flight: 0,
-            probing: false,
-        });
+        let live = all.entry(tool.name.clone()).or_default();
         match live.record.phase {
             BreakerPhase::Closed => {
                 // never more in flight than the failures left before opening
