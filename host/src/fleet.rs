@@ -229,7 +229,7 @@ impl Fleet {
                 continue;
             };
             if let Ok(hash) = self.owner.content_of(tool, path) {
-                keys.insert(tool.name.clone(), format!("{}.{}", &hash[..16], tool.name));
+                keys.insert(tool.key.clone(), format!("{}.{}", &hash[..16], tool.name));
             }
         }
         if keys.is_empty() {

@@ -236,6 +236,9 @@ pub struct AttemptRecord {
     pub number: u32,
     /// The tool that ran it.
     pub tool: String,
+    /// The folder of that tool's tools file (empty in records older than it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub folder: String,
     /// When it started.
     pub started_at: Millis,
     /// When it ended; `None` while in flight.
@@ -321,7 +324,7 @@ impl Default for BreakerRecord {
 /// (for a change of phase).
 #[derive(Debug, Clone)]
 pub struct BreakerChange {
-    /// The tool.
+    /// The tool, by its identity ([`tool_key`]).
     pub tool: String,
     /// Its breaker now.
     pub record: BreakerRecord,
@@ -347,4 +350,20 @@ pub struct Progress {
     pub elapsed_seconds: Option<f64>,
     /// Expected time to the end; `None` when no tool it needs has any history yet.
     pub eta_seconds: Option<f64>,
+}
+
+/// A tool's identity: its name and its tools file's folder, `name@folder`. Tool names never
+/// hold `@` (see the tools file's rules), so [`split_tool_key`] takes it apart again.
+pub fn tool_key(name: &str, folder: &str) -> String {
+    if folder.is_empty() {
+        name.to_string()
+    } else {
+        format!("{name}@{folder}")
+    }
+}
+
+/// A tool's name and folder from its [`tool_key`]; a bare name (as older states kept) has no
+/// folder.
+pub fn split_tool_key(key: &str) -> (&str, &str) {
+    key.split_once('@').unwrap_or((key, ""))
 }

@@ -122,7 +122,11 @@ fn metrics_are_valid_prometheus_text_from_the_state_and_from_the_daemon() {
         value(&scrape, "uet_step_duration_seconds", &[("tool", "echo")]),
         2.0
     );
-    assert!(text.contains("uet_step_duration_seconds_bucket{tool=\"echo\",le=\"+Inf\"} 2"));
+    let folder = env.ws.canonicalize().unwrap();
+    assert!(text.contains(&format!(
+        "uet_step_duration_seconds_bucket{{tool=\"echo\",folder=\"{}\",le=\"+Inf\"}} 2",
+        folder.display()
+    )));
 
     // the daemon serves the same on a loopback port when asked to
     let config = env.ws.parent().unwrap().join("daemon.toml");
@@ -173,4 +177,65 @@ fn metrics_are_valid_prometheus_text_from_the_state_and_from_the_daemon() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a loopback address"));
+}
+
+#[test]
+fn two_tools_files_tools_of_one_name_have_their_own_breakers_and_counters() {
+    let env = Env::new();
+    // two folders, each with its own `check`: one always fails, the other never does
+    env.write(
+        "a/tools.toml",
+        "[[tools]]\nname = \"check\"\ncommand = [\"false\"]\nbreaker = { failures = 1, cool_down = \"1h\" }\n",
+    );
+    env.write(
+        "b/tools.toml",
+        "[[tools]]\nname = \"check\"\ncommand = [\"true\"]\nbreaker = { failures = 1, cool_down = \"1h\" }\n",
+    );
+    let flow = "name = \"w\"\ntimeout = \"3s\"\n[[steps]]\nid = \"c\"\ntool = \"check\"\n";
+    env.write("a/w.toml", flow);
+    env.write("b/w.toml", flow);
+    env.uet(&["run", "a/w.toml"]).expect(1);
+    // a's breaker is open for an hour; b's `check` is another tool and runs at once
+    let b = env.uet(&["run", "b/w.toml", "--json"]).expect(0);
+    assert!(b.stdout().contains("\"succeeded\""), "{}", b.describe());
+
+    let text = env.uet(&["metrics"]).expect(0).stdout();
+    let scrape = parse(&text);
+    let a = env.ws.join("a").canonicalize().unwrap();
+    let b = env.ws.join("b").canonicalize().unwrap();
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let open = |folder| {
+        value(
+            &scrape,
+            "uet_breaker_state",
+            &[("tool", "check"), ("folder", folder), ("state", "open")],
+        )
+    };
+    assert_eq!(open(a), 1.0);
+    // b's never changed, so it was never written
+    assert!(
+        !text.contains(&format!("folder=\"{b}\",state=\"open\"}} 1")),
+        "{text}"
+    );
+    let failures = |folder| {
+        value(
+            &scrape,
+            "uet_attempt_failures_total",
+            &[("tool", "check"), ("folder", folder)],
+        )
+    };
+    assert_eq!((failures(a), failures(b)), (1.0, 0.0));
+    // `uet tools` shows each file's own breaker
+    let shown = env
+        .uet(&["tools", "--tools", "b/tools.toml", "--json"])
+        .expect(0)
+        .stdout();
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown[0]["breaker"]["state"], "closed", "{shown}");
+    let shown = env
+        .uet(&["tools", "--tools", "a/tools.toml", "--json"])
+        .expect(0)
+        .stdout();
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    assert_eq!(shown[0]["breaker"]["state"], "open", "{shown}");
 }

@@ -390,7 +390,7 @@ pub fn tools(files: &[Tools], breaker: impl Fn(&str) -> Option<BreakerRecord>) -
         for t in &file.tools {
             let source = t.kind.source();
             let breaker = t.breaker.map(|settings| {
-                let r = breaker(&t.name).unwrap_or_default();
+                let r = breaker(&t.key).unwrap_or_default();
                 let open = r.phase == BreakerPhase::Open;
                 BreakerShown {
                     state: r.phase.as_str().into(),

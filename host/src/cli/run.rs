@@ -62,10 +62,10 @@ pub(crate) fn tools(
         .ok()
         .and_then(|store| store.breakers().ok())
         .unwrap_or_default();
-    let shown = ops::tools(std::slice::from_ref(&tools), |name| {
+    let shown = ops::tools(std::slice::from_ref(&tools), |key| {
         records
             .iter()
-            .find(|(t, _)| t == name)
+            .find(|(t, _)| t == key)
             .map(|(_, r)| r.clone())
     });
     print::tools(json, &shown);

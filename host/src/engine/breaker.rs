@@ -92,7 +92,7 @@ impl Breakers {
         self.news.subscribe()
     }
 
-    /// Takes another process's word for a tool's breaker: opened there (until a later probe
+    /// Takes another process's word for a tool's breaker (by [`Tool::key`]): opened there (until a later probe
     /// time than this one knew), or closed there by a probe that succeeded. Steps waiting on
     /// it ask again; nothing is said back (no news).
     pub fn adopt(&self, tool: &str, record: &BreakerRecord) -> bool {
@@ -127,13 +127,13 @@ impl Breakers {
         true
     }
 
-    /// A tool's breaker now, if it has one that has been used.
+    /// A tool's breaker now (by [`Tool::key`]), if it has one that has been used.
     pub fn get(&self, tool: &str) -> Option<BreakerRecord> {
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         live.get(tool).map(|l| l.record.clone())
     }
 
-    /// Every breaker that has been used, by tool name.
+    /// Every breaker that has been used, by tool identity ([`Tool::key`]).
     pub fn all(&self) -> Vec<(String, BreakerRecord)> {
         let live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         let mut all: Vec<_> = live
@@ -150,7 +150,7 @@ impl Breakers {
             return (Admission::Go { probe: false }, None);
         };
         let mut all = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        let live = all.entry(tool.name.clone()).or_default();
+        let live = all.entry(tool.key.clone()).or_default();
         match live.record.phase {
             BreakerPhase::Closed => {
                 // never more in flight than the failures left before opening
@@ -174,7 +174,7 @@ impl Breakers {
                 live.probing = true;
                 live.in_flight += 1;
                 let transition = BreakerChange {
-                    tool: tool.name.clone(),
+                    tool: tool.key.clone(),
                     record: live.record.clone(),
                     event: Some((
                         "breaker.half_open".into(),
@@ -204,7 +204,7 @@ impl Breakers {
         let settings = tool.breaker?;
         let transition = {
             let mut all = self.live.lock().unwrap_or_else(|e| e.into_inner());
-            let live = all.get_mut(&tool.name)?;
+            let live = all.get_mut(&tool.key)?;
             live.in_flight = live.in_flight.saturating_sub(1);
             let was_probe = probe && live.record.phase == BreakerPhase::HalfOpen;
             if probe {
@@ -266,7 +266,7 @@ impl Breakers {
                 }
             };
             event.map(|event| BreakerChange {
-                tool: tool.name.clone(),
+                tool: tool.key.clone(),
                 record: live.record.clone(),
                 event,
             })
@@ -279,7 +279,7 @@ impl Breakers {
             && record.phase != BreakerPhase::HalfOpen
         {
             // no one listening is fine: a daemon alone shares nothing
-            let _ = self.news.send((tool.name.clone(), record.clone()));
+            let _ = self.news.send((tool.key.clone(), record.clone()));
         }
         self.changed.send_modify(|n| *n += 1);
         transition

@@ -274,7 +274,7 @@ struct Scheduler<'a> {
     remote: Option<Arc<dyn Remote>>,
     /// Per step: the tool its attempt in flight runs on, and whether it is a breaker's probe.
     in_flight: Vec<Option<(String, bool)>>,
-    /// Ready steps whose tools' breakers all said wait, with those tools' names.
+    /// Ready steps whose tools' breakers all said wait, with those tools' identities.
     blocked: Vec<(usize, Vec<String>)>,
     /// When the earliest probe among the blocked steps' tools is due.
     wake_at: Option<Millis>,
@@ -551,7 +551,7 @@ impl<'a> Scheduler<'a> {
                         .get(t)
                         .is_some_and(|b| b.phase != BreakerPhase::Closed)
                 })
-                .map(String::as_str)
+                .map(|key| crate::model::split_tool_key(key).0)
                 .collect();
             (!open.is_empty()).then(|| open.join("`, `"))
         });
@@ -649,7 +649,7 @@ impl<'a> Scheduler<'a> {
             let step = &self.plan.steps[i];
             let number = self.attempts[i] + 1;
             let tool_name = match &prepared {
-                Ok((tool, _, _)) => tool.name.clone(),
+                Ok((tool, _, _)) => tool.key.clone(),
                 Err(_) => String::from("-"),
             };
             if self.state[i] == StepState::Pending {
@@ -790,7 +790,7 @@ impl<'a> Scheduler<'a> {
             }
         }
         self.blocked
-            .push((i, tools.iter().map(|t| t.name.clone()).collect()));
+            .push((i, tools.iter().map(|t| t.key.clone()).collect()));
         if let Some(at) = due {
             self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
         }

@@ -35,6 +35,10 @@ pub struct Tools {
 pub struct Tool {
     /// Its name, which steps use in `tool = "..."`.
     pub name: String,
+    /// Who it is among every tools file: `name@folder`, its tools file's folder resolved
+    /// (see [`crate::model::tool_key`]). Two files' tools of one name are two tools: their
+    /// breakers and counters are kept apart under this.
+    pub key: String,
     /// What runs.
     pub kind: ToolKind,
     /// What it can do, for steps that ask by `capability`.
@@ -304,6 +308,12 @@ impl Tools {
         if src.has_problems() {
             return Err(src.into_problems());
         }
+        // the folder as the file system names it, so `uet run ../w.toml` and a daemon watching
+        // the folder agree on who each tool is
+        let home = std::fs::canonicalize(&base).unwrap_or(base);
+        for (t, _) in &mut tools {
+            t.key = crate::model::tool_key(&t.name, &home.display().to_string());
+        }
         Ok(Tools {
             path: path.to_path_buf(),
             tools: tools.into_iter().map(|(t, _)| t).collect(),
@@ -411,6 +421,7 @@ fn read_tool(
         .collect();
     let mut tool = Tool {
         name: name.map(|(n, _)| n).unwrap_or_default(),
+        key: String::new(),
         kind: kind.unwrap_or(ToolKind::Command { argv: Vec::new() }),
         capabilities,
         timeout: None,

@@ -261,7 +261,7 @@ pub enum Change {
         step: String,
         /// 1 for the first.
         number: u32,
-        /// The tool that runs it.
+        /// The tool that runs it: its identity ([`crate::model::tool_key`]), or a bare name.
         tool: String,
     },
     /// An attempt ends.

@@ -92,8 +92,8 @@ fn attempts(out: &mut String, stats: &[(String, ToolStats)]) {
         for (outcome, n) in &s.outcomes {
             let _ = writeln!(
                 out,
-                "uet_attempts_total{{tool=\"{}\",outcome=\"{outcome}\"}} {n}",
-                escape(tool)
+                "uet_attempts_total{{{},outcome=\"{outcome}\"}} {n}",
+                labels(tool)
             );
         }
     }
@@ -112,8 +112,8 @@ fn attempts(out: &mut String, stats: &[(String, ToolStats)]) {
             .sum();
         let _ = writeln!(
             out,
-            "uet_attempt_failures_total{{tool=\"{}\"}} {failed}",
-            escape(tool)
+            "uet_attempt_failures_total{{{}}} {failed}",
+            labels(tool)
         );
     }
 }
@@ -127,29 +127,22 @@ fn durations(out: &mut String, stats: &[(String, ToolStats)]) {
         "How long each attempt of a step ran, by tool.",
     );
     for (tool, s) in stats {
-        let tool = escape(tool);
+        let tool = labels(tool);
         let mut cumulative = 0;
         for (i, bound) in DURATION_BUCKETS.iter().enumerate() {
             cumulative += s.buckets.get(i).copied().unwrap_or(0);
             let _ = writeln!(
                 out,
-                "uet_step_duration_seconds_bucket{{tool=\"{tool}\",le=\"{bound}\"}} {cumulative}"
+                "uet_step_duration_seconds_bucket{{{tool},le=\"{bound}\"}} {cumulative}"
             );
         }
         let count: u64 = s.buckets.iter().sum();
         let _ = writeln!(
             out,
-            "uet_step_duration_seconds_bucket{{tool=\"{tool}\",le=\"+Inf\"}} {count}"
+            "uet_step_duration_seconds_bucket{{{tool},le=\"+Inf\"}} {count}"
         );
-        let _ = writeln!(
-            out,
-            "uet_step_duration_seconds_sum{{tool=\"{tool}\"}} {}",
-            s.seconds
-        );
-        let _ = writeln!(
-            out,
-            "uet_step_duration_seconds_count{{tool=\"{tool}\"}} {count}"
-        );
+        let _ = writeln!(out, "uet_step_duration_seconds_sum{{{tool}}} {}", s.seconds);
+        let _ = writeln!(out, "uet_step_duration_seconds_count{{{tool}}} {count}");
     }
 }
 
@@ -166,8 +159,8 @@ fn breaker_states(out: &mut String, breakers: &[(String, BreakerRecord)]) {
             let on = u8::from(record.phase.as_str() == state);
             let _ = writeln!(
                 out,
-                "uet_breaker_state{{tool=\"{}\",state=\"{}\"}} {on}",
-                escape(tool),
+                "uet_breaker_state{{{},state=\"{}\"}} {on}",
+                labels(tool),
                 state.replace('-', "_")
             );
         }
@@ -181,8 +174,8 @@ fn breaker_states(out: &mut String, breakers: &[(String, BreakerRecord)]) {
     for (tool, record) in breakers {
         let _ = writeln!(
             out,
-            "uet_breaker_failures{{tool=\"{}\"}} {}",
-            escape(tool),
+            "uet_breaker_failures{{{}}} {}",
+            labels(tool),
             record.failures
         );
     }
@@ -194,6 +187,13 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
 }
 
 /// A label value as the exposition format wants it.
+/// A tool's labels from its identity: `tool="NAME",folder="FOLDER"`, the folder of its tools
+/// file (empty for counters an older state kept by name alone).
+fn labels(key: &str) -> String {
+    let (name, folder) = crate::model::split_tool_key(key);
+    format!("tool=\"{}\",folder=\"{}\"", escape(name), escape(folder))
+}
+
 fn escape(value: &str) -> String {
     value
         .replace('\\', "\\\\")

@@ -69,13 +69,15 @@ impl<'b> Batch<'b> {
                 let s = self.steps.get((run_id, step.clone()), || {
                     load_step(db, pending, run_id, step)
                 })?;
+                let (name, folder) = crate::model::split_tool_key(tool);
                 s.record.attempts = *number;
-                s.record.tool = Some(tool.clone());
+                s.record.tool = Some(name.to_string());
                 s.record.progress = None;
                 s.record.attempt_started_at = Some(self.now);
                 let attempt = AttemptRecord {
                     number: *number,
-                    tool: tool.clone(),
+                    tool: name.to_string(),
+                    folder: folder.to_string(),
                     started_at: self.now,
                     finished_at: None,
                     outcome: None,
@@ -152,12 +154,14 @@ impl<'b> Batch<'b> {
         attempt.finished_at = Some(now);
         attempt.outcome = Some(*outcome);
         let took = now.saturating_sub(attempt.started_at);
-        let tool = attempt.tool.as_str();
+        // counted per tool identity, and (for ETAs, which know steps' tools by name) per name
+        let key = crate::model::tool_key(&attempt.tool, &attempt.folder);
         self.stats
-            .get(tool.to_string(), || {
-                or_default(db, Reader::stats, &pending.stats, tool)
+            .get(key.clone(), || {
+                or_default(db, Reader::stats, &pending.stats, &key)
             })?
             .record(*outcome, took);
+        let tool = attempt.tool.as_str();
         if *outcome == Outcome::Succeeded {
             let kept = self.durations.get(tool.to_string(), || {
                 or_default(db, Reader::durations, &pending.durations, tool)
