@@ -13,6 +13,7 @@ pub mod scaffold;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use uet::spec::workflow::Sets;
 
 use anyhow::anyhow;
 use clap::Parser;
@@ -91,15 +92,17 @@ fn dispatch(command: Command) -> Result<u8, Failure> {
             tools,
             json,
             dry_run: true,
+            set,
             ..
-        } => plan::dry_run(&file, tools.as_deref(), json),
+        } => plan::dry_run(&file, tools.as_deref(), &Sets(set), json),
         Command::Run {
             file,
             tools,
             state,
             json,
             dry_run: false,
-        } => run::run(&file, tools.as_deref(), state, json),
+            set,
+        } => run::run(&file, tools.as_deref(), &Sets(set), state, json),
         Command::Graph {
             file,
             tools,
@@ -212,9 +215,20 @@ fn run_number(
 fn ask_daemon(command: Command) -> Result<u8, Failure> {
     let (client, request) = match command {
         Command::Status(c) => (c, Request::Status),
-        Command::Submit { file, wait, client } => match std::path::absolute(&file) {
-            Ok(path) if wait => return client::submit_and_wait(&client, path),
-            Ok(path) => (client, Request::Submit { path }),
+        Command::Submit {
+            file,
+            wait,
+            set,
+            client,
+        } => match std::path::absolute(&file) {
+            Ok(path) if wait => return client::submit_and_wait(&client, path, Sets(set)),
+            Ok(path) => (
+                client,
+                Request::Submit {
+                    path,
+                    sets: Sets(set),
+                },
+            ),
             Err(e) => return Err(anyhow!("{}: {e}", file.display()).into()),
         },
         Command::Cancel { run, client } => {

@@ -9,6 +9,7 @@ mod daemon_ops;
 mod fleet;
 mod hardening;
 mod monitoring;
+mod params;
 mod plugins;
 mod progress;
 mod resilience;

@@ -78,7 +78,7 @@ pub trait Control {
     /// See [`prune`].
     fn prune(&self, older_than_ms: Option<u64>, keep: Option<usize>) -> Result<String, Refused>;
     /// Runs a workflow file (claimed like a drop when it sits in a watched folder).
-    fn submit(&self, path: &Path) -> Result<RunId, Refused>;
+    fn submit(&self, path: &Path, sets: &crate::spec::workflow::Sets) -> Result<RunId, Refused>;
     /// Cancels a run that is going.
     fn cancel(&self, run: RunId) -> Result<String, Refused>;
     /// Puts a failed or canceled run's unfinished steps back and resumes it.

@@ -54,6 +54,9 @@ pub enum Request {
     Submit {
         /// An absolute path the daemon can read.
         path: PathBuf,
+        /// Values for the workflow's parameters.
+        #[serde(default, skip_serializing_if = "sets_empty")]
+        sets: crate::spec::workflow::Sets,
     },
     /// Stop a run: running steps are killed at once.
     Cancel {
@@ -220,7 +223,9 @@ pub fn answer(control: &impl crate::api::ops::Control, request: Request) -> Resp
             crate::api::ops::logs(control.state(), run, step.as_deref(), attempt)
                 .map(|logs| Response::Logs { logs })
         }
-        Request::Submit { path } => control.submit(&path).map(|run| Response::Submitted { run }),
+        Request::Submit { path, sets } => control
+            .submit(&path, &sets)
+            .map(|run| Response::Submitted { run }),
         Request::Verify { run } => return done(control.verify(run)),
         Request::Prune {
             older_than_ms,
@@ -457,4 +462,8 @@ mod tests {
         drop(a);
         assert!(read_frame::<_, Request>(&mut b).await.unwrap().is_none());
     }
+}
+
+fn sets_empty(sets: &crate::spec::workflow::Sets) -> bool {
+    sets.0.is_empty()
 }

@@ -1,6 +1,7 @@
 //! The command line's words: every command and its flags, and the exit codes.
 
 use std::path::PathBuf;
+use uet::spec::workflow::Sets;
 
 use clap::{Parser, Subcommand};
 
@@ -41,6 +42,9 @@ pub(crate) enum Command {
         /// Print what would run, in which order and with which tools, and run nothing.
         #[arg(long)]
         dry_run: bool,
+        /// A value for one of the workflow's `[params]` (repeat for more).
+        #[arg(long = "set", value_name = "NAME=VALUE", value_parser = Sets::parse_one)]
+        set: Vec<(String, String)>,
     },
     /// Draw a workflow's plan: its steps and what each needs, as Mermaid or Graphviz DOT.
     Graph {
@@ -138,6 +142,9 @@ pub(crate) enum Command {
         /// Wait for the run to end, and exit with its code (0 succeeded, 1 otherwise).
         #[arg(long)]
         wait: bool,
+        /// A value for one of the workflow's `[params]` (repeat for more).
+        #[arg(long = "set", value_name = "NAME=VALUE", value_parser = Sets::parse_one)]
+        set: Vec<(String, String)>,
         #[command(flatten)]
         client: ClientArgs,
     },

@@ -1,6 +1,7 @@
 //! Talking to the daemon over its socket.
 
 use std::path::{Path, PathBuf};
+use uet::spec::workflow::Sets;
 
 use anyhow::Context;
 
@@ -242,9 +243,13 @@ fn ended_code(message: &str) -> u8 {
 
 /// `uet submit --wait`: submits, then follows the run on the same connection, printing
 /// nothing until it ends; says how it ended and exits with its code.
-pub(crate) fn submit_and_wait(args: &ClientArgs, path: PathBuf) -> Result<u8, Failure> {
+pub(crate) fn submit_and_wait(args: &ClientArgs, path: PathBuf, sets: Sets) -> Result<u8, Failure> {
     talk(args, false, async |client, socket| {
-        let run = match client.call(&Request::Submit { path }).await {
+        let submit = Request::Submit {
+            path: path.clone(),
+            sets: sets.clone(),
+        };
+        let run = match client.call(&submit).await {
             Ok(Response::Submitted { run }) => run,
             Ok(other) => return Ok(print::response(args.json, other)),
             Err(e) => return Ok(stopped(socket, &e)),

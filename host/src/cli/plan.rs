@@ -5,6 +5,7 @@ use std::path::Path;
 
 use uet::engine::route;
 use uet::spec::tools::Tools;
+use uet::spec::workflow::Sets;
 use uet::spec::workflow::{self, Plan, Target};
 
 use super::args::{GraphFormat, exit};
@@ -12,7 +13,7 @@ use super::{Failure, default_state_dir, run};
 
 /// A workflow's plan and its tools (described, as a run would have them); without a tools
 /// file beside it, tool names are not checked and steps resolve to nothing.
-fn load(file: &Path, tools: Option<&Path>) -> Result<(Plan, Tools), Failure> {
+fn load(file: &Path, tools: Option<&Path>, sets: &Sets) -> Result<(Plan, Tools), Failure> {
     let tools_file = run::tools_path(file, tools);
     let mut tools = if tools.is_none() && !tools_file.exists() {
         eprintln!(
@@ -25,7 +26,7 @@ fn load(file: &Path, tools: Option<&Path>) -> Result<(Plan, Tools), Failure> {
         Tools::load_to_read(&tools_file).map_err(Failure::Problems)?
     };
     run::plugin_runtime(&mut tools, &default_state_dir()?, false)?;
-    let plan = workflow::load(file, &tools).map_err(Failure::Problems)?;
+    let plan = workflow::load_with(file, &tools, sets).map_err(Failure::Problems)?;
     Ok((plan, tools))
 }
 
@@ -51,7 +52,7 @@ fn resolved(tools: &Tools, target: &Target) -> Option<(String, &'static str, Str
 
 /// `uet graph FILE`: the plan as a Mermaid flowchart or a Graphviz digraph, on stdout.
 pub(crate) fn graph(file: &Path, tools: Option<&Path>, format: GraphFormat) -> Result<u8, Failure> {
-    let (plan, tools) = load(file, tools)?;
+    let (plan, tools) = load(file, tools, &Sets::default())?;
     let label = |i: usize| {
         let step = &plan.steps[i];
         let how = match (&step.target, resolved(&tools, &step.target)) {
@@ -110,8 +111,13 @@ pub(crate) fn graph(file: &Path, tools: Option<&Path>, format: GraphFormat) -> R
 /// `uet run --dry-run FILE`: what would run, wave by wave (a wave's steps may run side by side
 /// once the waves before it are done; within one, higher priority first, then file order), and
 /// the tool each step resolves to. Nothing runs and no state is touched.
-pub(crate) fn dry_run(file: &Path, tools: Option<&Path>, json: bool) -> Result<u8, Failure> {
-    let (plan, tools) = load(file, tools)?;
+pub(crate) fn dry_run(
+    file: &Path,
+    tools: Option<&Path>,
+    sets: &Sets,
+    json: bool,
+) -> Result<u8, Failure> {
+    let (plan, tools) = load(file, tools, sets)?;
     let wave = waves(&plan);
     let mut order: Vec<usize> = (0..plan.steps.len()).collect();
     order.sort_by_key(|&i| (wave[i], -plan.steps[i].priority, i));
@@ -138,6 +144,7 @@ pub(crate) fn dry_run(file: &Path, tools: Option<&Path>, json: bool) -> Result<u
         let shown = serde_json::json!({
             "name": plan.name,
             "max_parallel": plan.max_parallel,
+            "params": plan.params,
             "waves": wave.iter().max().copied().unwrap_or(0),
             "steps": steps,
         });
@@ -151,6 +158,9 @@ pub(crate) fn dry_run(file: &Path, tools: Option<&Path>, json: bool) -> Result<u
         wave.iter().max().copied().unwrap_or(0),
         plan.max_parallel
     );
+    if !plan.params.is_empty() {
+        println!("params: {}", params_line(&plan.params));
+    }
     let width = plan.steps.iter().map(|s| s.id.len()).max().unwrap_or(0);
     let mut current = 0;
     for &i in &order {
@@ -175,4 +185,16 @@ pub(crate) fn dry_run(file: &Path, tools: Option<&Path>, json: bool) -> Result<u
         println!("  {:width$}  {runs}{needs}", s.id);
     }
     Ok(exit::OK)
+}
+
+/// `a=1, b=text`: a run's parameters on one line (strings as they are, the rest as JSON).
+pub(crate) fn params_line(params: &uet::spec::template::Params) -> String {
+    params
+        .iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => format!("{k}={s}"),
+            v => format!("{k}={v}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }

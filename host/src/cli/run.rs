@@ -3,6 +3,7 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use uet::spec::workflow::Sets;
 
 use anyhow::{Context, anyhow};
 use tokio_util::sync::CancellationToken;
@@ -130,6 +131,7 @@ pub(crate) fn validate(files: &[PathBuf], tools: Option<&Path>) -> Result<u8, Fa
 pub(crate) fn run(
     file: &Path,
     tools: Option<&Path>,
+    sets: &Sets,
     state: Option<PathBuf>,
     json: bool,
 ) -> Result<u8, Failure> {
@@ -142,7 +144,7 @@ pub(crate) fn run(
         None => default_state_dir()?,
     };
     let wasm = plugin_runtime(&mut tools, &state_dir, false)?;
-    let plan = workflow::load(file, &tools).map_err(Failure::Problems)?;
+    let plan = workflow::load_with(file, &tools, sets).map_err(Failure::Problems)?;
     let store = Store::open(&state_dir)
         .with_context(|| format!("cannot open the state in {}", state_dir.display()))?;
     // this process owns the state now: steps an earlier uet left running are stopped

@@ -1,6 +1,7 @@
 //! The daemon's side of the facade: what it does when a face asks ([`ops::Control`]). The
 //! socket maps its requests onto these calls; the web dashboard and the fleet will do the same.
 
+use crate::spec::workflow::Sets;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -87,8 +88,15 @@ impl Control for Arc<Daemon> {
 
     /// `uet submit`: a file in a watched folder is claimed like a drop (so the watcher does not
     /// run it a second time); any other file runs with its folder as the workstream.
-    fn submit(&self, path: &Path) -> Result<RunId, Refused> {
+    fn submit(&self, path: &Path, sets: &Sets) -> Result<RunId, Refused> {
         if let Some(path) = watched_as(self, path) {
+            if !sets.0.is_empty() {
+                // a drop is read again from its claim after a crash, where no `--set` is kept
+                return Err(Refused::invalid(format!(
+                    "{}: --set is for files outside the watched folders (one dropped here runs with its defaults); submit a copy from elsewhere",
+                    path.display()
+                )));
+            }
             return match claim(self, &path) {
                 Some(Ok(run)) => Ok(run),
                 Some(Err(ClaimError::Rejected(report))) => Err(Refused::invalid(format!(
@@ -108,7 +116,7 @@ impl Control for Arc<Daemon> {
         let refused =
             |p: crate::spec::doc::Problems| Refused::invalid(format!("{p}\n{}", p.nothing_run()));
         let tools = load_tools(self, &dir).map_err(refused)?;
-        let plan = workflow::parse(path, &bytes, &tools).map_err(refused)?;
+        let plan = workflow::parse_with(path, &bytes, &tools, sets).map_err(refused)?;
         let run = record(self, &plan, path, &dir, None, "submitted")
             .map_err(|e| failed(format!("{e:#}")))?;
         start(self, run, plan, dir, tools, false);

@@ -809,7 +809,7 @@ impl<'a> Scheduler<'a> {
                 .position(|s| s.id == id)
                 .and_then(|j| outputs.get(&j).cloned())
         };
-        let input = template::resolve(&step.with, &by_id).map_err(|e| e.0)?;
+        let input = template::resolve(&step.with, &by_id, &self.plan.params).map_err(|e| e.0)?;
         Ok((tool, input))
     }
 

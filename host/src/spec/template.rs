@@ -1,5 +1,6 @@
 //! The two small template languages of uet: `{key}` in a command tool's argv, filled from the
-//! step's input, and `${steps.ID.output.PATH}` in a step's `with`, filled from upstream outputs.
+//! step's input, and `${steps.ID.output.PATH}` and `${params.NAME}` in a step's `with`, filled
+//! from upstream outputs and the run's parameters.
 
 use std::fmt;
 
@@ -146,6 +147,8 @@ pub enum Piece {
     Text(String),
     /// `${steps.STEP.output.PATH}`.
     Ref(Reference),
+    /// `${params.NAME}`: one of the run's parameters.
+    Param(String),
 }
 
 /// A reference to (part of) an upstream step's output.
@@ -182,11 +185,11 @@ pub fn parse_pieces(text: &str) -> Result<Vec<Piece>, TemplateError> {
             let Some(end) = tail.find('}') else {
                 return Err(TemplateError(format!("unclosed `${{` in {text:?}")));
             };
-            let reference = parse_reference(&tail[..end])?;
+            let piece = parse_reference(&tail[..end])?;
             if !buf.is_empty() {
                 pieces.push(Piece::Text(std::mem::take(&mut buf)));
             }
-            pieces.push(Piece::Ref(reference));
+            pieces.push(piece);
             rest = &tail[end + 1..];
         } else {
             buf.push('$');
@@ -200,12 +203,19 @@ pub fn parse_pieces(text: &str) -> Result<Vec<Piece>, TemplateError> {
     Ok(pieces)
 }
 
-fn parse_reference(inner: &str) -> Result<Reference, TemplateError> {
+fn parse_reference(inner: &str) -> Result<Piece, TemplateError> {
     let bad = || {
         TemplateError(format!(
-            "bad reference `${{{inner}}}`: write `${{steps.ID.output}}` or `${{steps.ID.output.KEY...}}` (`$${{` for a literal `${{`)"
+            "bad reference `${{{inner}}}`: write `${{steps.ID.output}}`, `${{steps.ID.output.KEY...}}` or `${{params.NAME}}` (`$${{` for a literal `${{`)"
         ))
     };
+    if let Some(name) = inner.trim().strip_prefix("params.") {
+        return if is_param_name(name) {
+            Ok(Piece::Param(name.to_string()))
+        } else {
+            Err(bad())
+        };
+    }
     let mut parts = inner.trim().split('.');
     if parts.next() != Some("steps") {
         return Err(bad());
@@ -218,10 +228,42 @@ fn parse_reference(inner: &str) -> Result<Reference, TemplateError> {
     if path.iter().any(String::is_empty) {
         return Err(bad());
     }
-    Ok(Reference {
+    Ok(Piece::Ref(Reference {
         step: step.to_string(),
         path,
-    })
+    }))
+}
+
+/// A parameter's name: letters, digits, `_` and `-`.
+pub fn is_param_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'))
+}
+
+/// The parameters a JSON value's strings name, in order, each once.
+pub fn params_named(value: &serde_json::Value) -> Vec<String> {
+    let mut names = Vec::new();
+    collect(value, &mut names);
+    return names;
+
+    fn collect(v: &serde_json::Value, names: &mut Vec<String>) {
+        match v {
+            serde_json::Value::String(s) => {
+                for piece in parse_pieces(s).unwrap_or_default() {
+                    if let Piece::Param(name) = piece
+                        && !names.contains(&name)
+                    {
+                        names.push(name);
+                    }
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|i| collect(i, names)),
+            serde_json::Value::Object(map) => map.values().for_each(|i| collect(i, names)),
+            _ => {}
+        }
+    }
 }
 
 /// Every reference in a JSON value's strings, and every malformed one.
@@ -236,7 +278,7 @@ pub fn references(value: &serde_json::Value) -> (Vec<Reference>, Vec<TemplateErr
             serde_json::Value::String(s) => match parse_pieces(s) {
                 Ok(pieces) => refs.extend(pieces.into_iter().filter_map(|p| match p {
                     Piece::Ref(r) => Some(r),
-                    Piece::Text(_) => None,
+                    Piece::Text(_) | Piece::Param(_) => None,
                 })),
                 Err(e) => errors.push(e),
             },
@@ -247,28 +289,45 @@ pub fn references(value: &serde_json::Value) -> (Vec<Reference>, Vec<TemplateErr
     }
 }
 
-/// Fills every reference in `value` with the output it names. A string that is exactly one
-/// reference takes the referenced value with its type; a reference inside longer text is
-/// written into it (strings as they are, anything else as JSON).
+/// A run's parameters by name, their values final (defaults and `--set`s applied).
+pub type Params = std::collections::BTreeMap<String, serde_json::Value>;
+
+/// Fills every reference in `value` with the output or parameter it names. A string that is
+/// exactly one reference takes the referenced value with its type; a reference inside longer
+/// text is written into it (strings as they are, anything else as JSON). What is filled in is
+/// never read again for references: a value cannot smuggle one in.
 pub fn resolve(
     value: &serde_json::Value,
     output_of: &dyn Fn(&str) -> Option<serde_json::Value>,
+    params: &Params,
 ) -> Result<serde_json::Value, TemplateError> {
     use serde_json::Value as J;
+    let param = |name: &str| {
+        params
+            .get(name)
+            .cloned()
+            .ok_or_else(|| TemplateError(format!("`${{params.{name}}}`: no such parameter")))
+    };
     Ok(match value {
         J::String(s) => {
             let pieces = parse_pieces(s)?;
             match pieces.as_slice() {
                 [Piece::Ref(r)] => lookup(r, output_of)?,
+                [Piece::Param(name)] => param(name)?,
                 _ => {
                     let mut out = String::new();
                     for piece in pieces {
-                        match piece {
-                            Piece::Text(t) => out.push_str(&t),
-                            Piece::Ref(r) => match lookup(&r, output_of)? {
-                                J::String(s) => out.push_str(&s),
-                                v => out.push_str(&v.to_string()),
-                            },
+                        let filled = match piece {
+                            Piece::Text(t) => {
+                                out.push_str(&t);
+                                continue;
+                            }
+                            Piece::Ref(r) => lookup(&r, output_of)?,
+                            Piece::Param(name) => param(&name)?,
+                        };
+                        match filled {
+                            J::String(s) => out.push_str(&s),
+                            v => out.push_str(&v.to_string()),
                         }
                     }
                     J::String(out)
@@ -278,12 +337,12 @@ pub fn resolve(
         J::Array(items) => J::Array(
             items
                 .iter()
-                .map(|i| resolve(i, output_of))
+                .map(|i| resolve(i, output_of, params))
                 .collect::<Result<_, _>>()?,
         ),
         J::Object(map) => J::Object(
             map.iter()
-                .map(|(k, v)| Ok((k.clone(), resolve(v, output_of)?)))
+                .map(|(k, v)| Ok((k.clone(), resolve(v, output_of, params)?)))
                 .collect::<Result<_, TemplateError>>()?,
         ),
         other => other.clone(),
@@ -354,14 +413,39 @@ mod tests {
         let outputs = |s: &str| (s == "count").then(|| json!({"words": 42, "files": ["a", "b"]}));
         let v = json!({"n": "${steps.count.output.words}", "s": "total: ${steps.count.output.words}",
                        "f": "${steps.count.output.files.1}", "lit": "$${steps.x}", "all": "${steps.count.output}"});
-        let r = resolve(&v, &outputs).unwrap();
+        let r = resolve(&v, &outputs, &Params::new()).unwrap();
         assert_eq!(r["n"], json!(42));
         assert_eq!(r["s"], json!("total: 42"));
         assert_eq!(r["f"], json!("b"));
         assert_eq!(r["lit"], json!("${steps.x}"));
         assert_eq!(r["all"]["words"], json!(42));
-        let err = resolve(&json!("${steps.count.output.nope}"), &outputs).unwrap_err();
+        let err = resolve(
+            &json!("${steps.count.output.nope}"),
+            &outputs,
+            &Params::new(),
+        )
+        .unwrap_err();
         assert!(err.0.contains("has no `nope`"), "{err:?}");
+    }
+
+    #[test]
+    fn parameters_keep_types_and_what_they_fill_in_is_not_read_again() {
+        let params: Params = [
+            ("n".to_string(), json!(3)),
+            ("who".to_string(), json!("${steps.secret.output}")),
+        ]
+        .into();
+        let none = |_: &str| None;
+        let v = json!({"n": "${params.n}", "s": "n=${params.n}, who=${params.who}", "lit": "$${params.n}"});
+        let r = resolve(&v, &none, &params).unwrap();
+        assert_eq!(r["n"], json!(3));
+        assert_eq!(r["s"], json!("n=3, who=${steps.secret.output}"));
+        assert_eq!(r["lit"], json!("${params.n}"));
+        assert_eq!(params_named(&v), vec!["n", "who"]);
+        assert!(parse_pieces("${params.}").is_err());
+        assert!(parse_pieces("${params.a.b}").is_err());
+        let err = resolve(&json!("${params.nope}"), &none, &params).unwrap_err();
+        assert!(err.0.contains("no such parameter"), "{err:?}");
     }
 
     #[test]

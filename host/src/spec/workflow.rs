@@ -33,8 +33,31 @@ pub struct Plan {
     pub timeout: Option<Duration>,
     /// Set for a standing workflow.
     pub trigger: Option<Trigger>,
+    /// Its parameters (`[params]`) with the values this run takes: the defaults, with any
+    /// `--set` applied. `${params.NAME}` in a step's `with` reads them.
+    #[serde(default, skip_serializing_if = "template::Params::is_empty")]
+    pub params: template::Params,
     /// The steps, in file order.
     pub steps: Vec<PlanStep>,
+}
+
+/// Values for a workflow's parameters, as given on the command line (`--set NAME=VALUE`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sets(pub Vec<(String, String)>);
+
+impl Sets {
+    /// One `NAME=VALUE`, as `--set` takes it.
+    pub fn parse_one(text: &str) -> Result<(String, String), String> {
+        match text.split_once('=') {
+            Some((name, value)) if template::is_param_name(name) => {
+                Ok((name.to_string(), value.to_string()))
+            }
+            Some((name, _)) => Err(format!(
+                "`{name}` is not a parameter name (letters, digits, `_` and `-`)"
+            )),
+            None => Err(format!("`{text}`: write NAME=VALUE")),
+        }
+    }
 }
 
 /// What makes a standing workflow run again.
@@ -111,17 +134,27 @@ pub const MAX_STEPS: usize = 100_000;
 
 /// Reads and checks a workflow file against the operator's tools.
 pub fn load(path: &Path, tools: &Tools) -> Result<Plan, Problems> {
+    load_with(path, tools, &Sets::default())
+}
+
+/// [`load`], with values for its parameters.
+pub fn load_with(path: &Path, tools: &Tools, sets: &Sets) -> Result<Plan, Problems> {
     let bytes = crate::spec::doc::read_file(path, crate::spec::doc::MAX_FILE, "a workflow")?;
-    parse(path, &bytes, tools)
+    parse_with(path, &bytes, tools, sets)
 }
 
 /// Checks a workflow's text. With [`Tools::empty`], tool and capability names are not checked.
 pub fn parse(path: &Path, bytes: &[u8], tools: &Tools) -> Result<Plan, Problems> {
+    parse_with(path, bytes, tools, &Sets::default())
+}
+
+/// [`parse`], with values for its parameters.
+pub fn parse_with(path: &Path, bytes: &[u8], tools: &Tools, sets: &Sets) -> Result<Plan, Problems> {
     let text = crate::spec::doc::decode_text(path, bytes)?;
     let mut src = Source::new(path, text);
     let plan = src
         .parse()
-        .and_then(|root| read_plan(&mut src, &root, tools));
+        .and_then(|root| read_plan(&mut src, &root, tools, sets));
     match plan {
         Some(plan) if !src.has_problems() => Ok(plan),
         _ => Err(src.into_problems()),
@@ -138,6 +171,7 @@ const TOP_KEYS: &[&str] = &[
     "timeout",
     "defaults",
     "trigger",
+    "params",
     "steps",
 ];
 
@@ -167,7 +201,7 @@ struct Written<'n> {
     step: PlanStep,
 }
 
-fn read_plan(src: &mut Source<'_>, root: &Node, tools: &Tools) -> Option<Plan> {
+fn read_plan(src: &mut Source<'_>, root: &Node, tools: &Tools, sets: &Sets) -> Option<Plan> {
     let mut top = Fields::new(src, root, "workflow")?;
     let name = top.string(src, "name");
     if name.is_none() && top.node("name").is_none() {
@@ -198,6 +232,7 @@ fn read_plan(src: &mut Source<'_>, root: &Node, tools: &Tools) -> Option<Plan> {
     let trigger = top
         .table(src, "trigger")
         .map(|t| read_trigger(src, t, root));
+    let params = read_params(src, top.node("params"), sets);
     let mut written = read_steps(src, top.node("steps"));
     top.finish(src, TOP_KEYS);
 
@@ -209,6 +244,7 @@ fn read_plan(src: &mut Source<'_>, root: &Node, tools: &Tools) -> Option<Plan> {
     link_steps(src, &mut written);
     check_cycles(src, &written);
     check_references(src, &written);
+    check_params(src, &written, &params);
     if !tools.path.as_os_str().is_empty() {
         check_tools(src, &written, tools);
     }
@@ -219,8 +255,137 @@ fn read_plan(src: &mut Source<'_>, root: &Node, tools: &Tools) -> Option<Plan> {
         max_parallel,
         timeout,
         trigger,
+        params,
         steps: written.into_iter().map(|w| w.step).collect(),
     })
+}
+
+/// `[params]`: each parameter's default, then the values given with `--set`, each taking its
+/// default's type (a number's value must be a number, and so on).
+fn read_params(src: &mut Source<'_>, node: Option<&Node>, sets: &Sets) -> template::Params {
+    let mut params = template::Params::new();
+    let at = node.map(|n| n.span.clone()).unwrap_or(0..0);
+    match node.map(|n| &n.value) {
+        None => {}
+        Some(Value::Table(entries)) => {
+            for e in entries {
+                if !template::is_param_name(&e.key) {
+                    src.error(
+                        &e.key_span,
+                        format!(
+                            "params: `{}` is not a parameter name (letters, digits, `_` and `-`)",
+                            e.key
+                        ),
+                    );
+                } else if matches!(e.node.value, Value::Null | Value::Datetime(_)) {
+                    src.error(
+                        &e.node.span,
+                        format!(
+                            "params: `{}` must default to a string, number, boolean, array or table, found {}",
+                            e.key,
+                            e.node.value.kind()
+                        ),
+                    );
+                } else {
+                    params.insert(e.key.clone(), e.node.to_json());
+                }
+            }
+        }
+        Some(other) => src.error(
+            &at,
+            format!("`params` must be a table, found {}", other.kind()),
+        ),
+    }
+    for (name, text) in &sets.0 {
+        let Some(default) = params.get(name) else {
+            let declared = if params.is_empty() {
+                "it declares none".to_string()
+            } else {
+                let names: Vec<&str> = params.keys().map(String::as_str).collect();
+                format!("it declares {}", names.join(", "))
+            };
+            src.error(
+                &at,
+                format!("--set {name}: the workflow has no parameter `{name}` ({declared} under [params])"),
+            );
+            continue;
+        };
+        let value = match default {
+            serde_json::Value::String(_) => Ok(serde_json::Value::String(text.clone())),
+            serde_json::Value::Number(n) if n.is_i64() || n.is_u64() => text
+                .trim()
+                .parse::<i64>()
+                .map(serde_json::Value::from)
+                .map_err(|_| "an integer"),
+            serde_json::Value::Number(_) => text
+                .trim()
+                .parse::<f64>()
+                .ok()
+                .and_then(serde_json::Number::from_f64)
+                .map(serde_json::Value::Number)
+                .ok_or("a number"),
+            serde_json::Value::Bool(_) => match text.trim() {
+                "true" => Ok(true.into()),
+                "false" => Ok(false.into()),
+                _ => Err("true or false"),
+            },
+            other => serde_json::from_str::<serde_json::Value>(text)
+                .ok()
+                .filter(|v| std::mem::discriminant(v) == std::mem::discriminant(other))
+                .ok_or(if other.is_array() {
+                    "a JSON array"
+                } else {
+                    "a JSON object"
+                }),
+        };
+        match value {
+            Ok(v) => {
+                params.insert(name.clone(), v);
+            }
+            Err(wanted) => src.error(
+                &at,
+                format!(
+                    "--set {name}={text}: parameter `{name}` takes {wanted} (its default is {default})"
+                ),
+            ),
+        }
+    }
+    params
+}
+
+/// Every `${params.NAME}` must name a parameter of `[params]`; reported at the string that
+/// names it.
+fn check_params(src: &mut Source<'_>, written: &[Written<'_>], params: &template::Params) {
+    for w in written {
+        for name in template::params_named(&w.step.with) {
+            if params.contains_key(&name) {
+                continue;
+            }
+            let needle = format!("params.{name}");
+            let at = w
+                .with_node
+                .and_then(|n| string_with(n, &needle))
+                .or(w.with_node)
+                .unwrap_or(w.node);
+            src.error(
+                &at.span,
+                format!(
+                    "step `{}`: `${{params.{name}}}` names no parameter: declare it under [params] with a default",
+                    w.id
+                ),
+            );
+        }
+    }
+}
+
+/// The first string under `node` that holds `needle`.
+fn string_with<'n>(node: &'n Node, needle: &str) -> Option<&'n Node> {
+    match &node.value {
+        Value::String(s) if s.contains(needle) => Some(node),
+        Value::Table(entries) => entries.iter().find_map(|e| string_with(&e.node, needle)),
+        Value::Array(items) => items.iter().find_map(|i| string_with(i, needle)),
+        _ => None,
+    }
 }
 
 /// `[trigger]`: the globs whose changes run the workflow again, and the quiet time before.

@@ -696,7 +696,7 @@ impl Store {
                 &mut row,
                 None,
                 "run.created",
-                format!("{} steps from {source}", step_ids.len()),
+                created_detail(step_ids.len(), source, &plan),
             )?;
             created.row(RUNS, id, &encode(&row));
             writes.pending.runs.insert(id, (writes.written, row));
@@ -758,6 +758,25 @@ impl Store {
 }
 
 impl Store {}
+
+/// `run.created`'s words: how many steps from where, and the parameters the run takes, so
+/// the log says what values it ran with.
+fn created_detail(steps: usize, source: &str, plan: &serde_json::Value) -> String {
+    let mut detail = format!("{steps} steps from {source}");
+    if let Some(params) = plan.get("params").and_then(|p| p.as_object())
+        && !params.is_empty()
+    {
+        let shown: Vec<String> = params
+            .iter()
+            .map(|(k, v)| match v {
+                serde_json::Value::String(s) => format!("{k}={s}"),
+                v => format!("{k}={v}"),
+            })
+            .collect();
+        detail.push_str(&format!("; params {}", shown.join(", ")));
+    }
+    detail
+}
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // serializing our own plain structs to JSON cannot fail
