@@ -14,6 +14,7 @@ mod plugins;
 mod progress;
 mod resilience;
 mod run;
+mod secrets;
 mod standing;
 mod state;
 mod terminal;

@@ -1367,25 +1367,30 @@ async fn run_command_step(
             return;
         }
     };
+    let mut env = tool.env.clone();
+    env.extend([
+        ("UET_RUN_ID".into(), ctx.run.to_string()),
+        ("UET_STEP_ID".into(), ctx.step.clone()),
+        ("UET_ATTEMPT".into(), ctx.number.to_string()),
+        (
+            "UET_WORKSTREAM".into(),
+            ctx.workstream.to_string_lossy().into_owned(),
+        ),
+    ]);
     let spec = CommandSpec {
         argv,
         cwd: ctx.workstream.clone(),
         stdin: serde_json::to_vec(input).unwrap_or_default(),
-        env: vec![
-            ("UET_RUN_ID".into(), ctx.run.to_string()),
-            ("UET_STEP_ID".into(), ctx.step.clone()),
-            ("UET_ATTEMPT".into(), ctx.number.to_string()),
-            (
-                "UET_WORKSTREAM".into(),
-                ctx.workstream.to_string_lossy().into_owned(),
-            ),
-        ],
+        env,
         timeout: ctx.timeout,
         stdout_limit: tool.output_limit(),
         groups: Some(ctx.groups.clone()),
         start_aside: ctx.crowded,
     };
-    let result = run_command(spec, cancel).await;
+    let mut result = run_command(spec, cancel).await;
+    // before anything of it is kept, shown or handed on
+    tool.redact(&mut result.stdout.text);
+    tool.redact(&mut result.stderr.text);
     end.stdout = bounded(&result.stdout.text);
     end.stderr = bounded(&result.stderr.text);
     command_ended(tool, ctx, result, end);

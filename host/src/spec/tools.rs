@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::doc::{Fields, Problems, Source};
+use crate::spec::doc::{Fields, Problems, Source, Value};
 use crate::spec::template::{Template, TemplateError};
 
 /// Output an attempt may hand back when its tool does not say: outputs are kept in the state
@@ -75,9 +75,38 @@ pub struct Tool {
     /// The plugin comes from the fleet by its sha256, this node having no file of its own:
     /// its path is empty until the runtime names the copy it keeps in its cache.
     pub from_fleet: bool,
+    /// Added to a command's environment: `env = { ... }`, then the `env_file`'s (read only
+    /// when the tools file is loaded to run).
+    pub env: Vec<(String, String)>,
+    /// The `env_file`'s values, longest first: cut out of everything an attempt hands back
+    /// (see [`Tool::redact`]).
+    pub secrets: Vec<String>,
 }
 
+/// What stands in for a secret in anything uet keeps or shows.
+pub const REDACTED: &str = "[redacted]";
+
+/// Secrets shorter than this are not cut out of output: a value that short would take every
+/// occurrence of some everyday word or number with it, and is no secret anyway.
+pub const MIN_SECRET: usize = 4;
+
 impl Tool {
+    /// `text` with every secret value of the tool (as written, and as JSON would escape it)
+    /// replaced by [`REDACTED`].
+    pub fn redact(&self, text: &mut String) {
+        for secret in &self.secrets {
+            if text.contains(secret.as_str()) {
+                *text = text.replace(secret.as_str(), REDACTED);
+            }
+            // a JSON string always has its two quotes
+            let escaped = serde_json::to_string(secret).unwrap_or_else(|_| "\"\"".into());
+            let escaped = &escaped[1..escaped.len() - 1];
+            if escaped != secret && text.contains(escaped) {
+                *text = text.replace(escaped, REDACTED);
+            }
+        }
+    }
+
     /// The most bytes of output an attempt may hand back.
     pub fn output_limit(&self) -> usize {
         self.output.unwrap_or(DEFAULT_OUTPUT) as usize
@@ -266,11 +295,18 @@ impl Tools {
         }
         let bytes =
             crate::spec::doc::read_opened(path, file, crate::spec::doc::MAX_FILE, "a tools file")?;
-        Self::parse(path, &bytes)
+        // the secrets only when something will run: listing or checking needs none of them
+        Self::parse_as(path, &bytes, to_run)
     }
 
-    /// Checks the text of a tools file.
+    /// Checks the text of a tools file; `env_file`s are named but not read (see
+    /// [`Tools::load`]).
     pub fn parse(path: &Path, bytes: &[u8]) -> Result<Tools, Problems> {
+        Self::parse_as(path, bytes, false)
+    }
+
+    /// [`Tools::parse`]; with `read_secrets`, each `env_file` is read and checked too.
+    fn parse_as(path: &Path, bytes: &[u8], read_secrets: bool) -> Result<Tools, Problems> {
         let text = crate::spec::doc::decode_text(path, bytes)?;
         let mut src = Source::new(path, text);
         let Some(root) = src.parse() else {
@@ -283,7 +319,7 @@ impl Tools {
                 match &list.value {
                     crate::spec::doc::Value::Array(items) => {
                         for (i, item) in items.iter().enumerate() {
-                            if let Some(t) = read_tool(&mut src, item, i, &base) {
+                            if let Some(t) = read_tool(&mut src, item, i, &base, read_secrets) {
                                 tools.push((t, item.span.clone()));
                             }
                         }
@@ -367,6 +403,8 @@ const TOOL_KEYS: &[&str] = &[
     "description",
     "fleet",
     "sha256",
+    "env",
+    "env_file",
 ];
 
 fn read_tool(
@@ -374,6 +412,7 @@ fn read_tool(
     node: &crate::spec::doc::Node,
     index: usize,
     base: &Path,
+    read_secrets: bool,
 ) -> Option<Tool> {
     let mut f = Fields::new(src, node, crate::spec::doc::label_of(node, "tool", index))?;
     let name = f.string(src, "name");
@@ -438,7 +477,10 @@ fn read_tool(
         fleet: false,
         sha256: sha256.as_ref().map(|(h, _)| h.clone()),
         from_fleet,
+        env: Vec::new(),
+        secrets: Vec::new(),
     };
+    read_env(src, &mut f, &label, base, read_secrets, &mut tool);
     let fleet_span = f.node("fleet").map(|n| n.span.clone());
     if let (Some(fleet), Some(span)) = (f.boolean(src, "fleet"), fleet_span) {
         // a command means what its machine has: only a plugin is the same wherever it runs
@@ -492,6 +534,174 @@ fn read_tool(
     }
     f.finish(src, TOOL_KEYS);
     Some(tool)
+}
+
+/// `env = { KEY = "value" }` and `env_file = "FILE"` (command tools): what their process is
+/// given besides the inherited environment. The file's values are secrets: it must be the
+/// operator's and readable by them alone, and its values are cut out of whatever an attempt
+/// hands back.
+fn read_env(
+    src: &mut Source<'_>,
+    f: &mut Fields<'_>,
+    label: &str,
+    base: &Path,
+    read_secrets: bool,
+    tool: &mut Tool,
+) {
+    let env_node = f.node("env");
+    let env_file = f.string(src, "env_file");
+    if (env_node.is_some() || env_file.is_some()) && !matches!(tool.kind, ToolKind::Command { .. })
+    {
+        let span = env_node
+            .map(|n| n.span.clone())
+            .or(env_file.as_ref().map(|(_, s)| s.clone()))
+            .unwrap_or_default();
+        src.error(
+            &span,
+            format!(
+                "{label}: `env` and `env_file` are for command tools: a plugin sees no environment"
+            ),
+        );
+        return;
+    }
+    if let Some(node) = env_node {
+        match &node.value {
+            Value::Table(entries) => {
+                for e in entries {
+                    if let Err(why) = env_key(&e.key) {
+                        src.error(&e.key_span, format!("{label}: env: {why}"));
+                    } else if let Value::String(v) = &e.node.value {
+                        tool.env.push((e.key.clone(), v.clone()));
+                    } else {
+                        src.error(
+                            &e.node.span,
+                            format!(
+                                "{label}: env: `{}` must be a string, found {}",
+                                e.key,
+                                e.node.value.kind()
+                            ),
+                        );
+                    }
+                }
+            }
+            other => src.error(
+                &node.span,
+                format!("{label}: `env` must be a table, found {}", other.kind()),
+            ),
+        }
+    }
+    let Some((file, span)) = env_file else {
+        return;
+    };
+    if !read_secrets {
+        return;
+    }
+    let path = base.join(&file);
+    match read_secrets_file(&path) {
+        Ok(pairs) => {
+            for (key, value) in pairs {
+                if tool.env.iter().any(|(k, _)| *k == key) {
+                    src.error(
+                        &span,
+                        format!(
+                            "{label}: `{key}` is set in both `env` and {}",
+                            path.display()
+                        ),
+                    );
+                    continue;
+                }
+                if value.len() >= MIN_SECRET {
+                    tool.secrets.push(value.clone());
+                }
+                tool.env.push((key, value));
+            }
+            tool.secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+            tool.secrets.dedup();
+        }
+        Err(why) => src.error(
+            &span,
+            format!("{label}: env_file {}: {why}", path.display()),
+        ),
+    }
+}
+
+/// An environment variable's name a tool may set.
+fn env_key(key: &str) -> Result<(), String> {
+    let mut chars = key.chars();
+    let plain = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if !plain {
+        Err(format!(
+            "`{key}` is not a variable name (letters, digits and `_`)"
+        ))
+    } else if key.starts_with("UET_") {
+        Err(format!("`{key}`: names starting with UET_ are uet's own"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Reads a secrets file: `KEY=VALUE` lines (`#` comments, blank lines, an optional `export `,
+/// a value optionally in quotes). It must be a regular file of the operator's (or root's) that
+/// no one else may read or write.
+fn read_secrets_file(path: &Path) -> Result<Vec<(String, String)>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| format!("cannot read it ({e})"))?;
+    let meta = file.metadata().map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(format!(
+            "belongs to uid {}, not to you (uid {me}) or root",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "mode {:o}: a secrets file must be readable by its owner alone (chmod 600 {})",
+            meta.mode() & 0o7777,
+            path.display()
+        ));
+    }
+    let mut text = String::new();
+    file.take(64 << 10)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read it ({e})"))?;
+    let mut pairs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        let Some((key, value)) = line.split_once('=') else {
+            return Err(format!("line {}: write KEY=VALUE", i + 1));
+        };
+        let key = key.trim();
+        env_key(key).map_err(|why| format!("line {}: {why}", i + 1))?;
+        let value = value.trim();
+        let value = [('"', '"'), ('\'', '\'')]
+            .iter()
+            .find_map(|&(a, b)| {
+                value
+                    .strip_prefix(a)
+                    .and_then(|v| v.strip_suffix(b))
+                    .filter(|_| value.len() >= 2)
+            })
+            .unwrap_or(value);
+        pairs.push((key.to_string(), value.to_string()));
+    }
+    Ok(pairs)
 }
 
 /// What a tool runs: `command = [...]` (the program resolved against the tools file's folder
