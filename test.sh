@@ -13,6 +13,10 @@ rustup target add wasm32-wasip2
 # dashboard in a real browser: Debian's chromium, driven through its chromedriver
 need=()
 command -v tmux >/dev/null || need+=(tmux)
+# the example plugins in Python and JavaScript are built by their own scripts (componentize-py
+# from PyPI into target/pytools, componentize-js from npm into its folder), run by the tests
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then

@@ -251,8 +251,8 @@ fn ask_daemon(command: Command) -> Result<u8, Failure> {
 }
 
 fn new_plugin(name: &str, sdk: Option<PathBuf>) -> Result<u8, Failure> {
-    let sdk = sdk.unwrap_or_else(scaffold::default_sdk);
-    let dir = scaffold::new_plugin(Path::new("."), name, &sdk).map_err(anyhow::Error::from)?;
+    let dir =
+        scaffold::new_plugin(Path::new("."), name, sdk.as_deref()).map_err(anyhow::Error::from)?;
     println!(
         "created {}: `cargo test` there, then `cargo build --release --target wasm32-wasip2`",
         dir.display()

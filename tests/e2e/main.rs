@@ -8,6 +8,7 @@ mod daemon;
 mod daemon_ops;
 mod fleet;
 mod hardening;
+mod languages;
 mod monitoring;
 mod params;
 mod plugins;

@@ -359,21 +359,27 @@ fn a_broken_plugin_file_is_reported_before_anything_runs() {
 #[test]
 fn a_scaffolded_plugin_builds_and_runs_as_it_is() {
     let env = Env::new();
-    let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugin-sdk");
-    let run = env
-        .uet(&[
-            "plugin",
-            "new",
-            "char-count",
-            "--sdk",
-            sdk.to_str().unwrap(),
-        ])
-        .expect(0);
+    let run = env.uet(&["plugin", "new", "char-count"]).expect(0);
     assert!(
         run.stdout().contains("created ./char-count"),
         "{}",
         run.describe()
     );
+    // it carries its own SDK and interface: nothing in it names the folder uet was built in
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap();
+    let made = crate::secrets::files_under(&env.ws.join("char-count"));
+    assert!(made.len() >= 5, "{made:?}");
+    for (path, bytes) in made {
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            !text.contains(repo.to_str().unwrap()) && !text.contains("/plugin-sdk"),
+            "{} names the build machine's folders:\n{text}",
+            path.display()
+        );
+    }
     env.uet(&["plugin", "new", "char-count"]).expect(2);
     env.uet(&["plugin", "new", "Bad_Name"]).expect(2);
 

@@ -234,6 +234,9 @@ pub struct Runtime {
     loaded: Mutex<HashMap<PathBuf, Arc<Loaded>>>,
     ticker: Arc<Ticker>,
     fuel: bool,
+    /// Says that a plugin is being compiled (seconds, for a large one): the daemon's log by
+    /// default, stderr for `uet run`.
+    announce: Box<dyn Fn(&str) + Send + Sync>,
 }
 
 /// Advances the engine's epoch every [`TICK`] while any plugin runs, and sleeps otherwise, so
@@ -346,7 +349,20 @@ impl Runtime {
             loaded: Mutex::new(HashMap::new()),
             ticker,
             fuel: true,
+            announce: Box::new(|line| tracing::info!("{line}")),
         })
+    }
+
+    /// Says a plugin's compilation with `announce` instead of the log.
+    pub fn announce_with(mut self, announce: impl Fn(&str) + Send + Sync + 'static) -> Runtime {
+        self.announce = Box::new(announce);
+        self
+    }
+
+    /// Compiles (or takes from the cache) and links a plugin now, so that its first attempt
+    /// does not: said when it compiles. What goes wrong is left for the attempt to report.
+    pub fn preload(&self, path: &Path) {
+        let _ = self.load(path);
     }
 
     /// Loads a plugin once per process: from the on-disk cache when this engine compiled it
@@ -400,7 +416,16 @@ impl Runtime {
             engine_hash.finish()
         );
         let file = dir.join(format!("{key}.cwasm"));
-        if file.exists() {
+        if !file.exists() {
+            let name = path
+                .file_name()
+                .unwrap_or(path.as_os_str())
+                .to_string_lossy();
+            (self.announce)(&format!(
+                "compiling plugin {name} ({:.1} MB): once, then it loads from the cache",
+                bytes.len() as f64 / 1e6
+            ));
+        } else {
             // SAFETY: files in the cache are written only by `Component::serialize` of this
             // process's code, keyed by the engine's compatibility hash, and renamed into place
             // whole; a file that still fails to load is recompiled below.
@@ -653,6 +678,8 @@ pub fn describe_tools(
         }
         let path = &*path;
         if !all && !tool.capabilities.is_empty() {
+            // compiled now, not inside the first step that uses it (its time is the step's)
+            runtime.preload(path);
             continue;
         }
         match runtime.describe(path) {

@@ -315,7 +315,8 @@ pub(crate) enum PluginCommand {
     New {
         /// The plugin's name (lowercase, `-` allowed).
         name: String,
-        /// The uet-plugin-sdk folder [default: the one beside this build of uet].
+        /// A uet-plugin-sdk folder to depend on [default: a copy of this uet's SDK, written
+        /// into the new crate].
         #[arg(long)]
         sdk: Option<PathBuf>,
     },

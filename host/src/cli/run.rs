@@ -32,7 +32,8 @@ pub(crate) fn plugin_runtime(
         return Ok(None);
     }
     let runtime = Runtime::new(Some(wasm::cache_dir(state)), tools.max_memory())
-        .context("cannot start the plugin runtime")?;
+        .context("cannot start the plugin runtime")?
+        .announce_with(|line| eprintln!("uet: {line}"));
     wasm::describe_tools(tools, &runtime, all).map_err(Failure::Problems)?;
     Ok(Some(Arc::new(runtime)))
 }

@@ -25,13 +25,31 @@ pub enum ScaffoldError {
     },
 }
 
-/// The SDK this binary was built beside, for plugins scaffolded on the same machine.
-pub fn default_sdk() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugin-sdk")
+/// The SDK's source and the interface, carried in the binary: a scaffold gets its own copy, so
+/// it builds wherever uet was installed from, and names no folder of the machine uet was
+/// built on.
+const SDK_LIB: &str = include_str!("../../../plugin-sdk/src/lib.rs");
+const SDK_MANIFEST: &str = include_str!("../../../plugin-sdk/Cargo.toml");
+const PLUGIN_WIT: &str = include_str!("../../../wit/plugin.wit");
+
+/// The folder of the SDK's copy inside a scaffold.
+const SDK_DIR: &str = "uet-plugin-sdk";
+
+/// The copied SDK's manifest: the SDK's own dependencies, without the workspace it lives in.
+fn sdk_manifest() -> String {
+    let deps = SDK_MANIFEST
+        .split_once("[dependencies]")
+        .map(|(_, d)| d)
+        .unwrap_or_default();
+    format!(
+        "[package]\nname = \"uet-plugin-sdk\"\nversion = \"{}\"\nedition = \"2024\"\npublish = false\n\n[dependencies]{deps}",
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
-/// Writes a new plugin crate named `name` into `dir/name`, and returns its folder.
-pub fn new_plugin(dir: &Path, name: &str, sdk: &Path) -> Result<PathBuf, ScaffoldError> {
+/// Writes a new plugin crate named `name` into `dir/name`, and returns its folder. With `sdk`,
+/// it depends on that SDK folder; without, on a copy of the SDK written beside it.
+pub fn new_plugin(dir: &Path, name: &str, sdk: Option<&Path>) -> Result<PathBuf, ScaffoldError> {
     let valid = name.chars().next().is_some_and(|c| c.is_ascii_lowercase())
         && name
             .chars()
@@ -39,10 +57,17 @@ pub fn new_plugin(dir: &Path, name: &str, sdk: &Path) -> Result<PathBuf, Scaffol
     if !valid {
         return Err(ScaffoldError::BadName(name.to_string()));
     }
-    let sdk = std::fs::canonicalize(sdk).map_err(|_| ScaffoldError::NoSdk(sdk.to_path_buf()))?;
-    if !sdk.join("Cargo.toml").is_file() {
-        return Err(ScaffoldError::NoSdk(sdk));
-    }
+    let sdk = match sdk {
+        Some(sdk) => {
+            let sdk =
+                std::fs::canonicalize(sdk).map_err(|_| ScaffoldError::NoSdk(sdk.to_path_buf()))?;
+            if !sdk.join("Cargo.toml").is_file() {
+                return Err(ScaffoldError::NoSdk(sdk));
+            }
+            Some(sdk.to_string_lossy().into_owned())
+        }
+        None => None,
+    };
     let root = dir.join(name);
     if root.exists() {
         return Err(ScaffoldError::Exists(root));
@@ -56,12 +81,12 @@ pub fn new_plugin(dir: &Path, name: &str, sdk: &Path) -> Result<PathBuf, Scaffol
                 .unwrap_or_default()
         })
         .collect();
-    let files = [
+    let mut files = vec![
         (
             "Cargo.toml",
             CARGO_TOML
                 .replace("{name}", name)
-                .replace("{sdk}", &sdk.to_string_lossy()),
+                .replace("{sdk}", sdk.as_deref().unwrap_or(SDK_DIR)),
         ),
         (
             "src/lib.rs",
@@ -74,6 +99,12 @@ pub fn new_plugin(dir: &Path, name: &str, sdk: &Path) -> Result<PathBuf, Scaffol
                 .replace("{snake}", &name.replace('-', "_")),
         ),
     ];
+    if sdk.is_none() {
+        // the SDK generates its bindings from `../wit`: the scaffold's own wit/ folder
+        files.push(("uet-plugin-sdk/Cargo.toml", sdk_manifest()));
+        files.push(("uet-plugin-sdk/src/lib.rs", SDK_LIB.to_string()));
+        files.push(("wit/plugin.wit", PLUGIN_WIT.to_string()));
+    }
     for (rel, text) in files {
         let path = root.join(rel);
         let write = || -> std::io::Result<()> {
@@ -160,7 +191,8 @@ mod tests {
 
 const README_MD: &str = r#"# {name}
 
-A uet tool plugin. Test it natively, build it as a WASM component:
+A uet tool plugin. `uet-plugin-sdk/` is the SDK and `wit/plugin.wit` the interface, as the
+uet that made this crate had them. Test it natively, build it as a WASM component:
 
 ```sh
 cargo test
