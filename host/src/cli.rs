@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use uet::spec::workflow::Sets;
 
-use anyhow::anyhow;
+use anyhow::{Context, anyhow};
 use clap::Parser;
 
 use uet::api::protocol::Request;
@@ -81,6 +81,13 @@ pub fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+    if cli.command.only_prints() {
+        // `uet show 1 | head`: a reader that stops early ends the printer quietly, as for any
+        // Unix tool, instead of a "Broken pipe" panic. Only for commands that change nothing:
+        // the daemon, the dashboard and `uet run` must never die of a closed pipe.
+        // SAFETY: resetting a signal's disposition before any thread is started
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     report(dispatch(cli.command))
 }
 
@@ -190,6 +197,12 @@ fn dispatch(command: Command) -> Result<u8, Failure> {
         Command::State(StateCommand::Check { state, json }) => local::state_check(state, json),
         Command::State(StateCommand::Recover { state }) => local::state_recover(state),
         Command::Plugin(PluginCommand::New { name, sdk }) => new_plugin(&name, sdk),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "uet", &mut std::io::stdout());
+            Ok(exit::OK)
+        }
+        Command::Man { dir } => manual(dir),
         other => ask_daemon(other),
     }
 }
@@ -248,6 +261,23 @@ fn ask_daemon(command: Command) -> Result<u8, Failure> {
         _ => unreachable!("dispatched before"),
     };
     client::send(&client, request)
+}
+
+/// `uet man`: the page on stdout, or every command's page into a folder.
+fn manual(dir: Option<PathBuf>) -> Result<u8, Failure> {
+    let cmd = <Cli as clap::CommandFactory>::command();
+    match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| clap_mangen::generate_to(cmd, &dir))
+                .with_context(|| format!("cannot write manual pages into {}", dir.display()))?;
+            println!("manual pages written to {}", dir.display());
+        }
+        None => clap_mangen::Man::new(cmd)
+            .render(&mut std::io::stdout())
+            .context("cannot print the manual page")?,
+    }
+    Ok(exit::OK)
 }
 
 fn new_plugin(name: &str, sdk: Option<PathBuf>) -> Result<u8, Failure> {

@@ -16,6 +16,7 @@ mod progress;
 mod resilience;
 mod run;
 mod secrets;
+mod service;
 mod standing;
 mod state;
 mod terminal;

@@ -257,6 +257,19 @@ pub(crate) enum Command {
     /// Work with plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Print shell completions for `uet` (bash, zsh, fish, elvish, powershell): see
+    /// docs/SERVICE.md for where each shell looks for them.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff: `uet man | man -l -`); with `--dir`, write a page for
+    /// `uet` and one for each command (uet-run.1, ...) into that folder.
+    Man {
+        /// Where to write the pages, such as ~/.local/share/man/man1.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Check workflow files and print every problem.
     Validate {
         /// The workflow files.
@@ -266,6 +279,28 @@ pub(crate) enum Command {
         #[arg(long)]
         tools: Option<PathBuf>,
     },
+}
+
+impl Command {
+    /// Whether the command only reads and prints (so may end when its reader does).
+    pub(crate) fn only_prints(&self) -> bool {
+        match self {
+            Command::Run { dry_run, .. } => *dry_run,
+            Command::Graph { .. }
+            | Command::Tools { .. }
+            | Command::Status(_)
+            | Command::Runs { .. }
+            | Command::Show { .. }
+            | Command::Logs { .. }
+            | Command::Events { .. }
+            | Command::Metrics { .. }
+            | Command::Verify { .. }
+            | Command::Completions { .. }
+            | Command::Man { dir: None }
+            | Command::Validate { .. } => true,
+            _ => false,
+        }
+    }
 }
 
 /// How a client command finds the daemon.
