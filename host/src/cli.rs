@@ -256,6 +256,7 @@ fn ask_daemon(command: Command) -> Result<u8, Failure> {
             let run = run_number(run, &client, None)?;
             (client, Request::Release { run })
         }
+        Command::Unwatch { name, client } => (client, Request::Unwatch { name }),
         Command::Shutdown { wait: true, client } => return client::shutdown_and_wait(&client),
         Command::Shutdown { client, .. } => (client, Request::Shutdown),
         _ => unreachable!("dispatched before"),

@@ -98,6 +98,8 @@ struct Daemon {
     fleet: Option<crate::fleet::Fleet>,
     /// When retention last ran, and whether a run is already scheduled.
     pruned: Mutex<(Instant, bool)>,
+    /// The standing workflows as the standing task last left them, for `uet status`.
+    standing_shown: Mutex<Vec<crate::api::types::StandingShown>>,
     /// The live watchers, by folder and whether they watch its whole tree (standing
     /// workflows) or its direct children (the inbox).
     watchers: Mutex<HashMap<(PathBuf, bool), Box<dyn notify::Watcher + Send>>>,
@@ -161,6 +163,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         web,
         fleet,
         pruned: Mutex::new((Instant::now(), false)),
+        standing_shown: Mutex::new(Vec::new()),
         watchers: Mutex::new(HashMap::new()),
     });
     let folders: Vec<String> = watch.iter().map(|d| d.display().to_string()).collect();
@@ -422,18 +425,22 @@ fn record(
     let steps: Vec<String> = plan.steps.iter().map(|s| s.id.clone()).collect();
     let key = standing_key(workstream, &plan.name);
     let standing = plan.trigger.as_ref().map(|t| {
-        if t.watch.is_empty() {
-            StandingChange::Unregister(&key)
-        } else {
+        if t.stands() {
             StandingChange::Register(&key)
+        } else {
+            StandingChange::Unregister(&key)
         }
     });
     let why = match &plan.trigger {
-        Some(t) if !t.watch.is_empty() => {
-            format!(
-                "{why}; standing: runs again on changes to {}",
-                t.watch.join(", ")
-            )
+        Some(t) if t.stands() => {
+            let mut when = Vec::new();
+            if !t.watch.is_empty() {
+                when.push(format!("on changes to {}", t.watch.join(", ")));
+            }
+            if let Some(s) = &t.schedule {
+                when.push(format!("at `{s}` ({})", t.timezone));
+            }
+            format!("{why}; standing: runs again {}", when.join(" and "))
         }
         _ => why.to_string(),
     };
@@ -456,7 +463,7 @@ fn record(
             workstream: workstream.to_path_buf(),
             source: source.to_path_buf(),
             // a standing workflow's first run counts as in progress: changes queue behind it
-            running: (!t.watch.is_empty()).then_some(run),
+            running: t.stands().then_some(run),
         });
     }
     Ok(run)

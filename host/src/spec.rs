@@ -3,6 +3,7 @@
 //! fuzz targets take apart.
 
 pub mod doc;
+pub mod schedule;
 pub mod template;
 pub mod tools;
 pub mod workflow;

@@ -120,3 +120,128 @@ fn a_standing_workflow_survives_a_restart_and_can_be_withdrawn() {
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(daemon.runs(&env).len(), 3);
 }
+
+fn scheduled(catch_up: &str) -> String {
+    // every two seconds (croner's six-field form, seconds first): a test cannot wait hours
+    format!(
+        "name = \"tick\"\n[trigger]\nschedule = \"*/2 * * * * *\"\ncatch_up = \"{catch_up}\"\n\
+         [[steps]]\nid = \"n\"\ntool = \"note\"\nwith = {{ nap = \"0\" }}\n"
+    )
+}
+
+fn status(daemon: &Daemon, env: &Env) -> serde_json::Value {
+    serde_json::from_str(&daemon.client(env, &["status", "--json"]).expect(0).stdout()).unwrap()
+}
+
+#[test]
+fn a_scheduled_workflow_runs_at_its_times_is_listed_and_can_be_unwatched() {
+    let env = Env::new();
+    standing_tools(&env);
+    let mut daemon = Daemon::start(&env);
+    drop_file(&env, "tick.toml", &scheduled("none"));
+    // the drop's own run, then runs at the schedule's times
+    let runs = daemon.wait_for_runs(&env, 3);
+    assert!(
+        runs[0]["trigger"]
+            .as_str()
+            .unwrap()
+            .contains("standing: runs again at `*/2 * * * * *` (UTC)"),
+        "{runs:?}"
+    );
+    let why = runs[2]["trigger"].as_str().unwrap();
+    assert!(why.starts_with("trigger: schedule "), "{why}");
+    assert!(why.contains("(`*/2 * * * * *`, UTC)"), "{why}");
+
+    // listed, with its next time, in status and in top
+    let shown = status(&daemon, &env);
+    let standing = &shown["standing"][0];
+    assert_eq!(standing["name"], "tick", "{shown}");
+    assert_eq!(standing["schedule"], "*/2 * * * * *");
+    assert_eq!(standing["timezone"], "UTC");
+    assert!(standing["next_at"].as_u64().unwrap() > 0);
+    let text = daemon.client(&env, &["status"]).expect(0).stdout();
+    assert!(text.contains("standing: tick in "), "{text}");
+    assert!(text.contains("at `*/2 * * * * *` (UTC, next "), "{text}");
+    let top = daemon.client(&env, &["top"]).expect(0).stdout();
+    assert!(top.contains("standing: tick in "), "{top}");
+
+    // withdrawn: no run after the one that may be going, now or after a restart
+    let err = daemon.client(&env, &["unwatch", "nope"]).expect(2).stderr();
+    assert!(
+        err.contains("no standing workflow `nope` (standing: tick)"),
+        "{err}"
+    );
+    let said = daemon.client(&env, &["unwatch", "tick"]).expect(0).stdout();
+    assert!(said.contains("standing workflow `tick` of"), "{said}");
+    std::thread::sleep(Duration::from_millis(600));
+    let settled = ended(&daemon.runs(&env));
+    std::thread::sleep(Duration::from_millis(3000));
+    let runs = daemon.runs(&env);
+    assert_eq!(runs.len(), settled, "{runs:?}");
+    assert_eq!(status(&daemon, &env)["standing"], serde_json::json!([]));
+    daemon.client(&env, &["shutdown", "--wait"]).expect(0);
+    daemon.child.wait().unwrap();
+    drop(daemon);
+    let daemon = Daemon::start(&env);
+    std::thread::sleep(Duration::from_millis(3000));
+    assert_eq!(daemon.runs(&env).len(), settled);
+}
+
+#[test]
+fn a_daemon_stopped_over_scheduled_times_catches_up_once_when_asked() {
+    let env = Env::new();
+    standing_tools(&env);
+    for (file, catch_up) in [("one.toml", "one"), ("none.toml", "none")] {
+        let mut daemon = Daemon::start(&env);
+        let text = scheduled(catch_up).replace("\"tick\"", &format!("\"{catch_up}\""));
+        drop_file(&env, file, &text);
+        wait_until("its first run", || {
+            daemon
+                .runs(&env)
+                .iter()
+                .any(|r| r["name"] == catch_up && r["state"] == "succeeded")
+        });
+        daemon.client(&env, &["shutdown", "--wait"]).expect(0);
+        daemon.child.wait().unwrap();
+    }
+    // stopped over at least two scheduled times
+    std::thread::sleep(Duration::from_millis(4500));
+    let daemon = Daemon::start(&env);
+    wait_until("the catch-up run", || {
+        daemon
+            .runs(&env)
+            .iter()
+            .any(|r| r["trigger"].as_str().unwrap_or("").contains("caught up"))
+    });
+    let runs = daemon.runs(&env);
+    let caught: Vec<&serde_json::Value> = runs
+        .iter()
+        .filter(|r| r["trigger"].as_str().unwrap_or("").contains("caught up"))
+        .collect();
+    assert_eq!(
+        caught.len(),
+        1,
+        "one run stands for all it missed: {runs:?}"
+    );
+    assert_eq!(caught[0]["name"], "one");
+}
+
+#[test]
+fn a_bad_schedule_or_zone_is_a_located_error() {
+    let env = Env::new();
+    standing_tools(&env);
+    env.write(
+        "bad.toml",
+        "name = \"bad\"\n[trigger]\nschedule = \"61 * * * *\"\ntimezone = \"Mars/Olympus\"\ncatch_up = \"all\"\n[[steps]]\nid = \"n\"\ntool = \"note\"\nwith = { nap = \"0\" }\n",
+    );
+    let err = env.uet(&["validate", "bad.toml"]).expect(2).stderr();
+    assert!(
+        err.contains("bad.toml:3:12: trigger.schedule: bad cron schedule"),
+        "{err}"
+    );
+    assert!(
+        err.contains("bad.toml:4:12: trigger.timezone: unknown time zone"),
+        "{err}"
+    );
+    assert!(err.contains("bad.toml:5:12: trigger.catch_up"), "{err}");
+}

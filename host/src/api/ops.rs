@@ -85,6 +85,9 @@ pub trait Control {
     fn retry(&self, run: RunId) -> Result<String, Refused>;
     /// Puts a quarantined run back, as [`Control::retry`] does.
     fn release(&self, run: RunId) -> Result<String, Refused>;
+    /// Withdraws the standing workflows of this name: they run no more on changes or on their
+    /// schedule (a run going goes on).
+    fn unwatch(&self, name: &str) -> Result<String, Refused>;
     /// Stops the daemon: runs going are left to resume at its next start.
     fn stop(&self);
     /// A one-time login address of the web dashboard, or why there is none.

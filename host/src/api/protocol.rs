@@ -73,6 +73,11 @@ pub enum Request {
         /// The run.
         run: RunId,
     },
+    /// Withdraw a standing workflow.
+    Unwatch {
+        /// Its name.
+        name: String,
+    },
     /// The event log of one run, or of every run, as [`Response::Events`] frames of at most a
     /// thousand events, then [`Response::Done`]. With `follow`, the daemon keeps sending
     /// frames as events happen, until the run ends or the client hangs up.
@@ -234,6 +239,7 @@ pub fn answer(control: &impl crate::api::ops::Control, request: Request) -> Resp
         Request::Cancel { run } => return done(control.cancel(run)),
         Request::Retry { run } => return done(control.retry(run)),
         Request::Release { run } => return done(control.release(run)),
+        Request::Unwatch { name } => return done(control.unwatch(&name)),
         Request::WebLogin => return done(control.web_login()),
         Request::Shutdown => Ok(Response::Done {
             message: "shutting down".into(),

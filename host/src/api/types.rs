@@ -37,6 +37,64 @@ pub struct Status {
     /// The fleet this daemon is part of, if any.
     #[serde(default)]
     pub fleet: Option<FleetShown>,
+    /// The standing workflows it keeps: what runs them again, and when next.
+    #[serde(default)]
+    pub standing: Vec<StandingShown>,
+}
+
+/// A standing workflow, as `uet status` and `uet top` show it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StandingShown {
+    /// The workflow's name (`uet unwatch NAME` withdraws it).
+    pub name: String,
+    /// Its workstream.
+    pub workstream: PathBuf,
+    /// The file it came from.
+    pub source: PathBuf,
+    /// Globs whose changes run it again.
+    pub watch: Vec<String>,
+    /// Its cron schedule, if it has one.
+    pub schedule: Option<String>,
+    /// The zone the schedule is read in.
+    pub timezone: Option<String>,
+    /// When the schedule next runs it (ms since the epoch).
+    pub next_at: Option<Millis>,
+    /// Its run in progress.
+    pub running: Option<RunId>,
+}
+
+impl StandingShown {
+    /// A standing workflow in one line: its name and folder, what runs it again, its run going.
+    pub fn line(&self) -> String {
+        let s = self;
+        let mut when = Vec::new();
+        if !s.watch.is_empty() {
+            when.push(format!("on changes to {}", s.watch.join(", ")));
+        }
+        if let Some(schedule) = &s.schedule {
+            let next = s
+                .next_at
+                .map(|at| {
+                    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at);
+                    format!(", next {}", humantime::format_rfc3339_seconds(at))
+                })
+                .unwrap_or_default();
+            when.push(format!(
+                "at `{schedule}` ({}{next})",
+                s.timezone.as_deref().unwrap_or("UTC")
+            ));
+        }
+        let running = s
+            .running
+            .map(|r| format!("; run {r} going"))
+            .unwrap_or_default();
+        format!(
+            "{} in {}: {}{running}",
+            s.name,
+            s.workstream.display(),
+            when.join(" and ")
+        )
+    }
 }
 
 /// A run in a list (`uet runs`).

@@ -169,6 +169,14 @@ pub(crate) enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Withdraw a standing workflow (by name; `uet status` lists them): it no longer runs on
+    /// changes or on its schedule, now or after a restart. A run going goes on.
+    Unwatch {
+        /// The workflow's name.
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Print what a run's attempts printed (a command's stdout and stderr) and logged (a
     /// plugin's log lines), step by step (the daemon's, else the state's).
     Logs {

@@ -128,6 +128,9 @@ pub(crate) fn status(json: bool, status: &Status) {
     if let Some(web) = &status.web {
         println!("web: {web} (`uet web` for a login address)");
     }
+    for s in &status.standing {
+        println!("standing: {}", s.line());
+    }
 }
 
 pub(crate) fn runs(json: bool, runs: &[RunSummary]) {

@@ -36,6 +36,7 @@ impl Control for Arc<Daemon> {
             metrics: lock(&self.metrics_at).clone(),
             web: self.web.as_ref().map(|w| format!("http://{}", w.addr())),
             fleet: self.fleet.as_ref().map(|f| f.shown()),
+            standing: lock(&self.standing_shown).clone(),
         })
     }
 
@@ -142,6 +143,42 @@ impl Control for Arc<Daemon> {
 
     fn retry(&self, run: RunId) -> Result<String, Refused> {
         requeue(self, run, false)
+    }
+
+    fn unwatch(&self, name: &str) -> Result<String, Refused> {
+        let known: Vec<crate::api::types::StandingShown> = lock(&self.standing_shown)
+            .iter()
+            .filter(|s| s.name == name)
+            .cloned()
+            .collect();
+        if known.is_empty() {
+            let names: Vec<String> = lock(&self.standing_shown)
+                .iter()
+                .map(|s| s.name.clone())
+                .collect();
+            return Err(Refused::invalid(if names.is_empty() {
+                format!("no standing workflow `{name}`: there are none")
+            } else {
+                format!(
+                    "no standing workflow `{name}` (standing: {})",
+                    names.join(", ")
+                )
+            }));
+        }
+        for s in &known {
+            let key = standing_key(&s.workstream, &s.name);
+            self.store.forget_standing(&key)?;
+            let _ = self.standing.send(StandingMsg::Forget(key));
+        }
+        // the task's view is updated when it takes the message; say it at once here
+        lock(&self.standing_shown).retain(|s| s.name != name);
+        Ok(match known.as_slice() {
+            [one] => format!(
+                "standing workflow `{name}` of {} withdrawn",
+                one.workstream.display()
+            ),
+            many => format!("{} standing workflows `{name}` withdrawn", many.len()),
+        })
     }
 
     fn release(&self, run: RunId) -> Result<String, Refused> {

@@ -1,9 +1,14 @@
 //! Standing workflows: registered with a run of theirs, watched over the whole workstream,
-//! run again when files their globs match have changed and held still.
+//! run again when files their globs match have changed and held still, and at the times of
+//! their cron schedule.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use std::time::Duration;
+
+use crate::model::now_millis;
 
 use tokio::sync::mpsc;
 
@@ -61,6 +66,9 @@ pub(super) enum StandingMsg {
     Quiet { key: String, generation: u64 },
     /// A run ended.
     Ended(RunId),
+    /// `uet unwatch`: the workflow registered under this key is withdrawn (the state has
+    /// already forgotten it).
+    Forget(String),
 }
 
 /// A registered standing workflow.
@@ -76,6 +84,8 @@ pub(super) struct Registered {
     /// Paths changed since its last run started, relative to the workstream.
     changed: std::collections::BTreeSet<String>,
     generation: u64,
+    /// When its schedule next runs it.
+    next_at: Option<u64>,
 }
 
 /// Keeps the standing workflows: debounces the changes their globs match and starts their
@@ -88,9 +98,16 @@ pub(super) async fn standing_loop(
     let mut registry = restore(&shared, &runs);
     let (quiet_tx, mut quiet_rx) = mpsc::unbounded_channel::<StandingMsg>();
     loop {
+        show(&shared, &registry);
+        let due = registry.values().filter_map(|e| e.next_at).min();
+        let wait = due.map(|at| Duration::from_millis(at.saturating_sub(now_millis())));
         let message = tokio::select! {
             m = messages.recv() => m,
             m = quiet_rx.recv() => m,
+            _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {
+                on_schedule(&shared, &mut registry);
+                continue;
+            }
             _ = shared.shutdown.cancelled() => return,
         };
         let Some(message) = message else { return };
@@ -102,7 +119,7 @@ pub(super) async fn standing_loop(
                 source,
                 running,
             } => {
-                let empty = plan.trigger.as_ref().is_none_or(|t| t.watch.is_empty());
+                let empty = plan.trigger.as_ref().is_none_or(|t| !t.stands());
                 if empty {
                     registry.remove(&key);
                 } else {
@@ -133,6 +150,11 @@ pub(super) async fn standing_loop(
                     fire(&shared, entry, "changed");
                 }
             }
+            StandingMsg::Forget(key) => {
+                if let Some(entry) = registry.remove(&key) {
+                    tracing::info!(workflow = entry.plan.name, "standing workflow withdrawn");
+                }
+            }
             StandingMsg::Ended(run) => {
                 if let Some(entry) = registry.values_mut().find(|e| e.running == Some(run)) {
                     entry.running = None;
@@ -145,8 +167,75 @@ pub(super) async fn standing_loop(
     }
 }
 
+/// The scheduled times that have come: each such workflow runs (or, with a run in progress,
+/// runs once more when it ends), and its next time is reckoned from now, so a clock that
+/// jumped or a loop that was late never fires a burst.
+fn on_schedule(shared: &Arc<Daemon>, registry: &mut HashMap<String, Registered>) {
+    let now = now_millis();
+    for entry in registry.values_mut() {
+        let Some(at) = entry.next_at.filter(|&at| at <= now) else {
+            continue;
+        };
+        entry.next_at = next_time(&entry.plan, now);
+        let what = format!("schedule {}", clock(at, &entry.plan));
+        if entry.running.is_some() {
+            entry.queued = true;
+        } else {
+            fire(shared, entry, &what);
+        }
+    }
+}
+
+/// When a workflow's schedule next runs it, after `after`.
+fn next_time(plan: &Plan, after: u64) -> Option<u64> {
+    let t = plan.trigger.as_ref()?;
+    crate::spec::schedule::next_after(t.schedule.as_deref()?, t.zone(), after)
+}
+
+/// A scheduled time as people read it, in the schedule's zone.
+fn clock(at: u64, plan: &Plan) -> String {
+    let zone = plan
+        .trigger
+        .as_ref()
+        .map(|t| t.timezone.clone())
+        .unwrap_or_default();
+    let utc = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(at));
+    format!(
+        "{utc} (`{}`, {zone})",
+        plan.trigger
+            .as_ref()
+            .and_then(|t| t.schedule.as_deref())
+            .unwrap_or_default()
+    )
+}
+
+/// The registry as `uet status` and `uet top` show it.
+fn show(shared: &Arc<Daemon>, registry: &HashMap<String, Registered>) {
+    let mut shown: Vec<crate::api::types::StandingShown> = registry
+        .values()
+        .map(|e| {
+            let t = e.plan.trigger.as_ref();
+            crate::api::types::StandingShown {
+                name: e.plan.name.clone(),
+                workstream: e.workstream.clone(),
+                source: e.source.clone(),
+                watch: t.map(|t| t.watch.clone()).unwrap_or_default(),
+                schedule: t.and_then(|t| t.schedule.clone()),
+                timezone: t
+                    .filter(|t| t.schedule.is_some())
+                    .map(|t| t.timezone.clone()),
+                next_at: e.next_at,
+                running: e.running,
+            }
+        })
+        .collect();
+    shown.sort_by(|a, b| (&a.name, &a.workstream).cmp(&(&b.name, &b.workstream)));
+    *lock(&shared.standing_shown) = shown;
+}
+
 /// The standing workflows the state holds, registered again; a run of one that the last daemon
-/// left unfinished is resuming, so changes queue behind it.
+/// left unfinished is resuming, so changes queue behind it. A scheduled one with `catch_up =
+/// "one"` whose time came while no daemon ran, and that has not run since, runs once now.
 fn restore(shared: &Arc<Daemon>, runs: &[crate::model::RunRecord]) -> HashMap<String, Registered> {
     let mut registry: HashMap<String, Registered> = HashMap::new();
     let saved = match shared.store.standing() {
@@ -156,6 +245,7 @@ fn restore(shared: &Arc<Daemon>, runs: &[crate::model::RunRecord]) -> HashMap<St
             return registry;
         }
     };
+    let mut all_runs: Option<Vec<crate::model::RunRecord>> = None;
     for (key, record) in saved {
         let Ok(plan) = serde_json::from_value::<Plan>(record["plan"].clone()) else {
             tracing::error!(key, "cannot read a standing workflow back; skipped");
@@ -172,15 +262,38 @@ fn restore(shared: &Arc<Daemon>, runs: &[crate::model::RunRecord]) -> HashMap<St
             })
             .map(|r| r.id);
         let source = PathBuf::from(record["source"].as_str().unwrap_or(""));
+        let missed = plan.trigger.as_ref().and_then(|t| {
+            let schedule = t.schedule.as_deref()?;
+            if t.catch_up != crate::spec::workflow::CatchUp::One {
+                return None;
+            }
+            // its latest run of any kind, finished ones included: a run since the latest
+            // missed time has done what catching up would
+            let last_ran = all_runs
+                .get_or_insert_with(|| shared.store.runs().unwrap_or_default())
+                .iter()
+                .filter(|r| r.name == plan.name && Path::new(&r.workstream) == workstream)
+                .map(|r| r.created_at)
+                .max()?;
+            crate::spec::schedule::missed(schedule, t.zone(), last_ran, now_millis())
+        });
         register(
             shared,
             &mut registry,
-            key,
+            key.clone(),
             plan,
             workstream,
             source,
             running,
         );
+        if let (Some(at), Some(entry)) = (missed, registry.get_mut(&key)) {
+            let what = format!("schedule: caught up on {}", clock(at, &entry.plan));
+            if entry.running.is_some() {
+                entry.queued = true;
+            } else {
+                fire(shared, entry, &what);
+            }
+        }
     }
     registry
 }
@@ -246,6 +359,7 @@ pub(super) fn register(
         .map(|t| t.matcher())
         .unwrap_or_else(globset::GlobSet::empty);
     tracing::info!(workflow = plan.name, workstream = %workstream.display(), "standing workflow registered");
+    let next_at = next_time(&plan, now_millis());
     registry.insert(
         key,
         Registered {
@@ -257,6 +371,7 @@ pub(super) fn register(
             queued: false,
             changed: Default::default(),
             generation: 0,
+            next_at,
         },
     );
 }
@@ -266,7 +381,10 @@ pub(super) fn fire(shared: &Arc<Daemon>, entry: &mut Registered, what: &str) {
     let changed = std::mem::take(&mut entry.changed);
     let mut names: Vec<&str> = changed.iter().map(String::as_str).take(3).collect();
     let more = changed.len().saturating_sub(names.len());
-    let mut why = format!("trigger: {what}: {}", names.join(", "));
+    let mut why = format!("trigger: {what}");
+    if !names.is_empty() {
+        why.push_str(&format!(": {}", names.join(", ")));
+    }
     if more > 0 {
         why.push_str(&format!(" (+{more} more)"));
     }

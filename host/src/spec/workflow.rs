@@ -67,6 +67,53 @@ pub struct Trigger {
     pub watch: Vec<String>,
     /// Quiet time after the last change before a run starts.
     pub debounce: Duration,
+    /// A cron pattern: the workflow also runs at these times.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// The zone the schedule is read in: `UTC` (the default), `local`, or an IANA name.
+    #[serde(default = "utc", skip_serializing_if = "is_utc")]
+    pub timezone: String,
+    /// What a daemon that was stopped over scheduled times does when it starts again.
+    #[serde(default, skip_serializing_if = "CatchUp::is_none")]
+    pub catch_up: CatchUp,
+}
+
+fn utc() -> String {
+    "UTC".into()
+}
+
+fn is_utc(zone: &str) -> bool {
+    zone == "UTC"
+}
+
+/// Scheduled times missed while no daemon ran.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CatchUp {
+    /// They pass: the next run is at the next scheduled time.
+    #[default]
+    None,
+    /// One run at start stands for all of them, unless the workflow ran since the latest.
+    One,
+}
+
+impl CatchUp {
+    fn is_none(&self) -> bool {
+        *self == CatchUp::None
+    }
+}
+
+impl Trigger {
+    /// Whether anything keeps the workflow standing: globs to watch, or a schedule.
+    pub fn stands(&self) -> bool {
+        !self.watch.is_empty() || self.schedule.is_some()
+    }
+
+    /// The schedule's zone (checked when the workflow was parsed).
+    pub fn zone(&self) -> crate::spec::schedule::Zone {
+        crate::spec::schedule::Zone::parse(&self.timezone)
+            .unwrap_or(crate::spec::schedule::Zone::Utc)
+    }
 }
 
 impl Trigger {
@@ -407,12 +454,51 @@ fn read_trigger(src: &mut Source<'_>, mut t: Fields<'_>, root: &Node) -> Trigger
             }
         })
         .collect();
-    if watch.is_empty() && t.node("watch").is_none() {
-        src.error(&root.span, "trigger: missing `watch = [\"glob\", ...]`");
+    let schedule = t.string(src, "schedule");
+    if let Some((pattern, span)) = &schedule
+        && let Err(why) = crate::spec::schedule::check(pattern)
+    {
+        src.error(span, format!("trigger.schedule: {why}"));
+    }
+    if watch.is_empty() && t.node("watch").is_none() && schedule.is_none() {
+        src.error(
+            &root.span,
+            "trigger: missing `watch = [\"glob\", ...]` or `schedule = \"CRON\"`",
+        );
     }
     let debounce = t.duration(src, "debounce").unwrap_or(DEFAULT_DEBOUNCE);
-    t.finish(src, &["watch", "debounce"]);
-    Trigger { watch, debounce }
+    let timezone = match t.string(src, "timezone") {
+        Some((zone, span)) => {
+            if let Err(why) = crate::spec::schedule::Zone::parse(&zone) {
+                src.error(&span, format!("trigger.timezone: {why}"));
+            }
+            zone
+        }
+        None => utc(),
+    };
+    let catch_up = match t.string(src, "catch_up") {
+        None => CatchUp::None,
+        Some((word, _)) if word == "none" => CatchUp::None,
+        Some((word, _)) if word == "one" => CatchUp::One,
+        Some((word, span)) => {
+            src.error(
+                &span,
+                format!("trigger.catch_up: {word:?}: write \"none\" or \"one\""),
+            );
+            CatchUp::None
+        }
+    };
+    t.finish(
+        src,
+        &["watch", "debounce", "schedule", "timezone", "catch_up"],
+    );
+    Trigger {
+        watch,
+        debounce,
+        schedule: schedule.map(|(s, _)| s),
+        timezone,
+        catch_up,
+    }
 }
 
 /// `[[steps]]`: at least one, at most [`MAX_STEPS`].

@@ -35,6 +35,11 @@ pub fn frame(view: &TopView, width: usize) -> Vec<String> {
             view.queued
         )),
     }
+    if let Some(status) = &view.status {
+        for s in &status.standing {
+            lines.push(format!("standing: {}", s.line()));
+        }
+    }
     lines.push(String::new());
     lines.push(format!(
         "{:>5}  {:<20} {:<8} {:<32} {:>8} {:>8}  RUNNING",

@@ -258,6 +258,16 @@ impl Store {
         Ok(out)
     }
 
+    /// Withdraws a standing workflow (`uet unwatch`): it stays withdrawn across restarts. True
+    /// when there was one under `key`.
+    pub fn forget_standing(&self, key: &str) -> Result<bool, StateError> {
+        self.write_durably(|tx, _| {
+            let mut table = tx.open_table(STANDING).map_err(storage)?;
+            let gone = table.remove(key).map_err(storage)?.is_some();
+            Ok(gone)
+        })
+    }
+
     /// Each tool's recent successful attempt durations, in milliseconds, oldest first.
     pub fn durations(&self) -> Result<std::collections::HashMap<String, Vec<u64>>, StateError> {
         let tx = self.read()?;
