@@ -5,6 +5,7 @@
 //! removed; a restart finishes whatever a crash interrupted in between. Runs go through the
 //! same engine as `uet run`, at most `max_runs` at once.
 
+use crate::engine::notify::Webhooks;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -71,6 +72,8 @@ pub struct Config {
     pub keep_runs: Option<usize>,
     /// The largest dropped or submitted file read; a larger one is refused unread.
     pub max_file: u64,
+    /// The webhook addresses `[notify]` may call (prefixes); none unless listed.
+    pub webhooks: Vec<String>,
 }
 
 /// Retention runs at start, then at most this often as runs end: it reads every run.
@@ -550,6 +553,28 @@ fn start(
         };
         if let Err(e) = result {
             tracing::error!(run, "run stopped on an error: {e}");
+        }
+        drop(permit);
+        if plan.notify.is_some() {
+            // after its slot is free: a slow webhook holds no run up
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                let allowed = Webhooks::Listed(shared.config.webhooks.clone());
+                match allowed.allows(plan.notify.as_ref()) {
+                    Ok(()) => {
+                        engine::notify::run_ended(&shared.store, run, &plan, &tools, &workstream)
+                            .await
+                    }
+                    Err(why) => {
+                        let _ = shared.store.apply(&[Change::Event {
+                            run,
+                            step: None,
+                            kind: "notify.failed".into(),
+                            detail: why,
+                        }]);
+                    }
+                }
+            });
         }
         lock(&shared.active).remove(&run);
         let _ = shared.standing.send(StandingMsg::Ended(run));

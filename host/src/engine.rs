@@ -2,6 +2,7 @@
 //! It reads and writes the state, and reaches tools only through the adapters.
 
 pub mod breaker;
+pub mod notify;
 pub mod progress;
 mod run;
 

@@ -10,6 +10,7 @@ mod fleet;
 mod hardening;
 mod languages;
 mod monitoring;
+mod notify;
 mod params;
 mod plugins;
 mod progress;

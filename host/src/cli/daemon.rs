@@ -50,6 +50,9 @@ struct DaemonFile {
     fleet_ack_wait: Option<std::time::Duration>,
     /// Attempts run for the fleet at once (default: two per core; 0: none).
     fleet_slots: Option<usize>,
+    /// The webhook addresses (prefixes) workflows' `[notify]` may call.
+    #[serde(default)]
+    webhooks: Vec<String>,
 }
 
 /// The fleet's flags.
@@ -146,6 +149,7 @@ pub(crate) fn daemon(
             })?,
             None => uet::spec::doc::MAX_FILE,
         },
+        webhooks: file.webhooks,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     runtime.block_on(uet::daemon::serve(config))?;

@@ -205,7 +205,10 @@ pub(crate) fn run(
             engine::execute(&store, spec, cancel, (!json).then_some(tx)),
             printer
         );
-        Ok::<_, anyhow::Error>(result?)
+        let state = result?;
+        // your own file on your own machine: any webhook it names
+        engine::notify::run_ended(&store, run, &plan, &tools, &workstream).await;
+        Ok::<_, anyhow::Error>(state)
     });
     let final_state = final_state.context("the run could not be driven")?;
     let shown =

@@ -118,6 +118,7 @@ impl Control for Arc<Daemon> {
             |p: crate::spec::doc::Problems| Refused::invalid(format!("{p}\n{}", p.nothing_run()));
         let tools = load_tools(self, &dir).map_err(refused)?;
         let plan = workflow::parse_with(path, &bytes, &tools, sets).map_err(refused)?;
+        webhooks_allow(self, path, &plan).map_err(refused)?;
         let run = record(self, &plan, path, &dir, None, "submitted")
             .map_err(|e| failed(format!("{e:#}")))?;
         start(self, run, plan, dir, tools, false);

@@ -579,6 +579,10 @@ pub(super) fn process_claim(
     let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         load_tools(shared, dir)
             .and_then(|tools| workflow::parse(&shown, &bytes, &tools).map(|plan| (plan, tools)))
+            .and_then(|(plan, tools)| {
+                webhooks_allow(shared, &shown, &plan)?;
+                Ok((plan, tools))
+            })
     }));
     drop(bytes);
     let Ok(checked) = checked else {
@@ -627,4 +631,16 @@ pub(super) fn process_claim(
             }
         }
     }
+}
+
+/// A workflow's webhook must be one the operator listed (`webhooks` in the config): a drop
+/// must not make the daemon call whatever address it likes.
+pub(super) fn webhooks_allow(
+    shared: &Daemon,
+    file: &Path,
+    plan: &Plan,
+) -> Result<(), crate::spec::doc::Problems> {
+    crate::engine::notify::Webhooks::Listed(shared.config.webhooks.clone())
+        .allows(plan.notify.as_ref())
+        .map_err(|why| crate::spec::doc::Problems::of_file(file, why))
 }

@@ -37,9 +37,31 @@ pub struct Plan {
     /// `--set` applied. `${params.NAME}` in a step's `with` reads them.
     #[serde(default, skip_serializing_if = "template::Params::is_empty")]
     pub params: template::Params,
+    /// Who is told when a run of it ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<Notify>,
     /// The steps, in file order.
     pub steps: Vec<PlanStep>,
 }
+
+/// `[notify]`: a webhook and/or a command tool told the run's summary when it ends in one of
+/// the states of `on`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Notify {
+    /// The run states that notify: `succeeded`, `failed`, `quarantined`, `canceled`.
+    pub on: Vec<String>,
+    /// `http://host[:port]/path`: POSTed the summary as JSON.
+    pub webhook: Option<String>,
+    /// A command tool of the tools file, given the summary as its input.
+    pub tool: Option<String>,
+    /// Extra webhook attempts after the first.
+    pub retries: u32,
+    /// The first wait between webhook attempts; it doubles each time (at most a minute).
+    pub backoff: Duration,
+}
+
+/// The run states `[notify] on` may name.
+pub const NOTIFY_ON: &[&str] = &["succeeded", "failed", "quarantined", "canceled"];
 
 /// Values for a workflow's parameters, as given on the command line (`--set NAME=VALUE`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -219,6 +241,7 @@ const TOP_KEYS: &[&str] = &[
     "defaults",
     "trigger",
     "params",
+    "notify",
     "steps",
 ];
 
@@ -280,6 +303,14 @@ fn read_plan(src: &mut Source<'_>, root: &Node, tools: &Tools, sets: &Sets) -> O
         .table(src, "trigger")
         .map(|t| read_trigger(src, t, root));
     let params = read_params(src, top.node("params"), sets);
+    let notify = top.table(src, "notify").map(|n| read_notify(src, n, root));
+    let notify_tool = top
+        .node("notify")
+        .and_then(|n| match &n.value {
+            Value::Table(entries) => entries.iter().find(|e| e.key == "tool"),
+            _ => None,
+        })
+        .map(|e| e.node.span.clone());
     let mut written = read_steps(src, top.node("steps"));
     top.finish(src, TOP_KEYS);
 
@@ -294,6 +325,25 @@ fn read_plan(src: &mut Source<'_>, root: &Node, tools: &Tools, sets: &Sets) -> O
     check_params(src, &written, &params);
     if !tools.path.as_os_str().is_empty() {
         check_tools(src, &written, tools);
+        if let (Some(name), Some(span)) = (
+            notify.as_ref().and_then(|n| n.tool.as_deref()),
+            &notify_tool,
+        ) {
+            match tools.by_name(name).map(|t| &t.kind) {
+                Some(ToolKind::Command { .. }) => {}
+                Some(ToolKind::Wasm { .. }) => src.error(
+                    span,
+                    format!("notify.tool: `{name}` is a plugin: notifying takes a command tool"),
+                ),
+                None => src.error(
+                    span,
+                    format!(
+                        "notify.tool: unknown tool `{name}` (tools in {})",
+                        tools.path.display()
+                    ),
+                ),
+            }
+        }
     }
 
     Some(Plan {
@@ -303,8 +353,93 @@ fn read_plan(src: &mut Source<'_>, root: &Node, tools: &Tools, sets: &Sets) -> O
         timeout,
         trigger,
         params,
+        notify,
         steps: written.into_iter().map(|w| w.step).collect(),
     })
+}
+
+/// `[notify]`: when (`on`), and whom: a `webhook` (plain `http://`: put a relay in front of
+/// an HTTPS endpoint) and/or a command `tool`.
+fn read_notify(src: &mut Source<'_>, mut n: Fields<'_>, root: &Node) -> Notify {
+    let on = match n.strings(src, "on") {
+        Some(states) => states
+            .into_iter()
+            .filter_map(|(state, span)| {
+                if NOTIFY_ON.contains(&state.as_str()) {
+                    Some(state)
+                } else {
+                    src.error(
+                        &span,
+                        format!(
+                            "notify.on: `{state}` is not a run's end (write {})",
+                            NOTIFY_ON.join(", ")
+                        ),
+                    );
+                    None
+                }
+            })
+            .collect(),
+        None => vec!["failed".to_string(), "quarantined".to_string()],
+    };
+    let webhook = n
+        .string(src, "webhook")
+        .and_then(|(url, span)| match webhook_parts(&url) {
+            Ok(_) => Some(url),
+            Err(why) => {
+                src.error(&span, format!("notify.webhook: {why}"));
+                None
+            }
+        });
+    let tool = n.string(src, "tool").map(|(t, _)| t);
+    if webhook.is_none() && tool.is_none() && n.node("webhook").is_none() {
+        src.error(
+            &root.span,
+            "notify: say whom: `webhook = \"http://...\"` and/or `tool = \"NAME\"`",
+        );
+    }
+    let retries = n.integer(src, "retries", 0, 20).unwrap_or(3) as u32;
+    let backoff = n.duration(src, "backoff").unwrap_or(Duration::from_secs(1));
+    n.finish(src, &["on", "webhook", "tool", "retries", "backoff"]);
+    Notify {
+        on,
+        webhook,
+        tool,
+        retries,
+        backoff,
+    }
+}
+
+/// A webhook address taken apart: host, port, and path with its query.
+pub fn webhook_parts(url: &str) -> Result<(String, u16, String), String> {
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Err(format!(
+            "{url:?}: only plain `http://` addresses (a local relay can forward to HTTPS)"
+        ));
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if authority.contains('@') {
+        return Err(format!("{url:?}: no user or password in the address"));
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || authority.starts_with('[') => {
+            let port = p
+                .parse::<u16>()
+                .map_err(|_| format!("{url:?}: bad port `{p}`"))?;
+            (h, port)
+        }
+        _ => (authority, 80),
+    };
+    let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '[' | ']' | ':');
+    if host.is_empty() || !host.chars().all(plain) {
+        return Err(format!("{url:?}: bad host `{host}`"));
+    }
+    if path.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(format!("{url:?}: spaces or control characters in the path"));
+    }
+    Ok((host.to_string(), port, path.to_string()))
 }
 
 /// `[params]`: each parameter's default, then the values given with `--set`, each taking its
