@@ -168,6 +168,28 @@ retries = 3
     assert_eq!(s["state"], "succeeded");
     assert_eq!(s["attempts"], 3);
     assert_eq!(s["output"], json!({"calls": 3}));
+    // each attempt in brief, in `uet run --json` and in `uet show --json`
+    let shown = env.uet(&["show", "last", "--json"]).expect(0).stdout();
+    let shown: serde_json::Value = serde_json::from_str(&shown).unwrap();
+    for out in [&out, &shown] {
+        let tries = step(out, "try")["attempt_summaries"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let outcomes: Vec<&str> = tries
+            .iter()
+            .map(|a| a["outcome"].as_str().unwrap())
+            .collect();
+        assert_eq!(outcomes, ["failed", "failed", "succeeded"], "{out}");
+        assert_eq!(tries[0]["number"], 1);
+        assert_eq!(tries[0]["tool"], "flaky");
+        assert!(
+            tries[0]["error"].as_str().unwrap().contains("not yet (1)"),
+            "{out}"
+        );
+        assert!(tries[0]["retry_at"].as_u64().is_some());
+        assert!(tries[2]["error"].is_null() && tries[2]["duration_ms"].as_u64().is_some());
+    }
 }
 
 #[test]

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use crate::api::types::{
-    AttemptBar, AttemptLog, BreakerShown, EventShown, RunShown, RunSummary, Status, StepDetail,
-    StepShown, ToolShown, TopRun, TopView,
+    AttemptBar, AttemptLog, AttemptSummary, BreakerShown, EventShown, RunShown, RunSummary, Status,
+    StepDetail, StepShown, ToolShown, TopRun, TopView,
 };
 use crate::model::{BreakerPhase, BreakerRecord, RunId, RunState, StepState, now_millis};
 use crate::spec::tools::Tools;
@@ -126,6 +126,14 @@ pub fn show(store: &Store, run: RunId, from: usize) -> Result<RunShown, Refused>
     let (steps, next) = store.steps_page(run, from, SHOW_PAGE)?;
     let mut shown = RunShown::new(&record, &steps, progress);
     shown.steps_next = next;
+    // step by step: a page of a huge run reads only its own steps' attempts
+    for step in &mut shown.steps {
+        step.attempt_summaries = store
+            .attempts(run, &step.id)?
+            .iter()
+            .map(AttemptSummary::from)
+            .collect();
+    }
     Ok(shown)
 }
 
@@ -136,7 +144,18 @@ pub fn whole_run(store: &Store, run: RunId) -> Result<RunShown, Refused> {
         .ok_or_else(|| Refused::invalid(format!("no run {run}")))?;
     let steps = store.steps(run)?;
     let progress = crate::engine::progress::load_for(store, &record, &steps)?;
-    Ok(RunShown::new(&record, &steps, progress))
+    let mut shown = RunShown::new(&record, &steps, progress);
+    let mut by_step: HashMap<String, Vec<AttemptSummary>> = HashMap::new();
+    for (step, attempt) in store.run_attempts(run)? {
+        by_step
+            .entry(step)
+            .or_default()
+            .push(AttemptSummary::from(&attempt));
+    }
+    for step in &mut shown.steps {
+        step.attempt_summaries = by_step.remove(&step.id).unwrap_or_default();
+    }
+    Ok(shown)
 }
 
 /// A run with every step brief (no outputs: a step panel reads one with [`step_detail`]),

@@ -213,6 +213,45 @@ pub struct StepShown {
     pub finished_at: Option<Millis>,
     /// How long from its first start to its end.
     pub duration_ms: Option<u64>,
+    /// Each attempt in brief, first first (`uet show --json`, `uet run --json`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempt_summaries: Vec<AttemptSummary>,
+}
+
+/// One attempt in brief: what ran it, when, how it ended and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptSummary {
+    /// 1 for the first try.
+    pub number: u32,
+    /// The tool that ran it.
+    pub tool: String,
+    /// When it started.
+    pub started_at: Millis,
+    /// When it ended; `None` while in flight.
+    pub finished_at: Option<Millis>,
+    /// How long it ran.
+    pub duration_ms: Option<u64>,
+    /// How it ended; `None` while in flight.
+    pub outcome: Option<Outcome>,
+    /// What went wrong, in words.
+    pub error: Option<String>,
+    /// When the next attempt was due, if one was to be made.
+    pub retry_at: Option<Millis>,
+}
+
+impl From<&AttemptRecord> for AttemptSummary {
+    fn from(a: &AttemptRecord) -> AttemptSummary {
+        AttemptSummary {
+            number: a.number,
+            tool: a.tool.clone(),
+            started_at: a.started_at,
+            finished_at: a.finished_at,
+            duration_ms: duration_ms(Some(a.started_at), a.finished_at),
+            outcome: a.outcome,
+            error: a.error.clone(),
+            retry_at: a.retry_at,
+        }
+    }
 }
 
 impl From<&StepRecord> for StepShown {
@@ -227,6 +266,7 @@ impl From<&StepRecord> for StepShown {
             started_at: s.started_at,
             finished_at: s.finished_at,
             duration_ms: duration_ms(s.started_at, s.finished_at),
+            attempt_summaries: Vec::new(),
         }
     }
 }
