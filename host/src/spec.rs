@@ -3,6 +3,8 @@
 //! fuzz targets take apart.
 
 pub mod doc;
+#[cfg(feature = "runtime")]
+pub mod inputs;
 pub mod schedule;
 pub mod template;
 pub mod tools;

@@ -168,3 +168,48 @@ fn usage_errors_exit_2() {
     let run = env.uet(&["run", "missing.toml"]).expect(2);
     assert!(run.stderr().contains("missing"), "{}", run.describe());
 }
+
+#[test]
+fn steps_inputs_are_checked_against_their_plugins_input_schemas_where_written() {
+    let env = Env::new();
+    env.write(
+        "tools.toml",
+        &format!(
+            "[[tools]]\nname = \"hash\"\nwasm = \"{}\"\nsandbox = {{ read = [\".\"] }}\n",
+            crate::util::plugin("filehash").display()
+        ),
+    );
+    env.write(
+        "w.toml",
+        "name = \"w\"\n[params]\nroot = \"docs\"\n\
+         [[steps]]\nid = \"good\"\ntool = \"hash\"\nwith = { glob = \"*.md\", root = \"${params.root}\" }\n\
+         [[steps]]\nid = \"later\"\ntool = \"hash\"\nneeds = [\"good\"]\nwith = { glob = \"${steps.good.output.files}\" }\n\
+         [[steps]]\nid = \"bad\"\ntool = \"hash\"\nwith = { root = 5, colour = \"red\" }\n",
+    );
+    let err = env.uet(&["validate", "w.toml"]).expect(2).stderr();
+    // the wrong type at the value, the unknown key and the missing one at the table
+    assert!(
+        err.contains("w.toml:16:17: step `bad`: `with` at /root: 5 is not of type \"string\""),
+        "{err}"
+    );
+    assert!(err.contains("w.toml:16:8: step `bad`: `with`:"), "{err}");
+    assert!(err.contains("\"glob\" is a required property"), "{err}");
+    assert!(err.contains("colour"), "{err}");
+    assert!(err.contains("(the input schema of tool `hash`)"), "{err}");
+    // filled from params, or from an upstream output: nothing said of `good` and `later`
+    assert!(
+        !err.contains("step `good`") && !err.contains("step `later`"),
+        "{err}"
+    );
+
+    // `uet tools --json` shows the schema
+    let tools = env
+        .uet(&["tools", "--tools", "tools.toml", "--json"])
+        .expect(0)
+        .stdout();
+    let tools: serde_json::Value = serde_json::from_str(&tools).unwrap();
+    assert_eq!(
+        tools[0]["input_schema"]["required"],
+        serde_json::json!(["glob"])
+    );
+}

@@ -430,6 +430,10 @@ pub fn tools(files: &[Tools], breaker: impl Fn(&str) -> Option<BreakerRecord>) -
                 capabilities: t.capabilities.clone(),
                 source,
                 version: t.described.as_ref().map(|d| d.version.clone()),
+                input_schema: t
+                    .described
+                    .as_ref()
+                    .and_then(|d| serde_json::from_str(&d.input_schema).ok()),
                 tools_file: file.path.clone(),
                 breaker,
             });

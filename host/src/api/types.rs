@@ -318,6 +318,10 @@ pub struct ToolShown {
     pub source: String,
     /// A plugin's version, as it says.
     pub version: Option<String>,
+    /// A plugin's input schema (JSON Schema), as it describes itself; `uet validate` checks
+    /// steps' `with` against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_schema: Option<serde_json::Value>,
     /// The tools file it is defined in.
     pub tools_file: PathBuf,
     /// Its circuit breaker, when it has one.

@@ -104,7 +104,8 @@ pub(crate) fn validate(files: &[PathBuf], tools: Option<&Path>) -> Result<u8, Fa
         };
         if let Err(failure) = default_state_dir()
             .map_err(Failure::from)
-            .and_then(|state| plugin_runtime(&mut tools, &state, false))
+            // every plugin described: its input schema checks the steps' `with`
+            .and_then(|state| plugin_runtime(&mut tools, &state, true))
         {
             match failure {
                 Failure::Problems(p) => problems.extend(p),
@@ -112,7 +113,9 @@ pub(crate) fn validate(files: &[PathBuf], tools: Option<&Path>) -> Result<u8, Fa
             }
             continue;
         }
-        match workflow::load(file, &tools) {
+        let checked = workflow::load(file, &tools)
+            .and_then(|plan| uet::spec::inputs::check(file, &plan, &tools).map(|()| plan));
+        match checked {
             Ok(plan) => println!(
                 "{}: ok: `{}`, {} steps",
                 file.display(),
