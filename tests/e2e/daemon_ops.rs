@@ -553,3 +553,43 @@ fn many_clients_at_once_are_all_answered() {
     follower.kill().unwrap();
     follower.wait().unwrap();
 }
+
+#[test]
+fn json_is_never_silently_ignored_refusals_and_messages_included() {
+    let env = Env::new();
+    crate::daemon::tools(&env);
+    env.write(
+        "w.toml",
+        "name = \"w\"\n[[steps]]\nid = \"s\"\ntool = \"echo\"\nwith = { a = 1 }\n",
+    );
+    env.uet(&["run", "w.toml"]).expect(0);
+    let said = env.uet(&["verify", "1", "--json"]).expect(0).stdout();
+    let said: serde_json::Value = serde_json::from_str(&said).unwrap();
+    assert!(
+        said["message"]
+            .as_str()
+            .unwrap()
+            .contains("the hash chain holds"),
+        "{said}"
+    );
+    let refused = env.uet(&["verify", "99", "--json"]).expect(2).stdout();
+    let refused: serde_json::Value = serde_json::from_str(&refused).unwrap();
+    assert_eq!(refused["error"], "no run 99");
+    assert_eq!(refused["invalid"], true);
+    // no JSON form: said so, not ignored
+    let err = env.uet(&["metrics", "--json"]).expect(2).stderr();
+    assert!(err.contains("has no --json form"), "{err}");
+
+    let daemon = crate::daemon::Daemon::start(&env);
+    let refused = daemon
+        .client(&env, &["cancel", "1", "--json"])
+        .expect(2)
+        .stdout();
+    let refused: serde_json::Value = serde_json::from_str(&refused).unwrap();
+    assert_eq!(refused["error"], "run 1 is succeeded, not running");
+    let err = daemon
+        .client(&env, &["unwatch", "none", "--json"])
+        .expect(2)
+        .stdout();
+    assert!(err.contains("\"error\""), "{err}");
+}

@@ -79,8 +79,8 @@ fn daemon_or_state(
 }
 
 /// A refusal of the facade, printed as the daemon's would be.
-fn refused(r: ops::Refused) -> u8 {
-    print::response(false, r.into())
+fn refused(json: bool, r: ops::Refused) -> u8 {
+    print::response(json, r.into())
 }
 
 /// `uet runs`.
@@ -100,7 +100,7 @@ pub(crate) fn runs(
                     print::runs(args.json, &runs);
                     exit::OK
                 }
-                Err(r) => refused(r),
+                Err(r) => refused(args.json, r),
             })
         },
     )
@@ -138,7 +138,7 @@ pub(crate) fn logs(
                 print::logs(args.json, &logs);
                 exit::OK
             }
-            Err(r) => refused(r),
+            Err(r) => refused(args.json, r),
         })
     })
 }
@@ -152,7 +152,7 @@ pub(crate) fn show(run: u64, args: &ClientArgs, state: Option<PathBuf>) -> Resul
         |store| {
             let mut shown = match ops::show(store, run, 0) {
                 Ok(page) => page,
-                Err(r) => return Ok(refused(r)),
+                Err(r) => return Ok(refused(args.json, r)),
             };
             while let Some(from) = shown.steps_next.take() {
                 match ops::show(store, run, from) {
@@ -160,7 +160,7 @@ pub(crate) fn show(run: u64, args: &ClientArgs, state: Option<PathBuf>) -> Resul
                         shown.steps.extend(page.steps);
                         shown.steps_next = page.steps_next.filter(|&n| n > from);
                     }
-                    Err(r) => return Ok(refused(r)),
+                    Err(r) => return Ok(refused(args.json, r)),
                 }
             }
             print::run(args.json, &shown);
@@ -183,7 +183,7 @@ pub(crate) fn events(
         Missing::NoDaemon,
         |store| {
             if let Err(r) = ops::known(store, run) {
-                return Ok(refused(r));
+                return Ok(refused(args.json, r));
             }
             let mut cursor = ops::EventCursor::default();
             loop {
@@ -193,7 +193,7 @@ pub(crate) fn events(
                         batch.retain(|e| since.is_none_or(|at| e.at >= at));
                         print::events(args.json, &batch)
                     }
-                    Err(r) => return Ok(refused(r)),
+                    Err(r) => return Ok(refused(args.json, r)),
                 }
             }
             if follow && !args.json {
@@ -218,7 +218,7 @@ pub(crate) fn top(
                     print::top(true, &view);
                     exit::OK
                 }
-                Err(r) => refused(r),
+                Err(r) => refused(args.json, r),
             })
         });
     }
@@ -249,6 +249,13 @@ fn top_of(dir: &Path) -> Result<uet::api::types::TopView, uet::views::top::TopEr
 
 /// `uet metrics`.
 pub(crate) fn metrics(state: Option<PathBuf>, args: &ClientArgs) -> Result<u8, Failure> {
+    if args.json {
+        // said, not ignored: the exposition format is what scrapers read
+        return Err(anyhow::anyhow!(
+            "uet metrics prints Prometheus text, which has no --json form; `uet status --json` and `uet runs --json` give the counts as JSON"
+        )
+        .into());
+    }
     daemon_or_state(args, state, Request::Metrics, Missing::Error, |store| {
         let breakers = store.breakers().context("cannot read the breakers")?;
         Ok(match ops::metrics(store, &breakers, None) {
@@ -256,7 +263,7 @@ pub(crate) fn metrics(state: Option<PathBuf>, args: &ClientArgs) -> Result<u8, F
                 print!("{text}");
                 exit::OK
             }
-            Err(r) => refused(r),
+            Err(r) => refused(args.json, r),
         })
     })
 }
@@ -273,7 +280,7 @@ pub(crate) fn verify(run: u64, state: Option<PathBuf>, args: &ClientArgs) -> Res
                 Ok(message) => {
                     print::response(args.json, uet::api::protocol::Response::Done { message })
                 }
-                Err(r) => refused(r),
+                Err(r) => refused(args.json, r),
             })
         },
     )
@@ -300,7 +307,7 @@ pub(crate) fn prune(
             Ok(message) => {
                 print::response(args.json, uet::api::protocol::Response::Done { message })
             }
-            Err(r) => refused(r),
+            Err(r) => refused(args.json, r),
         })
     })
 }

@@ -12,6 +12,13 @@ use super::args::exit;
 pub(crate) fn response(json: bool, answer: Response) -> u8 {
     match answer {
         Response::Error { message, invalid } => {
+            if json {
+                // on stdout too: a script reading JSON gets the refusal as JSON
+                println!(
+                    "{}",
+                    serde_json::json!({ "error": message, "invalid": invalid })
+                );
+            }
             eprintln!("{message}");
             if invalid {
                 exit::INVALID
@@ -44,7 +51,11 @@ pub(crate) fn response(json: bool, answer: Response) -> u8 {
             exit::OK
         }
         Response::Done { message } => {
-            println!("{message}");
+            if json {
+                println!("{}", serde_json::json!({ "message": message }));
+            } else {
+                println!("{message}");
+            }
             exit::OK
         }
         Response::Events { events } => {
