@@ -172,10 +172,18 @@ fn dispatch(command: Command) -> Result<u8, Failure> {
             run,
             step,
             attempt,
+            follow,
             client,
             state,
         } => {
             let run = run_number(run, &client, state.state.clone())?;
+            if follow {
+                let code = client::follow_logs(&client, run, step.clone(), attempt)?;
+                if code != exit::NO_DAEMON {
+                    return Ok(code);
+                }
+            }
+            // without a daemon nothing moves: what the state holds is all there is
             local::logs(run, step, attempt, &client, state.state)
         }
         Command::Top {

@@ -593,3 +593,56 @@ fn json_is_never_silently_ignored_refusals_and_messages_included() {
         .stdout();
     assert!(err.contains("\"error\""), "{err}");
 }
+
+#[test]
+fn logs_follow_prints_each_attempt_as_it_ends_and_exits_with_the_run_s_code() {
+    let env = Env::new();
+    env.write(
+        "tools.toml",
+        "[[tools]]\nname = \"say\"\ncommand = [\"sh\", \"-c\", \"sleep {nap}; echo said {word}; echo '{{}}'\"]\n\n\
+         [[tools]]\nname = \"fail\"\ncommand = [\"sh\", \"-c\", \"echo no luck >&2; exit 1\"]\n",
+    );
+    let daemon = crate::daemon::Daemon::start(&env);
+    let flow = |name: &str, last: &str| {
+        format!(
+            "name = \"{name}\"\n[[steps]]\nid = \"a\"\ntool = \"say\"\nwith = {{ nap = \"0.8\", word = \"first\" }}\n\
+             [[steps]]\nid = \"b\"\ntool = \"{last}\"\nneeds = [\"a\"]\nwith = {{ nap = \"0\", word = \"second\" }}\n"
+        )
+    };
+    let file = env.write("ok.toml", &flow("ok", "say"));
+    let submitted = daemon
+        .client(&env, &["submit", file.to_str().unwrap(), "--json"])
+        .expect(0)
+        .stdout();
+    assert!(submitted.contains("\"run_id\":1"), "{submitted}");
+    // started while the run goes: it waits for both attempts, in order
+    let out = daemon
+        .client(&env, &["logs", "1", "--follow"])
+        .expect(0)
+        .stdout();
+    let first = out.find("said first").expect(&out);
+    let second = out.find("said second").expect(&out);
+    assert!(first < second, "{out}");
+    assert_eq!(
+        out.matches("== a · attempt 1").count(),
+        1,
+        "each attempt once: {out}"
+    );
+
+    let file = env.write("bad.toml", &flow("bad", "fail"));
+    daemon
+        .client(&env, &["submit", file.to_str().unwrap()])
+        .expect(0);
+    let out = daemon
+        .client(&env, &["logs", "2", "--follow", "--json"])
+        .expect(1)
+        .stdout();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!(lines[1]["step"], "b");
+    assert_eq!(lines[1]["outcome"], "failed");
+    assert!(lines[1]["stderr"].as_str().unwrap().contains("no luck"));
+}

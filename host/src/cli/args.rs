@@ -187,6 +187,10 @@ pub(crate) enum Command {
         /// One attempt of the step, by number [default: every attempt].
         #[arg(long, requires = "step")]
         attempt: Option<u32>,
+        /// Keep printing each attempt as it ends, until the run ends; exit with the run's
+        /// code (0 succeeded, 1 otherwise).
+        #[arg(long)]
+        follow: bool,
         #[command(flatten)]
         client: ClientArgs,
         #[command(flatten)]

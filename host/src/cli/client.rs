@@ -315,3 +315,62 @@ async fn show_pages(
     print::run(args.json, &run);
     Ok(exit::OK)
 }
+
+/// `uet logs RUN --follow`: each attempt once it has ended, as it ends, until the run ends;
+/// the run's exit code. `NO_DAEMON`, quietly, when no daemon answers (the caller prints what
+/// the state holds).
+pub(crate) fn follow_logs(
+    args: &ClientArgs,
+    run: u64,
+    step: Option<String>,
+    attempt: Option<u32>,
+) -> Result<u8, Failure> {
+    talk(args, true, async |client, socket| {
+        let mut printed = std::collections::HashSet::new();
+        loop {
+            // the run's state before its logs: once it has ended, the logs read after hold
+            // every attempt
+            let state = match client
+                .call(&Request::Show {
+                    run,
+                    from: usize::MAX,
+                })
+                .await
+            {
+                Ok(Response::Run { run }) => run.state,
+                Ok(other) => return Ok(print::response(args.json, other)),
+                Err(e) => return Ok(stopped(socket, &e)),
+            };
+            let request = Request::Logs {
+                run,
+                step: step.clone(),
+                attempt,
+            };
+            let logs = match client.call(&request).await {
+                Ok(Response::Logs { logs }) => logs,
+                Ok(other) => return Ok(print::response(args.json, other)),
+                Err(e) => return Ok(stopped(socket, &e)),
+            };
+            let fresh: Vec<_> = logs
+                .into_iter()
+                .filter(|l| l.outcome.is_some() && printed.insert((l.step.clone(), l.attempt)))
+                .collect();
+            if args.json {
+                // one attempt a line, as `events --follow` prints events
+                for log in &fresh {
+                    println!("{}", serde_json::to_string(log).unwrap_or_default());
+                }
+            } else if !fresh.is_empty() {
+                print::logs(false, &fresh);
+            }
+            if state.is_terminal() {
+                return Ok(if state == uet::model::RunState::Succeeded {
+                    exit::OK
+                } else {
+                    exit::RUN_FAILED
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
+    })
+}
