@@ -646,3 +646,46 @@ fn logs_follow_prints_each_attempt_as_it_ends_and_exits_with_the_run_s_code() {
     assert_eq!(lines[1]["outcome"], "failed");
     assert!(lines[1]["stderr"].as_str().unwrap().contains("no luck"));
 }
+
+#[test]
+fn rejected_drops_are_listed_by_status_and_top_across_restarts() {
+    let env = Env::new();
+    crate::daemon::tools(&env);
+    let mut daemon = crate::daemon::Daemon::start(&env);
+    crate::daemon::drop_file(&env, "bad.toml", "name = \"bad\"\ncolour = 1\n");
+    wait_until("the refusal", || {
+        env.ws.join("rejected/bad.toml.error.txt").exists()
+    });
+    let shown = daemon.client(&env, &["status"]).expect(0).stdout();
+    assert!(shown.contains("rejected: bad.toml at "), "{shown}");
+    // the report's first problem
+    assert!(
+        shown.contains("bad.toml:1:1: workflow: no steps"),
+        "{shown}"
+    );
+    assert!(shown.contains("rejected/bad.toml.error.txt)"), "{shown}");
+    let top = daemon.client(&env, &["top"]).expect(0).stdout();
+    assert!(
+        top.contains("rejected: 1 of late, latest bad.toml"),
+        "{top}"
+    );
+    daemon.client(&env, &["shutdown", "--wait"]).expect(0);
+    daemon.child.wait().unwrap();
+    drop(daemon);
+    let daemon = crate::daemon::Daemon::start(&env);
+    let status: serde_json::Value = serde_json::from_str(
+        &daemon
+            .client(&env, &["status", "--json"])
+            .expect(0)
+            .stdout(),
+    )
+    .unwrap();
+    assert_eq!(status["rejected"][0]["name"], "bad.toml", "{status}");
+    assert!(
+        status["rejected"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("bad.toml:1:1"),
+        "{status}"
+    );
+}

@@ -40,6 +40,24 @@ pub struct Status {
     /// The standing workflows it keeps: what runs them again, and when next.
     #[serde(default)]
     pub standing: Vec<StandingShown>,
+    /// The latest files its watched folders refused, newest first (at most 10).
+    #[serde(default)]
+    pub rejected: Vec<RejectedShown>,
+}
+
+/// A dropped file the daemon refused: its report lies in the folder's `rejected/`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RejectedShown {
+    /// The file's name, as kept in `rejected/`.
+    pub name: String,
+    /// The watched folder it was dropped into.
+    pub folder: PathBuf,
+    /// When it was refused (the report's time, ms since the epoch).
+    pub at: Millis,
+    /// The report's first problem.
+    pub reason: String,
+    /// The whole report.
+    pub report: PathBuf,
 }
 
 /// A standing workflow, as `uet status` and `uet top` show it.

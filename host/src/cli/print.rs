@@ -142,6 +142,16 @@ pub(crate) fn status(json: bool, status: &Status) {
     for s in &status.standing {
         println!("standing: {}", s.line());
     }
+    for r in &status.rejected {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.at);
+        println!(
+            "rejected: {} at {}: {} (report: {})",
+            r.name,
+            humantime::format_rfc3339_seconds(at),
+            r.reason,
+            r.report.display()
+        );
+    }
 }
 
 pub(crate) fn runs(json: bool, runs: &[RunSummary]) {

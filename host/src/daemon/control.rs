@@ -37,6 +37,7 @@ impl Control for Arc<Daemon> {
             web: self.web.as_ref().map(|w| format!("http://{}", w.addr())),
             fleet: self.fleet.as_ref().map(|f| f.shown()),
             standing: lock(&self.standing_shown).clone(),
+            rejected: rejected_drops(&self.config.watch, 10),
         })
     }
 
@@ -251,4 +252,54 @@ fn requeue(shared: &Arc<Daemon>, run: RunId, release: bool) -> Result<String, Re
     shared.store.apply(&changes)?;
     resume(shared, run, false);
     Ok(format!("run {run} is pending again"))
+}
+
+/// The latest reports in the watched folders' `rejected/`, newest first: what a person who
+/// dropped a file and saw no run wants to know, read from the reports themselves so that a
+/// restart loses none.
+fn rejected_drops(folders: &[PathBuf], limit: usize) -> Vec<crate::api::types::RejectedShown> {
+    use std::io::BufRead;
+    let mut found = Vec::new();
+    for folder in folders {
+        let Ok(entries) = std::fs::read_dir(folder.join("rejected")) else {
+            continue;
+        };
+        // a folder that collected thousands of refusals is not read whole at every status
+        for entry in entries.flatten().take(10_000) {
+            let report = entry.path();
+            let Some(name) = report
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".error.txt"))
+            else {
+                continue;
+            };
+            let at = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as u64);
+            found.push((at, name.to_string(), folder.clone(), report));
+        }
+    }
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.truncate(limit);
+    found
+        .into_iter()
+        .map(|(at, name, folder, report)| {
+            let reason = std::fs::File::open(&report)
+                .ok()
+                .and_then(|f| std::io::BufReader::new(f).lines().next())
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            crate::api::types::RejectedShown {
+                name,
+                folder,
+                at,
+                reason: reason.chars().take(300).collect(),
+                report,
+            }
+        })
+        .collect()
 }

@@ -39,6 +39,14 @@ pub fn frame(view: &TopView, width: usize) -> Vec<String> {
         for s in &status.standing {
             lines.push(format!("standing: {}", s.line()));
         }
+        if let Some(r) = status.rejected.first() {
+            lines.push(format!(
+                "rejected: {} of late, latest {}: {}",
+                status.rejected.len(),
+                r.name,
+                r.reason
+            ));
+        }
     }
     lines.push(String::new());
     lines.push(format!(
