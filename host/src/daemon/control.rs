@@ -283,7 +283,7 @@ fn rejected_drops(folders: &[PathBuf], limit: usize) -> Vec<crate::api::types::R
             found.push((at, name.to_string(), folder.clone(), report));
         }
     }
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
     found.truncate(limit);
     found
         .into_iter()
