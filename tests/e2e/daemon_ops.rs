@@ -669,6 +669,9 @@ fn rejected_drops_are_listed_by_status_and_top_across_restarts() {
         top.contains("rejected: 1 of late, latest bad.toml"),
         "{top}"
     );
+    let runs = daemon.client(&env, &["runs"]).expect(0).stdout();
+    assert!(runs.contains("rejected: bad.toml in "), "{runs}");
+    assert!(runs.contains("workflow: no steps"), "{runs}");
     daemon.client(&env, &["shutdown", "--wait"]).expect(0);
     daemon.child.wait().unwrap();
     drop(daemon);

@@ -30,6 +30,19 @@ pub(crate) fn ask(args: &ClientArgs, request: Request, quiet: bool) -> Result<u8
     })
 }
 
+/// The files the daemon's folders refused of late (from its status), for `uet runs` to say
+/// below its runs; none when no daemon answers.
+pub(crate) fn rejected_drops(args: &ClientArgs) -> Vec<uet::api::types::RejectedShown> {
+    let mut found = Vec::new();
+    let _ = talk(args, true, async |client, _| {
+        if let Ok(Response::Status(status)) = client.call(&Request::Status).await {
+            found = status.rejected;
+        }
+        Ok(exit::OK)
+    });
+    found
+}
+
 /// The newest run of the daemon: `Ok(None)` when no daemon answers, `Ok(Some(None))` when it
 /// has no run.
 pub(crate) fn newest_run(args: &ClientArgs) -> Result<Option<Option<u64>>, Failure> {

@@ -89,7 +89,7 @@ pub(crate) fn runs(
     args: &ClientArgs,
     state: Option<PathBuf>,
 ) -> Result<u8, Failure> {
-    daemon_or_state(
+    let code = daemon_or_state(
         args,
         state,
         Request::Runs { limit },
@@ -103,7 +103,20 @@ pub(crate) fn runs(
                 Err(r) => refused(args.json, r),
             })
         },
-    )
+    )?;
+    // a dropped file that never became a run is what `uet runs` is asked about next
+    if code == exit::OK && !args.json {
+        for r in client::rejected_drops(args) {
+            println!(
+                "rejected: {} in {}: {} (report: {})",
+                r.name,
+                r.folder.display(),
+                r.reason,
+                r.report.display()
+            );
+        }
+    }
+    Ok(code)
 }
 
 /// `uet show`: a page at a time, printed as one object.
