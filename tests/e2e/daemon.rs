@@ -59,6 +59,11 @@ impl Daemon {
         env.uet(&all)
     }
 
+    /// `uet status --json`, parsed.
+    pub(crate) fn status(&self, env: &Env) -> serde_json::Value {
+        serde_json::from_str(&self.client(env, &["status", "--json"]).expect(0).stdout()).unwrap()
+    }
+
     pub(crate) fn runs(&self, env: &Env) -> Vec<serde_json::Value> {
         let run = self.client(env, &["runs", "--json"]).expect(0);
         serde_json::from_str::<Vec<serde_json::Value>>(&run.stdout()).unwrap()

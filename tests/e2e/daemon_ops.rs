@@ -676,13 +676,7 @@ fn rejected_drops_are_listed_by_status_and_top_across_restarts() {
     daemon.child.wait().unwrap();
     drop(daemon);
     let daemon = crate::daemon::Daemon::start(&env);
-    let status: serde_json::Value = serde_json::from_str(
-        &daemon
-            .client(&env, &["status", "--json"])
-            .expect(0)
-            .stdout(),
-    )
-    .unwrap();
+    let status = daemon.status(&env);
     assert_eq!(status["rejected"][0]["name"], "bad.toml", "{status}");
     assert!(
         status["rejected"][0]["reason"]

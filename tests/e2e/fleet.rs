@@ -135,9 +135,7 @@ impl Drop for Cluster {
 
 /// `uet status --json`'s `fleet`.
 fn fleet_of(daemon: &Daemon, env: &Env) -> serde_json::Value {
-    let out = daemon.client(env, &["status", "--json"]).expect(0).stdout();
-    let status: serde_json::Value = serde_json::from_str(&out).unwrap();
-    status["fleet"].clone()
+    daemon.status(env)["fleet"].clone()
 }
 
 /// Asks NATS itself, through JetStream at `url`.

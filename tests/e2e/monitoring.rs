@@ -138,13 +138,7 @@ fn metrics_are_valid_prometheus_text_from_the_state_and_from_the_daemon() {
         &env.read("w.toml").replace("\"w\"", "\"again\""),
     );
     daemon.wait_for_runs(&env, 3);
-    let status: serde_json::Value = serde_json::from_str(
-        &daemon
-            .client(&env, &["status", "--json"])
-            .expect(0)
-            .stdout(),
-    )
-    .unwrap();
+    let status = daemon.status(&env);
     let addr = status["metrics"]
         .as_str()
         .expect("status says where metrics are");

@@ -129,10 +129,6 @@ fn scheduled(catch_up: &str) -> String {
     )
 }
 
-fn status(daemon: &Daemon, env: &Env) -> serde_json::Value {
-    serde_json::from_str(&daemon.client(env, &["status", "--json"]).expect(0).stdout()).unwrap()
-}
-
 #[test]
 fn a_scheduled_workflow_runs_at_its_times_is_listed_and_can_be_unwatched() {
     let env = Env::new();
@@ -153,7 +149,7 @@ fn a_scheduled_workflow_runs_at_its_times_is_listed_and_can_be_unwatched() {
     assert!(why.contains("(`*/2 * * * * *`, UTC)"), "{why}");
 
     // listed, with its next time, in status and in top
-    let shown = status(&daemon, &env);
+    let shown = daemon.status(&env);
     let standing = &shown["standing"][0];
     assert_eq!(standing["name"], "tick", "{shown}");
     assert_eq!(standing["schedule"], "*/2 * * * * *");
@@ -178,7 +174,7 @@ fn a_scheduled_workflow_runs_at_its_times_is_listed_and_can_be_unwatched() {
     std::thread::sleep(Duration::from_millis(3000));
     let runs = daemon.runs(&env);
     assert_eq!(runs.len(), settled, "{runs:?}");
-    assert_eq!(status(&daemon, &env)["standing"], serde_json::json!([]));
+    assert_eq!(daemon.status(&env)["standing"], serde_json::json!([]));
     daemon.client(&env, &["shutdown", "--wait"]).expect(0);
     daemon.child.wait().unwrap();
     drop(daemon);
@@ -191,8 +187,9 @@ fn a_scheduled_workflow_runs_at_its_times_is_listed_and_can_be_unwatched() {
 fn a_daemon_stopped_over_scheduled_times_catches_up_once_when_asked() {
     let env = Env::new();
     standing_tools(&env);
+    // both registered by one daemon: a second start between them would itself catch up
+    let mut daemon = Daemon::start(&env);
     for (file, catch_up) in [("one.toml", "one"), ("none.toml", "none")] {
-        let mut daemon = Daemon::start(&env);
         let text = scheduled(catch_up).replace("\"tick\"", &format!("\"{catch_up}\""));
         drop_file(&env, file, &text);
         wait_until("its first run", || {
@@ -201,9 +198,10 @@ fn a_daemon_stopped_over_scheduled_times_catches_up_once_when_asked() {
                 .iter()
                 .any(|r| r["name"] == catch_up && r["state"] == "succeeded")
         });
-        daemon.client(&env, &["shutdown", "--wait"]).expect(0);
-        daemon.child.wait().unwrap();
     }
+    daemon.client(&env, &["shutdown", "--wait"]).expect(0);
+    daemon.child.wait().unwrap();
+    drop(daemon);
     // stopped over at least two scheduled times
     std::thread::sleep(Duration::from_millis(4500));
     let daemon = Daemon::start(&env);

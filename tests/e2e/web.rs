@@ -17,8 +17,7 @@ pub(crate) struct Dashboard {
 impl Dashboard {
     pub(crate) fn start(env: &Env) -> Dashboard {
         let daemon = Daemon::start_with(env, &["--http", "127.0.0.1:0"]);
-        let status = daemon.client(env, &["status", "--json"]).expect(0);
-        let status: serde_json::Value = serde_json::from_str(&status.stdout()).unwrap();
+        let status = daemon.status(env);
         let web = status["web"]
             .as_str()
             .expect("status says where the dashboard is");

@@ -159,7 +159,7 @@ pub(crate) fn dry_run(
         plan.max_parallel
     );
     if !plan.params.is_empty() {
-        println!("params: {}", params_line(&plan.params));
+        println!("params: {}", uet::spec::template::params_line(&plan.params));
     }
     let width = plan.steps.iter().map(|s| s.id.len()).max().unwrap_or(0);
     let mut current = 0;
@@ -185,16 +185,4 @@ pub(crate) fn dry_run(
         println!("  {:width$}  {runs}{needs}", s.id);
     }
     Ok(exit::OK)
-}
-
-/// `a=1, b=text`: a run's parameters on one line (strings as they are, the rest as JSON).
-pub(crate) fn params_line(params: &uet::spec::template::Params) -> String {
-    params
-        .iter()
-        .map(|(k, v)| match v {
-            serde_json::Value::String(s) => format!("{k}={s}"),
-            v => format!("{k}={v}"),
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
 }

@@ -292,6 +292,19 @@ pub fn references(value: &serde_json::Value) -> (Vec<Reference>, Vec<TemplateErr
 /// A run's parameters by name, their values final (defaults and `--set`s applied).
 pub type Params = std::collections::BTreeMap<String, serde_json::Value>;
 
+/// `a=1, b=text`: parameters on one line, strings as they are and the rest as JSON (the dry
+/// run's `params:` line, the `run.created` event).
+pub fn params_line(params: &Params) -> String {
+    params
+        .iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => format!("{k}={s}"),
+            v => format!("{k}={v}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Fills every reference in `value` with the output or parameter it names. A string that is
 /// exactly one reference takes the referenced value with its type; a reference inside longer
 /// text is written into it (strings as they are, anything else as JSON). What is filled in is

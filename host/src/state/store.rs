@@ -763,17 +763,15 @@ impl Store {}
 /// the log says what values it ran with.
 fn created_detail(steps: usize, source: &str, plan: &serde_json::Value) -> String {
     let mut detail = format!("{steps} steps from {source}");
-    if let Some(params) = plan.get("params").and_then(|p| p.as_object())
-        && !params.is_empty()
-    {
-        let shown: Vec<String> = params
-            .iter()
-            .map(|(k, v)| match v {
-                serde_json::Value::String(s) => format!("{k}={s}"),
-                v => format!("{k}={v}"),
-            })
-            .collect();
-        detail.push_str(&format!("; params {}", shown.join(", ")));
+    let params = plan
+        .get("params")
+        .and_then(|p| serde_json::from_value::<crate::spec::template::Params>(p.clone()).ok())
+        .unwrap_or_default();
+    if !params.is_empty() {
+        detail.push_str(&format!(
+            "; params {}",
+            crate::spec::template::params_line(&params)
+        ));
     }
     detail
 }
