@@ -106,6 +106,8 @@ struct Daemon {
     /// The live watchers, by folder and whether they watch its whole tree (standing
     /// workflows) or its direct children (the inbox).
     watchers: Mutex<HashMap<(PathBuf, bool), Box<dyn notify::Watcher + Send>>>,
+    /// Counts refused drops, so that a stream of every run's events wakes to show them.
+    refusals: tokio::sync::watch::Sender<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -168,6 +170,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         pruned: Mutex::new((Instant::now(), false)),
         standing_shown: Mutex::new(Vec::new()),
         watchers: Mutex::new(HashMap::new()),
+        refusals: tokio::sync::watch::Sender::new(0),
     });
     let folders: Vec<String> = watch.iter().map(|d| d.display().to_string()).collect();
     tracing::info!(

@@ -672,17 +672,66 @@ fn rejected_drops_are_listed_by_status_and_top_across_restarts() {
     let runs = daemon.client(&env, &["runs"]).expect(0).stdout();
     assert!(runs.contains("rejected: bad.toml in "), "{runs}");
     assert!(runs.contains("workflow: no steps"), "{runs}");
+
+    // every run's events say it too: the refusal that was, then one as it happens
+    let mut follower = daemon_client_command(&env, &daemon, &["events", "--follow", "--json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(follower.stdout.take().unwrap()).lines();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(|l| _ = tx.send(l)));
+    // a stream that never shows the refusal fails here, not by hanging the suite
+    let next = || -> serde_json::Value {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a refusal event");
+        serde_json::from_str(&line).unwrap()
+    };
+    let first = next();
+    assert_eq!(first["kind"], "drop.rejected", "{first}");
+    assert_eq!(first["run_id"], serde_json::Value::Null, "{first}");
+    let detail = first["detail"].as_str().unwrap();
+    assert!(detail.starts_with("bad.toml in "), "{detail}");
+    assert!(detail.contains("workflow: no steps"), "{detail}");
+    assert!(detail.contains("rejected/bad.toml.error.txt"), "{detail}");
+    crate::daemon::drop_file(&env, "worse.toml", "name = \"worse\"\n[[step]]\n");
+    let second = next();
+    assert_eq!(second["kind"], "drop.rejected", "{second}");
+    assert!(
+        second["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("worse.toml in "),
+        "{second}"
+    );
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+    let text = daemon.client(&env, &["events"]).expect(0).stdout();
+    assert!(
+        text.lines().any(|l| l.contains("run -    -")
+            && l.contains("drop.rejected")
+            && l.contains("worse.toml")),
+        "{text}"
+    );
+    // one run's events are that run's alone
+    drop_file(&env, "hello.toml", GOOD);
+    daemon.wait_for_runs(&env, 1);
+    let one = daemon.client(&env, &["events", "1"]).expect(0).stdout();
+    assert!(!one.contains("drop.rejected"), "{one}");
     daemon.client(&env, &["shutdown", "--wait"]).expect(0);
     daemon.child.wait().unwrap();
     drop(daemon);
     let daemon = crate::daemon::Daemon::start(&env);
     let status = daemon.status(&env);
-    assert_eq!(status["rejected"][0]["name"], "bad.toml", "{status}");
+    let bad = status["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "bad.toml")
+        .unwrap_or_else(|| panic!("{status}"));
     assert!(
-        status["rejected"][0]["reason"]
-            .as_str()
-            .unwrap()
-            .contains("bad.toml:1:1"),
+        bad["reason"].as_str().unwrap().contains("bad.toml:1:1"),
         "{status}"
     );
 }

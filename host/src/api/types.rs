@@ -289,12 +289,13 @@ impl From<&StepRecord> for StepShown {
     }
 }
 
-/// An event of a run's log (`uet events`).
+/// An event of a run's log (`uet events`), or a dropped file the daemon refused
+/// (`drop.rejected`, in the stream of every run's events: it has no run).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EventShown {
-    /// The run.
-    pub run_id: RunId,
-    /// Its place in the run's log, from 1.
+    /// The run; none for a refused drop.
+    pub run_id: Option<RunId>,
+    /// Its place in the run's log, from 1; 0 for a refused drop, which is in no run's log.
     pub seq: u64,
     /// When it happened.
     pub at: Millis,
@@ -312,13 +313,33 @@ impl EventShown {
     /// An event of `run`.
     pub fn new(run: RunId, e: &EventRecord) -> EventShown {
         EventShown {
-            run_id: run,
+            run_id: Some(run),
             seq: e.seq,
             at: e.at,
             step: e.step.clone(),
             kind: e.kind.clone(),
             detail: e.detail.clone(),
             hash: e.hash.clone(),
+        }
+    }
+
+    /// A refused drop, as an event: the report holds the rest, and no hash chain covers it
+    /// (the report in `rejected/` is the record).
+    pub fn rejected(r: &RejectedShown) -> EventShown {
+        EventShown {
+            run_id: None,
+            seq: 0,
+            at: r.at,
+            step: None,
+            kind: "drop.rejected".into(),
+            detail: format!(
+                "{} in {}: {} (report: {})",
+                r.name,
+                r.folder.display(),
+                r.reason,
+                r.report.display()
+            ),
+            hash: String::new(),
         }
     }
 }

@@ -257,7 +257,10 @@ fn requeue(shared: &Arc<Daemon>, run: RunId, release: bool) -> Result<String, Re
 /// The latest reports in the watched folders' `rejected/`, newest first: what a person who
 /// dropped a file and saw no run wants to know, read from the reports themselves so that a
 /// restart loses none.
-fn rejected_drops(folders: &[PathBuf], limit: usize) -> Vec<crate::api::types::RejectedShown> {
+pub(super) fn rejected_drops(
+    folders: &[PathBuf],
+    limit: usize,
+) -> Vec<crate::api::types::RejectedShown> {
     use std::io::BufRead;
     let mut found = Vec::new();
     for folder in folders {

@@ -557,8 +557,21 @@ pub(super) fn unrejected(
 }
 
 /// Validates a claimed file; records and starts its run, or moves it to `rejected/` with a
-/// report of every problem.
+/// report of every problem (and says so to whoever follows every run's events).
 pub(super) fn process_claim(
+    shared: &Arc<Daemon>,
+    inbox: &dropped::Inbox,
+    claimed: &std::os::fd::OwnedFd,
+    claim: &dropped::ClaimName,
+) -> Result<RunId, ClaimError> {
+    let done = check_claim(shared, inbox, claimed, claim);
+    if let Err(ClaimError::Rejected(_)) = done {
+        shared.refusals.send_modify(|n| *n += 1);
+    }
+    done
+}
+
+fn check_claim(
     shared: &Arc<Daemon>,
     inbox: &dropped::Inbox,
     claimed: &std::os::fd::OwnedFd,

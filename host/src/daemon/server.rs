@@ -249,6 +249,10 @@ pub(super) async fn client(
     }
 }
 
+/// The refused drops a stream of every run's events shows first: the latest, oldest first.
+/// Each is a line or two, so these fit one frame.
+const DROPS_SHOWN: usize = 1000;
+
 /// Streams what the event log holds now, a frame at a time, then [`Response::Done`]; when
 /// following, every new event as it is committed, until the run (if one was named) has ended,
 /// the client hangs up or the daemon stops.
@@ -260,7 +264,12 @@ pub(super) async fn stream_events(
 ) {
     use tokio::io::AsyncReadExt;
     let mut commits = shared.store.subscribe();
+    let mut refusals = shared.refusals.subscribe();
     let mut seen = ops::EventCursor::default();
+    // refused drops are no run's: the stream of every run's events shows them too, read from
+    // the reports in `rejected/` (so a restart loses none) and again whenever one is refused
+    let mut drops_seen = std::collections::HashSet::new();
+    let mut drops_due = run.is_none();
     if let Some(run) = run {
         match shared.store.run(run) {
             Ok(Some(_)) => {}
@@ -285,6 +294,24 @@ pub(super) async fn stream_events(
     let mut started = false;
     loop {
         commits.borrow_and_update();
+        if std::mem::take(&mut drops_due) {
+            refusals.borrow_and_update();
+            let mut drops = super::control::rejected_drops(&shared.config.watch, DROPS_SHOWN);
+            drops.retain(|d| {
+                since.is_none_or(|at| d.at >= at) && drops_seen.insert(d.report.clone())
+            });
+            drops.reverse();
+            if !drops.is_empty() {
+                started = true;
+                let events = drops
+                    .iter()
+                    .map(crate::api::types::EventShown::rejected)
+                    .collect();
+                if send(conn, &Response::Events { events }).await.is_err() {
+                    return;
+                }
+            }
+        }
         // whether the run is over is read before its events, so none committed in between is
         // missed
         let ended = run.and_then(|run| {
@@ -331,6 +358,10 @@ pub(super) async fn stream_events(
         let mut byte = [0u8; 1];
         tokio::select! {
             changed = commits.changed() => if changed.is_err() { return },
+            changed = refusals.changed(), if run.is_none() => {
+                if changed.is_err() { return }
+                drops_due = true;
+            }
             // the client says nothing while following: any read result means it is gone
             _ = conn.read(&mut byte) => return,
             _ = shared.shutdown.cancelled() => return,

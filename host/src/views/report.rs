@@ -76,7 +76,7 @@ pub fn event_line(e: &EventShown) -> String {
     format!(
         "{}  run {:<4} {:<16} {:<18} {}",
         humantime::format_rfc3339_millis(t),
-        e.run_id,
+        e.run_id.map_or_else(|| "-".to_string(), |r| r.to_string()),
         e.step.as_deref().unwrap_or("-"),
         e.kind,
         e.detail,
