@@ -29,6 +29,16 @@ pub enum RunState {
 }
 
 impl RunState {
+    /// Every run state, in lifecycle order.
+    pub const ALL: [RunState; 6] = [
+        RunState::Pending,
+        RunState::Running,
+        RunState::Succeeded,
+        RunState::Failed,
+        RunState::Canceled,
+        RunState::Quarantined,
+    ];
+
     /// True when nothing more will happen to the run without a person asking.
     pub fn is_terminal(self) -> bool {
         !matches!(self, RunState::Pending | RunState::Running)

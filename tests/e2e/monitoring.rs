@@ -131,12 +131,10 @@ fn metrics_are_valid_prometheus_text_from_the_state_and_from_the_daemon() {
     // the daemon serves the same on a loopback port when asked to
     let config = env.ws.parent().unwrap().join("daemon.toml");
     std::fs::write(&config, "metrics = \"127.0.0.1:0\"\n").unwrap();
+    // read before the daemon starts: it takes w.toml in, as a file already there
+    let again = env.read("w.toml").replace("\"w\"", "\"again\"");
     let daemon = Daemon::start_with(&env, &["--config", config.to_str().unwrap()]);
-    drop_file(
-        &env,
-        "again.toml",
-        &env.read("w.toml").replace("\"w\"", "\"again\""),
-    );
+    drop_file(&env, "again.toml", &again);
     daemon.wait_for_runs(&env, 3);
     let status = daemon.status(&env);
     let addr = status["metrics"]

@@ -397,11 +397,11 @@ pub fn metrics(
 
 /// Runs by state, as `uet status` counts them.
 pub fn run_counts(store: &Store) -> Result<BTreeMap<String, u64>, Refused> {
-    let mut counts = BTreeMap::new();
-    for r in store.runs()? {
-        *counts.entry(r.state.to_string()).or_insert(0u64) += 1;
-    }
-    Ok(counts)
+    Ok(store
+        .run_counts()?
+        .into_iter()
+        .map(|(state, n)| (state.to_string(), n))
+        .collect())
 }
 
 /// The tools of some tools files, each with its breaker as `breaker` says it stands.

@@ -28,6 +28,7 @@ pub const STATE_FILE: &str = "uet.redb";
 #[macro_use]
 mod schema;
 mod batch;
+mod counts;
 mod files;
 #[cfg(test)]
 mod powerloss;
@@ -573,6 +574,7 @@ impl Store {
             };
         }
         every_table!(create);
+        counts::count_all(tx)?;
         Ok(())
     }
 
@@ -664,6 +666,8 @@ impl Store {
                 .map(|v| v.value())
                 .unwrap_or(1);
             meta.insert("next_run", id + 1).map_err(storage)?;
+            // the replay below opens `meta` again, to count the run
+            drop(meta);
             let now = now_millis();
             let mut row = RunRow {
                 record: RunRecord {
@@ -1287,6 +1291,90 @@ mod tests {
         }
     }
 
+    /// The counts kept in `meta` are those a read of every run gives.
+    fn counts_hold(store: &Store) -> BTreeMap<RunState, u64> {
+        let mut scanned = BTreeMap::new();
+        for r in store.runs().unwrap() {
+            *scanned.entry(r.state).or_insert(0) += 1;
+        }
+        let kept = counts::read(&store.read().unwrap())
+            .unwrap()
+            .expect("counts kept");
+        let kept: BTreeMap<_, _> = kept.into_iter().filter(|(_, n)| *n > 0).collect();
+        assert_eq!(kept, scanned);
+        assert_eq!(store.run_counts().unwrap(), scanned);
+        scanned
+    }
+
+    #[test]
+    fn run_counts_follow_every_move_prune_crash_and_an_uncounted_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let runs: Vec<RunId> = (0..5).map(|_| new_run(&store)).collect();
+        assert_eq!(counts_hold(&store)[&RunState::Pending], 5);
+        for &run in &runs[..3] {
+            store
+                .apply_sync_behind(&[run_to(run, RunState::Running)])
+                .unwrap();
+        }
+        // several moves of one run in one batch count as where it ends
+        store
+            .apply(&[run_to(runs[0], RunState::Succeeded)])
+            .unwrap();
+        store
+            .apply_sync_behind(&[run_to(runs[1], RunState::Failed)])
+            .unwrap();
+        store
+            .apply_sync_behind(&[run_to(runs[3], RunState::Canceled)])
+            .unwrap();
+        let counts = counts_hold(&store);
+        assert_eq!(counts[&RunState::Running], 1);
+        assert_eq!(counts[&RunState::Pending], 1);
+        // a refused batch moves nothing
+        assert!(
+            store
+                .apply(&[run_to(runs[4], RunState::Succeeded)])
+                .is_err()
+        );
+        assert_eq!(counts_hold(&store), counts);
+        // a prune takes its runs out of the counts: the oldest two finished go
+        assert_eq!(store.prune(None, Some(1)).unwrap(), 2);
+        let counts = counts_hold(&store);
+        let expected = [
+            (RunState::Pending, 1),
+            (RunState::Running, 1),
+            (RunState::Canceled, 1),
+        ];
+        assert_eq!(counts, BTreeMap::from(expected));
+
+        // a crash: the journal's batches are replayed onto the rows and the counts the
+        // database had, some of them a second time
+        store
+            .apply_sync_behind(&[run_to(runs[2], RunState::Succeeded)])
+            .unwrap();
+        let copy = crash_copy(dir.path(), true);
+        let reopened = Store::open(copy.path()).unwrap();
+        assert_eq!(counts_hold(&reopened)[&RunState::Succeeded], 1);
+        assert!(!counts_hold(&reopened).contains_key(&RunState::Running));
+        drop(reopened);
+
+        // a state an older uet wrote, without counts: counted when next opened
+        store
+            .write_durably(|tx, _| {
+                let mut meta = tx.open_table(META).map_err(storage)?;
+                meta.retain(|k, _| !k.starts_with("runs."))
+                    .map_err(storage)?;
+                Ok(())
+            })
+            .unwrap();
+        assert!(counts::read(&store.read().unwrap()).unwrap().is_none());
+        // without them, the counts are read from every run
+        assert_eq!(store.run_counts().unwrap()[&RunState::Succeeded], 1);
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(counts_hold(&store)[&RunState::Succeeded], 1);
+    }
+
     #[test]
     fn a_durable_write_takes_the_batches_behind_it_along() {
         let dir = tempfile::tempdir().unwrap();
@@ -1348,6 +1436,7 @@ mod tests {
             handle.join().unwrap();
         }
         assert_eq!(store.runs().unwrap().len(), 4 * rounds);
+        assert_eq!(counts_hold(&store)[&RunState::Pending], 4 * rounds as u64);
     }
 
     /// A batch behind that the writer thread is kept from taking (as while a durable write

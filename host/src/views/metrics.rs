@@ -35,18 +35,11 @@ pub fn render(
 /// Runs by state, the queue, the runs a daemon drives, steps by state.
 fn runs(out: &mut String, store: &Store, live: Option<Live>) -> Result<(), StateError> {
     let mut by_state = std::collections::BTreeMap::new();
-    for state in [
-        RunState::Pending,
-        RunState::Running,
-        RunState::Succeeded,
-        RunState::Failed,
-        RunState::Canceled,
-        RunState::Quarantined,
-    ] {
+    for state in RunState::ALL {
         by_state.insert(state.as_str(), 0u64);
     }
-    for r in &store.runs()? {
-        *by_state.entry(r.state.as_str()).or_insert(0) += 1;
+    for (state, n) in store.run_counts()? {
+        by_state.insert(state.as_str(), n);
     }
     family(out, "uet_runs", "gauge", "Runs in the state, by run state.");
     for (state, n) in &by_state {

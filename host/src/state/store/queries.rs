@@ -69,6 +69,19 @@ impl Store {
         Ok(out)
     }
 
+    /// How many runs are in each state (states with none left out): six numbers read, however
+    /// many runs there are, once the state keeps its counts (see `counts`).
+    pub fn run_counts(&self) -> Result<BTreeMap<RunState, u64>, StateError> {
+        if let Some(counts) = counts::read(&self.read()?)? {
+            return Ok(counts.into_iter().filter(|(_, n)| *n > 0).collect());
+        }
+        let mut counts = BTreeMap::new();
+        for r in self.runs()? {
+            *counts.entry(r.state).or_default() += 1;
+        }
+        Ok(counts)
+    }
+
     /// Every run, oldest first.
     pub fn runs(&self) -> Result<Vec<RunRecord>, StateError> {
         self.latest_runs(usize::MAX)
@@ -310,6 +323,7 @@ impl Store {
         }
         let gone = self.write_durably(|tx, _| {
             let mut gone = std::collections::HashSet::new();
+            let mut moves = counts::Moves::new();
             let mut runs = tx.open_table(RUNS).map_err(storage)?;
             let mut plans = tx.open_table(PLANS).map_err(storage)?;
             let mut steps = tx.open_table(STEPS).map_err(storage)?;
@@ -318,16 +332,18 @@ impl Store {
             let mut submissions = tx.open_table(SUBMISSIONS).map_err(storage)?;
             for &run in &doomed {
                 // chosen from a read that may be stale by now: only what is still finished goes
-                let still_finished = match runs.get(run).map_err(storage)? {
-                    Some(v) => matches!(
-                        decode::<RunRow>("runs", &run, v.value())?.record.state,
-                        RunState::Succeeded | RunState::Failed | RunState::Canceled
-                    ),
-                    None => false,
+                let state = match runs.get(run).map_err(storage)? {
+                    Some(v) => Some(decode::<RunRow>("runs", &run, v.value())?.record.state),
+                    None => None,
                 };
+                let still_finished = matches!(
+                    state,
+                    Some(RunState::Succeeded | RunState::Failed | RunState::Canceled)
+                );
                 if !still_finished {
                     continue;
                 }
+                counts::moved(&mut moves, state, None);
                 gone.insert(run);
                 runs.remove(run).map_err(storage)?;
                 plans.remove(run).map_err(storage)?;
@@ -350,6 +366,7 @@ impl Store {
                         .is_none_or(|run| !gone.contains(&run))
                 })
                 .map_err(storage)?;
+            counts::apply(tx, &moves)?;
             Ok(gone)
         })?;
         self.committed.send_modify(|n| *n += 1);

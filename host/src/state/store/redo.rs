@@ -115,17 +115,20 @@ pub(super) fn replay(tx: &WriteTransaction, records: &[&[u8]]) -> Result<(), Sta
             latest.insert((tag, key), r.bytes()?);
         }
     }
+    // a run row's state, before and after, moves the counts of runs by state
+    let mut moves = counts::Moves::new();
     macro_rules! put {
         ($tag:literal, $table:ident) => {
             put_rows(
                 tx,
                 $table,
                 latest.range(($tag, &[][..])..($tag + 1, &[][..])),
+                (stringify!($table) == "RUNS").then_some(&mut moves),
             )?;
         };
     }
     journaled_tables!(put);
-    Ok(())
+    counts::apply(tx, &moves)
 }
 
 fn skip_key<K: JournalKey>(
@@ -140,11 +143,16 @@ fn put_rows<'r, K: JournalKey>(
     tx: &WriteTransaction,
     table: TableDefinition<K, &[u8]>,
     rows: impl Iterator<Item = (&'r (u8, &'r [u8]), &'r &'r [u8])>,
+    mut moves: Option<&mut counts::Moves>,
 ) -> Result<(), StateError> {
     let mut open = tx.open_table(table).map_err(storage)?;
     for ((_, key), value) in rows {
         let mut r = Unredo(key);
-        open.insert(K::get(&mut r)?, *value).map_err(storage)?;
+        let old = open.insert(K::get(&mut r)?, *value).map_err(storage)?;
+        if let Some(moves) = moves.as_deref_mut() {
+            let before = old.and_then(|o| counts::state_of(o.value()));
+            counts::moved(moves, before, counts::state_of(value));
+        }
     }
     Ok(())
 }
