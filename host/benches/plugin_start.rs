@@ -77,6 +77,51 @@ fn main() {
         "warm attempt (store + instantiate + trivial run)",
         &mut warm,
     );
+
+    // the large components: the example plugins in Python and JavaScript, when built
+    // (`examples/plugins/*/build.sh`, or the test command, puts them in target/examples)
+    for name in ["pygreet", "jsgreet"] {
+        let plugin =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../target/examples/{name}.wasm"));
+        if !plugin.exists() {
+            println!("{name}: not built (examples/plugins/*/build.sh), skipped");
+            continue;
+        }
+        let mb = std::fs::metadata(&plugin).map_or(0, |m| m.len()) >> 20;
+        let rt = Runtime::new(Some(cache.path().to_path_buf()), 64 << 20).unwrap();
+        let limits = Limits {
+            memory: Some(64 << 20),
+            ..Limits::default()
+        };
+        let attempt = || {
+            let r = rt.run(
+                &plugin,
+                r#"{"name": "uet"}"#,
+                &grants,
+                &limits,
+                Arc::new(AtomicBool::new(false)),
+                None,
+            );
+            assert!(
+                matches!(r.outcome, WasmOutcome::Output(_)),
+                "{:?}",
+                r.outcome
+            );
+        };
+        let t = Instant::now();
+        attempt();
+        println!(
+            "{name} ({mb} MB): compile + cache write + first attempt: {:.0} ms",
+            ms(t.elapsed())
+        );
+        let mut warm = Vec::with_capacity(500);
+        for _ in 0..500 {
+            let t = Instant::now();
+            attempt();
+            warm.push(t.elapsed());
+        }
+        report(&format!("{name}: warm attempt"), &mut warm);
+    }
 }
 
 fn ms(d: Duration) -> f64 {
