@@ -646,96 +646,181 @@ impl Store {
         })
     }
 
-    /// Records a new run with everything that must be durable together with it.
+    /// Records a new run with everything that must be durable together with it. Runs that
+    /// come while another is being recorded wait for it, and are recorded together in the next
+    /// durable commit: a burst of dropped files shares its syncs.
     pub fn create(&self, new: NewRun<'_>) -> Result<RunId, StateError> {
-        let NewRun {
-            name,
-            source,
-            workstream,
-            plan,
-            steps: step_ids,
-            trigger,
-            submission,
-            standing,
-        } = new;
-        let id = self.write_durably(|tx, writes| {
-            let mut meta = tx.open_table(META).map_err(storage)?;
-            let id = meta
-                .get("next_run")
-                .map_err(storage)?
-                .map(|v| v.value())
-                .unwrap_or(1);
-            meta.insert("next_run", id + 1).map_err(storage)?;
-            // the replay below opens `meta` again, to count the run
-            drop(meta);
-            let now = now_millis();
-            let mut row = RunRow {
-                record: RunRecord {
-                    id,
-                    name: name.to_string(),
-                    state: RunState::Pending,
-                    reason: None,
-                    source: source.to_string(),
-                    workstream: workstream.to_string(),
-                    created_at: now,
-                    started_at: None,
-                    finished_at: None,
-                    trigger: trigger.map(str::to_string),
-                    crashes: 0,
-                },
-                next_event: 1,
-                last_hash: String::new(),
-            };
-            // the rows go in the way a journaled batch does
-            let mut created = Redo::default();
-            for (position, step) in step_ids.iter().enumerate() {
-                let row = StepRow::new(position as u32, step);
-                created.row(STEPS, (id, step.as_str()), &encode(&row));
-                // the run's first batches read them back: from here, not decoded again
-                let seq = writes.written;
-                writes.pending.steps.insert((id, step.clone()), (seq, row));
+        let ours = Arc::new(Creation::from(new));
+        let made = Arc::new(Mutex::new(None));
+        relock(&self.shared.creating).push((ours.clone(), made.clone()));
+        let _turn = relock(&self.shared.create_turn);
+        match relock(&made).take() {
+            Some(Some(id)) => return Ok(id),
+            // the commit that held it failed: recorded alone, it fails with its own error
+            Some(None) => {
+                let id = self.write_durably(|tx, writes| create_one(tx, writes, &ours))?;
+                self.committed.send_modify(|n| *n += 1);
+                return Ok(id);
             }
-            append_event(
-                &mut created,
-                &mut row,
-                None,
-                "run.created",
-                created_detail(step_ids.len(), source, &plan),
-            )?;
-            created.row(RUNS, id, &encode(&row));
-            writes.pending.runs.insert(id, (writes.written, row));
-            replay(tx, &[&created.0])?;
-            tx.open_table(PLANS)
-                .map_err(storage)?
-                .insert(id, encode(&plan).as_slice())
-                .map_err(storage)?;
-            let mut table = tx.open_table(STANDING).map_err(storage)?;
-            match standing {
-                Some(StandingChange::Register(key)) => {
-                    let record = serde_json::json!({
-                        "plan": &plan, "source": source, "workstream": workstream,
-                    });
-                    table
-                        .insert(key, encode(&record).as_slice())
-                        .map_err(storage)?;
+            None => {}
+        }
+        // its turn, and not yet recorded: every run waiting goes in, this one among them
+        let mut batch = std::mem::take(&mut *relock(&self.shared.creating));
+        // a turn whose holder panicked took runs out of the queue and recorded none of them
+        if !batch.iter().any(|(c, _)| Arc::ptr_eq(c, &ours)) {
+            batch.push((ours.clone(), made.clone()));
+        }
+        let ids = self.write_durably(|tx, writes| {
+            batch
+                .iter()
+                .map(|(creation, _)| create_one(tx, writes, creation))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        let ids = match ids {
+            Ok(ids) => ids,
+            Err(e) => {
+                for (_, made) in &batch {
+                    *relock(made) = Some(None);
                 }
-                Some(StandingChange::Unregister(key)) => {
-                    table.remove(key).map_err(storage)?;
-                }
-                None => {}
+                return Err(e);
             }
-            if let Some(sub) = submission {
-                let record = serde_json::json!({ "run": id, "sha256": sub.sha256 });
-                tx.open_table(SUBMISSIONS)
-                    .map_err(storage)?
-                    .insert(sub.claim, encode(&record).as_slice())
-                    .map_err(storage)?;
-            }
-            Ok(id)
-        })?;
+        };
         self.committed.send_modify(|n| *n += 1);
-        Ok(id)
+        for ((_, made), id) in batch.iter().zip(ids) {
+            *relock(made) = Some(Some(id));
+        }
+        let id = relock(&made).take().flatten();
+        Ok(id.expect("the batch held this run"))
     }
+}
+
+/// A new run as it waits to be recorded ([`Store::create`]): [`NewRun`], owned.
+pub(super) struct Creation {
+    name: String,
+    source: String,
+    workstream: String,
+    plan: serde_json::Value,
+    steps: Vec<String>,
+    trigger: Option<String>,
+    submission: Option<(String, String)>,
+    standing: Option<(bool, String)>,
+}
+
+impl From<NewRun<'_>> for Creation {
+    fn from(n: NewRun<'_>) -> Creation {
+        Creation {
+            name: n.name.into(),
+            source: n.source.into(),
+            workstream: n.workstream.into(),
+            plan: n.plan,
+            steps: n.steps.to_vec(),
+            trigger: n.trigger.map(Into::into),
+            submission: n.submission.map(|s| (s.claim.into(), s.sha256.into())),
+            standing: n.standing.map(|s| match s {
+                StandingChange::Register(k) => (true, k.into()),
+                StandingChange::Unregister(k) => (false, k.into()),
+            }),
+        }
+    }
+}
+
+/// New runs waiting for [`Store::create`]'s next durable commit, each with where its id goes
+/// (`Some(None)`: the commit failed).
+pub(super) type Creating = Vec<(Arc<Creation>, Arc<Mutex<Option<Option<RunId>>>>)>;
+
+fn relock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One new run's rows, in a durable write.
+fn create_one(
+    tx: &WriteTransaction,
+    writes: &mut Writes,
+    new: &Creation,
+) -> Result<RunId, StateError> {
+    let Creation {
+        name,
+        source,
+        workstream,
+        plan,
+        steps: step_ids,
+        trigger,
+        submission,
+        standing,
+    } = new;
+    let mut meta = tx.open_table(META).map_err(storage)?;
+    let id = meta
+        .get("next_run")
+        .map_err(storage)?
+        .map(|v| v.value())
+        .unwrap_or(1);
+    meta.insert("next_run", id + 1).map_err(storage)?;
+    // the replay below opens `meta` again, to count the run
+    drop(meta);
+    let now = now_millis();
+    let mut row = RunRow {
+        record: RunRecord {
+            id,
+            name: name.to_string(),
+            state: RunState::Pending,
+            reason: None,
+            source: source.to_string(),
+            workstream: workstream.to_string(),
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            trigger: trigger.clone(),
+            crashes: 0,
+        },
+        next_event: 1,
+        last_hash: String::new(),
+    };
+    // the rows go in the way a journaled batch does
+    let mut created = Redo::default();
+    for (position, step) in step_ids.iter().enumerate() {
+        let row = StepRow::new(position as u32, step);
+        created.row(STEPS, (id, step.as_str()), &encode(&row));
+        // the run's first batches read them back: from here, not decoded again
+        let seq = writes.written;
+        writes.pending.steps.insert((id, step.clone()), (seq, row));
+    }
+    append_event(
+        &mut created,
+        &mut row,
+        None,
+        "run.created",
+        created_detail(step_ids.len(), source, plan),
+    )?;
+    created.row(RUNS, id, &encode(&row));
+    writes.pending.runs.insert(id, (writes.written, row));
+    replay(tx, &[&created.0])?;
+    tx.open_table(PLANS)
+        .map_err(storage)?
+        .insert(id, encode(plan).as_slice())
+        .map_err(storage)?;
+    let mut table = tx.open_table(STANDING).map_err(storage)?;
+    match standing {
+        Some((true, key)) => {
+            let record = serde_json::json!({
+                "plan": plan, "source": source, "workstream": workstream,
+            });
+            table
+                .insert(key.as_str(), encode(&record).as_slice())
+                .map_err(storage)?;
+        }
+        Some((false, key)) => {
+            table.remove(key.as_str()).map_err(storage)?;
+        }
+        None => {}
+    }
+    if let Some((claim, sha256)) = submission {
+        let record = serde_json::json!({ "run": id, "sha256": sha256 });
+        tx.open_table(SUBMISSIONS)
+            .map_err(storage)?
+            .insert(claim.as_str(), encode(&record).as_slice())
+            .map_err(storage)?;
+    }
+    Ok(id)
 }
 
 impl Store {
@@ -1437,6 +1522,55 @@ mod tests {
         }
         assert_eq!(store.runs().unwrap().len(), 4 * rounds);
         assert_eq!(counts_hold(&store)[&RunState::Pending], 4 * rounds as u64);
+    }
+
+    #[test]
+    fn runs_created_side_by_side_are_each_recorded_once_with_their_own_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (threads, each) = (8, 40);
+        let ids: Vec<RunId> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|t| {
+                    let store = &store;
+                    s.spawn(move || {
+                        (0..each)
+                            .map(|i| {
+                                let steps = vec![format!("s{t}-{i}")];
+                                let source = format!("/w{t}-{i}.toml");
+                                let id = store
+                                    .create_run("w", &source, "/ws", serde_json::json!({}), &steps)
+                                    .unwrap();
+                                (id, source, steps)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().unwrap())
+                .map(|(id, source, steps)| {
+                    // each id is the run its caller asked for, with its own steps
+                    let run = store.run(id).unwrap().unwrap();
+                    assert_eq!(run.source, source);
+                    assert_eq!(store.steps(id).unwrap()[0].id, steps[0]);
+                    id
+                })
+                .collect()
+        });
+        let mut sorted = ids.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), threads * each);
+        assert_eq!(sorted, (1..=(threads * each) as u64).collect::<Vec<_>>());
+        assert_eq!(
+            counts_hold(&store)[&RunState::Pending],
+            (threads * each) as u64
+        );
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.runs().unwrap().len(), threads * each);
     }
 
     /// A batch behind that the writer thread is kept from taking (as while a durable write

@@ -23,6 +23,10 @@ pub(super) struct Shared {
     /// The journal's file, for the sync thread to sync batches written to it unsynced.
     pub(super) syncer: std::sync::Arc<dyn crate::state::journal::JournalFile>,
     pub(super) writes: Mutex<Writes>,
+    /// New runs waiting to be recorded together ([`Store::create`]), and the turn to record
+    /// them.
+    pub(super) creating: Mutex<super::Creating>,
+    pub(super) create_turn: Mutex<()>,
     /// Wakes the writer thread: a batch is queued or synced, or the store is closing.
     pub(super) queued: Condvar,
     /// Wakes the sync thread: a batch was written unsynced, or the store is closing.
@@ -181,6 +185,8 @@ impl Shared {
             path,
             read_only,
             backup: Mutex::new(None),
+            creating: Mutex::new(Vec::new()),
+            create_turn: Mutex::new(()),
             syncer,
             writes: Mutex::new(Writes {
                 journal,
