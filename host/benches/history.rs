@@ -1,4 +1,4 @@
-//! How `uet runs`, `uet show` and `uet status` answer with a long history: fills a state with
+//! How `uet runs`, `uet show`, `uet status` and `uet top` answer with a long history: fills a state with
 //! finished runs (100,000 by default; `UET_BENCH_RUNS` to change), starts the real daemon on it
 //! and times the real client commands, end to end (the client process included).
 //!
@@ -87,10 +87,11 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let last = n.to_string();
-    let cases: [(&str, Vec<&str>); 3] = [
+    let cases: [(&str, Vec<&str>); 4] = [
         ("uet runs --json (latest 1,000)", vec!["runs", "--json"]),
         ("uet show RUN --json", vec!["show", &last, "--json"]),
         ("uet status --json", vec!["status", "--json"]),
+        ("uet top --json", vec!["top", "--json"]),
     ];
     for (name, args) in &cases {
         let mut times: Vec<Duration> = (0..7)

@@ -324,7 +324,7 @@ fn stop_on_signals(shared: &Arc<Daemon>) -> anyhow::Result<()> {
 /// returns the runs that go on (for the standing workflows they hold up).
 fn resume_unfinished(shared: &Arc<Daemon>) -> anyhow::Result<Vec<crate::model::RunRecord>> {
     let mut unfinished = Vec::new();
-    for run in shared.store.runs()? {
+    for run in shared.store.unfinished_runs()? {
         let resumed = match run.state {
             RunState::Pending => {
                 resume(shared, run.id, false);

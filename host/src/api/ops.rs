@@ -450,10 +450,7 @@ pub fn top(
 ) -> Result<TopView, Refused> {
     let mut runs = Vec::new();
     let mut queued = 0;
-    for r in store.runs()? {
-        if r.state.is_terminal() {
-            continue;
-        }
+    for r in store.unfinished_runs()? {
         if r.state == RunState::Pending {
             queued += 1;
         }

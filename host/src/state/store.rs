@@ -1388,6 +1388,24 @@ mod tests {
         let kept: BTreeMap<_, _> = kept.into_iter().filter(|(_, n)| *n > 0).collect();
         assert_eq!(kept, scanned);
         assert_eq!(store.run_counts().unwrap(), scanned);
+        // and the index of the runs not yet ended
+        let runs = store.runs().unwrap();
+        let unfinished: Vec<RunId> = runs
+            .iter()
+            .filter(|r| !r.state.is_terminal())
+            .map(|r| r.id)
+            .collect();
+        let indexed = counts::read_unfinished(&store.read().unwrap())
+            .unwrap()
+            .expect("index kept");
+        assert_eq!(indexed, unfinished);
+        let read: Vec<RunId> = store
+            .unfinished_runs()
+            .unwrap()
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(read, unfinished);
         scanned
     }
 

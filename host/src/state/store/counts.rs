@@ -5,11 +5,33 @@
 
 use super::*;
 
-/// The marker: the counts in `meta` cover every run.
+/// The marker: the counts in `meta` and the `unfinished` index cover every run, as this
+/// layout keeps them ([`LAYOUT`]).
 const COUNTED: &str = "runs.counted";
 
-/// Changes to the counts, by run state.
-pub(super) type Moves = BTreeMap<RunState, i64>;
+/// 2: the counts and the index of unfinished runs. A state marked with an older layout is
+/// counted again.
+const LAYOUT: u64 = 2;
+
+/// Whether the state keeps the counts and the index, as this uet does.
+fn kept(meta: &impl ReadableTable<&'static str, u64>) -> Result<bool, StateError> {
+    Ok(meta
+        .get(COUNTED)
+        .map_err(storage)?
+        .is_some_and(|v| v.value() >= LAYOUT))
+}
+
+/// Changes to the counts, by run state, and the runs that began or stopped being unfinished
+/// (pending or running).
+#[derive(Default)]
+pub(super) struct Moves {
+    by_state: BTreeMap<RunState, i64>,
+    unfinished: BTreeMap<RunId, bool>,
+}
+
+fn unfinished(state: Option<RunState>) -> bool {
+    state.is_some_and(|s| !s.is_terminal())
+}
 
 fn key(state: RunState) -> String {
     format!("runs.{}", state.as_str())
@@ -31,30 +53,46 @@ pub(super) fn state_of(bytes: &[u8]) -> Option<RunState> {
         .map(|r| r.record.state)
 }
 
-/// Notes that a run row went from `before` to `after` (either may be none: a new or removed
-/// row).
-pub(super) fn moved(moves: &mut Moves, before: Option<RunState>, after: Option<RunState>) {
+/// Notes that run `run`'s row went from `before` to `after` (either may be none: a new or
+/// removed row).
+pub(super) fn moved(
+    moves: &mut Moves,
+    run: RunId,
+    before: Option<RunState>,
+    after: Option<RunState>,
+) {
     if before == after {
         return;
     }
     if let Some(b) = before {
-        *moves.entry(b).or_default() -= 1;
+        *moves.by_state.entry(b).or_default() -= 1;
     }
     if let Some(a) = after {
-        *moves.entry(a).or_default() += 1;
+        *moves.by_state.entry(a).or_default() += 1;
+    }
+    if unfinished(before) != unfinished(after) {
+        moves.unfinished.insert(run, unfinished(after));
     }
 }
 
 /// Adds `moves` to the counts in `meta`, when the state keeps them.
 pub(super) fn apply(tx: &WriteTransaction, moves: &Moves) -> Result<(), StateError> {
-    if moves.values().all(|n| *n == 0) {
+    if moves.by_state.values().all(|n| *n == 0) && moves.unfinished.is_empty() {
         return Ok(());
     }
     let mut meta = tx.open_table(META).map_err(storage)?;
-    if meta.get(COUNTED).map_err(storage)?.is_none() {
+    if !kept(&meta)? {
         return Ok(());
     }
-    for (&state, &n) in moves {
+    let mut table = tx.open_table(UNFINISHED).map_err(storage)?;
+    for (&run, &now) in &moves.unfinished {
+        if now {
+            table.insert(run, ()).map_err(storage)?;
+        } else {
+            table.remove(run).map_err(storage)?;
+        }
+    }
+    for (&state, &n) in &moves.by_state {
         let key = key(state);
         let had = meta
             .get(key.as_str())
@@ -69,21 +107,27 @@ pub(super) fn apply(tx: &WriteTransaction, moves: &Moves) -> Result<(), StateErr
 /// Counts every run, once: for a new state, or one an older uet wrote.
 pub(super) fn count_all(tx: &WriteTransaction) -> Result<(), StateError> {
     let mut meta = tx.open_table(META).map_err(storage)?;
-    if meta.get(COUNTED).map_err(storage)?.is_some() {
+    if kept(&meta)? {
         return Ok(());
     }
     let runs = tx.open_table(RUNS).map_err(storage)?;
+    let mut table = tx.open_table(UNFINISHED).map_err(storage)?;
+    table.retain(|_, _| false).map_err(storage)?;
     let mut counts: BTreeMap<RunState, u64> = BTreeMap::new();
     for item in runs.iter().map_err(storage)? {
-        let (_, v) = item.map_err(storage)?;
+        let (k, v) = item.map_err(storage)?;
         if let Some(state) = state_of(v.value()) {
             *counts.entry(state).or_default() += 1;
+            if !state.is_terminal() {
+                table.insert(k.value(), ()).map_err(storage)?;
+            }
         }
     }
-    for (state, n) in counts {
+    for state in RunState::ALL {
+        let n = counts.get(&state).copied().unwrap_or(0);
         meta.insert(key(state).as_str(), n).map_err(storage)?;
     }
-    meta.insert(COUNTED, 1).map_err(storage)?;
+    meta.insert(COUNTED, LAYOUT).map_err(storage)?;
     Ok(())
 }
 
@@ -97,7 +141,7 @@ pub(super) fn read(
         Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
         Err(e) => return Err(storage(e)),
     };
-    if meta.get(COUNTED).map_err(storage)?.is_none() {
+    if !kept(&meta)? {
         return Ok(None);
     }
     let mut counts = BTreeMap::new();
@@ -107,4 +151,26 @@ pub(super) fn read(
         }
     }
     Ok(Some(counts))
+}
+
+/// The runs not yet ended, oldest first, when the state keeps them.
+pub(super) fn read_unfinished(
+    tx: &redb::ReadTransaction,
+) -> Result<Option<Vec<RunId>>, StateError> {
+    let meta = match tx.open_table(META) {
+        Ok(m) => m,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+        Err(e) => return Err(storage(e)),
+    };
+    if !kept(&meta)? {
+        return Ok(None);
+    }
+    let Some(table) = existing(tx, UNFINISHED)? else {
+        return Ok(None);
+    };
+    let mut runs = Vec::new();
+    for item in table.iter().map_err(storage)? {
+        runs.push(item.map_err(storage)?.0.value());
+    }
+    Ok(Some(runs))
 }

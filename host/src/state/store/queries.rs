@@ -82,6 +82,26 @@ impl Store {
         Ok(counts)
     }
 
+    /// The runs not yet ended (pending or running), oldest first: read from their index,
+    /// however long the history, once the state keeps it (see `counts`).
+    pub fn unfinished_runs(&self) -> Result<Vec<RunRecord>, StateError> {
+        let tx = self.read()?;
+        let Some(ids) = counts::read_unfinished(&tx)? else {
+            drop(tx);
+            let mut runs = self.runs()?;
+            runs.retain(|r| !r.state.is_terminal());
+            return Ok(runs);
+        };
+        let table = tx.open_table(RUNS).map_err(storage)?;
+        let mut runs = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(v) = table.get(id).map_err(storage)? {
+                runs.push(decode::<RunRow>("runs", &id, v.value())?.record);
+            }
+        }
+        Ok(runs)
+    }
+
     /// Every run, oldest first.
     pub fn runs(&self) -> Result<Vec<RunRecord>, StateError> {
         self.latest_runs(usize::MAX)
@@ -323,7 +343,7 @@ impl Store {
         }
         let gone = self.write_durably(|tx, _| {
             let mut gone = std::collections::HashSet::new();
-            let mut moves = counts::Moves::new();
+            let mut moves = counts::Moves::default();
             let mut runs = tx.open_table(RUNS).map_err(storage)?;
             let mut plans = tx.open_table(PLANS).map_err(storage)?;
             let mut steps = tx.open_table(STEPS).map_err(storage)?;
@@ -343,7 +363,7 @@ impl Store {
                 if !still_finished {
                     continue;
                 }
-                counts::moved(&mut moves, state, None);
+                counts::moved(&mut moves, run, state, None);
                 gone.insert(run);
                 runs.remove(run).map_err(storage)?;
                 plans.remove(run).map_err(storage)?;

@@ -116,7 +116,7 @@ pub(super) fn replay(tx: &WriteTransaction, records: &[&[u8]]) -> Result<(), Sta
         }
     }
     // a run row's state, before and after, moves the counts of runs by state
-    let mut moves = counts::Moves::new();
+    let mut moves = counts::Moves::default();
     macro_rules! put {
         ($tag:literal, $table:ident) => {
             put_rows(
@@ -150,8 +150,10 @@ fn put_rows<'r, K: JournalKey>(
         let mut r = Unredo(key);
         let old = open.insert(K::get(&mut r)?, *value).map_err(storage)?;
         if let Some(moves) = moves.as_deref_mut() {
+            // the runs table's key is the run id
+            let run = Unredo(key).u64()?;
             let before = old.and_then(|o| counts::state_of(o.value()));
-            counts::moved(moves, before, counts::state_of(value));
+            counts::moved(moves, run, before, counts::state_of(value));
         }
     }
     Ok(())

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use super::{
     ATTEMPTS, BACKUP_FILE, BREAKERS, DURATIONS, EVENTS, META, PLANS, RUNS, STANDING, STATE_FILE,
-    STEPS, SUBMISSIONS, StateError, Store, TOOL_STATS, copy_privately, existing, lock_state,
-    storage,
+    STEPS, SUBMISSIONS, StateError, Store, TOOL_STATS, UNFINISHED, copy_privately, existing,
+    lock_state, storage,
 };
 use redb::{ReadableTable, TableDefinition};
 

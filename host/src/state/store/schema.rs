@@ -51,11 +51,16 @@ pub(super) const BREAKERS: TableDefinition<&str, &[u8]> = TableDefinition::new("
 /// (run, seq) → [`EventRecord`].
 pub(super) const EVENTS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("events");
 
+/// The runs not yet ended (pending or running): kept with the counts (`counts.rs`), so that
+/// `uet top` and a daemon's start find them without reading every run.
+pub(super) const UNFINISHED: TableDefinition<u64, ()> = TableDefinition::new("unfinished");
+
 /// Applies the macro `$each` to every table of the schema, by the name of its definition: the
 /// one list that creating, copying and checking the state go by.
 macro_rules! every_table {
     ($each:ident) => {
         $each!(META);
+        $each!(UNFINISHED);
         every_json_table!($each);
     };
 }
