@@ -131,19 +131,24 @@ pub(super) fn count_all(tx: &WriteTransaction) -> Result<(), StateError> {
     Ok(())
 }
 
+/// The `meta` table, when the state keeps the counts and the index in it.
+fn kept_meta(
+    tx: &redb::ReadTransaction,
+) -> Result<Option<redb::ReadOnlyTable<&'static str, u64>>, StateError> {
+    let Some(meta) = existing(tx, META)? else {
+        return Ok(None);
+    };
+    Ok(kept(&meta)?.then_some(meta))
+}
+
 /// The counts, when the state keeps them (states an older uet wrote and that were only read
 /// since do not).
 pub(super) fn read(
     tx: &redb::ReadTransaction,
 ) -> Result<Option<BTreeMap<RunState, u64>>, StateError> {
-    let meta = match tx.open_table(META) {
-        Ok(m) => m,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-        Err(e) => return Err(storage(e)),
-    };
-    if !kept(&meta)? {
+    let Some(meta) = kept_meta(tx)? else {
         return Ok(None);
-    }
+    };
     let mut counts = BTreeMap::new();
     for state in RunState::ALL {
         if let Some(n) = meta.get(key(state).as_str()).map_err(storage)? {
@@ -157,12 +162,7 @@ pub(super) fn read(
 pub(super) fn read_unfinished(
     tx: &redb::ReadTransaction,
 ) -> Result<Option<Vec<RunId>>, StateError> {
-    let meta = match tx.open_table(META) {
-        Ok(m) => m,
-        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-        Err(e) => return Err(storage(e)),
-    };
-    if !kept(&meta)? {
+    if kept_meta(tx)?.is_none() {
         return Ok(None);
     }
     let Some(table) = existing(tx, UNFINISHED)? else {
