@@ -2,6 +2,11 @@
 //! restart) and a warm attempt (fresh store + instantiate + a trivial `run`).
 //!
 //! `scripts/build-plugins && cargo bench -p uet --bench plugin_start`
+//!
+//! To profile one plugin's warm attempts, `UET_BENCH_ONLY=pygreet` (or `jsgreet`, or `hostile`)
+//! times that plugin alone, `UET_BENCH_ATTEMPTS` sets how many, and `UET_CACHE_DIR` keeps the
+//! compiled plugins between runs, so that a profile is not all compile:
+//! `UET_CACHE_DIR=/tmp/c UET_BENCH_ONLY=pygreet UET_BENCH_ATTEMPTS=5000 perf record -g ...`
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,7 +22,22 @@ fn main() {
         plugin.exists(),
         "build the plugins first: scripts/build-plugins"
     );
-    let cache = tempfile::tempdir().unwrap();
+    let only = std::env::var("UET_BENCH_ONLY").ok();
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    let attempts = |default: usize| {
+        std::env::var("UET_BENCH_ATTEMPTS")
+            .ok()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(default)
+    };
+    let temp = tempfile::tempdir().unwrap();
+    let cache = match std::env::var_os("UET_CACHE_DIR").filter(|d| !d.is_empty()) {
+        Some(dir) => {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::path::PathBuf::from(dir)
+        }
+        None => temp.path().to_path_buf(),
+    };
     let work = tempfile::tempdir().unwrap();
     let grants = Grants {
         workstream: work.path().to_path_buf(),
@@ -38,49 +58,16 @@ fn main() {
         assert_eq!(r.outcome, WasmOutcome::Output("{}".into()));
     };
 
-    // compile once, filling the cache
-    let t = Instant::now();
-    attempt(&Runtime::new(Some(cache.path().to_path_buf()), 0).unwrap());
-    println!(
-        "compile + cache write + first attempt: {:.1} ms",
-        ms(t.elapsed())
-    );
-
-    let mut engine = Vec::new();
-    let mut cold = Vec::new();
-    for _ in 0..30 {
-        let t = Instant::now();
-        let rt = Runtime::new(Some(cache.path().to_path_buf()), 0).unwrap();
-        engine.push(t.elapsed());
-        let t = Instant::now();
-        attempt(&rt);
-        cold.push(t.elapsed());
+    if wanted("hostile") {
+        small(&attempt, &cache, attempts(20_000));
     }
-    report(
-        "runtime start (engine, pool, linker; once per process)",
-        &mut engine,
-    );
-    report(
-        "cold start from the cache (load + first attempt)",
-        &mut cold,
-    );
-
-    let rt = Runtime::new(Some(cache.path().to_path_buf()), 0).unwrap();
-    attempt(&rt);
-    let mut warm = Vec::with_capacity(20_000);
-    for _ in 0..20_000 {
-        let t = Instant::now();
-        attempt(&rt);
-        warm.push(t.elapsed());
-    }
-    report(
-        "warm attempt (store + instantiate + trivial run)",
-        &mut warm,
-    );
 
     // the large components: the example plugins in Python and JavaScript, when built
     // (`examples/plugins/*/build.sh`, or the test command, puts them in target/examples)
     for name in ["pygreet", "jsgreet"] {
+        if !wanted(name) {
+            continue;
+        }
         let plugin =
             Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../target/examples/{name}.wasm"));
         if !plugin.exists() {
@@ -88,7 +75,7 @@ fn main() {
             continue;
         }
         let mb = std::fs::metadata(&plugin).map_or(0, |m| m.len()) >> 20;
-        let rt = Runtime::new(Some(cache.path().to_path_buf()), 64 << 20).unwrap();
+        let rt = Runtime::new(Some(cache.clone()), 64 << 20).unwrap();
         let limits = Limits {
             memory: Some(64 << 20),
             ..Limits::default()
@@ -111,17 +98,60 @@ fn main() {
         let t = Instant::now();
         attempt();
         println!(
-            "{name} ({mb} MB): compile + cache write + first attempt: {:.0} ms",
+            "{name} ({mb} MB): first attempt (compiles and caches unless UET_CACHE_DIR has it): {:.0} ms",
             ms(t.elapsed())
         );
-        let mut warm = Vec::with_capacity(500);
-        for _ in 0..500 {
-            let t = Instant::now();
-            attempt();
-            warm.push(t.elapsed());
-        }
+        let mut warm = timed(attempts(500), attempt);
         report(&format!("{name}: warm attempt"), &mut warm);
     }
+}
+
+/// The small plugin: its compile, cold starts from the cache and warm attempts.
+fn small(attempt: &dyn Fn(&Runtime), cache: &Path, n: usize) {
+    let t = Instant::now();
+    attempt(&Runtime::new(Some(cache.to_path_buf()), 0).unwrap());
+    println!(
+        "first attempt (compiles and caches unless UET_CACHE_DIR has it): {:.1} ms",
+        ms(t.elapsed())
+    );
+
+    let mut engine = Vec::new();
+    let mut cold = Vec::new();
+    for _ in 0..30 {
+        let t = Instant::now();
+        let rt = Runtime::new(Some(cache.to_path_buf()), 0).unwrap();
+        engine.push(t.elapsed());
+        let t = Instant::now();
+        attempt(&rt);
+        cold.push(t.elapsed());
+    }
+    report(
+        "runtime start (engine, pool, linker; once per process)",
+        &mut engine,
+    );
+    report(
+        "cold start from the cache (load + first attempt)",
+        &mut cold,
+    );
+
+    let rt = Runtime::new(Some(cache.to_path_buf()), 0).unwrap();
+    attempt(&rt);
+    let mut warm = timed(n, || attempt(&rt));
+    report(
+        "warm attempt (store + instantiate + trivial run)",
+        &mut warm,
+    );
+}
+
+/// Each of `n` calls' time.
+fn timed(n: usize, mut f: impl FnMut()) -> Vec<Duration> {
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect()
 }
 
 fn ms(d: Duration) -> f64 {
