@@ -735,3 +735,92 @@ fn rejected_drops_are_listed_by_status_and_top_across_restarts() {
         "{status}"
     );
 }
+
+/// A tools file whose one tool appends `$WORD` (from `word.env`) and `mark` to said.txt.
+fn say_tools(env: &Env, mark: &str) -> std::path::PathBuf {
+    let said = env.ws.join("said.txt");
+    env.write(
+        "tools.toml",
+        &format!(
+            "[[tools]]\nname = \"say\"\nenv_file = \"word.env\"\n\
+             command = [\"sh\", \"-c\", \"echo $WORD {mark} >> {}\"]\n",
+            said.display()
+        ),
+    )
+}
+
+fn say_word(env: &Env, word: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let file = env.write("word.env", &format!("WORD={word}\n"));
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    file
+}
+
+#[test]
+fn a_tools_file_or_its_secrets_changed_in_place_are_read_again_for_the_next_drop() {
+    use std::os::unix::fs::PermissionsExt;
+    const SAY: &str = "name = \"say\"\n[[steps]]\nid = \"say\"\ntool = \"say\"\n";
+    let env = Env::new();
+    let tools_file = say_tools(&env, "one");
+    let word = say_word(&env, "red");
+    let said = || {
+        env.read("said.txt")
+            .lines()
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    // each drop is checked against its folder's tools file as it is then. A daemon that kept
+    // the parsed file between drops (tried for speed: docs/PERFORMANCE.md) must still see each
+    // change below, even one at the same size within the same second; the files are first
+    // left to settle for 2 s, the age at which a stamp can be believed, so that a kept copy
+    // would be used
+    std::thread::sleep(Duration::from_millis(2100));
+    let daemon = Daemon::start(&env);
+    let mut drops = 0;
+    let mut drop_one = || {
+        drops += 1;
+        drop_file(&env, &format!("say{drops}.toml"), SAY);
+        let runs = daemon.wait_for_runs(&env, drops);
+        assert!(runs.iter().all(|r| r["state"] == "succeeded"), "{runs:?}");
+    };
+    drop_one();
+    drop_one();
+    assert_eq!(said(), ["red one", "red one"]);
+
+    // rewritten in place at the same size, within the second: read again
+    say_tools(&env, "two");
+    drop_one();
+    assert_eq!(said()[2], "red two");
+    // the secrets file likewise
+    std::thread::sleep(Duration::from_millis(2100));
+    drop_one();
+    say_word(&env, "tan");
+    drop_one();
+    assert_eq!(said()[3..], ["red two", "tan two"]);
+
+    // kept or not, a tools file others may now write is refused: its trust is checked anew
+    std::thread::sleep(Duration::from_millis(2100));
+    drop_one();
+    assert_eq!(said().len(), 6);
+    std::fs::set_permissions(&tools_file, std::fs::Permissions::from_mode(0o666)).unwrap();
+    drop_file(&env, "refused.toml", SAY);
+    let report = env.ws.join("rejected/refused.toml.error.txt");
+    wait_until("the drop is refused", || report.exists());
+    let report = std::fs::read_to_string(&report).unwrap();
+    assert!(report.contains("can be written by anyone"), "{report}");
+    // and a secrets file others may read likewise
+    std::fs::set_permissions(&tools_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::thread::sleep(Duration::from_millis(2100));
+    drop_one();
+    std::fs::set_permissions(&word, std::fs::Permissions::from_mode(0o644)).unwrap();
+    drop_file(&env, "refused2.toml", SAY);
+    let report = env.ws.join("rejected/refused2.toml.error.txt");
+    wait_until("the drop is refused", || report.exists());
+    assert!(
+        std::fs::read_to_string(&report)
+            .unwrap()
+            .contains("word.env"),
+        "the report names the secrets file"
+    );
+    assert_eq!(said().len(), 7, "no refused drop ran");
+}
