@@ -703,15 +703,30 @@ pub fn describe_tools(
     }
 }
 
-/// A file's sha256, as lowercase hex. Kept per file while its size and modification time
-/// stay the same: a pinned plugin is checked at every load of its tools file (every drop), and
-/// a fleet plugin at every attempt sent, and a plugin may be tens of megabytes.
+/// A file's sha256, as lowercase hex. Kept per file while it stays the same file with the
+/// same size and change times: a pinned plugin is checked at every load of its tools file
+/// (every drop), and a fleet plugin at every attempt sent, and a plugin may be tens of
+/// megabytes. The change time (`ctime`) is part of that because no one can set it back: a
+/// modification time can be set to anything, so a plugin rewritten at the same size with its
+/// old mtime put back would otherwise pass its pin.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    type Stamp = (std::time::SystemTime, u64);
+    use std::os::unix::fs::MetadataExt;
+    /// How long before hashing a file must have last changed for its hash to be kept: change
+    /// times move in coarse ticks on some file systems, so a file written again within a tick
+    /// of being hashed, at the same size, could keep its stamp.
+    const SETTLED: Duration = Duration::from_secs(2);
+    type Stamp = (u64, u64, u64, (i64, i64), (i64, i64));
     static KNOWN: std::sync::LazyLock<Mutex<HashMap<PathBuf, (Stamp, String)>>> =
         std::sync::LazyLock::new(Default::default);
+    let hashing = std::time::SystemTime::now();
     let meta = std::fs::metadata(path)?;
-    let stamp = (meta.modified()?, meta.len());
+    let stamp = (
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        (meta.mtime(), meta.mtime_nsec()),
+        (meta.ctime(), meta.ctime_nsec()),
+    );
     let known = |m: &Mutex<HashMap<PathBuf, (Stamp, String)>>| {
         m.lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -723,10 +738,16 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
         return Ok(hash);
     }
     let hash = sha256_bytes(&std::fs::read(path)?);
-    KNOWN
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .insert(path.to_path_buf(), (stamp, hash.clone()));
+    // a time out of range (before 1970, or past what SystemTime holds) is not settled
+    let changed = u64::try_from(meta.ctime().max(meta.mtime()))
+        .ok()
+        .and_then(|secs| std::time::UNIX_EPOCH.checked_add(Duration::from_secs(secs)));
+    if changed.is_some_and(|c| hashing.duration_since(c).is_ok_and(|ago| ago >= SETTLED)) {
+        KNOWN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(path.to_path_buf(), (stamp, hash.clone()));
+    }
     Ok(hash)
 }
 
@@ -866,5 +887,42 @@ impl tokio::io::AsyncWrite for BoundedPipe {
         _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plugin_rewritten_at_its_size_with_its_old_mtime_put_back_is_hashed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let plugin = dir.path().join("p.wasm");
+        std::fs::write(&plugin, b"good").unwrap();
+        // settled: its hash is kept from here on
+        std::thread::sleep(Duration::from_millis(2100));
+        assert_eq!(sha256_file(&plugin).unwrap(), sha256_bytes(b"good"));
+        let mtime = std::fs::metadata(&plugin).unwrap().modified().unwrap();
+        std::fs::write(&plugin, b"evil").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&plugin)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        assert_eq!(
+            std::fs::metadata(&plugin).unwrap().modified().unwrap(),
+            mtime
+        );
+        assert_eq!(
+            sha256_file(&plugin).unwrap(),
+            sha256_bytes(b"evil"),
+            "a pin must see the new content"
+        );
+        // and a file just written is hashed each time until it settles
+        std::fs::write(&plugin, b"even").unwrap();
+        assert_eq!(sha256_file(&plugin).unwrap(), sha256_bytes(b"even"));
+        std::fs::write(&plugin, b"more").unwrap();
+        assert_eq!(sha256_file(&plugin).unwrap(), sha256_bytes(b"more"));
     }
 }
