@@ -43,6 +43,7 @@ fn main() {
         workstream: work.path().to_path_buf(),
         read: vec![],
         write: vec![],
+        pinned: None,
     };
     let limits = Limits::default();
     let input = r#"{"mode": "noop"}"#;

@@ -93,6 +93,9 @@ pub struct Grants {
     pub read: Vec<String>,
     /// Folders it may read and write (created if missing).
     pub write: Vec<String>,
+    /// The only content the plugin may have (its tool's `sha256`), checked on the very bytes
+    /// compiled: a file swapped after its tools file's check still does not run.
+    pub pinned: Option<String>,
 }
 
 /// What one attempt may use.
@@ -224,6 +227,8 @@ fn clip(mut message: String) -> String {
 /// A loaded plugin: compiled, linked, ready to instantiate.
 struct Loaded {
     pre: bindings::PluginPre<HostState>,
+    /// The sha256 of the bytes compiled.
+    sha256: String,
 }
 
 /// Compiles, caches and runs plugins. One per process; cheap to share behind an `Arc`.
@@ -361,24 +366,35 @@ impl Runtime {
 
     /// Compiles (or takes from the cache) and links a plugin now, so that its first attempt
     /// does not: said when it compiles. What goes wrong is left for the attempt to report.
-    pub fn preload(&self, path: &Path) {
-        let _ = self.load(path);
+    pub fn preload(&self, path: &Path, pinned: Option<&str>) {
+        let _ = self.load(path, pinned);
     }
 
     /// Loads a plugin once per process: from the on-disk cache when this engine compiled it
-    /// before, else compiled and written to the cache.
-    fn load(&self, path: &Path) -> Result<Arc<Loaded>, String> {
+    /// before, else compiled and written to the cache. When `pinned`, only bytes with that
+    /// sha256 are compiled or used.
+    fn load(&self, path: &Path, pinned: Option<&str>) -> Result<Arc<Loaded>, String> {
         if let Some(l) = self
             .loaded
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(path)
+            .filter(|l| pinned.is_none_or(|p| p == l.sha256))
         {
             return Ok(l.clone());
         }
         let bytes = std::fs::read(path)
             .map_err(|e| format!("cannot read plugin {}: {e}", path.display()))?;
-        let component = self.compile_cached(path, &bytes)?;
+        let sha256 = sha256_bytes(&bytes);
+        if let Some(pinned) = pinned
+            && pinned != sha256
+        {
+            return Err(format!(
+                "plugin {} has sha256 {sha256}, and its tool pins {pinned}: not run",
+                path.display()
+            ));
+        }
+        let component = self.compile_cached(path, &bytes, &sha256)?;
         let pre = self.linker.instantiate_pre(&component).map_err(|e| {
             format!(
                 "plugin {} does not fit the uet:plugin interface: {e:#}",
@@ -391,7 +407,7 @@ impl Runtime {
                 path.display()
             )
         })?;
-        let loaded = Arc::new(Loaded { pre });
+        let loaded = Arc::new(Loaded { pre, sha256 });
         self.loaded
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -399,7 +415,7 @@ impl Runtime {
         Ok(loaded)
     }
 
-    fn compile_cached(&self, path: &Path, bytes: &[u8]) -> Result<Component, String> {
+    fn compile_cached(&self, path: &Path, bytes: &[u8], sha256: &str) -> Result<Component, String> {
         use std::hash::{Hash, Hasher};
         let Some(dir) = &self.cache_dir else {
             return Component::new(&self.engine, bytes)
@@ -410,11 +426,7 @@ impl Runtime {
         self.engine
             .precompile_compatibility_hash()
             .hash(&mut engine_hash);
-        let key = format!(
-            "{}-{:016x}",
-            crate::hex(&Sha256::digest(bytes)),
-            engine_hash.finish()
-        );
+        let key = format!("{sha256}-{:016x}", engine_hash.finish());
         let file = dir.join(format!("{key}.cwasm"));
         if !file.exists() {
             let name = path
@@ -530,8 +542,8 @@ impl Runtime {
     }
 
     /// Asks a plugin what it is.
-    pub fn describe(&self, path: &Path) -> Result<Description, String> {
-        let loaded = self.load(path)?;
+    pub fn describe(&self, path: &Path, pinned: Option<&str>) -> Result<Description, String> {
+        let loaded = self.load(path, pinned)?;
         let (mut store, _, stderr) = self.store(None, &Limits::default())?;
         let _active = self.ticker.enter();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -581,7 +593,7 @@ impl Runtime {
             stdout: String::new(),
             stderr: String::new(),
         };
-        let loaded = match self.load(path) {
+        let loaded = match self.load(path, grants.pinned.as_deref()) {
             Ok(l) => l,
             Err(e) => return error(e),
         };
@@ -677,12 +689,13 @@ pub fn describe_tools(
             }
         }
         let path = &*path;
+        let pinned = tool.sha256.as_deref();
         if !all && !tool.capabilities.is_empty() {
             // compiled now, not inside the first step that uses it (its time is the step's)
-            runtime.preload(path);
+            runtime.preload(path, pinned);
             continue;
         }
-        match runtime.describe(path) {
+        match runtime.describe(path, pinned) {
             Ok(d) => {
                 if tool.capabilities.is_empty() {
                     tool.capabilities = d.capabilities.clone();
@@ -893,6 +906,43 @@ impl tokio::io::AsyncWrite for BoundedPipe {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pinned_plugin_is_compiled_only_from_the_pinned_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let plugin = dir.path().join("p.wasm");
+        std::fs::write(&plugin, b"not the pinned plugin").unwrap();
+        let rt = Runtime::new(None, 0).unwrap();
+        let mut grants = Grants {
+            workstream: dir.path().to_path_buf(),
+            read: vec![],
+            write: vec![],
+            pinned: Some(sha256_bytes(b"the pinned plugin")),
+        };
+        let attempt = |grants: &Grants| {
+            rt.run(
+                &plugin,
+                "{}",
+                grants,
+                &Limits::default(),
+                Arc::new(AtomicBool::new(false)),
+                None,
+            )
+            .outcome
+        };
+        // the file its tools file checked was swapped before the attempt read it
+        match attempt(&grants) {
+            WasmOutcome::Error(e) => assert!(e.contains("and its tool pins"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(rt.describe(&plugin, grants.pinned.as_deref()).is_err());
+        // the bytes it pins get as far as the compiler (these are no component)
+        grants.pinned = Some(sha256_bytes(b"not the pinned plugin"));
+        match attempt(&grants) {
+            WasmOutcome::Error(e) => assert!(e.contains("cannot compile"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn a_plugin_rewritten_at_its_size_with_its_old_mtime_put_back_is_hashed_again() {

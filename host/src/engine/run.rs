@@ -1483,6 +1483,7 @@ async fn run_plugin(
         workstream: ctx.workstream.clone(),
         read: tool.sandbox.read.clone(),
         write: tool.sandbox.write.clone(),
+        pinned: tool.sha256.clone(),
     };
     let limits = Limits {
         memory: tool.memory,
