@@ -20,12 +20,15 @@ fn nats_server() -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `n` different ports, free now: each is held until all are chosen, as a port let go may be
+/// handed out again at once (two servers given one port, one of them never listened).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect()
 }
 
 /// NATS servers with JetStream, clustered when there are several; killed when dropped.
@@ -35,13 +38,15 @@ pub(crate) struct Cluster {
     commands: Vec<Vec<std::ffi::OsString>>,
     /// Their client addresses, `nats://127.0.0.1:PORT`.
     pub(crate) urls: Vec<String>,
-    _dir: tempfile::TempDir,
+    /// Their storage and logs.
+    dir: tempfile::TempDir,
 }
 
 impl Cluster {
     pub(crate) fn start(n: usize) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let free = free_ports(2 * n);
+        let ports: Vec<(u16, u16)> = free.chunks(2).map(|p| (p[0], p[1])).collect();
         let routes: Vec<String> = ports
             .iter()
             .map(|(_, c)| format!("nats://127.0.0.1:{c}"))
@@ -83,7 +88,7 @@ impl Cluster {
             servers: (0..n).map(|_| None).collect(),
             commands,
             urls,
-            _dir: dir,
+            dir,
         };
         for i in 0..n {
             cluster.start_server(i);
@@ -93,19 +98,27 @@ impl Cluster {
 
     /// Starts server `i` (again), on its ports and its storage, and waits until it listens.
     pub(crate) fn start_server(&mut self, i: usize) {
+        // its log, to say why if it ends before it listens
+        let log = self.dir.path().join(format!("n{i}.log"));
         let child = Command::new(nats_server())
             .args(&self.commands[i])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start nats-server");
-        self.servers[i] = Some(child);
+        let child = self.servers[i].insert(child);
         let port: u16 = self.urls[i].rsplit(':').next().unwrap().parse().unwrap();
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "nats-server n{i} ended ({status}) before it listened: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
             assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "nats-server never listened"
+                start.elapsed() < Duration::from_secs(30),
+                "nats-server n{i} never listened on {port}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
