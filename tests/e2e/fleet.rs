@@ -830,6 +830,7 @@ fn a_pinned_plugin_must_match_and_a_hash_alone_needs_the_fleet() {
     );
     let err = env.uet(&["run", "w.toml"]).expect(2).stderr();
     assert!(err.contains("and its entry pins 000000"), "{err}");
+    assert_eq!(err.matches("pins 000000").count(), 1, "said once: {err}");
     env.write(
         "tools.toml",
         &format!("[[tools]]\nname = \"q\"\nsha256 = \"{zeros}\"\n"),

@@ -670,22 +670,34 @@ pub fn describe_tools(
                 continue;
             }
         } else if let Some(pinned) = &tool.sha256 {
+            // a plugin refused here is neither compiled nor asked what it is: its load would
+            // only refuse it again, as a second problem
             match sha256_file(path) {
                 Ok(h) if &h == pinned => {}
-                Ok(h) => problems.push(crate::spec::doc::Problem {
-                    file: tools.path.clone(),
-                    position: None,
-                    message: format!(
-                        "tool `{}`: {} has sha256 {h}, and its entry pins {pinned}",
-                        tool.name,
-                        path.display()
-                    ),
-                }),
-                Err(e) => problems.push(crate::spec::doc::Problem {
-                    file: tools.path.clone(),
-                    position: None,
-                    message: format!("tool `{}`: cannot read {}: {e}", tool.name, path.display()),
-                }),
+                Ok(h) => {
+                    problems.push(crate::spec::doc::Problem {
+                        file: tools.path.clone(),
+                        position: None,
+                        message: format!(
+                            "tool `{}`: {} has sha256 {h}, and its entry pins {pinned}",
+                            tool.name,
+                            path.display()
+                        ),
+                    });
+                    continue;
+                }
+                Err(e) => {
+                    problems.push(crate::spec::doc::Problem {
+                        file: tools.path.clone(),
+                        position: None,
+                        message: format!(
+                            "tool `{}`: cannot read {}: {e}",
+                            tool.name,
+                            path.display()
+                        ),
+                    });
+                    continue;
+                }
             }
         }
         let path = &*path;
