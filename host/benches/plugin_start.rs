@@ -44,6 +44,8 @@ fn main() {
         read: vec![],
         write: vec![],
         pinned: None,
+        // as every attempt of a run after its first with the plugin
+        check_file: false,
     };
     let limits = Limits::default();
     let input = r#"{"mode": "noop"}"#;

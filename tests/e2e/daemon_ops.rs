@@ -824,3 +824,68 @@ fn a_tools_file_or_its_secrets_changed_in_place_are_read_again_for_the_next_drop
     );
     assert_eq!(said().len(), 7, "no refused drop ran");
 }
+
+#[test]
+fn a_plugin_replaced_at_its_path_runs_as_replaced_without_a_restart() {
+    const QUERY: &str = "name = \"query\"\n[[steps]]\nid = \"q\"\ntool = \"p\"\n\
+                         with = { value = { a = 7 }, query = \"a\" }\n";
+    const COUNT: &str = "name = \"count\"\n[[steps]]\nid = \"c\"\ntool = \"p\"\n\
+                         with = { path = \"docs\", glob = \"*.md\" }\n";
+    let env = Env::new();
+    env.write("docs/a.md", "one two three\n");
+    let dir = env.ws.parent().unwrap().join("plugins");
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join("p.wasm");
+    std::fs::copy(crate::util::plugin("jsonq"), &p).unwrap();
+    env.write(
+        "tools.toml",
+        &format!(
+            "[[tools]]\nname = \"p\"\nwasm = \"{}\"\nsandbox = {{ read = [\"docs\"] }}\n",
+            p.display()
+        ),
+    );
+    // settled, so that its hash is kept by its stamp from the first attempt on: the stamp,
+    // not a hash per attempt, must notice each change below
+    std::thread::sleep(Duration::from_millis(2100));
+    let daemon = Daemon::start(&env);
+    let mut drops = 0;
+    let mut drop_one = |text: &str| {
+        drops += 1;
+        drop_file(&env, &format!("w{drops}.toml"), text);
+        let runs = daemon.wait_for_runs(&env, drops);
+        assert_eq!(runs[drops - 1]["state"], "succeeded", "{runs:?}");
+        let shown = daemon
+            .client(&env, &["show", &drops.to_string(), "--json"])
+            .expect(0);
+        let shown: serde_json::Value = serde_json::from_str(&shown.stdout()).unwrap();
+        shown["steps"][0]["output"].clone()
+    };
+    assert_eq!(drop_one(QUERY)["value"], 7);
+
+    // replaced as an installer does (a new file renamed over it): the next drop is checked
+    // against, and runs, the new plugin, whose inputs the old one would refuse
+    let tmp = dir.join(".p.wasm.new");
+    std::fs::copy(crate::util::plugin("wordcount"), &tmp).unwrap();
+    std::fs::rename(&tmp, &p).unwrap();
+    assert_eq!(drop_one(COUNT)["words"], 3);
+
+    // and rewritten in place (same inode) once settled
+    std::thread::sleep(Duration::from_millis(2100));
+    assert_eq!(drop_one(COUNT)["words"], 3);
+    std::fs::copy(crate::util::plugin("jsonq"), &p).unwrap();
+    assert_eq!(drop_one(QUERY)["value"], 7);
+
+    // a plugin gone is not run from memory
+    std::fs::remove_file(&p).unwrap();
+    drop_file(&env, "gone.toml", QUERY);
+    let report = env.ws.join("rejected/gone.toml.error.txt");
+    let ended = |r: &serde_json::Value| !matches!(r["state"].as_str(), Some("pending" | "running"));
+    wait_until("the drop is refused or its run ends", || {
+        report.exists() || daemon.runs(&env).get(drops).is_some_and(ended)
+    });
+    let runs = daemon.runs(&env);
+    assert!(
+        runs.get(drops).is_none_or(|r| r["state"] != "succeeded"),
+        "a deleted plugin still ran: {runs:?}"
+    );
+}

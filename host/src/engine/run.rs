@@ -6,7 +6,7 @@
 //! transition.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -224,6 +224,9 @@ pub async fn run_here(
         groups,
         crowded: true,
         remote: None,
+        // one attempt among runs this node does not see start: a stat is nothing beside the
+        // network's round trip
+        check_plugin: true,
     };
     let end = run_attempt(tool, attempt.input.clone(), &ctx, 0, cancel).await;
     Ended {
@@ -285,6 +288,8 @@ struct Scheduler<'a> {
     queued: Vec<Launch<'a>>,
     /// What recorded ends ask done once their commit has landed.
     after_commit: Vec<Recorded>,
+    /// The plugins whose files this run has checked (at its first attempt with each).
+    plugins_checked: HashSet<PathBuf>,
 }
 
 /// An attempt about to begin: the step, its attempt number, and the tool, input and probe flag
@@ -355,6 +360,7 @@ impl<'a> Scheduler<'a> {
             quarantine: None,
             queued: Vec::new(),
             after_commit: Vec::new(),
+            plugins_checked: HashSet::new(),
         })
     }
 
@@ -739,6 +745,10 @@ impl<'a> Scheduler<'a> {
                         groups: self.groups.clone(),
                         crowded: self.running > 1,
                         remote: self.remote.clone(),
+                        check_plugin: match &tool.kind {
+                            ToolKind::Wasm { path } => self.plugins_checked.insert(path.clone()),
+                            ToolKind::Command { .. } => false,
+                        },
                     };
                     let tool = Arc::new(tool.clone());
                     tokio::spawn(async move {
@@ -1228,6 +1238,9 @@ struct AttemptContext {
     crowded: bool,
     /// Where fleet tools' attempts go.
     remote: Option<Arc<dyn Remote>>,
+    /// The run's first attempt with its plugin: the plugin's file is checked to still hold
+    /// what the process loaded (see `Grants::check_file`).
+    check_plugin: bool,
 }
 
 async fn run_attempt(
@@ -1484,6 +1497,7 @@ async fn run_plugin(
         read: tool.sandbox.read.clone(),
         write: tool.sandbox.write.clone(),
         pinned: tool.sha256.clone(),
+        check_file: ctx.check_plugin,
     };
     let limits = Limits {
         memory: tool.memory,
