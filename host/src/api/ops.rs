@@ -137,13 +137,20 @@ pub fn show(store: &Store, run: RunId, from: usize) -> Result<RunShown, Refused>
     Ok(shown)
 }
 
-/// A run with every step, whatever their size (`uet run --json`, in the process that ran it).
-pub fn whole_run(store: &Store, run: RunId) -> Result<RunShown, Refused> {
+/// A run with every step, whatever their size (`uet run --json`, in the process that ran it
+/// from `plan`).
+pub fn whole_run(
+    store: &Store,
+    run: RunId,
+    plan: &crate::spec::workflow::Plan,
+) -> Result<RunShown, Refused> {
     let record = store
         .run(run)?
         .ok_or_else(|| Refused::invalid(format!("no run {run}")))?;
     let steps = store.steps(run)?;
-    let progress = crate::engine::progress::load_for(store, &record, &steps)?;
+    let progress = Some(crate::engine::progress::with_plan(
+        store, &record, plan, &steps,
+    )?);
     let mut shown = RunShown::new(&record, &steps, progress);
     let mut by_step: HashMap<String, Vec<AttemptSummary>> = HashMap::new();
     for (step, attempt) in store.run_attempts(run)? {

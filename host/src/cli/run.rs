@@ -215,7 +215,7 @@ pub(crate) fn run(
     });
     let final_state = final_state.context("the run could not be driven")?;
     let shown =
-        ops::whole_run(&store, run).map_err(|r| anyhow!("cannot read the run back: {r}"))?;
+        ops::whole_run(&store, run, &plan).map_err(|r| anyhow!("cannot read the run back: {r}"))?;
     print::run(json, &shown);
     Ok(match final_state {
         RunState::Succeeded => exit::OK,
