@@ -494,21 +494,45 @@ impl Runtime {
                 }
             }
         }
-        let component = Component::new(&self.engine, bytes)
-            .map_err(|e| format!("cannot compile plugin {}: {e:#}", path.display()))?;
-        match component.serialize() {
+        let compiled = Component::new(&self.engine, bytes)
+            .map_err(|e| format!("cannot compile plugin {}: {e:#}", path.display()));
+        let component = match compiled {
+            Ok(component) => component,
+            Err(e) => {
+                give_back_heap();
+                return Err(e);
+            }
+        };
+        let written = match component.serialize() {
             Ok(data) => {
                 let tmp = dir.join(format!(".{key}.{}.tmp", std::process::id()));
-                if std::fs::write(&tmp, data)
-                    .and_then(|()| std::fs::rename(&tmp, &file))
-                    .is_err()
-                {
+                let written =
+                    std::fs::write(&tmp, data).and_then(|()| std::fs::rename(&tmp, &file));
+                if written.is_err() {
                     let _ = std::fs::remove_file(&tmp);
                     tracing::warn!(dir = %dir.display(), "cannot write the plugin cache");
                 }
+                written.is_ok()
             }
-            Err(e) => tracing::warn!("cannot serialize plugin {}: {e:#}", path.display()),
-        }
+            Err(e) => {
+                tracing::warn!("cannot serialize plugin {}: {e:#}", path.display());
+                false
+            }
+        };
+        // run from the cache file, as after a restart: its code is then the file's pages,
+        // which the kernel may share and drop, not the compile's heap (77 MB against 181 MB
+        // for a 17 MB Python plugin)
+        // SAFETY: as above; this process wrote the file just now
+        let cached = written.then(|| unsafe { Component::deserialize_file(&self.engine, &file) });
+        let component = match cached {
+            Some(Ok(cached)) => {
+                // freed before the heap is given back
+                drop(component);
+                cached
+            }
+            _ => component,
+        };
+        give_back_heap();
         Ok(component)
     }
 
@@ -841,6 +865,18 @@ impl Stamp {
             .ok()
             .and_then(|secs| std::time::UNIX_EPOCH.checked_add(Duration::from_secs(secs)));
         changed.is_some_and(|c| read.duration_since(c).is_ok_and(|ago| ago >= Self::SETTLED))
+    }
+}
+
+/// Gives the heap that a compile freed back to the system. Cranelift compiles functions on
+/// several threads, and glibc keeps what each freed in that thread's arena: after a 17 MB
+/// Python plugin a daemon held some 380 MB it no longer used, for the rest of its life.
+fn give_back_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only returns free memory of glibc's arenas to the system; it reads
+    // no memory of ours and is safe to call from any thread at any time
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
