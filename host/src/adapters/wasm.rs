@@ -230,14 +230,10 @@ fn clip(mut message: String) -> String {
 }
 
 /// A loaded plugin: compiled, linked, ready to instantiate.
-#[derive(Clone)]
 struct Loaded {
     pre: bindings::PluginPre<HostState>,
     /// The sha256 of the bytes compiled.
     sha256: String,
-    /// The file's stamp when it was last found to hold those bytes, once it had settled: an
-    /// attempt that finds the same stamp uses this without reading the file.
-    stamp: Option<Stamp>,
 }
 
 /// Compiles, caches and runs plugins. One per process; cheap to share behind an `Arc`.
@@ -386,46 +382,24 @@ impl Runtime {
     /// its stamp once it has settled, else by its hash), so that a plugin replaced at its path
     /// is loaded again; without `check`, what was loaded from the path last.
     fn load(&self, path: &Path, pinned: Option<&str>, check: bool) -> Result<Arc<Loaded>, String> {
-        if (!check || pinned.is_some())
-            && let Some(l) = self
-                .loaded
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(path)
-                .filter(|l| pinned.is_none_or(|p| p == l.sha256))
+        // what a plugin linked before must hold to be used again: the pinned bytes; else, when
+        // checking, what the file holds now (its hash kept by its stamp, see `sha256_file`),
+        // nothing when it cannot be read (the read below then says why); else anything
+        let now_there = (check && pinned.is_none())
+            .then(|| sha256_file(path).ok())
+            .flatten();
+        let reusable = |l: &Loaded| match pinned.or(now_there.as_deref()) {
+            Some(wanted) => wanted == l.sha256,
+            None => !check,
+        };
+        if let Some(l) = self
+            .loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(path)
+            .filter(|l| reusable(l))
         {
             return Ok(l.clone());
-        }
-        let looked = std::time::SystemTime::now();
-        // a file that cannot be read now is not run from memory either: the read below says
-        let stamp = match pinned {
-            Some(_) => None,
-            None => std::fs::metadata(path).ok().map(|m| Stamp::of(&m)),
-        };
-        let now_there;
-        let wanted = match (pinned, stamp) {
-            (Some(p), _) => Some(p),
-            (None, None) => None,
-            (None, Some(stamp)) => {
-                let loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(l) = loaded.get(path).filter(|l| l.stamp == Some(stamp)) {
-                    // the same file, unchanged since it was found to hold what was compiled
-                    return Ok(l.clone());
-                }
-                drop(loaded);
-                now_there = sha256_file(path).ok();
-                now_there.as_deref()
-            }
-        };
-        if let Some(wanted) = wanted {
-            let mut loaded = self.loaded.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(l) = loaded.get_mut(path).filter(|l| l.sha256 == wanted) {
-                // it holds what was compiled: believed by its stamp from now on, once settled
-                if let Some(stamp) = stamp.filter(|s| s.settled(looked)) {
-                    Arc::make_mut(l).stamp = Some(stamp);
-                }
-                return Ok(l.clone());
-            }
         }
         let bytes = std::fs::read(path)
             .map_err(|e| format!("cannot read plugin {}: {e}", path.display()))?;
@@ -451,9 +425,7 @@ impl Runtime {
                 path.display()
             )
         })?;
-        // the stamp from before the read: a change since then is seen by the next check
-        let stamp = stamp.filter(|s| s.settled(looked));
-        let loaded = Arc::new(Loaded { pre, sha256, stamp });
+        let loaded = Arc::new(Loaded { pre, sha256 });
         self.loaded
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -832,7 +804,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
 
 /// What says a file is unchanged: its device, inode, size, mtime and ctime. Anyone who may
 /// write a file can set its mtime back, but not its ctime, nor make a new file keep the inode.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 struct Stamp {
     dev: u64,
     ino: u64,

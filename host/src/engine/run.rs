@@ -746,7 +746,10 @@ impl<'a> Scheduler<'a> {
                         crowded: self.running > 1,
                         remote: self.remote.clone(),
                         check_plugin: match &tool.kind {
-                            ToolKind::Wasm { path } => self.plugins_checked.insert(path.clone()),
+                            ToolKind::Wasm { path } => {
+                                !self.plugins_checked.contains(path)
+                                    && self.plugins_checked.insert(path.clone())
+                            }
                             ToolKind::Command { .. } => false,
                         },
                     };
