@@ -9,8 +9,6 @@
 //! `UET_CACHE_DIR=/tmp/c UET_BENCH_ONLY=pygreet UET_BENCH_ATTEMPTS=5000 perf record -g ...`
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use uet::adapters::wasm::{Grants, Limits, Runtime, WasmOutcome};
@@ -50,14 +48,7 @@ fn main() {
     let limits = Limits::default();
     let input = r#"{"mode": "noop"}"#;
     let attempt = |rt: &Runtime| {
-        let r = rt.run(
-            &plugin,
-            input,
-            &grants,
-            &limits,
-            Arc::new(AtomicBool::new(false)),
-            None,
-        );
+        let r = rt.run(&plugin, input, &grants, &limits, || false, None);
         assert_eq!(r.outcome, WasmOutcome::Output("{}".into()));
     };
 
@@ -89,7 +80,7 @@ fn main() {
                 r#"{"name": "uet"}"#,
                 &grants,
                 &limits,
-                Arc::new(AtomicBool::new(false)),
+                || false,
                 None,
             );
             assert!(

@@ -547,6 +547,8 @@ fn start(
                 breakers: shared.breakers.clone(),
                 groups: shared.groups.clone(),
                 remote: shared.fleet.as_ref().map(|f| f.remote()),
+                // its threads are every run's, the socket's and the watcher's
+                relay_lone_plugins: false,
             };
             engine::execute(&shared.store, spec, cancel, None)
                 .await

@@ -4,6 +4,7 @@
 pub mod breaker;
 pub mod notify;
 pub mod progress;
+mod relay;
 mod run;
 
 pub use run::*;

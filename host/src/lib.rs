@@ -28,6 +28,16 @@ pub mod views;
 #[cfg(feature = "runtime")]
 pub mod web;
 
+/// What a caught panic said: its message when it had one.
+#[cfg(feature = "runtime")]
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// Lower-case hex of a digest: event hashes, submission checksums, plugin cache keys. By table,
 /// not a `format!` per byte, which was a third of the cost of recording an event.
 #[cfg(feature = "runtime")]

@@ -65,7 +65,7 @@ impl Env {
     /// Starts `uet run FILE --json`, waits until `started` exists in the workstream, sends it
     /// SIGINT (Ctrl-C), and returns its exit code and JSON.
     pub fn interrupt_run(&self, file: &str, started: &str) -> (i32, serde_json::Value) {
-        let child = Command::new(env!("CARGO_BIN_EXE_uet"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_uet"))
             .args(["run", file, "--json"])
             .current_dir(&self.ws)
             .env("UET_STATE", &self.state)
@@ -84,6 +84,15 @@ impl Env {
         }
         // SAFETY: signalling a child we spawned
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        // a cancel that does not reach the step fails the test rather than hanging it
+        let interrupted = std::time::Instant::now();
+        while child.try_wait().expect("wait for uet").is_none() {
+            if interrupted.elapsed() > std::time::Duration::from_secs(60) {
+                let _ = child.kill();
+                panic!("uet was still running a minute after its Ctrl-C");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let output = child.wait_with_output().expect("wait for uet");
         let json = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
             panic!(

@@ -620,14 +620,15 @@ impl Runtime {
     }
 
     /// Runs one attempt: a fresh store with its own limits and sandbox, `run(input)`, and the
-    /// end classified. Blocks; call it off the async executor. `cancel` stops it within a tick.
+    /// end classified. Blocks, on whatever thread calls it. `canceled` is asked at each tick;
+    /// once it says yes, the plugin is stopped as canceled within that tick.
     pub fn run(
         &self,
         path: &Path,
         input: &str,
         grants: &Grants,
         limits: &Limits,
-        cancel: Arc<AtomicBool>,
+        canceled: impl Fn() -> bool + Send + Sync + 'static,
         reports: Option<Box<dyn FnMut(PluginReport) + Send>>,
     ) -> WasmResult {
         let error = |msg: String| WasmResult {
@@ -647,7 +648,7 @@ impl Runtime {
         let deadline = limits.timeout.map(|t| Instant::now() + t);
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |mut ctx| {
-            let why = if cancel.load(Ordering::Relaxed) {
+            let why = if canceled() {
                 Some(Interruption::Cancel)
             } else if deadline.is_some_and(|d| Instant::now() >= d) {
                 Some(Interruption::Deadline)
@@ -1009,15 +1010,8 @@ mod tests {
             check_file: false,
         };
         let attempt = |grants: &Grants| {
-            rt.run(
-                &plugin,
-                "{}",
-                grants,
-                &Limits::default(),
-                Arc::new(AtomicBool::new(false)),
-                None,
-            )
-            .outcome
+            rt.run(&plugin, "{}", grants, &Limits::default(), || false, None)
+                .outcome
         };
         // the file its tools file checked was swapped before the attempt read it
         match attempt(&grants) {

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::adapters::process::{CommandSpec, Exit, Groups, run_command};
 use crate::adapters::wasm::{Grants, Limits, PluginReport, Runtime, WasmOutcome};
 use crate::engine::breaker::{Admission, Breakers};
+use crate::engine::relay::Relay;
 use crate::model::BreakerPhase;
 use crate::model::{Millis, Outcome, RunId, RunState, StepState, now_millis};
 use crate::spec::template;
@@ -61,6 +62,10 @@ pub struct RunSpec<'a> {
     pub groups: Arc<Groups>,
     /// Where fleet tools' attempts go, when this daemon is in a fleet.
     pub remote: Option<Arc<dyn Remote>>,
+    /// A plugin attempt alone in flight runs on a thread of the run's own, which waits for
+    /// the next one by spinning a moment (see `relay.rs`): for `uet run`, whose one run has
+    /// the process to itself. A daemon's runs share its threads and leave this off.
+    pub relay_lone_plugins: bool,
 }
 
 /// A stop that is not an end: see [`RunSpec::pause`].
@@ -223,6 +228,7 @@ pub async fn run_here(
         reports,
         groups,
         crowded: true,
+        relay: None,
         remote: None,
         // one attempt among runs this node does not see start: a stat is nothing beside the
         // network's round trip
@@ -290,6 +296,10 @@ struct Scheduler<'a> {
     after_commit: Vec<Recorded>,
     /// The plugins whose files this run has checked (at its first attempt with each).
     plugins_checked: HashSet<PathBuf>,
+    /// See [`RunSpec::relay_lone_plugins`].
+    relay_lone_plugins: bool,
+    /// The run's relay thread, started at its first lone plugin attempt.
+    relay: Option<Arc<Relay>>,
 }
 
 /// An attempt about to begin: the step, its attempt number, and the tool, input and probe flag
@@ -361,6 +371,8 @@ impl<'a> Scheduler<'a> {
             queued: Vec::new(),
             after_commit: Vec::new(),
             plugins_checked: HashSet::new(),
+            relay_lone_plugins: spec.relay_lone_plugins,
+            relay: None,
         })
     }
 
@@ -744,6 +756,14 @@ impl<'a> Scheduler<'a> {
                         reports: tx.clone(),
                         groups: self.groups.clone(),
                         crowded: self.running > 1,
+                        relay: match tool.kind {
+                            ToolKind::Wasm { .. }
+                                if self.relay_lone_plugins && self.running == 1 =>
+                            {
+                                self.relay()
+                            }
+                            _ => None,
+                        },
                         remote: self.remote.clone(),
                         check_plugin: match &tool.kind {
                             ToolKind::Wasm { path } => {
@@ -761,6 +781,21 @@ impl<'a> Scheduler<'a> {
                 }
             }
         }
+    }
+
+    /// The run's relay thread, started now if it is not yet; none if it cannot be, and the
+    /// blocking pool runs lone plugins then as it runs the others.
+    fn relay(&mut self) -> Option<Arc<Relay>> {
+        if self.relay.is_none() {
+            match Relay::start(tokio::runtime::Handle::current()) {
+                Ok(relay) => self.relay = Some(Arc::new(relay)),
+                Err(e) => {
+                    tracing::warn!(run = self.run, "cannot start a relay thread: {e}");
+                    self.relay_lone_plugins = false;
+                }
+            }
+        }
+        self.relay.clone()
     }
 
     /// A commit failed and the run stops: the attempts it lent breaker room to, started or
@@ -1239,6 +1274,9 @@ struct AttemptContext {
     groups: Arc<Groups>,
     /// Other attempts of the run are in flight: a command starts on a blocking thread.
     crowded: bool,
+    /// Where a plugin runs when it is the run's only attempt in flight (see `relay.rs`);
+    /// otherwise on the runtime's blocking pool.
+    relay: Option<Arc<Relay>>,
     /// Where fleet tools' attempts go.
     remote: Option<Arc<dyn Remote>>,
     /// The run's first attempt with its plugin: the plugin's file is checked to still hold
@@ -1476,8 +1514,9 @@ fn command_ended(
     }
 }
 
-/// One attempt through a WASM plugin, on a blocking thread; a cancel reaches the running plugin
-/// through its epoch callback within a tick.
+/// One attempt through a WASM plugin, on a blocking thread or the run's relay thread; a cancel
+/// reaches the running plugin within a tick, as its epoch callback asks the token (which a
+/// cancel sets at once, from any thread).
 async fn run_plugin(
     runtime: Arc<Runtime>,
     tool: &Tool,
@@ -1487,14 +1526,6 @@ async fn run_plugin(
     cancel: CancellationToken,
     end: &mut AttemptEnd,
 ) {
-    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let watcher = {
-        let flag = flag.clone();
-        tokio::spawn(async move {
-            cancel.cancelled().await;
-            flag.store(true, std::sync::atomic::Ordering::Relaxed);
-        })
-    };
     let grants = Grants {
         workstream: ctx.workstream.clone(),
         read: tool.sandbox.read.clone(),
@@ -1515,12 +1546,15 @@ async fn run_plugin(
         let _ = reports.send(Message::Plugin(index, r));
     });
     let input = input.to_string();
-    let joined = tokio::task::spawn_blocking(move || {
-        runtime.run(&path, &input, &grants, &limits, flag, Some(sink))
-    })
-    .await;
-    watcher.abort();
-    let result = match joined {
+    let canceled = move || cancel.is_cancelled();
+    let attempt = move || runtime.run(&path, &input, &grants, &limits, canceled, Some(sink));
+    let ran = match &ctx.relay {
+        Some(relay) => relay.run(attempt).await,
+        None => tokio::task::spawn_blocking(attempt)
+            .await
+            .map_err(|e| e.to_string()),
+    };
+    let result = match ran {
         Ok(r) => r,
         Err(e) => {
             end.error = Some(format!("the plugin's thread failed: {e}"));

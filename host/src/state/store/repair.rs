@@ -277,12 +277,6 @@ pub fn recover(dir: &Path) -> Result<Recovered, StateError> {
 /// Runs `f`, catching a panic (redb's, on a damaged page) as its message; the panic hook is
 /// the caller's business (the CLI keeps such panics off the terminal).
 pub fn quietly<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    catch_unwind(AssertUnwindSafe(f)).map_err(|panic| {
-        let message = panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "unknown".into());
-        format!("the database panicked ({message})")
-    })
+    catch_unwind(AssertUnwindSafe(f))
+        .map_err(|panic| format!("the database panicked ({})", crate::panic_message(&*panic)))
 }
