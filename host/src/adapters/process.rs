@@ -58,6 +58,19 @@ pub enum Exit {
     SpawnFailed(String),
 }
 
+/// How it ended, in words: what a step's error and a notifier's event say.
+impl std::fmt::Display for Exit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Exit::Code(code) => write!(f, "exited with code {code}"),
+            Exit::Signal(signal) => write!(f, "killed by signal {signal}"),
+            Exit::TimedOut => f.write_str("timed out"),
+            Exit::Canceled => f.write_str("canceled"),
+            Exit::SpawnFailed(why) => f.write_str(why),
+        }
+    }
+}
+
 /// One captured stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Captured {
@@ -80,6 +93,24 @@ pub struct CommandResult {
     pub stderr: Captured,
     /// How long it ran.
     pub duration: Duration,
+}
+
+impl CommandResult {
+    /// How it ended, with the last line it wrote to stderr, if any: where a failing program
+    /// usually says why.
+    pub fn ending(&self) -> String {
+        let last = self
+            .stderr
+            .text
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| !l.is_empty());
+        match last {
+            Some(line) => format!("{}: {line}", self.exit),
+            None => self.exit.to_string(),
+        }
+    }
 }
 
 /// Runs a command to its end, its timeout or a cancel.
@@ -506,6 +537,18 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         true
+    }
+
+    #[tokio::test]
+    async fn its_ending_says_how_with_the_last_line_of_stderr() {
+        let said = run_command(
+            spec("echo first >&2; echo '  why  ' >&2; echo >&2; exit 3"),
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(said.ending(), "exited with code 3: why");
+        let quiet = run_command(spec("kill -9 $$"), CancellationToken::new()).await;
+        assert_eq!(quiet.ending(), "killed by signal 9");
     }
 
     #[tokio::test]

@@ -258,28 +258,9 @@ async fn tool(
     use crate::adapters::process::Exit;
     match result.exit {
         Exit::Code(0) => event("notify.sent", format!("tool `{name}`: exited 0")),
-        other => {
-            let last = result
-                .stderr
-                .text
-                .lines()
-                .last()
-                .unwrap_or("")
-                .trim()
-                .to_string();
-            let how = match other {
-                Exit::Code(c) => format!("exited with code {c}"),
-                Exit::Signal(s) => format!("killed by signal {s}"),
-                Exit::TimedOut => "timed out".into(),
-                Exit::Canceled => "canceled".into(),
-                Exit::SpawnFailed(e) => e,
-            };
-            let detail = if last.is_empty() {
-                format!("tool `{name}`: {how}")
-            } else {
-                format!("tool `{name}`: {how}: {last}")
-            };
-            event("notify.failed", detail);
-        }
+        _ => event(
+            "notify.failed",
+            format!("tool `{name}`: {}", result.ending()),
+        ),
     }
 }

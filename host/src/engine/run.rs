@@ -1458,22 +1458,6 @@ fn command_ended(
     result: crate::adapters::process::CommandResult,
     end: &mut AttemptEnd,
 ) {
-    let last_err = result
-        .stderr
-        .text
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("")
-        .trim()
-        .to_string();
-    let with_stderr = |msg: String| {
-        if last_err.is_empty() {
-            msg
-        } else {
-            format!("{msg}: {last_err}")
-        }
-    };
     match result.exit {
         // a cut output would reach later steps as something the tool never said
         Exit::Code(0) if result.stdout.truncated => {
@@ -1489,12 +1473,12 @@ fn command_ended(
             end.outcome = Outcome::Failed;
             end.retryable = tool.exit_codes.is_retryable(code);
             end.input_fault = !end.retryable;
-            end.error = Some(with_stderr(format!("exited with code {code}")));
+            end.error = Some(result.ending());
         }
-        Exit::Signal(sig) => {
+        Exit::Signal(_) => {
             end.outcome = Outcome::Failed;
             end.retryable = true;
-            end.error = Some(with_stderr(format!("killed by signal {sig}")));
+            end.error = Some(result.ending());
         }
         Exit::TimedOut => {
             end.outcome = Outcome::TimedOut;
