@@ -303,6 +303,51 @@ fn cancel_reaches_a_running_plugin() {
     assert_eq!(out["state"], "canceled");
 }
 
+/// A plugin step alone in flight goes to a relay thread that spins between steps (see
+/// PERFORMANCE.md, third pass), unless the process may use a single CPU only: there the spin
+/// would hold off the very thread it waits for (a chain took seven times as long).
+#[test]
+fn a_lone_plugin_step_goes_to_a_relay_thread_only_with_a_cpu_to_spare() {
+    let env = workstream();
+    env.write(
+        "nap.toml",
+        "name = \"nap\"\n[[steps]]\nid = \"a\"\ntool = \"hostile-slow\"\n\
+         with = { mode = \"sleep\", ms = 1500 }\n",
+    );
+    // the names of uet's threads, looked at while it runs
+    let threads = |argv: &[&str]| {
+        let mut child = std::process::Command::new(argv[0])
+            .args(&argv[1..])
+            .args([env!("CARGO_BIN_EXE_uet"), "run", "nap.toml", "--json"])
+            .current_dir(&env.ws)
+            .env("UET_STATE", &env.state)
+            .env("UET_CACHE_DIR", crate::util::shared_cache())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let tasks = format!("/proc/{}/task", child.id());
+        let mut seen = std::collections::BTreeSet::new();
+        while child.try_wait().unwrap().is_none() {
+            for task in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
+                if let Ok(name) = std::fs::read_to_string(task.path().join("comm")) {
+                    seen.insert(name.trim().to_string());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(child.wait().unwrap().success());
+        seen
+    };
+    let one_cpu = threads(&["taskset", "-c", "0"]);
+    assert!(one_cpu.contains("uet-state-sync"), "{one_cpu:?}");
+    assert!(!one_cpu.contains("uet-relay"), "{one_cpu:?}");
+    if std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
+        let spare = threads(&["env"]);
+        assert!(spare.contains("uet-relay"), "{spare:?}");
+    }
+}
+
 #[test]
 fn tools_lists_plugins_with_what_they_say_of_themselves() {
     let env = workstream();

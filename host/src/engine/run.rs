@@ -64,7 +64,8 @@ pub struct RunSpec<'a> {
     pub remote: Option<Arc<dyn Remote>>,
     /// A plugin attempt alone in flight runs on a thread of the run's own, which waits for
     /// the next one by spinning a moment (see `relay.rs`): for `uet run`, whose one run has
-    /// the process to itself. A daemon's runs share its threads and leave this off.
+    /// the process to itself. A daemon's runs share its threads and leave this off, and so
+    /// does a process allowed a single CPU, where a spin would only delay what it waits for.
     pub relay_lone_plugins: bool,
 }
 
@@ -371,7 +372,9 @@ impl<'a> Scheduler<'a> {
             queued: Vec::new(),
             after_commit: Vec::new(),
             plugins_checked: HashSet::new(),
-            relay_lone_plugins: spec.relay_lone_plugins,
+            // spinning on a lone CPU would hold off the very thread it waits for
+            relay_lone_plugins: spec.relay_lone_plugins
+                && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
             relay: None,
         })
     }
