@@ -9,9 +9,11 @@
 //! steps costs a fraction of a millisecond of CPU, not a busy core.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
 
 /// How long the relay thread spins for its next attempt before it sleeps: a chain's driver
 /// hands the next step on some 100 µs after the last one ended.
@@ -28,8 +30,8 @@ type Job = Box<dyn FnOnce() + Send>;
 /// The thread; it ends when the relay is dropped.
 pub(super) struct Relay {
     jobs: mpsc::Sender<Job>,
-    /// How long the last attempt took, from its hand-over to its end, in nanoseconds.
-    last: AtomicU64,
+    /// The last attempt outlasted [`END_WITHIN`], from its hand-over to its end.
+    slow: AtomicBool,
 }
 
 impl Relay {
@@ -41,13 +43,13 @@ impl Relay {
             .name("uet-relay".into())
             .spawn(move || {
                 let _in = runtime.enter();
-                while let Some(job) = spin_for(|| next.try_recv(), NEXT_WITHIN, || next.recv()) {
+                while let Some(job) = next_job(&next) {
                     job();
                 }
             })?;
         Ok(Relay {
             jobs,
-            last: AtomicU64::new(0),
+            slow: AtomicBool::new(false),
         })
     }
 
@@ -56,31 +58,31 @@ impl Relay {
         &self,
         f: impl FnOnce() -> T + Send + 'static,
     ) -> Result<T, String> {
-        let (done, mut end) = tokio::sync::oneshot::channel();
+        let (done, mut end) = oneshot::channel();
         let job: Job = Box::new(move || {
             let _ = done.send(std::panic::catch_unwind(AssertUnwindSafe(f)));
         });
         self.jobs
             .send(job)
             .map_err(|_| "the relay thread is gone".to_string())?;
-        use tokio::sync::oneshot::error::TryRecvError;
         let began = Instant::now();
-        let last = Duration::from_nanos(self.last.load(Ordering::Relaxed));
-        let within = if last < END_WITHIN {
-            END_WITHIN
-        } else {
+        let within = if self.slow.load(Ordering::Relaxed) {
             Duration::ZERO
+        } else {
+            END_WITHIN
         };
         let ended = loop {
             match end.try_recv() {
                 Ok(ended) => break Some(ended),
-                Err(TryRecvError::Empty) if began.elapsed() < within => std::hint::spin_loop(),
-                Err(TryRecvError::Empty) => break (&mut end).await.ok(),
-                Err(TryRecvError::Closed) => break None,
+                Err(oneshot::error::TryRecvError::Empty) if began.elapsed() < within => {
+                    std::hint::spin_loop()
+                }
+                Err(oneshot::error::TryRecvError::Empty) => break (&mut end).await.ok(),
+                Err(oneshot::error::TryRecvError::Closed) => break None,
             }
         };
-        let took = u64::try_from(began.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.last.store(took, Ordering::Relaxed);
+        self.slow
+            .store(began.elapsed() >= END_WITHIN, Ordering::Relaxed);
         match ended {
             Some(Ok(t)) => Ok(t),
             Some(Err(panic)) => Err(crate::panic_message(&*panic)),
@@ -89,20 +91,18 @@ impl Relay {
     }
 }
 
-/// `poll` until it gives something or says nothing more will come, spinning for at most
-/// `within`; then `wait`.
-fn spin_for<T, E>(
-    poll: impl Fn() -> Result<T, mpsc::TryRecvError>,
-    within: Duration,
-    wait: impl FnOnce() -> Result<T, E>,
-) -> Option<T> {
+/// The relay thread's next attempt: spun for up to [`NEXT_WITHIN`], then slept for; none once
+/// the relay is dropped.
+fn next_job(next: &mpsc::Receiver<Job>) -> Option<Job> {
     let began = Instant::now();
     loop {
-        match poll() {
-            Ok(t) => return Some(t),
+        match next.try_recv() {
+            Ok(job) => return Some(job),
             Err(mpsc::TryRecvError::Disconnected) => return None,
-            Err(mpsc::TryRecvError::Empty) if began.elapsed() < within => std::hint::spin_loop(),
-            Err(mpsc::TryRecvError::Empty) => return wait().ok(),
+            Err(mpsc::TryRecvError::Empty) if began.elapsed() < NEXT_WITHIN => {
+                std::hint::spin_loop()
+            }
+            Err(mpsc::TryRecvError::Empty) => return next.recv().ok(),
         }
     }
 }
