@@ -316,12 +316,10 @@ fn a_lone_plugin_step_goes_to_a_relay_thread_only_with_a_cpu_to_spare() {
     );
     // the names of uet's threads, looked at while it runs
     let threads = |argv: &[&str]| {
-        let mut child = std::process::Command::new(argv[0])
+        let mut child = env
+            .command(argv[0])
             .args(&argv[1..])
             .args([env!("CARGO_BIN_EXE_uet"), "run", "nap.toml", "--json"])
-            .current_dir(&env.ws)
-            .env("UET_STATE", &env.state)
-            .env("UET_CACHE_DIR", crate::util::shared_cache())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()

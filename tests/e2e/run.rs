@@ -530,11 +530,9 @@ fn a_second_ctrl_c_kills_the_steps_and_records_the_run_canceled() {
          [[steps]]\nid = \"s\"\ntool = \"mark\"\nwith = { pidfile = \"pid\" }\n\
          [[steps]]\nid = \"z\"\ntool = \"nap\"\nwith = { mode = \"sleep\", ms = 30000 }\n",
     );
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_uet"))
+    let child = env
+        .command(env!("CARGO_BIN_EXE_uet"))
         .args(["run", "stuck.toml"])
-        .current_dir(&env.ws)
-        .env("UET_STATE", &env.state)
-        .env("UET_CACHE_DIR", crate::util::shared_cache())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -45,14 +45,21 @@ impl Env {
         std::fs::read_to_string(self.ws.join(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
     }
 
-    /// `uet ARGS` in the workstream, with this env's state folder.
-    pub fn uet(&self, args: &[&str]) -> Run {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uet"));
-        cmd.args(args)
-            .current_dir(&self.ws)
+    /// `program` in the workstream, with this env's state folder and the shared plugin cache:
+    /// uet itself, or a program that starts it (`taskset -c 0 uet ...`).
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        cmd.current_dir(&self.ws)
             .env("UET_STATE", &self.state)
             .env("UET_CACHE_DIR", shared_cache())
             .env_remove("RUST_LOG");
+        cmd
+    }
+
+    /// `uet ARGS` in the workstream, with this env's state folder.
+    pub fn uet(&self, args: &[&str]) -> Run {
+        let mut cmd = self.command(env!("CARGO_BIN_EXE_uet"));
+        cmd.args(args);
         let shown = format!("uet {}", args.join(" "));
         let output = cmd.output().expect("run uet");
         Run {
@@ -65,11 +72,9 @@ impl Env {
     /// Starts `uet run FILE --json`, waits until `started` exists in the workstream, sends it
     /// SIGINT (Ctrl-C), and returns its exit code and JSON.
     pub fn interrupt_run(&self, file: &str, started: &str) -> (i32, serde_json::Value) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_uet"))
+        let mut child = self
+            .command(env!("CARGO_BIN_EXE_uet"))
             .args(["run", file, "--json"])
-            .current_dir(&self.ws)
-            .env("UET_STATE", &self.state)
-            .env("UET_CACHE_DIR", shared_cache())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
