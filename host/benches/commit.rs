@@ -31,7 +31,13 @@ fn main() {
     let store = Store::open(&dir.path().join("state")).unwrap();
     let steps: Vec<String> = (0..n).map(|i| format!("s{i}")).collect();
     let run = store
-        .create_run("chain", "bench.toml", "/tmp", serde_json::json!({}), &steps)
+        .create_run(
+            "chain",
+            "bench.toml",
+            "/tmp",
+            &serde_json::json!({}),
+            &steps,
+        )
         .unwrap();
     let (ended, started) = (batch(run, &steps, true), batch(run, &steps, false));
     let mut first = vec![Change::RunState {
@@ -54,7 +60,7 @@ fn main() {
 
     // a wide run at max_parallel 4: four ends and the four starts that refill the slots
     let wide = store
-        .create_run("wide", "bench.toml", "/tmp", serde_json::json!({}), &steps)
+        .create_run("wide", "bench.toml", "/tmp", &serde_json::json!({}), &steps)
         .unwrap();
     let (ended_w, started_w) = (batch(wide, &steps, true), batch(wide, &steps, false));
     let mut first = vec![Change::RunState {

@@ -24,7 +24,7 @@ fn main() {
         let plan = serde_json::json!({});
         for _ in 0..n {
             let run = store
-                .create_run("history", "bench.toml", "/tmp", plan.clone(), &steps)
+                .create_run("history", "bench.toml", "/tmp", &plan, &steps)
                 .unwrap();
             let step = |to| Change::StepState {
                 run,

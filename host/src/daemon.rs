@@ -456,7 +456,7 @@ fn record(
         name: &plan.name,
         source: &source_text,
         workstream: &workstream_text,
-        plan: serde_json::to_value(plan)?,
+        plan: plan.into(),
         steps: &steps,
         trigger: Some(&why),
         submission,

@@ -15,15 +15,7 @@ fn eta_then_actual(env: &Env, file: &str) -> (f64, f64) {
         let tools = uet::spec::tools::Tools::load(&env.ws.join("tools.toml")).unwrap();
         let plan = uet::spec::workflow::load(&env.ws.join(file), &tools).unwrap();
         let ids: Vec<String> = plan.steps.iter().map(|s| s.id.clone()).collect();
-        let run = store
-            .create_run(
-                &plan.name,
-                file,
-                "",
-                serde_json::to_value(&plan).unwrap(),
-                &ids,
-            )
-            .unwrap();
+        let run = store.create_run(&plan.name, file, "", &plan, &ids).unwrap();
         let p = uet::engine::progress::load(&store, run).unwrap().unwrap();
         assert_eq!((p.done, p.total), (0, ids.len()));
         p.eta_seconds.expect("history gives an ETA")

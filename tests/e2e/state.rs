@@ -185,7 +185,7 @@ fn pruning_deletes_old_finished_runs_and_keeps_what_it_must() {
                         name: "r",
                         source: "f",
                         workstream: "",
-                        plan: plan.clone(),
+                        plan: (&plan).into(),
                         steps: &steps,
                         trigger: None,
                         submission: Some(uet::state::Submission {

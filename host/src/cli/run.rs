@@ -156,13 +156,12 @@ pub(crate) fn run(
     let source = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
     let workstream = source.parent().unwrap_or(Path::new(".")).to_path_buf();
     let step_ids: Vec<String> = plan.steps.iter().map(|s| s.id.clone()).collect();
-    let plan_json = serde_json::to_value(&plan).context("cannot encode the plan")?;
     let run = store
         .create_run(
             &plan.name,
             &source.to_string_lossy(),
             &workstream.to_string_lossy(),
-            plan_json,
+            &plan,
             &step_ids,
         )
         .context("cannot record the run")?;

@@ -397,18 +397,11 @@ pub(super) fn fire(shared: &Arc<Daemon>, entry: &mut Registered, what: &str) {
         }
     };
     let steps: Vec<String> = entry.plan.steps.iter().map(|s| s.id.clone()).collect();
-    let plan = match serde_json::to_value(&entry.plan) {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!(workflow = entry.plan.name, "cannot encode its plan: {e}");
-            return;
-        }
-    };
     let created = shared.store.create(NewRun {
         name: &entry.plan.name,
         source: &entry.source.to_string_lossy(),
         workstream: &entry.workstream.to_string_lossy(),
-        plan,
+        plan: (&entry.plan).into(),
         steps: &steps,
         trigger: Some(&why),
         submission: None,

@@ -209,7 +209,7 @@ pub struct NewRun<'a> {
     /// The folder its steps run in.
     pub workstream: &'a str,
     /// The checked plan, kept so the run can resume without its file.
-    pub plan: serde_json::Value,
+    pub plan: PlanJson,
     /// Its step ids, in workflow order.
     pub steps: &'a [String],
     /// What started it, in words.
@@ -218,6 +218,38 @@ pub struct NewRun<'a> {
     pub submission: Option<Submission<'a>>,
     /// A standing workflow registered or dropped with it.
     pub standing: Option<StandingChange<'a>>,
+}
+
+/// A run's plan as the state keeps it: its JSON, encoded by the caller from whatever it holds
+/// (a [`Plan`](crate::spec::workflow::Plan), or a test's literal), and what its `run.created`
+/// event says about the parameters it takes.
+pub struct PlanJson {
+    json: Vec<u8>,
+    params: Option<String>,
+}
+
+impl From<&crate::spec::workflow::Plan> for PlanJson {
+    // straight to bytes: a 10,000-step plan built as a `serde_json::Value` first cost some 30 ms
+    // to build, encode and drop
+    fn from(plan: &crate::spec::workflow::Plan) -> PlanJson {
+        PlanJson {
+            json: encode(plan),
+            params: params_words(&plan.params),
+        }
+    }
+}
+
+impl From<&serde_json::Value> for PlanJson {
+    fn from(plan: &serde_json::Value) -> PlanJson {
+        let params = plan
+            .get("params")
+            .and_then(|p| serde_json::from_value::<crate::spec::template::Params>(p.clone()).ok())
+            .unwrap_or_default();
+        PlanJson {
+            json: encode(plan),
+            params: params_words(&params),
+        }
+    }
 }
 
 /// A change to the registered standing workflows, keyed by workstream and name.
@@ -631,14 +663,14 @@ impl Store {
         name: &str,
         source: &str,
         workstream: &str,
-        plan: serde_json::Value,
+        plan: impl Into<PlanJson>,
         step_ids: &[String],
     ) -> Result<RunId, StateError> {
         self.create(NewRun {
             name,
             source,
             workstream,
-            plan,
+            plan: plan.into(),
             steps: step_ids,
             trigger: None,
             submission: None,
@@ -699,7 +731,7 @@ pub(super) struct Creation {
     name: String,
     source: String,
     workstream: String,
-    plan: serde_json::Value,
+    plan: PlanJson,
     steps: Vec<String>,
     trigger: Option<String>,
     submission: Option<(String, String)>,
@@ -777,6 +809,7 @@ fn create_one(
     };
     // the rows go in the way a journaled batch does
     let mut created = Redo::default();
+    writes.pending.steps.reserve(step_ids.len());
     for (position, step) in step_ids.iter().enumerate() {
         let row = StepRow::new(position as u32, step);
         created.row(STEPS, (id, step.as_str()), &encode(&row));
@@ -796,16 +829,21 @@ fn create_one(
     replay(tx, &[&created.0])?;
     tx.open_table(PLANS)
         .map_err(storage)?
-        .insert(id, encode(plan).as_slice())
+        .insert(id, plan.json.as_slice())
         .map_err(storage)?;
     let mut table = tx.open_table(STANDING).map_err(storage)?;
     match standing {
         Some((true, key)) => {
-            let record = serde_json::json!({
-                "plan": plan, "source": source, "workstream": workstream,
-            });
+            // `{"plan": …, "source": …, "workstream": …}`, the plan's bytes as they are
+            let mut record = br#"{"plan":"#.to_vec();
+            record.extend_from_slice(&plan.json);
+            record.extend_from_slice(br#","source":"#);
+            record.extend_from_slice(&encode(source));
+            record.extend_from_slice(br#","workstream":"#);
+            record.extend_from_slice(&encode(workstream));
+            record.push(b'}');
             table
-                .insert(key.as_str(), encode(&record).as_slice())
+                .insert(key.as_str(), record.as_slice())
                 .map_err(storage)?;
         }
         Some((false, key)) => {
@@ -850,19 +888,16 @@ impl Store {}
 
 /// `run.created`'s words: how many steps from where, and the parameters the run takes, so
 /// the log says what values it ran with.
-fn created_detail(steps: usize, source: &str, plan: &serde_json::Value) -> String {
+fn created_detail(steps: usize, source: &str, plan: &PlanJson) -> String {
     let mut detail = format!("{steps} steps from {source}");
-    let params = plan
-        .get("params")
-        .and_then(|p| serde_json::from_value::<crate::spec::template::Params>(p.clone()).ok())
-        .unwrap_or_default();
-    if !params.is_empty() {
-        detail.push_str(&format!(
-            "; params {}",
-            crate::spec::template::params_line(&params)
-        ));
+    if let Some(params) = &plan.params {
+        detail.push_str(&format!("; params {params}"));
     }
     detail
+}
+
+fn params_words(params: &crate::spec::template::Params) -> Option<String> {
+    (!params.is_empty()).then(|| crate::spec::template::params_line(params))
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -889,7 +924,7 @@ mod tests {
     fn new_run(store: &Store) -> RunId {
         let steps = vec!["b".to_string(), "a".to_string()];
         store
-            .create_run("w", "/w.toml", "/ws", serde_json::json!({}), &steps)
+            .create_run("w", "/w.toml", "/ws", &serde_json::json!({}), &steps)
             .unwrap()
     }
 
@@ -1270,7 +1305,7 @@ mod tests {
         let fresh = tempfile::tempdir().unwrap();
         let store = Store::open(fresh.path()).unwrap();
         let other = store
-            .create_run("x", "/x.toml", "/ws", serde_json::json!({}), &["c".into()])
+            .create_run("x", "/x.toml", "/ws", &serde_json::json!({}), &["c".into()])
             .unwrap();
         assert_eq!(other, run, "both are run 1");
         let crashed = crash_copy(fresh.path(), true);
@@ -1557,7 +1592,7 @@ mod tests {
                                 let steps = vec![format!("s{t}-{i}")];
                                 let source = format!("/w{t}-{i}.toml");
                                 let id = store
-                                    .create_run("w", &source, "/ws", serde_json::json!({}), &steps)
+                                    .create_run("w", &source, "/ws", &serde_json::json!({}), &steps)
                                     .unwrap();
                                 (id, source, steps)
                             })

@@ -171,7 +171,7 @@ struct Ack {
 fn workload(store: &Store, clock: &AtomicU64, steps: usize, wide: usize) -> Vec<Ack> {
     let ids: Vec<String> = (0..steps).map(|i| format!("s{i:03}")).collect();
     let run = store
-        .create_run("load", "/w.toml", "/ws", serde_json::json!({}), &ids)
+        .create_run("load", "/w.toml", "/ws", &serde_json::json!({}), &ids)
         .unwrap();
     let mut acks = vec![Ack {
         tick: clock.load(Ordering::SeqCst),
