@@ -108,6 +108,9 @@ struct Daemon {
     watchers: Mutex<HashMap<(PathBuf, bool), Box<dyn notify::Watcher + Send>>>,
     /// Counts refused drops, so that a stream of every run's events wakes to show them.
     refusals: tokio::sync::watch::Sender<u64>,
+    /// Counts runs let go of ([`Daemon::let_go`]): a run's end is followed by no commit, so
+    /// this is what wakes a stream waiting for it to leave `active`.
+    let_go: tokio::sync::watch::Sender<u64>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -171,6 +174,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         standing_shown: Mutex::new(Vec::new()),
         watchers: Mutex::new(HashMap::new()),
         refusals: tokio::sync::watch::Sender::new(0),
+        let_go: tokio::sync::watch::Sender::new(0),
     });
     let folders: Vec<String> = watch.iter().map(|d| d.display().to_string()).collect();
     tracing::info!(
@@ -494,6 +498,15 @@ fn resume(shared: &Arc<Daemon>, run: RunId, recovered: bool) {
     }
 }
 
+impl Daemon {
+    /// The run is no longer this daemon's to drive (ended, canceled before it began, or left
+    /// for the next start): out of `active`, and streams waiting for its end are told.
+    fn let_go(&self, run: RunId) {
+        lock(&self.active).remove(&run);
+        self.let_go.send_modify(|n| *n += 1);
+    }
+}
+
 /// Drives a run on its own task once a slot is free. `recovered`: it was in flight during an
 /// unclean stop, which counts toward its quarantine once it runs again.
 fn start(
@@ -513,7 +526,7 @@ fn start(
             biased;
             // still pending: it simply waits for the next start
             _ = shared.shutdown.cancelled() => {
-                lock(&shared.active).remove(&run);
+                shared.let_go(run);
                 return;
             }
             _ = cancel.cancelled() => None,
@@ -529,7 +542,7 @@ fn start(
             };
             if !matches!(counted, Ok(Ok(()))) {
                 tracing::error!(run, "cannot record its recovery; left for the next start");
-                lock(&shared.active).remove(&run);
+                shared.let_go(run);
                 return;
             }
         }
@@ -581,7 +594,7 @@ fn start(
                 }
             });
         }
-        lock(&shared.active).remove(&run);
+        shared.let_go(run);
         let _ = shared.standing.send(StandingMsg::Ended(run));
         schedule_retention(&shared);
     });

@@ -594,6 +594,67 @@ fn a_resumed_runs_time_is_the_same_in_its_event_and_in_show() {
     );
 }
 
+/// `submit --wait` returns when its run ends, whatever the run's size. The run's last commit
+/// comes a moment before the daemon lets go of it, and nothing is committed after: the wait
+/// must be woken by the letting go itself. Without that, waits on runs of a few thousand
+/// plugin steps hung about half the time.
+#[test]
+fn submit_wait_returns_when_a_big_run_ends() {
+    let env = Env::new();
+    let daemon = Daemon::start(&env);
+    let sub = env.ws.parent().unwrap().join("submitted");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::write(
+        sub.join("tools.toml"),
+        format!(
+            "[[tools]]\nname = \"q\"\nwasm = \"{}\"\n",
+            crate::util::plugin("jsonq").display()
+        ),
+    )
+    .unwrap();
+    let mut text = String::from("name = \"big\"\n");
+    for i in 0..3000 {
+        text.push_str(&format!(
+            "[[steps]]\nid = \"s{i}\"\ntool = \"q\"\nwith = {{ value = {i}, query = \"\" }}\n"
+        ));
+    }
+    let file = sub.join("big.toml");
+    std::fs::write(&file, text).unwrap();
+    for round in 1..=4 {
+        let mut wait = env
+            .command(env!("CARGO_BIN_EXE_uet"))
+            .arg("submit")
+            .arg("--wait")
+            .arg(&file)
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let began = Instant::now();
+        let status = loop {
+            if let Some(status) = wait.try_wait().unwrap() {
+                break status;
+            }
+            if began.elapsed() > Duration::from_secs(30) {
+                let _ = wait.kill();
+                let runs = daemon.client(&env, &["runs"]).stdout();
+                panic!("round {round}: `submit --wait` still waits 30 s after it began:\n{runs}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut said = String::new();
+        wait.stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut said)
+            .unwrap();
+        assert!(status.success(), "round {round}: {status}");
+        assert_eq!(said, format!("run {round} succeeded\n"));
+    }
+}
+
 /// `top` and `tools` show a plugin as the plugin describes itself, capabilities included.
 #[test]
 fn top_and_tools_show_a_plugins_own_capabilities_alike() {

@@ -265,6 +265,7 @@ pub(super) async fn stream_events(
     use tokio::io::AsyncReadExt;
     let mut commits = shared.store.subscribe();
     let mut refusals = shared.refusals.subscribe();
+    let mut let_go = shared.let_go.subscribe();
     let mut seen = ops::EventCursor::default();
     // refused drops are no run's: the stream of every run's events shows them too, read from
     // the reports in `rejected/` (so a restart loses none) and again whenever one is refused
@@ -294,6 +295,7 @@ pub(super) async fn stream_events(
     let mut started = false;
     loop {
         commits.borrow_and_update();
+        let_go.borrow_and_update();
         if std::mem::take(&mut drops_due) {
             refusals.borrow_and_update();
             let mut drops = super::control::rejected_drops(&shared.config.watch, DROPS_SHOWN);
@@ -358,6 +360,8 @@ pub(super) async fn stream_events(
         let mut byte = [0u8; 1];
         tokio::select! {
             changed = commits.changed() => if changed.is_err() { return },
+            // its last commit can come before the daemon lets go of it
+            changed = let_go.changed(), if run.is_some() => if changed.is_err() { return },
             changed = refusals.changed(), if run.is_none() => {
                 if changed.is_err() { return }
                 drops_due = true;
