@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::adapters::wasm::Runtime;
 use crate::api::ops;
 use crate::engine::breaker::Breakers;
-use crate::engine::{self, Pause, RunSpec};
+use crate::engine::{self, Pause, Relaying, RunSpec};
 use crate::model::{RunId, RunState};
 use crate::spec::tools::{TOOLS_FILE, Tools};
 use crate::spec::workflow::{self, Plan};
@@ -560,8 +560,12 @@ fn start(
                 breakers: shared.breakers.clone(),
                 groups: shared.groups.clone(),
                 remote: shared.fleet.as_ref().map(|f| f.remote()),
-                // its threads are every run's, the socket's and the watcher's
-                relay_lone_plugins: false,
+                // its threads are every run's, the socket's and the watcher's: only a run
+                // driven alone may have a thread spin for it
+                relaying: Relaying::WhileAlone(Arc::new({
+                    let shared = shared.clone();
+                    move || shared.slots.available_permits() + 1 >= shared.config.max_runs.max(1)
+                })),
             };
             engine::execute(&shared.store, spec, cancel, None)
                 .await

@@ -59,6 +59,20 @@ impl Daemon {
         env.uet(&all)
     }
 
+    /// `uet submit --wait FILE`, started: its stdout piped, its stderr dropped.
+    pub(crate) fn submit_waiting(&self, env: &Env, file: &std::path::Path) -> Child {
+        env.command(env!("CARGO_BIN_EXE_uet"))
+            .arg("submit")
+            .arg("--wait")
+            .arg(file)
+            .arg("--socket")
+            .arg(&self.socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    }
+
     /// `uet status --json`, parsed.
     pub(crate) fn status(&self, env: &Env) -> serde_json::Value {
         serde_json::from_str(&self.client(env, &["status", "--json"]).expect(0).stdout()).unwrap()
@@ -594,6 +608,14 @@ fn a_resumed_runs_time_is_the_same_in_its_event_and_in_show() {
     );
 }
 
+/// A folder beside the watched one, for workflows submitted with these tools.
+fn submitted(env: &Env, tools: &str) -> PathBuf {
+    let sub = env.ws.parent().unwrap().join("submitted");
+    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::write(sub.join("tools.toml"), tools).unwrap();
+    sub
+}
+
 /// `submit --wait` returns when its run ends, whatever the run's size. The run's last commit
 /// comes a moment before the daemon lets go of it, and nothing is committed after: the wait
 /// must be woken by the letting go itself. Without that, waits on runs of a few thousand
@@ -602,16 +624,13 @@ fn a_resumed_runs_time_is_the_same_in_its_event_and_in_show() {
 fn submit_wait_returns_when_a_big_run_ends() {
     let env = Env::new();
     let daemon = Daemon::start(&env);
-    let sub = env.ws.parent().unwrap().join("submitted");
-    std::fs::create_dir_all(&sub).unwrap();
-    std::fs::write(
-        sub.join("tools.toml"),
-        format!(
+    let sub = submitted(
+        &env,
+        &format!(
             "[[tools]]\nname = \"q\"\nwasm = \"{}\"\n",
             crate::util::plugin("jsonq").display()
         ),
-    )
-    .unwrap();
+    );
     let mut text = String::from("name = \"big\"\n");
     for i in 0..3000 {
         text.push_str(&format!(
@@ -621,17 +640,7 @@ fn submit_wait_returns_when_a_big_run_ends() {
     let file = sub.join("big.toml");
     std::fs::write(&file, text).unwrap();
     for round in 1..=4 {
-        let mut wait = env
-            .command(env!("CARGO_BIN_EXE_uet"))
-            .arg("submit")
-            .arg("--wait")
-            .arg(&file)
-            .arg("--socket")
-            .arg(&daemon.socket)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut wait = daemon.submit_waiting(&env, &file);
         let began = Instant::now();
         let status = loop {
             if let Some(status) = wait.try_wait().unwrap() {
@@ -653,6 +662,55 @@ fn submit_wait_returns_when_a_big_run_ends() {
         assert!(status.success(), "round {round}: {status}");
         assert_eq!(said, format!("run {round} succeeded\n"));
     }
+}
+
+/// A run the daemon drives alone sends its lone plugin attempts to a relay thread, as `uet run`
+/// does; two runs driven at once keep to the blocking pool, where no thread spins for either.
+#[test]
+fn only_a_run_driven_alone_has_a_relay_thread() {
+    if std::thread::available_parallelism().is_ok_and(|n| n.get() < 2) {
+        return; // one CPU: no process relays (plugins.rs tests that)
+    }
+    let env = Env::new();
+    let daemon = Daemon::start(&env);
+    let sub = submitted(
+        &env,
+        &format!(
+            "[[tools]]\nname = \"pause\"\ncommand = [\"sleep\", \"1\"]\n\
+             [[tools]]\nname = \"nap\"\nwasm = \"{}\"\n",
+            crate::util::plugin("hostile").display()
+        ),
+    );
+    // a command step first, so that two runs submitted together are both driven before
+    // either's plugin attempt begins
+    let file = sub.join("nap.toml");
+    std::fs::write(
+        &file,
+        "name = \"nap\"\n[[steps]]\nid = \"a\"\ntool = \"pause\"\n\
+         [[steps]]\nid = \"b\"\ntool = \"nap\"\nneeds = [\"a\"]\n\
+         with = { mode = \"sleep\", ms = 1000 }\n",
+    )
+    .unwrap();
+    // the names of the daemon's threads while `runs` submissions wait for their runs
+    let threads_while = |runs: usize| {
+        let waits: Vec<Child> = (0..runs)
+            .map(|_| daemon.submit_waiting(&env, &file))
+            .collect();
+        let mut seen = std::collections::BTreeSet::new();
+        for mut wait in waits {
+            while wait.try_wait().unwrap().is_none() {
+                crate::util::thread_names(daemon.child.id(), &mut seen);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            assert!(wait.wait().unwrap().success());
+        }
+        seen
+    };
+    let alone = threads_while(1);
+    assert!(alone.contains("uet-relay"), "{alone:?}");
+    let together = threads_while(2);
+    assert!(together.contains("uet-state-sync"), "{together:?}");
+    assert!(!together.contains("uet-relay"), "{together:?}");
 }
 
 /// `top` and `tools` show a plugin as the plugin describes itself, capabilities included.

@@ -324,14 +324,9 @@ fn a_lone_plugin_step_goes_to_a_relay_thread_only_with_a_cpu_to_spare() {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        let tasks = format!("/proc/{}/task", child.id());
         let mut seen = std::collections::BTreeSet::new();
         while child.try_wait().unwrap().is_none() {
-            for task in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
-                if let Ok(name) = std::fs::read_to_string(task.path().join("comm")) {
-                    seen.insert(name.trim().to_string());
-                }
-            }
+            crate::util::thread_names(child.id(), &mut seen);
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(child.wait().unwrap().success());

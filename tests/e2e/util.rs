@@ -164,6 +164,16 @@ pub fn step<'a>(run: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
         .unwrap_or_else(|| panic!("no step {id} in {run:#}"))
 }
 
+/// Adds the names of a process's threads now (`/proc/PID/task/*/comm`) to `seen`.
+pub fn thread_names(pid: u32, seen: &mut std::collections::BTreeSet<String>) {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"));
+    for task in tasks.into_iter().flatten().flatten() {
+        if let Ok(name) = std::fs::read_to_string(task.path().join("comm")) {
+            seen.insert(name.trim().to_string());
+        }
+    }
+}
+
 /// Whether a process is gone (or a zombie) within a moment: SIGKILL is delivered
 /// asynchronously, so a check right after sending it may still see the process.
 pub fn gone(pid: i32) -> bool {

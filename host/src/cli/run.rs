@@ -201,7 +201,7 @@ pub(crate) fn run(
             groups: Arc::new(groups),
             // `uet run` is one process, not a fleet's node: every step runs here
             remote: None,
-            relay_lone_plugins: true,
+            relaying: uet::engine::Relaying::Always,
         };
         let printer = live_progress(&store, run, plan.steps.len(), rx);
         let (result, ()) = tokio::join!(

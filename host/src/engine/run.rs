@@ -62,11 +62,33 @@ pub struct RunSpec<'a> {
     pub groups: Arc<Groups>,
     /// Where fleet tools' attempts go, when this daemon is in a fleet.
     pub remote: Option<Arc<dyn Remote>>,
-    /// A plugin attempt alone in flight runs on a thread of the run's own, which waits for
-    /// the next one by spinning a moment (see `relay.rs`): for `uet run`, whose one run has
-    /// the process to itself. A daemon's runs share its threads and leave this off, and so
-    /// does a process allowed a single CPU, where a spin would only delay what it waits for.
-    pub relay_lone_plugins: bool,
+    /// When a plugin attempt alone in flight runs on a thread of the run's own, which waits
+    /// for the next one by spinning a moment (see `relay.rs`). Never in a process allowed a
+    /// single CPU, where a spin would only delay what it waits for.
+    pub relaying: Relaying,
+}
+
+/// See [`RunSpec::relaying`].
+#[derive(Clone)]
+pub enum Relaying {
+    /// Every plugin attempt goes to the runtime's blocking pool.
+    Never,
+    /// Whenever the attempt is alone: `uet run`, whose one run has the process to itself.
+    Always,
+    /// While the attempt is alone and this says the run is too: a daemon's runs share its
+    /// threads, and a thread spinning for each of several runs would take the CPU their work
+    /// needs.
+    WhileAlone(Arc<dyn Fn() -> bool + Send + Sync>),
+}
+
+impl Relaying {
+    fn now(&self) -> bool {
+        match self {
+            Relaying::Never => false,
+            Relaying::Always => true,
+            Relaying::WhileAlone(alone) => alone(),
+        }
+    }
 }
 
 /// A stop that is not an end: see [`RunSpec::pause`].
@@ -297,8 +319,8 @@ struct Scheduler<'a> {
     after_commit: Vec<Recorded>,
     /// The plugins whose files this run has checked (at its first attempt with each).
     plugins_checked: HashSet<PathBuf>,
-    /// See [`RunSpec::relay_lone_plugins`].
-    relay_lone_plugins: bool,
+    /// See [`RunSpec::relaying`].
+    relaying: Relaying,
     /// The run's relay thread, started at its first lone plugin attempt.
     relay: Option<Arc<Relay>>,
 }
@@ -373,8 +395,11 @@ impl<'a> Scheduler<'a> {
             after_commit: Vec::new(),
             plugins_checked: HashSet::new(),
             // spinning on a lone CPU would hold off the very thread it waits for
-            relay_lone_plugins: spec.relay_lone_plugins
-                && std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
+            relaying: if std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
+                spec.relaying.clone()
+            } else {
+                Relaying::Never
+            },
             relay: None,
         })
     }
@@ -760,9 +785,7 @@ impl<'a> Scheduler<'a> {
                         groups: self.groups.clone(),
                         crowded: self.running > 1,
                         relay: match tool.kind {
-                            ToolKind::Wasm { .. }
-                                if self.relay_lone_plugins && self.running == 1 =>
-                            {
+                            ToolKind::Wasm { .. } if self.running == 1 && self.relaying.now() => {
                                 self.relay()
                             }
                             _ => None,
@@ -794,7 +817,7 @@ impl<'a> Scheduler<'a> {
                 Ok(relay) => self.relay = Some(Arc::new(relay)),
                 Err(e) => {
                     tracing::warn!(run = self.run, "cannot start a relay thread: {e}");
-                    self.relay_lone_plugins = false;
+                    self.relaying = Relaying::Never;
                 }
             }
         }
