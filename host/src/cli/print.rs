@@ -81,7 +81,7 @@ pub(crate) fn response(json: bool, answer: Response) -> u8 {
 /// Prints `value` as one line of JSON.
 fn json_line(value: &impl serde::Serialize) {
     // buffered: stdout is line-buffered, and looks for a newline in each of serde_json's many
-    // small writes (15 ms of a 10,000-step run's 22)
+    // small writes (a 10,000-step run's 5 MB line took 16 ms that way, 5 ms buffered)
     let mut out = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock());
     let _ = serde_json::to_writer(&mut out, value);
     let _ = writeln!(out);
