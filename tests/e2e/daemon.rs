@@ -640,27 +640,14 @@ fn submit_wait_returns_when_a_big_run_ends() {
     let file = sub.join("big.toml");
     std::fs::write(&file, text).unwrap();
     for round in 1..=4 {
-        let mut wait = daemon.submit_waiting(&env, &file);
-        let began = Instant::now();
-        let status = loop {
-            if let Some(status) = wait.try_wait().unwrap() {
-                break status;
-            }
-            if began.elapsed() > Duration::from_secs(30) {
-                let _ = wait.kill();
-                let runs = daemon.client(&env, &["runs"]).stdout();
-                panic!("round {round}: `submit --wait` still waits 30 s after it began:\n{runs}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let mut said = String::new();
-        wait.stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut said)
-            .unwrap();
-        assert!(status.success(), "round {round}: {status}");
-        assert_eq!(said, format!("run {round} succeeded\n"));
+        let wait = daemon.submit_waiting(&env, &file);
+        let what = format!("round {round}: `submit --wait`");
+        let out = crate::util::output_within(wait, Duration::from_secs(30), &what);
+        assert!(out.status.success(), "{what}: {}", out.status);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            format!("run {round} succeeded\n")
+        );
     }
 }
 

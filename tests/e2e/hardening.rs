@@ -32,24 +32,6 @@ fn connect_quietly(path: &Path) -> Option<OwnedFd> {
     }
 }
 
-/// Runs a command that must end by itself: killed and failed after `limit`.
-fn exits_within(mut cmd: std::process::Command, limit: Duration) -> std::process::Output {
-    let mut child = cmd.spawn().unwrap();
-    let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "still running after {limit:?}; stderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
-}
-
 /// CPU time a process has used, user and system.
 fn cpu_time(pid: u32) -> Duration {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
@@ -70,7 +52,8 @@ fn a_socket_path_that_is_somebody_s_file_is_left_alone() {
     std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let file = dir.join("notes.txt");
     std::fs::write(&file, "precious").unwrap();
-    let out = exits_within(daemon_command(&env, &file), Duration::from_secs(20));
+    let daemon = daemon_command(&env, &file).spawn().unwrap();
+    let out = crate::util::output_within(daemon, Duration::from_secs(20), "the daemon");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("is not a socket"), "{err}");

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 /// A workstream folder with its own state folder, both removed at the end of the test.
 pub struct Env {
@@ -72,7 +73,7 @@ impl Env {
     /// Starts `uet run FILE --json`, waits until `started` exists in the workstream, sends it
     /// SIGINT (Ctrl-C), and returns its exit code and JSON.
     pub fn interrupt_run(&self, file: &str, started: &str) -> (i32, serde_json::Value) {
-        let mut child = self
+        let child = self
             .command(env!("CARGO_BIN_EXE_uet"))
             .args(["run", file, "--json"])
             .stdout(std::process::Stdio::piped())
@@ -82,23 +83,15 @@ impl Env {
         let waited = std::time::Instant::now();
         while !self.ws.join(started).exists() {
             assert!(
-                waited.elapsed() < std::time::Duration::from_secs(30),
+                waited.elapsed() < Duration::from_secs(30),
                 "the step never started"
             );
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(20));
         }
         // SAFETY: signalling a child we spawned
         unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
         // a cancel that does not reach the step fails the test rather than hanging it
-        let interrupted = std::time::Instant::now();
-        while child.try_wait().expect("wait for uet").is_none() {
-            if interrupted.elapsed() > std::time::Duration::from_secs(60) {
-                let _ = child.kill();
-                panic!("uet was still running a minute after its Ctrl-C");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let output = child.wait_with_output().expect("wait for uet");
+        let output = output_within(child, Duration::from_secs(60), "uet after its Ctrl-C");
         let json = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
             panic!(
                 "stdout is not JSON ({e}); stderr:\n{}",
@@ -162,6 +155,24 @@ pub fn step<'a>(run: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {
         .as_array()
         .and_then(|s| s.iter().find(|s| s["id"] == id))
         .unwrap_or_else(|| panic!("no step {id} in {run:#}"))
+}
+
+/// Waits for a child that must end by itself, and takes what it printed; after `limit` it is
+/// killed and the test fails, naming `what` and showing its stderr.
+pub fn output_within(mut child: std::process::Child, limit: Duration, what: &str) -> Output {
+    let started = std::time::Instant::now();
+    while child.try_wait().expect("wait for the child").is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("wait for the child");
+            panic!(
+                "{what}: still running after {limit:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("wait for the child")
 }
 
 /// Adds the names of a process's threads now (`/proc/PID/task/*/comm`) to `seen`.
